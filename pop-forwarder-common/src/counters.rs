@@ -1,0 +1,116 @@
+//! One counter per outcome of the packet path, indexes of the per-CPU
+//! `COUNTERS` array. The program and `pop-forwarder stats` both use this enum,
+//! so a counter cannot be renamed on one side only.
+
+/// What the program did with a packet, and why.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Counter {
+    /// Routed and redirected to another interface through the devmap.
+    Forwarded = 0,
+    /// Routed back out of the interface it came in on (XDP_TX).
+    ForwardedTx,
+    /// Not IPv4 or IPv6 (ARP, LLDP, VLAN-tagged…): to the kernel.
+    PassNonIp,
+    /// For one of this box's own addresses: to the kernel.
+    PassLocal,
+    /// Multicast, broadcast or IPv6 link-local destination (neighbour
+    /// discovery, routing protocols): to the kernel.
+    PassLinkScope,
+    /// TTL or hop limit <= 1: to the kernel, which answers with ICMP time
+    /// exceeded.
+    PassTtlExceeded,
+    /// No route matched and the route-miss policy is `pass`.
+    PassRouteMiss,
+    /// No route matched and the route-miss policy is `drop`.
+    DropRouteMiss,
+    /// The next hop's MAC is not known yet: to the kernel, which resolves it.
+    PassNoNeighbour,
+    /// The egress interface is not in the egress devmap (not configured, or
+    /// removed): to the kernel.
+    PassNoEgress,
+    /// Larger than the egress MTU: to the kernel, which fragments or answers
+    /// ICMP fragmentation needed / packet too big.
+    PassTooBig,
+    /// Frame shorter than the headers it announces: dropped.
+    DropTruncated,
+    /// IPv4 IHL < 5, or an IP version that does not match the EtherType:
+    /// dropped.
+    DropBadHeader,
+    /// IP total length (IPv4) or payload length (IPv6) larger than the
+    /// frame: dropped.
+    DropBadLength,
+    /// The route points at an unallocated next-hop slot (a table being
+    /// edited): to the kernel.
+    PassNoNextHop,
+}
+
+impl Counter {
+    pub const COUNT: usize = 15;
+
+    pub const ALL: [Counter; Self::COUNT] = [
+        Counter::Forwarded,
+        Counter::ForwardedTx,
+        Counter::PassNonIp,
+        Counter::PassLocal,
+        Counter::PassLinkScope,
+        Counter::PassTtlExceeded,
+        Counter::PassRouteMiss,
+        Counter::DropRouteMiss,
+        Counter::PassNoNeighbour,
+        Counter::PassNoEgress,
+        Counter::PassTooBig,
+        Counter::DropTruncated,
+        Counter::DropBadHeader,
+        Counter::DropBadLength,
+        Counter::PassNoNextHop,
+    ];
+
+    /// Stable snake_case name, used by `stats` and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Forwarded => "forwarded",
+            Counter::ForwardedTx => "forwarded_tx",
+            Counter::PassNonIp => "pass_non_ip",
+            Counter::PassLocal => "pass_local",
+            Counter::PassLinkScope => "pass_link_scope",
+            Counter::PassTtlExceeded => "pass_ttl_exceeded",
+            Counter::PassRouteMiss => "pass_route_miss",
+            Counter::DropRouteMiss => "drop_route_miss",
+            Counter::PassNoNeighbour => "pass_no_neighbour",
+            Counter::PassNoEgress => "pass_no_egress",
+            Counter::PassTooBig => "pass_too_big",
+            Counter::DropTruncated => "drop_truncated",
+            Counter::DropBadHeader => "drop_bad_header",
+            Counter::DropBadLength => "drop_bad_length",
+            Counter::PassNoNextHop => "pass_no_next_hop",
+        }
+    }
+
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_counter_once_in_index_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(c.index() as usize, i, "{c:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for a in Counter::ALL {
+            for b in Counter::ALL {
+                if a != b {
+                    assert_ne!(a.name(), b.name());
+                }
+            }
+        }
+    }
+}

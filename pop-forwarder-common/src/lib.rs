@@ -1,0 +1,124 @@
+//! Types and pure logic shared by the XDP program and the host.
+//!
+//! Every map key and value has exactly one definition here. Everything that
+//! can be computed outside the kernel (checksum arithmetic, counter names) is
+//! plain Rust so the host's unit tests exercise the same code the program runs.
+#![no_std]
+
+pub mod checksum;
+pub mod counters;
+
+pub use counters::Counter;
+
+/// Names of the program's maps. The host pins them under these names, and the
+/// CLI opens them from there.
+pub mod map_names {
+    pub const ROUTES_V4: &str = "ROUTES_V4";
+    pub const ROUTES_V6: &str = "ROUTES_V6";
+    pub const NEXT_HOPS: &str = "NEXT_HOPS";
+    pub const NEXT_HOP_STATS: &str = "NEXT_HOP_STATS";
+    pub const LOCAL_V4: &str = "LOCAL_V4";
+    pub const LOCAL_V6: &str = "LOCAL_V6";
+    pub const EGRESS_PORTS: &str = "EGRESS_PORTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const ALL: [&str; 9] = [
+        ROUTES_V4,
+        ROUTES_V6,
+        NEXT_HOPS,
+        NEXT_HOP_STATS,
+        LOCAL_V4,
+        LOCAL_V6,
+        EGRESS_PORTS,
+        COUNTERS,
+        SETTINGS,
+    ];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "pop_forwarder";
+
+/// Capacity of the route tables (per address family).
+pub const MAX_ROUTES_V4: u32 = 1 << 20;
+pub const MAX_ROUTES_V6: u32 = 1 << 18;
+/// Capacity of the next-hop table; next-hop ids index it.
+pub const MAX_NEXT_HOPS: u32 = 4096;
+/// Capacity of the local-address sets and of the egress devmap.
+pub const MAX_LOCAL_ADDRS: u32 = 4096;
+pub const MAX_EGRESS_PORTS: u32 = 256;
+
+/// The next hop's MAC address is known (configured or learned); without it
+/// the program hands the packet to the kernel, which resolves the neighbour.
+pub const NH_F_MAC_VALID: u32 = 1 << 0;
+/// The MAC was given in the config or on the command line; the neighbour
+/// refresher leaves it alone.
+pub const NH_F_MAC_STATIC: u32 = 1 << 1;
+/// The slot is allocated. Free slots are all zeros.
+pub const NH_F_IN_USE: u32 = 1 << 2;
+
+/// Address family of a next hop's gateway.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// A next hop: where a route sends a packet, and the L2 header it gets.
+///
+/// Value of the `NEXT_HOPS` array; routes point at it by index so that a MAC
+/// learned for a gateway updates every route through it at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NextHop {
+    /// Egress interface index (in the forwarder's network namespace).
+    pub ifindex: u32,
+    /// Egress MTU (L3 bytes); larger packets go to the kernel.
+    pub mtu: u32,
+    /// `NH_F_*` bits.
+    pub flags: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// Gateway address: IPv4 in the first 4 bytes, or IPv6. All zeros for a
+    /// directly connected route whose packets go to the destination itself.
+    pub gateway: [u8; 16],
+    /// `AF_INET` or `AF_INET6`: how to read `gateway`.
+    pub family: u32,
+}
+
+impl NextHop {
+    pub const fn is_in_use(&self) -> bool {
+        self.flags & NH_F_IN_USE != 0
+    }
+    pub const fn mac_valid(&self) -> bool {
+        self.flags & NH_F_MAC_VALID != 0
+    }
+}
+
+/// Value of a route-table entry: the index of its next hop in `NEXT_HOPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RouteTarget {
+    pub next_hop: u32,
+}
+
+/// Per-next-hop traffic, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct TrafficCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Indexes of the `SETTINGS` array.
+pub mod settings {
+    /// 1: a packet whose destination matches no route is dropped; 0: passed
+    /// to the kernel.
+    pub const ROUTE_MISS_DROP: u32 = 0;
+    pub const COUNT: u32 = 1;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are repr(C) without padding (checked by bytemuck's
+    // Pod derive), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::RouteTarget {}
+    unsafe impl aya::Pod for super::TrafficCounter {}
+}

@@ -1,0 +1,208 @@
+//! The pop-forwarder XDP program: parse, classify, look up, rewrite, send.
+//!
+//! Every packet leaves through exactly one `Verdict`, and every verdict bumps
+//! one `Counter`; nothing is dropped or passed without being counted.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod packet;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+use pop_forwarder_common::{Counter, NextHop, checksum};
+
+use crate::{
+    maps::{count, lookup_route_v4, lookup_route_v6, next_hop_for, route_miss, traffic},
+    packet::ptr_at,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// What happens to a packet and which counter says so.
+struct Verdict {
+    action: u32,
+    counter: Counter,
+}
+
+const fn pass(counter: Counter) -> Verdict {
+    Verdict {
+        action: xdp_action::XDP_PASS,
+        counter,
+    }
+}
+
+const fn drop(counter: Counter) -> Verdict {
+    Verdict {
+        action: xdp_action::XDP_DROP,
+        counter,
+    }
+}
+
+#[xdp]
+pub fn pop_forwarder(ctx: XdpContext) -> u32 {
+    let verdict = classify_and_forward(&ctx);
+    count(verdict.counter);
+    verdict.action
+}
+
+#[inline(always)]
+fn classify_and_forward(ctx: &XdpContext) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return drop(Counter::DropTruncated);
+    };
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => forward_v4(ctx, eth),
+        ETH_P_IPV6 => forward_v6(ctx, eth),
+        _ => pass(Counter::PassNonIp),
+    }
+}
+
+#[inline(always)]
+fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+        return drop(Counter::DropTruncated);
+    };
+    let frame_len = ctx.data_end() - ctx.data();
+    // SAFETY: `ip` is inside the packet (ptr_at), and so is every field read
+    // and written below; options (IHL > 5) are never touched, only skipped.
+    let ip = unsafe { &mut *ip };
+    if ip.version() != 4 {
+        return drop(Counter::DropBadHeader);
+    }
+    let header_len = usize::from(ip.ihl());
+    if header_len < Ipv4Hdr::LEN {
+        return drop(Counter::DropBadHeader);
+    }
+    if EthHdr::LEN + header_len > frame_len {
+        return drop(Counter::DropTruncated);
+    }
+    let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if total_len < header_len || EthHdr::LEN + total_len > frame_len {
+        return drop(Counter::DropBadLength);
+    }
+
+    let dst = ip.dst_addr;
+    // Multicast (224/4) and limited broadcast are link-scope: routing
+    // protocols, DHCP and the like belong to the kernel.
+    if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
+        return pass(Counter::PassLinkScope);
+    }
+    if maps::is_local_v4(&dst) {
+        return pass(Counter::PassLocal);
+    }
+    // RFC 1812 5.3.1: a router must not forward a packet whose TTL would
+    // reach zero; the kernel sends the ICMP time exceeded.
+    if ip.ttl <= 1 {
+        return pass(Counter::PassTtlExceeded);
+    }
+    let Some(next_hop_id) = lookup_route_v4(dst) else {
+        return route_miss();
+    };
+    let next_hop = match next_hop_for(ctx, next_hop_id, total_len) {
+        Ok(next_hop) => next_hop,
+        Err(verdict) => return verdict,
+    };
+
+    ip.check =
+        checksum::after_ttl_decrement(u16::from_be_bytes(ip.check), ip.ttl, ip.proto).to_be_bytes();
+    ip.ttl -= 1;
+    send(ctx, eth, next_hop, next_hop_id, frame_len)
+}
+
+#[inline(always)]
+fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+        return drop(Counter::DropTruncated);
+    };
+    let frame_len = ctx.data_end() - ctx.data();
+    // SAFETY: `ip` is inside the packet (ptr_at).
+    let ip = unsafe { &mut *ip };
+    if ip.version() != 6 {
+        return drop(Counter::DropBadHeader);
+    }
+    let total_len = Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    if EthHdr::LEN + total_len > frame_len {
+        return drop(Counter::DropBadLength);
+    }
+
+    let dst = ip.dst_addr;
+    // Multicast (ff00::/8) carries neighbour discovery and router
+    // advertisements; link-local (fe80::/10) addresses, as source or
+    // destination, must not be forwarded (RFC 4291 2.5.6).
+    if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
+        return pass(Counter::PassLinkScope);
+    }
+    if maps::is_local_v6(&dst) {
+        return pass(Counter::PassLocal);
+    }
+    // RFC 8200 3: a hop limit of 1 cannot be decremented and forwarded.
+    if ip.hop_limit <= 1 {
+        return pass(Counter::PassTtlExceeded);
+    }
+    let Some(next_hop_id) = lookup_route_v6(dst) else {
+        return route_miss();
+    };
+    let next_hop = match next_hop_for(ctx, next_hop_id, total_len) {
+        Ok(next_hop) => next_hop,
+        Err(verdict) => return verdict,
+    };
+
+    ip.hop_limit -= 1;
+    send(ctx, eth, next_hop, next_hop_id, frame_len)
+}
+
+#[inline(always)]
+fn is_link_local_v6(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
+}
+
+/// Rewrites the Ethernet header for the next hop and sends the frame out of
+/// its egress interface: XDP_TX when that is the ingress interface, else a
+/// devmap redirect.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    next_hop: &NextHop,
+    next_hop_id: u32,
+    frame_len: usize,
+) -> Verdict {
+    // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
+    unsafe {
+        (*eth).dst_addr = next_hop.dst_mac;
+        (*eth).src_addr = next_hop.src_mac;
+    }
+    traffic(next_hop_id, frame_len as u64);
+    if next_hop.ifindex as usize == ctx.ingress_ifindex() {
+        return Verdict {
+            action: xdp_action::XDP_TX,
+            counter: Counter::ForwardedTx,
+        };
+    }
+    // next_hop_for checked that the egress is in the devmap; should it have
+    // been removed since, the fallback action hands the frame to the kernel.
+    let action =
+        match maps::EGRESS_PORTS.redirect(next_hop.ifindex, u64::from(xdp_action::XDP_PASS)) {
+            Ok(action) | Err(action) => action,
+        };
+    Verdict {
+        action,
+        counter: Counter::Forwarded,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,121 @@
+//! The program's maps and the lookups on them. Layouts come from
+//! pop-forwarder-common; the host pins these maps under the same names.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::XdpContext,
+};
+use pop_forwarder_common::{
+    Counter, MAX_EGRESS_PORTS, MAX_LOCAL_ADDRS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
+    NextHop, RouteTarget, TrafficCounter, settings,
+};
+
+use crate::{Verdict, drop, pass};
+
+#[map]
+static ROUTES_V4: LpmTrie<[u8; 4], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V4, 0);
+
+#[map]
+static ROUTES_V6: LpmTrie<[u8; 16], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V6, 0);
+
+#[map]
+static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_NEXT_HOPS, 0);
+
+#[map]
+static NEXT_HOP_STATS: PerCpuArray<TrafficCounter> =
+    PerCpuArray::with_max_entries(MAX_NEXT_HOPS, 0);
+
+/// This box's own addresses; packets to them go to the kernel.
+#[map]
+static LOCAL_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+#[map]
+static LOCAL_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// Egress interfaces by ifindex, for bpf_redirect_map.
+#[map]
+pub static EGRESS_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_PORTS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
+
+#[map]
+static SETTINGS: Array<u32> = Array::with_max_entries(settings::COUNT, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: a per-CPU slot; XDP runs with preemption off on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn traffic(next_hop_id: u32, bytes: u64) {
+    if let Some(slot) = NEXT_HOP_STATS.get_ptr_mut(next_hop_id) {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn is_local_v4(addr: &[u8; 4]) -> bool {
+    // SAFETY: the value is only tested for presence, never read.
+    unsafe { LOCAL_V4.get(addr).is_some() }
+}
+
+#[inline(always)]
+pub fn is_local_v6(addr: &[u8; 16]) -> bool {
+    // SAFETY: as above.
+    unsafe { LOCAL_V6.get(addr).is_some() }
+}
+
+#[inline(always)]
+pub fn lookup_route_v4(dst: [u8; 4]) -> Option<u32> {
+    ROUTES_V4.get(Key::new(32, dst)).map(|t| t.next_hop)
+}
+
+#[inline(always)]
+pub fn lookup_route_v6(dst: [u8; 16]) -> Option<u32> {
+    ROUTES_V6.get(Key::new(128, dst)).map(|t| t.next_hop)
+}
+
+/// The verdict for a destination that no route covers, by the configured
+/// route-miss policy.
+#[inline(always)]
+pub fn route_miss() -> Verdict {
+    match SETTINGS.get(settings::ROUTE_MISS_DROP) {
+        Some(&1) => drop(Counter::DropRouteMiss),
+        _ => pass(Counter::PassRouteMiss),
+    }
+}
+
+/// The next hop a route points at, if a packet of `l3_len` bytes can be sent
+/// to it now; otherwise the verdict that hands the packet to the kernel.
+#[inline(always)]
+pub fn next_hop_for(
+    ctx: &XdpContext,
+    next_hop_id: u32,
+    l3_len: usize,
+) -> Result<&'static NextHop, Verdict> {
+    let next_hop = match NEXT_HOPS.get(next_hop_id) {
+        Some(nh) if nh.is_in_use() => nh,
+        _ => return Err(pass(Counter::PassNoNextHop)),
+    };
+    if !next_hop.mac_valid() {
+        return Err(pass(Counter::PassNoNeighbour));
+    }
+    if l3_len > next_hop.mtu as usize {
+        return Err(pass(Counter::PassTooBig));
+    }
+    if next_hop.ifindex as usize != ctx.ingress_ifindex()
+        && EGRESS_PORTS.get(next_hop.ifindex).is_none()
+    {
+        return Err(pass(Counter::PassNoEgress));
+    }
+    Ok(next_hop)
+}

@@ -1,0 +1,393 @@
+//! The TOML config file and the validated model behind it.
+//!
+//! Parsing and validation are pure: nothing here touches the kernel, so a
+//! config is refused whole, with the field and value named, before anything
+//! is loaded or attached.
+
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Deserialize;
+
+/// A whole config file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// What to do with a packet whose destination matches no route.
+    #[serde(default)]
+    pub route_miss: RouteMissPolicy,
+    /// Interfaces to attach the XDP program to.
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Static routes.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterfaceConfig {
+    pub name: String,
+    #[serde(default)]
+    pub mode: XdpMode,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub prefix: String,
+    pub via: String,
+    pub dev: String,
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteMissPolicy {
+    /// Hand the packet to the kernel's own routing.
+    #[default]
+    Pass,
+    Drop,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver (XDP_FLAGS_DRV_MODE): the fast path.
+    #[default]
+    Native,
+    /// Generic XDP in the kernel's receive path, for drivers without XDP.
+    Skb,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Native => "native",
+            XdpMode::Skb => "skb",
+        })
+    }
+}
+
+/// An IP prefix whose host bits are zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl FromStr for Prefix {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, len) = s
+            .split_once('/')
+            .with_context(|| format!("{s:?} is not a prefix (expected ADDRESS/LENGTH)"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .with_context(|| format!("{addr:?} in {s:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len.parse() {
+            Ok(len) if len <= max => len,
+            _ => bail!("prefix length {len:?} in {s:?} is not a number from 0 to {max}"),
+        };
+        let prefix = Prefix { addr, len };
+        let network = prefix.network();
+        if network != addr {
+            bail!("{s:?} has host bits set; the prefix is {network}/{len}");
+        }
+        Ok(prefix)
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Prefix {
+    /// The address with the bits past the prefix length cleared.
+    pub fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        }
+    }
+}
+
+/// A MAC address written as six colon-separated hex bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl FromStr for Mac {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let mut mac = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut mac {
+            let part = parts.next().unwrap_or("");
+            *byte = match u8::from_str_radix(part, 16) {
+                Ok(b) if part.len() == 2 => b,
+                _ => {
+                    bail!("{s:?} is not a MAC address (expected six hex bytes, aa:bb:cc:dd:ee:ff)")
+                }
+            };
+        }
+        if parts.next().is_some() {
+            bail!("{s:?} is not a MAC address (expected six hex bytes, aa:bb:cc:dd:ee:ff)");
+        }
+        if mac == [0; 6] || mac[0] & 1 == 1 {
+            bail!("{s:?} is not a unicast MAC address");
+        }
+        Ok(Mac(mac))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// A route after validation: the prefix is normalised and the gateway is of
+/// the prefix's family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub prefix: Prefix,
+    pub via: IpAddr,
+    pub dev: String,
+    pub mac: Option<Mac>,
+}
+
+impl Route {
+    /// Validates one route given as strings (from the file or the CLI).
+    pub fn parse(prefix: &str, via: &str, dev: &str, mac: Option<&str>) -> Result<Route> {
+        let prefix: Prefix = prefix.parse().context("prefix")?;
+        let via: IpAddr = via
+            .parse()
+            .map_err(|_| anyhow::anyhow!("via: {via:?} is not an IP address"))?;
+        if via.is_ipv4() != prefix.addr.is_ipv4() {
+            bail!("via: gateway {via} is not of the same address family as prefix {prefix}");
+        }
+        if via.is_unspecified() || via.is_multicast() {
+            bail!("via: {via} cannot be a gateway");
+        }
+        check_interface_name(dev).context("dev")?;
+        let mac = mac.map(|m| m.parse::<Mac>().context("mac")).transpose()?;
+        Ok(Route {
+            prefix,
+            via,
+            dev: dev.to_owned(),
+            mac,
+        })
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or whitespace.
+pub fn check_interface_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 15
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        bail!("{name:?} is not a valid interface name");
+    }
+    Ok(())
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub route_miss: RouteMissPolicy,
+    pub interfaces: Vec<(String, XdpMode)>,
+    pub routes: Vec<Route>,
+}
+
+impl Model {
+    pub fn from_file(path: &Path) -> Result<Model> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Model::from_toml(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Model> {
+        let config: Config = toml::from_str(text)?;
+        Model::validate(config)
+    }
+
+    fn validate(config: Config) -> Result<Model> {
+        if config.interfaces.is_empty() {
+            bail!("interfaces: at least one interface is needed");
+        }
+        let mut names = HashSet::new();
+        let mut interfaces = Vec::new();
+        for (i, iface) in config.interfaces.into_iter().enumerate() {
+            check_interface_name(&iface.name).with_context(|| format!("interfaces[{i}].name"))?;
+            if !names.insert(iface.name.clone()) {
+                bail!("interfaces[{i}].name: {:?} is listed twice", iface.name);
+            }
+            interfaces.push((iface.name, iface.mode));
+        }
+        let mut prefixes = HashSet::new();
+        let mut routes = Vec::new();
+        for (i, r) in config.routes.iter().enumerate() {
+            let route = Route::parse(&r.prefix, &r.via, &r.dev, r.mac.as_deref())
+                .with_context(|| format!("routes[{i}] ({})", r.prefix))?;
+            if !prefixes.insert(route.prefix) {
+                bail!("routes[{i}].prefix: {} is listed twice", route.prefix);
+            }
+            routes.push(route);
+        }
+        // One gateway on one interface is one next hop: two static MACs for
+        // it would make the table depend on the order of the routes.
+        for (i, a) in routes.iter().enumerate() {
+            for b in &routes[..i] {
+                if a.via == b.via
+                    && a.dev == b.dev
+                    && a.mac.is_some()
+                    && b.mac.is_some()
+                    && a.mac != b.mac
+                {
+                    bail!(
+                        "routes[{i}].mac: gateway {} on {} already has MAC {} from the route to {}",
+                        a.via,
+                        a.dev,
+                        b.mac.unwrap_or(Mac([0; 6])),
+                        b.prefix
+                    );
+                }
+            }
+        }
+        Ok(Model {
+            route_miss: config.route_miss,
+            interfaces,
+            routes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+route_miss = "drop"
+[[interfaces]]
+name = "r0"
+[[interfaces]]
+name = "r1"
+mode = "skb"
+[[routes]]
+prefix = "10.0.3.0/24"
+via = "10.0.2.2"
+dev = "r1"
+[[routes]]
+prefix = "fd00:3::/64"
+via = "fd00:2::2"
+dev = "r1"
+mac = "02:00:00:00:00:03"
+"#;
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Model::from_toml(text).unwrap_err())
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let m = Model::from_toml(GOOD).unwrap();
+        assert_eq!(m.route_miss, RouteMissPolicy::Drop);
+        assert_eq!(
+            m.interfaces,
+            vec![("r0".into(), XdpMode::Native), ("r1".into(), XdpMode::Skb)]
+        );
+        assert_eq!(m.routes.len(), 2);
+        assert_eq!(m.routes[1].mac, Some(Mac([2, 0, 0, 0, 0, 3])));
+        assert_eq!(m.routes[0].prefix.to_string(), "10.0.3.0/24");
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let cases = [
+            (GOOD.replace("10.0.3.0/24", "10.0.3.1/24"), "host bits set"),
+            (GOOD.replace("10.0.3.0/24", "10.0.3.0/33"), "\"33\""),
+            (GOOD.replace("10.0.2.2", "fd00::1"), "same address family"),
+            (GOOD.replace("10.0.2.2", "banana"), "via: \"banana\""),
+            (
+                GOOD.replace("02:00:00:00:00:03", "02:00:00:00:03"),
+                "mac: \"02:00:00:00:03\"",
+            ),
+            (
+                GOOD.replace("02:00:00:00:00:03", "01:00:5e:00:00:01"),
+                "not a unicast",
+            ),
+            (GOOD.replace("\"skb\"", "\"turbo\""), "turbo"),
+            (GOOD.replace("\"drop\"", "\"maybe\""), "maybe"),
+            (
+                GOOD.replace("name = \"r1\"", "name = \"r0\""),
+                "interfaces[1].name: \"r0\" is listed twice",
+            ),
+            (
+                GOOD.replace("fd00:3::/64", "10.0.3.0/24")
+                    .replace("fd00:2::2", "10.0.2.9"),
+                "routes[1].prefix: 10.0.3.0/24 is listed twice",
+            ),
+            (
+                GOOD.replace("dev = \"r1\"\nmac", "dev = \"this-name-is-too-long\"\nmac"),
+                "dev",
+            ),
+            (GOOD.replace("via =", "gateway ="), "gateway"),
+            (
+                "route_miss = \"pass\"\ninterfaces = []".to_string(),
+                "at least one interface",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn conflicting_static_macs_for_one_gateway_are_refused() {
+        let text = r#"
+[[interfaces]]
+name = "r1"
+[[routes]]
+prefix = "10.1.0.0/16"
+via = "10.0.2.2"
+dev = "r1"
+mac = "02:00:00:00:00:01"
+[[routes]]
+prefix = "10.2.0.0/16"
+via = "10.0.2.2"
+dev = "r1"
+mac = "02:00:00:00:00:02"
+"#;
+        assert!(err(text).contains("already has MAC 02:00:00:00:00:01"));
+    }
+
+    #[test]
+    fn prefix_normalisation_and_display() {
+        let p: Prefix = "0.0.0.0/0".parse().unwrap();
+        assert_eq!(p.network().to_string(), "0.0.0.0");
+        let p: Prefix = "2001:db8::/32".parse().unwrap();
+        assert_eq!(p.to_string(), "2001:db8::/32");
+        assert!("2001:db8::1/32".parse::<Prefix>().is_err());
+        assert!("10.0.0.0".parse::<Prefix>().is_err());
+    }
+}

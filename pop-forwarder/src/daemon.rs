@@ -1,0 +1,240 @@
+//! `pop-forwarder run`: load, pin, fill, attach, keep current, detach.
+
+use std::{
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{
+    Xdp,
+    links::{FdLink, PinnedLink},
+};
+use log::{info, warn};
+use pop_forwarder_common::PROGRAM_NAME;
+
+use crate::{
+    EBPF_OBJECT,
+    config::{Model, XdpMode},
+    instance::{self, AttachedInterface, Instance, State},
+    kernel,
+    tables::{Tables, resolve_next_hop},
+};
+
+/// How often the daemon re-reads interfaces, addresses and neighbours.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A loaded and attached forwarder. Dropping it without `shutdown` leaves the
+/// pins (and so forwarding) in place, as a crash would.
+struct Running {
+    instance: Instance,
+    // Kept so the program and its maps live as long as the daemon.
+    _ebpf: aya::Ebpf,
+    tables: Tables,
+    links: Vec<PinnedLink>,
+}
+
+pub async fn run(instance: &Instance, config_path: &Path) -> Result<()> {
+    let model = Model::from_file(config_path)?;
+    let mut running = start(instance, &model, config_path)?;
+    info!(
+        "instance {:?}: forwarding on {} with {} routes; maps pinned at {}",
+        instance.name,
+        model
+            .interfaces
+            .iter()
+            .map(|(n, m)| format!("{n} ({m})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        model.routes.len(),
+        instance.pin_dir().display()
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut tick = tokio::time::interval(REFRESH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                if let Err(e) = refresh(&mut running) {
+                    warn!("refreshing interfaces and neighbours: {e:#}");
+                }
+            }
+        }
+    }
+    shutdown(running)
+}
+
+/// Validates everything that can be validated before touching the kernel,
+/// then loads, pins, fills and attaches; on any failure undoes what it did.
+fn start(instance: &Instance, model: &Model, config_path: &Path) -> Result<Running> {
+    if let Some(pid) = instance.daemon_pid() {
+        bail!(
+            "instance {:?} is already running (pid {pid})",
+            instance.name
+        );
+    }
+    if instance.exists() {
+        bail!(
+            "instance {:?} left pins at {} (its daemon is gone); run `pop-forwarder --instance {} detach` first",
+            instance.name,
+            instance.pin_dir().display(),
+            instance.name
+        );
+    }
+    let links = kernel::links()?;
+    let mut attach_to = Vec::new();
+    for (i, (name, mode)) in model.interfaces.iter().enumerate() {
+        let link = kernel::link(&links, name).with_context(|| format!("interfaces[{i}].name"))?;
+        if link.xdp_attached {
+            bail!("interfaces[{i}].name: {name:?} already has an XDP program attached");
+        }
+        attach_to.push(AttachedInterface {
+            name: name.clone(),
+            ifindex: link.ifindex,
+            mode: *mode,
+        });
+    }
+    let neighbours = kernel::neighbours()?;
+    let mut routes = Vec::new();
+    for (i, route) in model.routes.iter().enumerate() {
+        let nh = resolve_next_hop(route, &links, &neighbours)
+            .with_context(|| format!("routes[{i}] ({})", route.prefix))?;
+        routes.push((route.prefix, nh));
+    }
+    warn_if_kernel_forwarding_off();
+
+    instance::ensure_bpffs()?;
+    let _lock = instance.lock()?;
+    let mut ebpf = aya::Ebpf::load(EBPF_OBJECT).context("loading the XDP object")?;
+    let pin_dir = instance.pin_dir();
+    std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+    match fill_and_attach(instance, &mut ebpf, model, &attach_to, &routes) {
+        Ok((tables, links)) => {
+            instance.write_state(&State {
+                pid: std::process::id(),
+                config: config_path
+                    .canonicalize()
+                    .unwrap_or_else(|_| config_path.to_owned()),
+                interfaces: attach_to,
+                started_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            })?;
+            Ok(Running {
+                instance: instance.clone(),
+                _ebpf: ebpf,
+                tables,
+                links,
+            })
+        }
+        Err(e) => {
+            // Links attached so far are dropped with the error's stack frame
+            // (detaching them); the pins go here.
+            if let Err(cleanup) = instance.remove_pins() {
+                warn!("cleaning up after a failed start: {cleanup:#}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn fill_and_attach(
+    instance: &Instance,
+    ebpf: &mut aya::Ebpf,
+    model: &Model,
+    attach_to: &[AttachedInterface],
+    routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
+) -> Result<(Tables, Vec<PinnedLink>)> {
+    for (name, map) in ebpf.maps() {
+        let path = instance.pin_dir().join(name);
+        map.pin(&path)
+            .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+    }
+    let mut tables = Tables::from_ebpf(ebpf)?;
+    tables.set_route_miss(model.route_miss)?;
+    for iface in attach_to {
+        tables.add_egress(iface.ifindex)?;
+    }
+    let addrs: Vec<_> = kernel::links()?.into_iter().flat_map(|l| l.addrs).collect();
+    tables.sync_local_addrs(&addrs)?;
+    tables.add_routes(routes)?;
+
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("the object has no XDP program")?
+        .try_into()
+        .context("the program is not XDP")?;
+    program
+        .load()
+        .context("loading the XDP program into the kernel (verifier)")?;
+    let mut pinned = Vec::new();
+    for iface in attach_to {
+        let mode = match iface.mode {
+            XdpMode::Native => aya::programs::XdpMode::Driver,
+            XdpMode::Skb => aya::programs::XdpMode::Skb,
+        };
+        let id = program
+            .attach(&iface.name, mode)
+            .with_context(|| format!("attaching XDP to {} in {} mode", iface.name, iface.mode))?;
+        let link = program.take_link(id)?;
+        let fd_link =
+            FdLink::try_from(link).context("XDP attachment is not a bpf_link (kernel < 5.9?)")?;
+        let path = instance.link_pin(&iface.name);
+        pinned.push(
+            fd_link
+                .pin(&path)
+                .with_context(|| format!("pinning link at {}", path.display()))?,
+        );
+    }
+    Ok((tables, pinned))
+}
+
+fn refresh(running: &mut Running) -> Result<()> {
+    let _lock = running.instance.lock()?;
+    let links = kernel::links()?;
+    let neighbours = kernel::neighbours()?;
+    for change in running.tables.refresh_next_hops(&links, &neighbours)? {
+        info!("{change}");
+    }
+    let addrs: Vec<_> = links.into_iter().flat_map(|l| l.addrs).collect();
+    running.tables.sync_local_addrs(&addrs)
+}
+
+fn shutdown(running: Running) -> Result<()> {
+    let Running {
+        instance,
+        _ebpf,
+        tables,
+        links,
+    } = running;
+    drop(tables);
+    for link in links {
+        match link.unpin() {
+            // Dropping the last reference to the link detaches the program.
+            Ok(fd_link) => drop(fd_link),
+            Err(e) => warn!("unpinning a link: {e}"),
+        }
+    }
+    drop(_ebpf);
+    instance.remove_pins()?;
+    instance.remove_state();
+    info!("instance {:?}: detached and unpinned", instance.name);
+    Ok(())
+}
+
+fn warn_if_kernel_forwarding_off() {
+    for (family, path) in [
+        ("IPv4", "/proc/sys/net/ipv4/ip_forward"),
+        ("IPv6", "/proc/sys/net/ipv6/conf/all/forwarding"),
+    ] {
+        if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == "0") {
+            warn!(
+                "{family} forwarding is off in the kernel ({path} = 0): packets handed to it \
+                 (TTL expired, unresolved neighbour, too big) are dropped rather than answered"
+            );
+        }
+    }
+}

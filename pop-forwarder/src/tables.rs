@@ -1,0 +1,575 @@
+//! Typed access to the program's maps, from the loader (the maps of a freshly
+//! loaded object) or from another process (the maps pinned in bpffs).
+//!
+//! Writers order their updates so that the program never sees a route whose
+//! next hop is not fully written: next hop first, then the route; route
+//! removed first, then the next hop.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::maps::{
+    Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
+use pop_forwarder_common::{
+    AF_INET, AF_INET6, Counter, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID,
+    NextHop, RouteTarget, TrafficCounter, map_names as names, settings,
+};
+
+use crate::{
+    config::{Mac, Prefix, Route, RouteMissPolicy},
+    kernel::{self, Link, Neighbour},
+};
+
+pub struct Tables {
+    routes_v4: LpmTrie<MapData, [u8; 4], RouteTarget>,
+    routes_v6: LpmTrie<MapData, [u8; 16], RouteTarget>,
+    next_hops: Array<MapData, NextHop>,
+    next_hop_stats: PerCpuArray<MapData, TrafficCounter>,
+    local_v4: HashMap<MapData, [u8; 4], u8>,
+    local_v6: HashMap<MapData, [u8; 16], u8>,
+    egress: DevMapHash<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    settings: Array<MapData, u32>,
+}
+
+/// A route as the tables hold it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteEntry {
+    pub prefix: String,
+    pub next_hop: u32,
+    pub via: String,
+    pub dev: String,
+    /// None while the neighbour is unresolved.
+    pub mac: Option<String>,
+    pub mac_static: bool,
+}
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub counters: BTreeMap<&'static str, u64>,
+    pub next_hops: Vec<NextHopStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NextHopStats {
+    pub id: u32,
+    pub via: String,
+    pub dev: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn typed<T>(map: Map, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+fn gateway_bytes(addr: IpAddr) -> ([u8; 16], u32) {
+    let mut gw = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            gw[..4].copy_from_slice(&a.octets());
+            (gw, AF_INET)
+        }
+        IpAddr::V6(a) => (a.octets(), AF_INET6),
+    }
+}
+
+pub fn gateway_addr(nh: &NextHop) -> IpAddr {
+    if nh.family == AF_INET {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&nh.gateway[..4]);
+        IpAddr::from(a)
+    } else {
+        IpAddr::from(nh.gateway)
+    }
+}
+
+/// The next hop a route needs, resolved against this namespace's interfaces
+/// and neighbours: egress index, MTU and source MAC from the interface; the
+/// destination MAC from the route or, failing that, the neighbour table.
+pub fn resolve_next_hop(
+    route: &Route,
+    links: &[Link],
+    neighbours: &[Neighbour],
+) -> Result<NextHop> {
+    let link = kernel::link(links, &route.dev).context("dev")?;
+    let src_mac = link
+        .mac
+        .with_context(|| format!("dev: interface {:?} has no Ethernet address", route.dev))?;
+    let (gateway, family) = gateway_bytes(route.via);
+    let mut nh = NextHop {
+        ifindex: link.ifindex,
+        mtu: link.mtu,
+        flags: NH_F_IN_USE,
+        dst_mac: [0; 6],
+        src_mac: src_mac.0,
+        gateway,
+        family,
+    };
+    if let Some(mac) = route.mac {
+        nh.dst_mac = mac.0;
+        nh.flags |= NH_F_MAC_VALID | NH_F_MAC_STATIC;
+    } else if let Some(n) = neighbours
+        .iter()
+        .find(|n| n.addr == route.via && n.ifname == route.dev)
+    {
+        nh.dst_mac = n.mac.0;
+        nh.flags |= NH_F_MAC_VALID;
+    }
+    Ok(nh)
+}
+
+fn same_gateway(a: &NextHop, b: &NextHop) -> bool {
+    a.ifindex == b.ifindex && a.family == b.family && a.gateway == b.gateway
+}
+
+impl Tables {
+    /// Takes the maps out of a loaded object (the loader, the program tests).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Tables> {
+        Tables::open(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        })
+    }
+
+    /// Opens the maps an instance pinned in `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Tables> {
+        Tables::open(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+        })
+    }
+
+    fn open(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Tables> {
+        let mut take = |name: &str| get(name).map(|m| (m, name.to_owned()));
+        macro_rules! open {
+            ($name:expr) => {{
+                let (map, name) = take($name)?;
+                typed(map, &name)?
+            }};
+        }
+        Ok(Tables {
+            routes_v4: open!(names::ROUTES_V4),
+            routes_v6: open!(names::ROUTES_V6),
+            next_hops: open!(names::NEXT_HOPS),
+            next_hop_stats: open!(names::NEXT_HOP_STATS),
+            local_v4: open!(names::LOCAL_V4),
+            local_v6: open!(names::LOCAL_V6),
+            egress: open!(names::EGRESS_PORTS),
+            counters: open!(names::COUNTERS),
+            settings: open!(names::SETTINGS),
+        })
+    }
+
+    pub fn set_route_miss(&mut self, policy: RouteMissPolicy) -> Result<()> {
+        let value = u32::from(policy == RouteMissPolicy::Drop);
+        self.settings
+            .set(settings::ROUTE_MISS_DROP, value, 0)
+            .context("writing the route-miss policy")
+    }
+
+    pub fn route_miss(&self) -> Result<RouteMissPolicy> {
+        Ok(match self.settings.get(&settings::ROUTE_MISS_DROP, 0)? {
+            1 => RouteMissPolicy::Drop,
+            _ => RouteMissPolicy::Pass,
+        })
+    }
+
+    /// Allows redirects to `ifindex`.
+    pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
+        if self.egress.get(ifindex, 0).is_ok() {
+            return Ok(());
+        }
+        self.egress
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| anyhow!("adding interface index {ifindex} to the egress devmap: {e}"))
+    }
+
+    pub fn egress_ports(&self) -> Vec<u32> {
+        self.egress.keys().filter_map(Result::ok).collect()
+    }
+
+    /// Every slot of the next-hop table, free ones too.
+    pub fn next_hop_slots(&self) -> Result<Vec<NextHop>> {
+        (0..MAX_NEXT_HOPS)
+            .map(|i| {
+                self.next_hops
+                    .get(&i, 0)
+                    .context("reading the next-hop table")
+            })
+            .collect()
+    }
+
+    /// The id of the next hop for `want`'s gateway and interface, allocating
+    /// a slot if there is none. Returns whether the slot is new.
+    fn find_or_add_next_hop(
+        &mut self,
+        slots: &mut [NextHop],
+        want: &NextHop,
+    ) -> Result<(u32, bool)> {
+        if let Some(id) = slots
+            .iter()
+            .position(|nh| nh.is_in_use() && same_gateway(nh, want))
+        {
+            let have = slots[id];
+            let want_static = want.flags & NH_F_MAC_STATIC != 0;
+            let have_static = have.flags & NH_F_MAC_STATIC != 0;
+            if want_static && have_static && have.dst_mac != want.dst_mac {
+                bail!(
+                    "mac: gateway {} already has MAC {} (next hop {id})",
+                    gateway_addr(&have),
+                    Mac(have.dst_mac)
+                );
+            }
+            if want_static && !have_static {
+                self.write_next_hop(id as u32, want)?;
+                slots[id] = *want;
+            }
+            return Ok((id as u32, false));
+        }
+        let id = slots
+            .iter()
+            .position(|nh| !nh.is_in_use())
+            .with_context(|| format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)"))?;
+        let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        self.next_hop_stats
+            .set(id as u32, PerCpuValues::try_from(zeros)?, 0)
+            .context("resetting next-hop counters")?;
+        self.write_next_hop(id as u32, want)?;
+        slots[id] = *want;
+        Ok((id as u32, true))
+    }
+
+    fn write_next_hop(&mut self, id: u32, nh: &NextHop) -> Result<()> {
+        self.next_hops
+            .set(id, nh, 0)
+            .with_context(|| format!("writing next hop {id}"))
+    }
+
+    /// Installs `prefix` -> `next_hop`. Fails if the prefix is already routed.
+    pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
+        let mut slots = self.next_hop_slots()?;
+        self.add_route_with(&mut slots, prefix, next_hop)
+    }
+
+    fn add_route_with(
+        &mut self,
+        slots: &mut [NextHop],
+        prefix: Prefix,
+        next_hop: &NextHop,
+    ) -> Result<u32> {
+        if self.route(prefix)?.is_some() {
+            bail!("a route to {prefix} already exists; delete it first");
+        }
+        self.add_egress(next_hop.ifindex)?;
+        let (id, new) = self.find_or_add_next_hop(slots, next_hop)?;
+        let target = RouteTarget { next_hop: id };
+        let inserted = match prefix.addr {
+            IpAddr::V4(a) => {
+                self.routes_v4
+                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)
+            }
+            IpAddr::V6(a) => {
+                self.routes_v6
+                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)
+            }
+        };
+        if let Err(e) = inserted {
+            if new {
+                self.free_next_hop(id)?;
+                slots[id as usize] = NextHop::default_free();
+            }
+            return Err(e).with_context(|| format!("inserting the route to {prefix}"));
+        }
+        Ok(id)
+    }
+
+    /// Installs a whole set of routes; on any failure, removes what it added
+    /// so the tables are as they were.
+    pub fn add_routes(&mut self, routes: &[(Prefix, NextHop)]) -> Result<()> {
+        let mut slots = self.next_hop_slots()?;
+        for (i, (prefix, nh)) in routes.iter().enumerate() {
+            if let Err(e) = self.add_route_with(&mut slots, *prefix, nh) {
+                for (p, _) in &routes[..i] {
+                    let _ = self.del_route(*p);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next-hop id a prefix is routed to, if it is.
+    pub fn route(&self, prefix: Prefix) -> Result<Option<u32>> {
+        let got = match prefix.addr {
+            IpAddr::V4(a) => self
+                .routes_v4
+                .get(&Key::new(prefix.len.into(), a.octets()), 0),
+            IpAddr::V6(a) => self
+                .routes_v6
+                .get(&Key::new(prefix.len.into(), a.octets()), 0),
+        };
+        match got {
+            Ok(t) => Ok(Some(t.next_hop)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            // LPM tries answer a lookup by longest match; `get` is exact, but
+            // older kernels return ENOENT as a syscall error.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e).context("looking up a route"),
+        }
+    }
+
+    /// Removes the route to exactly `prefix`, and its next hop if no other
+    /// route uses it.
+    pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
+        let Some(id) = self.route(prefix)? else {
+            bail!("there is no route to {prefix}");
+        };
+        match prefix.addr {
+            IpAddr::V4(a) => self
+                .routes_v4
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+            IpAddr::V6(a) => self
+                .routes_v6
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+        }
+        .with_context(|| format!("removing the route to {prefix}"))?;
+        if !self.next_hop_ids_in_use().contains(&id) {
+            self.free_next_hop(id)?;
+        }
+        Ok(())
+    }
+
+    fn free_next_hop(&mut self, id: u32) -> Result<()> {
+        self.write_next_hop(id, &NextHop::default_free())
+    }
+
+    fn next_hop_ids_in_use(&self) -> HashSet<u32> {
+        let v4 = self
+            .routes_v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, t)| t.next_hop);
+        let v6 = self
+            .routes_v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, t)| t.next_hop);
+        v4.chain(v6).collect()
+    }
+
+    /// Every route, IPv4 first, with its next hop described.
+    pub fn routes(&self, links: &[Link]) -> Result<Vec<RouteEntry>> {
+        let slots = self.next_hop_slots()?;
+        let mut out = Vec::new();
+        let describe = |prefix: String, id: u32| {
+            let nh = slots
+                .get(id as usize)
+                .copied()
+                .unwrap_or(NextHop::default_free());
+            RouteEntry {
+                prefix,
+                next_hop: id,
+                via: gateway_addr(&nh).to_string(),
+                dev: ifname(links, nh.ifindex),
+                mac: nh.mac_valid().then(|| Mac(nh.dst_mac).to_string()),
+                mac_static: nh.flags & NH_F_MAC_STATIC != 0,
+            }
+        };
+        let mut v4: Vec<_> = self
+            .routes_v4
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading IPv4 routes")?;
+        v4.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
+        for (k, t) in v4 {
+            out.push(describe(
+                format!("{}/{}", IpAddr::from(k.data()), k.prefix_len()),
+                t.next_hop,
+            ));
+        }
+        let mut v6: Vec<_> = self
+            .routes_v6
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading IPv6 routes")?;
+        v6.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
+        for (k, t) in v6 {
+            out.push(describe(
+                format!("{}/{}", IpAddr::from(k.data()), k.prefix_len()),
+                t.next_hop,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn route_counts(&self) -> (usize, usize) {
+        (self.routes_v4.keys().count(), self.routes_v6.keys().count())
+    }
+
+    /// Brings learned next-hop MACs, egress MTUs and source MACs in line with
+    /// the kernel. Returns a line per change, for the log.
+    pub fn refresh_next_hops(
+        &mut self,
+        links: &[Link],
+        neighbours: &[Neighbour],
+    ) -> Result<Vec<String>> {
+        let mut changes = Vec::new();
+        for (id, nh) in self.next_hop_slots()?.into_iter().enumerate() {
+            if !nh.is_in_use() {
+                continue;
+            }
+            let Some(link) = links.iter().find(|l| l.ifindex == nh.ifindex) else {
+                continue;
+            };
+            let mut next = nh;
+            next.mtu = link.mtu;
+            if let Some(mac) = link.mac {
+                next.src_mac = mac.0;
+            }
+            if nh.flags & NH_F_MAC_STATIC == 0 {
+                let gw = gateway_addr(&nh);
+                match neighbours
+                    .iter()
+                    .find(|n| n.addr == gw && n.ifname == link.name)
+                {
+                    Some(n) => {
+                        next.dst_mac = n.mac.0;
+                        next.flags |= NH_F_MAC_VALID;
+                    }
+                    None => {
+                        next.dst_mac = [0; 6];
+                        next.flags &= !NH_F_MAC_VALID;
+                    }
+                }
+            }
+            if next != nh {
+                // Re-read under the caller's lock: the slot must still be the
+                // same next hop, not one freed and reused meanwhile.
+                let current = self.next_hops.get(&(id as u32), 0)?;
+                if current != nh {
+                    continue;
+                }
+                self.write_next_hop(id as u32, &next)?;
+                changes.push(format!(
+                    "next hop {id} ({} on {}): mac {} mtu {}",
+                    gateway_addr(&nh),
+                    link.name,
+                    if next.mac_valid() {
+                        Mac(next.dst_mac).to_string()
+                    } else {
+                        "unresolved".into()
+                    },
+                    next.mtu
+                ));
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Makes the local-address sets exactly `addrs`.
+    pub fn sync_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
+        let want_v4: HashSet<[u8; 4]> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a.octets()),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let want_v6: HashSet<[u8; 16]> = addrs
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(a.octets()),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        let have_v4: HashSet<[u8; 4]> = self.local_v4.keys().filter_map(Result::ok).collect();
+        let have_v6: HashSet<[u8; 16]> = self.local_v6.keys().filter_map(Result::ok).collect();
+        for a in want_v4.difference(&have_v4) {
+            self.local_v4
+                .insert(a, 1, 0)
+                .context("adding a local IPv4 address")?;
+        }
+        for a in have_v4.difference(&want_v4) {
+            self.local_v4
+                .remove(a)
+                .context("removing a local IPv4 address")?;
+        }
+        for a in want_v6.difference(&have_v6) {
+            self.local_v6
+                .insert(a, 1, 0)
+                .context("adding a local IPv6 address")?;
+        }
+        for a in have_v6.difference(&want_v6) {
+            self.local_v6
+                .remove(a)
+                .context("removing a local IPv6 address")?;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self, links: &[Link]) -> Result<Stats> {
+        let mut counters = BTreeMap::new();
+        for c in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&c.index(), 0)
+                .with_context(|| format!("reading counter {}", c.name()))?;
+            counters.insert(c.name(), per_cpu.iter().sum());
+        }
+        let mut next_hops = Vec::new();
+        for (id, nh) in self.next_hop_slots()?.into_iter().enumerate() {
+            if !nh.is_in_use() {
+                continue;
+            }
+            let per_cpu = self
+                .next_hop_stats
+                .get(&(id as u32), 0)
+                .context("reading next-hop counters")?;
+            next_hops.push(NextHopStats {
+                id: id as u32,
+                via: gateway_addr(&nh).to_string(),
+                dev: ifname(links, nh.ifindex),
+                packets: per_cpu.iter().map(|t| t.packets).sum(),
+                bytes: per_cpu.iter().map(|t| t.bytes).sum(),
+            });
+        }
+        Ok(Stats {
+            counters,
+            next_hops,
+        })
+    }
+}
+
+fn ifname(links: &[Link], ifindex: u32) -> String {
+    links
+        .iter()
+        .find(|l| l.ifindex == ifindex)
+        .map_or_else(|| format!("ifindex {ifindex}"), |l| l.name.clone())
+}
+
+trait FreeSlot {
+    fn default_free() -> Self;
+}
+
+impl FreeSlot for NextHop {
+    fn default_free() -> NextHop {
+        bytemuck::Zeroable::zeroed()
+    }
+}
