@@ -270,26 +270,30 @@ impl Tables {
         prefix: Prefix,
         next_hop: &NextHop,
     ) -> Result<u32> {
-        if self.route(prefix)?.is_some() {
-            bail!("a route to {prefix} already exists; delete it first");
-        }
         self.add_egress(next_hop.ifindex)?;
         let (id, new) = self.find_or_add_next_hop(slots, next_hop)?;
         let target = RouteTarget { next_hop: id };
+        // BPF_NOEXIST: an LPM trie refuses an exact duplicate prefix, which a
+        // lookup cannot tell apart from a shorter covering one.
         let inserted = match prefix.addr {
-            IpAddr::V4(a) => {
-                self.routes_v4
-                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)
-            }
-            IpAddr::V6(a) => {
-                self.routes_v6
-                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)
-            }
+            IpAddr::V4(a) => self.routes_v4.insert(
+                &Key::new(prefix.len.into(), a.octets()),
+                target,
+                BPF_NOEXIST,
+            ),
+            IpAddr::V6(a) => self.routes_v6.insert(
+                &Key::new(prefix.len.into(), a.octets()),
+                target,
+                BPF_NOEXIST,
+            ),
         };
         if let Err(e) = inserted {
             if new {
                 self.free_next_hop(id)?;
                 slots[id as usize] = NextHop::default_free();
+            }
+            if os_error(&e) == Some(libc::EEXIST) {
+                bail!("a route to {prefix} already exists; delete it first");
             }
             return Err(e).with_context(|| format!("inserting the route to {prefix}"));
         }
@@ -311,8 +315,8 @@ impl Tables {
         Ok(())
     }
 
-    /// The next-hop id a prefix is routed to, if it is.
-    pub fn route(&self, prefix: Prefix) -> Result<Option<u32>> {
+    /// The next-hop id the longest prefix covering `prefix` points at.
+    fn longest_match(&self, prefix: Prefix) -> Result<Option<u32>> {
         let got = match prefix.addr {
             IpAddr::V4(a) => self
                 .routes_v4
@@ -324,13 +328,7 @@ impl Tables {
         match got {
             Ok(t) => Ok(Some(t.next_hop)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            // LPM tries answer a lookup by longest match; `get` is exact, but
-            // older kernels return ENOENT as a syscall error.
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(None)
-            }
+            Err(e) if os_error(&e) == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e).context("looking up a route"),
         }
     }
@@ -338,19 +336,30 @@ impl Tables {
     /// Removes the route to exactly `prefix`, and its next hop if no other
     /// route uses it.
     pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
-        let Some(id) = self.route(prefix)? else {
-            bail!("there is no route to {prefix}");
-        };
-        match prefix.addr {
+        // If the exact prefix is in the trie, it is its own longest match, so
+        // this is its next hop; if it is not, the removal below says so.
+        let id = self.longest_match(prefix)?;
+        let removed = match prefix.addr {
             IpAddr::V4(a) => self
                 .routes_v4
                 .remove(&Key::new(prefix.len.into(), a.octets())),
             IpAddr::V6(a) => self
                 .routes_v6
                 .remove(&Key::new(prefix.len.into(), a.octets())),
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e)
+                if matches!(e, aya::maps::MapError::KeyNotFound)
+                    || os_error(&e) == Some(libc::ENOENT) =>
+            {
+                bail!("there is no route to {prefix}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing the route to {prefix}")),
         }
-        .with_context(|| format!("removing the route to {prefix}"))?;
-        if !self.next_hop_ids_in_use().contains(&id) {
+        if let Some(id) = id
+            && !self.next_hop_ids_in_use().contains(&id)
+        {
             self.free_next_hop(id)?;
         }
         Ok(())
@@ -554,6 +563,16 @@ impl Tables {
             counters,
             next_hops,
         })
+    }
+}
+
+/// BPF_NOEXIST from linux/bpf.h: create only.
+const BPF_NOEXIST: u64 = 1;
+
+fn os_error(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
     }
 }
 

@@ -1,1 +1,503 @@
+//! Test harness: network namespaces and veth pairs that clean up after
+//! themselves, the three-namespace lab, the real binary, and packet builders.
+//!
+//! Everything a test creates is named `pft<pid>x<n>…`, lives inside
+//! namespaces the test made, and is deleted on drop, also when the test
+//! panics. Host interfaces are never touched: veth ends are created directly
+//! inside their namespaces.
 
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub mod packets;
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (in this run or a concurrent one) uses.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "pft{}x{}{tag}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command, failing with its stderr if it fails.
+pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted (with its interfaces) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Netns> {
+        let name = unique(tag);
+        sh("ip", &["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NS …`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// A command run inside the namespace. nsenter enters only the network
+    /// namespace, so /sys/fs/bpf (and the instance's pins) stay visible,
+    /// which `ip netns exec` would hide (see TOOLCHAIN.md).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path())).arg(program);
+        cmd
+    }
+
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self.command(program).args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "{program} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.run("sysctl", &["-qw", &format!("{key}={value}")])
+            .map(drop)
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets made
+    /// there stay in the namespace wherever they are used later.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let file = File::open(self.path()).with_context(|| format!("opening {}", self.path()))?;
+        std::thread::spawn(move || {
+            // SAFETY: setns on a thread of our own with a namespace fd we own.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    pub fn mac(&self, ifname: &str) -> Result<[u8; 6]> {
+        let out = self.ip(&["-json", "link", "show", ifname])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        parse_mac(v[0]["address"].as_str().context("no address")?)
+    }
+
+    /// Whether an XDP program is attached to `ifname`.
+    pub fn has_xdp(&self, ifname: &str) -> Result<bool> {
+        let out = self.ip(&["-json", "-details", "link", "show", ifname])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v[0].get("xdp").is_some())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let parts: Vec<_> = s.split(':').collect();
+    if parts.len() != 6 {
+        bail!("bad MAC {s}");
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16)?;
+    }
+    Ok(mac)
+}
+
+/// Three namespaces in a line: `a` (a0) — (r0) `router` (r1) — (c0) `c`.
+///
+/// Addresses: 10.0.1.0/24 and fd00:1::/64 between a and the router,
+/// 10.0.2.0/24 and fd00:2::/64 between the router and c; the router is .1 /
+/// ::1 on both, the hosts .2 / ::2. Hosts route everything via the router.
+pub struct Lab {
+    pub a: Netns,
+    pub router: Netns,
+    pub c: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Result<Lab> {
+        let lab = Lab {
+            a: Netns::new("a")?,
+            router: Netns::new("r")?,
+            c: Netns::new("c")?,
+        };
+        for (host, hif, rif, net) in [(&lab.a, "a0", "r0", 1), (&lab.c, "c0", "r1", 2)] {
+            sh(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    hif,
+                    "netns",
+                    &host.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    rif,
+                    "netns",
+                    &lab.router.name,
+                ],
+            )?;
+            host.ip(&["addr", "add", &format!("10.0.{net}.2/24"), "dev", hif])?;
+            host.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:{net}::2/64"),
+                "dev",
+                hif,
+                "nodad",
+            ])?;
+            lab.router
+                .ip(&["addr", "add", &format!("10.0.{net}.1/24"), "dev", rif])?;
+            lab.router.ip(&[
+                "addr",
+                "add",
+                &format!("fd00:{net}::1/64"),
+                "dev",
+                rif,
+                "nodad",
+            ])?;
+            host.ip(&["link", "set", hif, "up"])?;
+            lab.router.ip(&["link", "set", rif, "up"])?;
+            host.ip(&["route", "add", "default", "via", &format!("10.0.{net}.1")])?;
+            host.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:{net}::1"),
+            ])?;
+            // A veth receiving XDP-redirected frames drops them unless its
+            // peer runs NAPI (XDP attached or GRO on). And the sender must
+            // put real checksums in its frames: with TX checksum offload a
+            // veth hands over CHECKSUM_PARTIAL packets whose L4 checksum is
+            // only the pseudo-header sum, which XDP forwards as it is.
+            host.run("ethtool", &["-K", hif, "gro", "on", "tx", "off"])?;
+        }
+        Ok(lab)
+    }
+
+    /// A config for this lab: both router interfaces, and `routes` (TOML
+    /// `[[routes]]` tables) appended.
+    pub fn config(&self, route_miss: &str, routes: &str) -> String {
+        format!(
+            "route_miss = \"{route_miss}\"\n\n[[interfaces]]\nname = \"r0\"\n\n[[interfaces]]\nname = \"r1\"\n\n{routes}"
+        )
+    }
+}
+
+/// The pop-forwarder binary under test: POP_FORWARDER_BIN, or the one cargo
+/// built beside this test executable.
+pub fn binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("POP_FORWARDER_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/pop-forwarder
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("pop-forwarder")
+}
+
+/// A `pop-forwarder run` in a namespace, with its own instance name; stopped
+/// (and its pins removed) on drop.
+pub struct Forwarder {
+    pub instance: String,
+    pub ns_path: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Forwarder {
+    /// Starts the daemon on `config` and waits until it reports running.
+    pub fn start(ns: &Netns, config: &str) -> Result<Forwarder> {
+        let instance = unique("");
+        let dir = std::env::temp_dir().join(&instance);
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("pop.toml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("daemon.log");
+        let child = ns
+            .command(binary().to_str().context("binary path")?)
+            .args(["--instance", &instance, "run", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("spawning pop-forwarder run")?;
+        let mut fwd = Forwarder {
+            instance,
+            ns_path: ns.path(),
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = fwd.child.as_mut().unwrap().try_wait()? {
+                bail!("pop-forwarder run exited with {status}: {}", fwd.log());
+            }
+            if fwd.cli(&["status"]).is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("running")
+            }) {
+                return Ok(fwd);
+            }
+            if Instant::now() > deadline {
+                bail!("pop-forwarder did not come up in 20 s: {}", fwd.log());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this instance, in its namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path))
+            .arg(binary())
+            .args(["--instance", &self.instance])
+            .args(args)
+            .output()?)
+    }
+
+    /// Like `cli`, but failing unless the command succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if !out.status.success() {
+            bail!(
+                "pop-forwarder {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// One counter from `stats --json`.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&["stats", "--json"])?)?;
+        v["counters"][name]
+            .as_u64()
+            .with_context(|| format!("no counter {name}"))
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("pop-forwarder did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: as in `stop`.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever the daemon left (it may have been killed): remove pins.
+        let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/pop-forwarder/{}", self.instance));
+        let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.json", self.instance));
+        let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.lock", self.instance));
+    }
+}
+
+/// A frame seen on an interface by a packet socket.
+pub type Frame = Vec<u8>;
+
+/// A UDP socket bound in `ns`, with a receive timeout.
+pub fn udp_socket(ns: &Netns, bind: &str) -> Result<std::net::UdpSocket> {
+    let bind = bind.to_owned();
+    let sock = ns.enter(move || std::net::UdpSocket::bind(bind))??;
+    sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+    Ok(sock)
+}
+
+/// Sends `count` datagrams with TTL / hop limit `ttl` from `ns` to `dst`,
+/// each carrying `tag` and its sequence number.
+pub fn send_udp(
+    ns: &Netns,
+    dst: std::net::SocketAddr,
+    ttl: u32,
+    tag: &str,
+    count: usize,
+) -> Result<()> {
+    let tag = tag.to_owned();
+    ns.enter(move || -> Result<()> {
+        let bind = if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let sock = std::net::UdpSocket::bind(bind)?;
+        if dst.is_ipv4() {
+            sock.set_ttl(ttl)?;
+        } else {
+            let hops = ttl as libc::c_int;
+            // SAFETY: setsockopt with a c_int option value we own.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_UNICAST_HOPS,
+                    (&hops as *const libc::c_int).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+        for i in 0..count {
+            sock.send_to(format!("{tag} {i}").as_bytes(), dst)?;
+        }
+        Ok(())
+    })?
+}
+
+/// Receives datagrams until `want` arrived or `timeout` passed; returns
+/// their payloads.
+pub fn receive(sock: &std::net::UdpSocket, want: usize, timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while got.len() < want && Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    got
+}
+
+/// A packet socket capturing every frame received on `ifname` in `ns`.
+pub struct Capture {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Capture {
+    pub fn new(ns: &Netns, ifname: &str) -> Result<Capture> {
+        let ifname = std::ffi::CString::new(ifname)?;
+        ns.enter(move || -> Result<Capture> {
+            use std::os::fd::FromRawFd;
+            let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+            // SAFETY: plain socket/bind/setsockopt calls on an fd we own.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_protocol = proto as u16;
+                addr.sll_ifindex = libc::if_nametoindex(ifname.as_ptr()) as i32;
+                if libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error().into());
+                }
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 200_000,
+                };
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
+                Ok(Capture { fd })
+            }
+        })?
+    }
+
+    /// Incoming frames that contain `needle`, until `want` or `timeout`.
+    pub fn frames_containing(&self, needle: &[u8], want: usize, timeout: Duration) -> Vec<Frame> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < want && Instant::now() < deadline {
+            // SAFETY: recv into a buffer we own, bounded by its length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                let frame = &buf[..n as usize];
+                if frame.windows(needle.len()).any(|w| w == needle) {
+                    got.push(frame.to_vec());
+                }
+            }
+        }
+        got
+    }
+}
+
+/// Parses "addr" into an IpAddr, for brevity in tests.
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}

@@ -1,0 +1,566 @@
+//! Program tests: the compiled XDP program, as embedded in the binary, run on
+//! crafted frames with BPF_PROG_TEST_RUN (repeat = 1: the kernel does not
+//! restore the packet between repeats). Each case asserts the action, every
+//! byte of the output frame and which counter moved.
+//!
+//! Runs inside a namespace of its own: the test run's ingress interface is
+//! that namespace's loopback (ifindex 1), and the redirect target a veth
+//! created there.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use pop_forwarder::{
+    EBPF_OBJECT,
+    config::{Prefix, RouteMissPolicy},
+    tables::Tables,
+};
+use pop_forwarder_common::{
+    AF_INET, AF_INET6, Counter, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
+};
+use tests::{
+    Netns,
+    packets::{Eth, forwarded, udp_v4, udp_v6, with_ipv4_options},
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+/// What arrives: from a client's MAC to the router's.
+const IN: Eth = Eth {
+    src: [0x02, 0, 0, 0, 0, 0xa0],
+    dst: [0x02, 0, 0, 0, 0, 0x10],
+};
+/// What the next hop's frames must carry: the router's egress MAC to the
+/// gateway's.
+const OUT: Eth = Eth {
+    src: [0x02, 0, 0, 0, 0, 0x11],
+    dst: [0x02, 0, 0, 0, 0, 0xc0],
+};
+
+struct Program {
+    ebpf: Ebpf,
+    tables: Tables,
+}
+
+impl Program {
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let xdp: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counters(&self) -> BTreeMap<&'static str, u64> {
+        self.tables.stats(&[]).unwrap().counters
+    }
+}
+
+fn next_hop(ifindex: u32, gateway: &str, mac: Option<[u8; 6]>, mtu: u32) -> NextHop {
+    let addr: std::net::IpAddr = gateway.parse().unwrap();
+    let (gateway, family) = match addr {
+        std::net::IpAddr::V4(a) => {
+            let mut g = [0u8; 16];
+            g[..4].copy_from_slice(&a.octets());
+            (g, AF_INET)
+        }
+        std::net::IpAddr::V6(a) => (a.octets(), AF_INET6),
+    };
+    NextHop {
+        ifindex,
+        mtu,
+        flags: NH_F_IN_USE
+            | if mac.is_some() {
+                NH_F_MAC_VALID | NH_F_MAC_STATIC
+            } else {
+                0
+            },
+        dst_mac: mac.unwrap_or([0; 6]),
+        src_mac: OUT.src,
+        gateway,
+        family,
+    }
+}
+
+/// Loads the embedded object in a fresh namespace and fills its tables:
+///
+/// | prefix          | next hop                                 |
+/// |-----------------|------------------------------------------|
+/// | 10.0.0.0/8      | 10.255.0.1 on veth, MAC unknown          |
+/// | 10.0.3.0/24     | 10.0.2.2 on veth, MAC OUT.dst            |
+/// | 10.0.4.0/24     | 10.0.1.9 on lo (the ingress): XDP_TX      |
+/// | 10.0.5.0/24     | 10.0.2.5 on veth, MTU 100                |
+/// | fd00:3::/64     | fd00:2::2 on veth, MAC OUT.dst           |
+///
+/// Local addresses: 10.0.0.1 and fd00::1.
+fn with_program(test: impl FnOnce(&mut Program) + Send + 'static) {
+    let ns = Netns::new("p").unwrap();
+    ns.ip(&["link", "add", "eg0", "type", "veth", "peer", "name", "eg1"])
+        .unwrap();
+    ns.ip(&["link", "set", "eg0", "up"]).unwrap();
+    ns.enter(move || {
+        let veth = unsafe { libc::if_nametoindex(c"eg0".as_ptr()) };
+        assert_ne!(veth, 0);
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("loading the embedded object");
+        let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
+        let xdp: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
+        xdp.load().expect("the verifier accepts the program");
+        let routes = [
+            ("10.0.0.0/8", next_hop(veth, "10.255.0.1", None, 1500)),
+            (
+                "10.0.3.0/24",
+                next_hop(veth, "10.0.2.2", Some(OUT.dst), 1500),
+            ),
+            ("10.0.4.0/24", next_hop(1, "10.0.1.9", Some(OUT.dst), 1500)),
+            (
+                "10.0.5.0/24",
+                next_hop(veth, "10.0.2.5", Some(OUT.dst), 100),
+            ),
+            (
+                "fd00:3::/64",
+                next_hop(veth, "fd00:2::2", Some(OUT.dst), 1500),
+            ),
+        ];
+        let routes: Vec<(Prefix, NextHop)> = routes
+            .iter()
+            .map(|(p, nh)| (p.parse().unwrap(), *nh))
+            .collect();
+        tables.add_routes(&routes).unwrap();
+        tables
+            .sync_local_addrs(&["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()])
+            .unwrap();
+        test(&mut Program { ebpf, tables });
+    })
+    .unwrap();
+}
+
+fn v4(dst: &str, ttl: u8) -> Vec<u8> {
+    udp_v4(
+        IN,
+        Ipv4Addr::new(10, 0, 1, 2),
+        dst.parse().unwrap(),
+        ttl,
+        b"pop-forwarder test payload",
+    )
+}
+
+fn v6(dst: &str, hop_limit: u8) -> Vec<u8> {
+    udp_v6(
+        IN,
+        "fd00:1::2".parse().unwrap(),
+        dst.parse::<Ipv6Addr>().unwrap(),
+        hop_limit,
+        b"pop-forwarder test payload",
+    )
+}
+
+/// The expected result of one frame.
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    action: u32,
+    /// None: the frame must come out unchanged.
+    output: Option<Vec<u8>>,
+    counter: Counter,
+}
+
+fn check(program: &Program, cases: Vec<Case>) {
+    for case in cases {
+        let before = program.counters();
+        let (action, out) = program.run(&case.frame);
+        let after = program.counters();
+        assert_eq!(action, case.action, "{}: action", case.name);
+        let expected = case.output.unwrap_or_else(|| case.frame.clone());
+        assert_eq!(out, expected, "{}: output bytes", case.name);
+        for c in Counter::ALL {
+            let delta = after[c.name()] - before[c.name()];
+            let want = u64::from(c == case.counter);
+            assert_eq!(
+                delta,
+                want,
+                "{}: counter {} moved by {delta}",
+                case.name,
+                c.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn forwards_ipv4_ipv6_and_options_with_exact_bytes() {
+    with_program(|p| {
+        let options = with_ipv4_options(&v4("10.0.3.7", 64), &[0x94, 0x04, 0x00, 0x00]); // Router Alert
+        let max_options = with_ipv4_options(&v4("10.0.3.7", 64), &[0x01; 40]); // IHL 15, NOPs
+        check(
+            p,
+            vec![
+                Case {
+                    name: "ipv4",
+                    frame: v4("10.0.3.7", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v4("10.0.3.7", 64), OUT)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv4 ttl 2",
+                    frame: v4("10.0.3.7", 2),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v4("10.0.3.7", 2), OUT)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv4 ttl 255",
+                    frame: v4("10.0.3.7", 255),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v4("10.0.3.7", 255), OUT)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv4 options ihl 6",
+                    frame: options.clone(),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&options, OUT)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv4 options ihl 15",
+                    frame: max_options.clone(),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&max_options, OUT)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv6",
+                    frame: v6("fd00:3::7", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v6("fd00:3::7", 64), OUT)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv4 back out of the ingress",
+                    frame: v4("10.0.4.4", 64),
+                    action: XDP_TX,
+                    output: Some(forwarded(&v4("10.0.4.4", 64), OUT)),
+                    counter: Counter::ForwardedTx,
+                },
+            ],
+        );
+    });
+}
+
+#[test]
+fn hands_the_kernel_what_it_must_decide() {
+    with_program(|p| {
+        let mut arp = v4("10.0.3.7", 64);
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        // 20 + 8 + 73 = 101 bytes of IP datagram on a 100-byte MTU.
+        let too_big_v4 = udp_v4(
+            IN,
+            Ipv4Addr::new(10, 0, 1, 2),
+            Ipv4Addr::new(10, 0, 5, 5),
+            64,
+            &[7u8; 73],
+        );
+        let fits_v4 = udp_v4(
+            IN,
+            Ipv4Addr::new(10, 0, 1, 2),
+            Ipv4Addr::new(10, 0, 5, 5),
+            64,
+            &[7u8; 72],
+        ); // 20+8+72 = 100
+        check(
+            p,
+            vec![
+                Case {
+                    name: "arp",
+                    frame: arp,
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNonIp,
+                },
+                Case {
+                    name: "ipv4 local",
+                    frame: v4("10.0.0.1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLocal,
+                },
+                Case {
+                    name: "ipv6 local",
+                    frame: v6("fd00::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLocal,
+                },
+                Case {
+                    name: "ipv4 multicast",
+                    frame: v4("224.0.0.5", 1),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLinkScope,
+                },
+                Case {
+                    name: "ipv4 broadcast",
+                    frame: v4("255.255.255.255", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLinkScope,
+                },
+                Case {
+                    name: "ipv6 multicast",
+                    frame: v6("ff02::1:ff00:1", 255),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLinkScope,
+                },
+                Case {
+                    name: "ipv6 link-local",
+                    frame: v6("fe80::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLinkScope,
+                },
+                Case {
+                    name: "ipv4 ttl 1",
+                    frame: v4("10.0.3.7", 1),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassTtlExceeded,
+                },
+                Case {
+                    name: "ipv4 ttl 0",
+                    frame: v4("10.0.3.7", 0),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassTtlExceeded,
+                },
+                Case {
+                    name: "ipv6 hop limit 1",
+                    frame: v6("fd00:3::7", 1),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassTtlExceeded,
+                },
+                Case {
+                    name: "ipv4 route miss",
+                    frame: v4("192.0.2.1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassRouteMiss,
+                },
+                Case {
+                    name: "ipv6 route miss",
+                    frame: v6("2001:db8::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassRouteMiss,
+                },
+                // 10.7.7.7 matches only 10.0.0.0/8 (longest prefix: not the
+                // /24s), whose gateway has no MAC yet.
+                Case {
+                    name: "unknown neighbour",
+                    frame: v4("10.7.7.7", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "too big for egress mtu",
+                    frame: too_big_v4,
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassTooBig,
+                },
+                Case {
+                    name: "exactly the egress mtu",
+                    frame: fits_v4.clone(),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&fits_v4, OUT)),
+                    counter: Counter::Forwarded,
+                },
+            ],
+        );
+    });
+}
+
+#[test]
+fn route_miss_policy_drop_is_counted() {
+    with_program(|p| {
+        p.tables.set_route_miss(RouteMissPolicy::Drop).unwrap();
+        check(
+            p,
+            vec![
+                Case {
+                    name: "ipv4 miss",
+                    frame: v4("192.0.2.1", 64),
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropRouteMiss,
+                },
+                Case {
+                    name: "ipv6 miss",
+                    frame: v6("2001:db8::1", 64),
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropRouteMiss,
+                },
+                // A hit is unaffected by the policy.
+                Case {
+                    name: "ipv4 hit",
+                    frame: v4("10.0.3.7", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v4("10.0.3.7", 64), OUT)),
+                    counter: Counter::Forwarded,
+                },
+            ],
+        );
+    });
+}
+
+#[test]
+fn malformed_packets_are_dropped_never_forwarded() {
+    with_program(|p| {
+        let good = v4("10.0.3.7", 64);
+        let good6 = v6("fd00:3::7", 64);
+
+        let truncated_ip = good[..14 + 10].to_vec();
+        let truncated_ip6 = good6[..14 + 30].to_vec();
+        let mut ihl4 = good.clone();
+        ihl4[14] = 0x44;
+        let mut ihl0 = good.clone();
+        ihl0[14] = 0x40;
+        // IHL 15 (60 bytes) announced on a frame that ends sooner.
+        let mut ihl_past_end = good[..14 + 40].to_vec();
+        ihl_past_end[14] = 0x4f;
+        ihl_past_end[16..18].copy_from_slice(&40u16.to_be_bytes());
+        let mut total_too_long = good.clone();
+        let tl = u16::from_be_bytes([good[16], good[17]]) + 1;
+        total_too_long[16..18].copy_from_slice(&tl.to_be_bytes());
+        let mut total_below_header = good.clone();
+        total_below_header[16..18].copy_from_slice(&19u16.to_be_bytes());
+        let mut v6_in_v4 = good.clone();
+        v6_in_v4[14] = 0x65;
+        let mut payload_too_long = good6.clone();
+        let pl = u16::from_be_bytes([good6[18], good6[19]]) + 1;
+        payload_too_long[18..20].copy_from_slice(&pl.to_be_bytes());
+        let mut v4_in_v6 = good6.clone();
+        v4_in_v6[14] = 0x45;
+        let mut padded = good.clone(); // Ethernet padding after the datagram is fine.
+        padded.extend_from_slice(&[0u8; 6]);
+
+        check(
+            p,
+            vec![
+                Case {
+                    name: "ipv4 header cut short",
+                    frame: truncated_ip,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropTruncated,
+                },
+                Case {
+                    name: "ipv6 header cut short",
+                    frame: truncated_ip6,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropTruncated,
+                },
+                Case {
+                    name: "ihl 4",
+                    frame: ihl4,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "ihl 0",
+                    frame: ihl0,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "ihl past the frame",
+                    frame: ihl_past_end,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropTruncated,
+                },
+                Case {
+                    name: "total length past the frame",
+                    frame: total_too_long,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadLength,
+                },
+                Case {
+                    name: "total length below the header",
+                    frame: total_below_header,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadLength,
+                },
+                Case {
+                    name: "version 6 under ethertype ipv4",
+                    frame: v6_in_v4,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "ipv6 payload length past the frame",
+                    frame: payload_too_long,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadLength,
+                },
+                Case {
+                    name: "version 4 under ethertype ipv6",
+                    frame: v4_in_v6,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "ethernet padding",
+                    frame: padded.clone(),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&padded, OUT)),
+                    counter: Counter::Forwarded,
+                },
+            ],
+        );
+    });
+}
+
+#[test]
+fn next_hop_counters_count_forwarded_packets_and_bytes() {
+    with_program(|p| {
+        let frame = v4("10.0.3.9", 64);
+        for _ in 0..3 {
+            assert_eq!(p.run(&frame).0, XDP_REDIRECT);
+        }
+        let stats = p.tables.stats(&[]).unwrap();
+        let nh = stats
+            .next_hops
+            .iter()
+            .find(|n| n.via == "10.0.2.2")
+            .unwrap();
+        assert_eq!((nh.packets, nh.bytes), (3, 3 * frame.len() as u64));
+    });
+}
