@@ -258,26 +258,7 @@ pub struct Forwarder {
 impl Forwarder {
     /// Starts the daemon on `config` and waits until it reports running.
     pub fn start(ns: &Netns, config: &str) -> Result<Forwarder> {
-        let instance = unique("");
-        let dir = std::env::temp_dir().join(&instance);
-        std::fs::create_dir_all(&dir)?;
-        let config_path = dir.join("pop.toml");
-        std::fs::write(&config_path, config)?;
-        let log = dir.join("daemon.log");
-        let child = ns
-            .command(binary().to_str().context("binary path")?)
-            .args(["--instance", &instance, "run", "--config"])
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?)
-            .spawn()
-            .context("spawning pop-forwarder run")?;
-        let mut fwd = Forwarder {
-            instance,
-            ns_path: ns.path(),
-            child: Some(child),
-            log,
-        };
+        let mut fwd = Forwarder::spawn(ns, config)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = fwd.child.as_mut().unwrap().try_wait()? {
@@ -293,6 +274,50 @@ impl Forwarder {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Starts `pop-forwarder run` on `config` without waiting for anything.
+    pub fn spawn(ns: &Netns, config: &str) -> Result<Forwarder> {
+        let instance = unique("");
+        let dir = std::env::temp_dir().join(&instance);
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("pop.toml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("daemon.log");
+        let child = ns
+            .command(binary().to_str().context("binary path")?)
+            .args(["--instance", &instance, "run", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("spawning pop-forwarder run")?;
+        Ok(Forwarder {
+            instance,
+            ns_path: ns.path(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("already stopped")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether this instance has anything pinned in bpffs.
+    pub fn has_pins(&self) -> bool {
+        std::path::Path::new(&format!("/sys/fs/bpf/pop-forwarder/{}", self.instance)).exists()
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,405 @@
+//! Integration tests: the real binary in the middle namespace of a
+//! three-namespace lab, real UDP from `a` to a socket in `c`, checked on the
+//! wire in `c` and in the forwarder's counters.
+//!
+//! The router namespace keeps kernel forwarding off unless a test says
+//! otherwise, so a datagram that arrives was forwarded by XDP.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use pop_forwarder_common::checksum;
+use tests::{Capture, Forwarder, Lab, receive, send_udp, udp_socket};
+
+const COUNT: usize = 20;
+const WAIT: Duration = Duration::from_secs(3);
+
+fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Gives the router a permanent neighbour entry for c (10.0.2.2), as the
+/// kernel would after resolving it.
+fn neighbour_c_v4(lab: &Lab) {
+    let c_mac = mac_str(lab.c.mac("c0").unwrap());
+    lab.router
+        .ip(&[
+            "neigh",
+            "replace",
+            "10.0.2.2",
+            "lladdr",
+            &c_mac,
+            "dev",
+            "r1",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+}
+
+#[test]
+fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd = Forwarder::start(
+        &lab.router,
+        &lab.config(
+            "pass",
+            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+        ),
+    )
+    .unwrap();
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    let capture = Capture::new(&lab.c, "c0").unwrap();
+
+    send_udp(
+        &lab.a,
+        "10.0.2.2:9999".parse().unwrap(),
+        64,
+        "v4-cross",
+        COUNT,
+    )
+    .unwrap();
+
+    let got = receive(&sink, COUNT, WAIT);
+    assert_eq!(
+        got.len(),
+        COUNT,
+        "datagrams received: {got:?}\n{}",
+        fwd.log()
+    );
+    let frames = capture.frames_containing(b"v4-cross", COUNT, WAIT);
+    assert_eq!(frames.len(), COUNT);
+    let (r1, c0) = (lab.router.mac("r1").unwrap(), lab.c.mac("c0").unwrap());
+    for f in &frames {
+        assert_eq!(f[0..6], c0, "destination MAC");
+        assert_eq!(f[6..12], r1, "source MAC");
+        assert_eq!(f[12..14], [0x08, 0x00]);
+        let ihl = usize::from(f[14] & 0x0f) * 4;
+        assert_eq!(f[14 + 8], 63, "TTL exactly one lower");
+        assert!(
+            checksum::ipv4_header_valid(&f[14..14 + ihl]),
+            "IPv4 header checksum"
+        );
+    }
+    // The socket got them, so the kernel found the UDP checksum right too.
+    assert!(fwd.counter("forwarded").unwrap() >= COUNT as u64);
+    let status = fwd.stop().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(!lab.router.has_xdp("r0").unwrap() && !lab.router.has_xdp("r1").unwrap());
+}
+
+#[test]
+fn ipv6_udp_crosses_with_hop_limit_and_macs_rewritten() {
+    let lab = Lab::new().unwrap();
+    let c0 = lab.c.mac("c0").unwrap();
+    let routes = format!(
+        "[[routes]]\nprefix = \"fd00:2::/64\"\nvia = \"fd00:2::2\"\ndev = \"r1\"\nmac = \"{}\"\n",
+        mac_str(c0)
+    );
+    let fwd = Forwarder::start(&lab.router, &lab.config("pass", &routes)).unwrap();
+    let sink = udp_socket(&lab.c, "[fd00:2::2]:9999").unwrap();
+    let capture = Capture::new(&lab.c, "c0").unwrap();
+
+    let dst: SocketAddr = "[fd00:2::2]:9999".parse().unwrap();
+    send_udp(&lab.a, dst, 64, "v6-cross", COUNT).unwrap();
+
+    let got = receive(&sink, COUNT, WAIT);
+    assert_eq!(
+        got.len(),
+        COUNT,
+        "datagrams received: {got:?}\n{}",
+        fwd.log()
+    );
+    let frames = capture.frames_containing(b"v6-cross", COUNT, WAIT);
+    assert_eq!(frames.len(), COUNT);
+    let r1 = lab.router.mac("r1").unwrap();
+    for f in &frames {
+        assert_eq!(f[0..6], c0);
+        assert_eq!(f[6..12], r1);
+        assert_eq!(f[12..14], [0x86, 0xdd]);
+        assert_eq!(f[14 + 7], 63, "hop limit exactly one lower");
+    }
+    assert!(fwd.counter("forwarded").unwrap() >= COUNT as u64);
+}
+
+#[test]
+fn routes_added_and_deleted_from_the_cli_take_effect_while_running() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", "")).unwrap();
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    let dst: SocketAddr = "10.0.2.2:9999".parse().unwrap();
+
+    send_udp(&lab.a, dst, 64, "before", 5).unwrap();
+    assert!(
+        receive(&sink, 1, Duration::from_millis(800)).is_empty(),
+        "no route yet: nothing may arrive"
+    );
+    assert!(fwd.counter("drop_route_miss").unwrap() >= 5);
+
+    let out = fwd
+        .cli_ok(&[
+            "route",
+            "add",
+            "10.0.2.0/24",
+            "--via",
+            "10.0.2.2",
+            "--dev",
+            "r1",
+        ])
+        .unwrap();
+    assert!(out.contains("added 10.0.2.0/24"), "{out}");
+    let list = fwd.cli_ok(&["route", "list"]).unwrap();
+    assert!(
+        list.contains("10.0.2.0/24") && list.contains("10.0.2.2"),
+        "{list}"
+    );
+    send_udp(&lab.a, dst, 64, "during", 5).unwrap();
+    assert_eq!(receive(&sink, 5, WAIT).len(), 5, "{}", fwd.log());
+
+    // Adding the same prefix again is refused; the table is unchanged.
+    let again = fwd
+        .cli(&[
+            "route",
+            "add",
+            "10.0.2.0/24",
+            "--via",
+            "10.0.2.2",
+            "--dev",
+            "r1",
+        ])
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    fwd.cli_ok(&["route", "del", "10.0.2.0/24"]).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 0);
+    let dropped = fwd.counter("drop_route_miss").unwrap();
+    send_udp(&lab.a, dst, 64, "after", 5).unwrap();
+    assert!(
+        receive(&sink, 1, Duration::from_millis(800)).is_empty(),
+        "route deleted: nothing may arrive"
+    );
+    assert!(fwd.counter("drop_route_miss").unwrap() >= dropped + 5);
+}
+
+#[test]
+fn ttl_one_and_local_traffic_go_to_the_kernel() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd = Forwarder::start(
+        &lab.router,
+        &lab.config(
+            "pass",
+            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+        ),
+    )
+    .unwrap();
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 1, "ttl1", 5).unwrap();
+    assert!(receive(&sink, 1, Duration::from_millis(800)).is_empty());
+    assert_eq!(fwd.counter("pass_ttl_exceeded").unwrap(), 5);
+
+    // 10.0.2.1 is the router's own address inside a routed prefix.
+    let local = udp_socket(&lab.router, "10.0.2.1:9999").unwrap();
+    send_udp(&lab.a, "10.0.2.1:9999".parse().unwrap(), 64, "local", 5).unwrap();
+    assert_eq!(receive(&local, 5, WAIT).len(), 5);
+    assert_eq!(fwd.counter("pass_local").unwrap(), 5);
+}
+
+#[test]
+fn next_hop_mac_is_learned_from_the_kernel_neighbour_table() {
+    let lab = Lab::new().unwrap();
+    // With forwarding on, the kernel forwards what XDP passes and resolves
+    // the gateway on the way; the daemon then picks the MAC up.
+    lab.router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    let fwd = Forwarder::start(
+        &lab.router,
+        &lab.config(
+            "pass",
+            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+        ),
+    )
+    .unwrap();
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fwd.counter("forwarded").unwrap() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "XDP never forwarded: {}",
+            fwd.log()
+        );
+        send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "learn", 1).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(fwd.counter("pass_no_neighbour").unwrap() >= 1);
+    let list = fwd.cli_ok(&["route", "list", "--json"]).unwrap();
+    let c0 = mac_str(lab.c.mac("c0").unwrap());
+    assert!(list.contains(&c0), "learned MAC {c0} in {list}");
+    // Every datagram arrived, whichever path carried it.
+    let sent = fwd.counter("forwarded").unwrap() + fwd.counter("pass_no_neighbour").unwrap();
+    assert!(receive(&sink, sent as usize, WAIT).len() as u64 >= sent - 1);
+}
+
+#[test]
+fn bad_configs_exit_non_zero_and_leave_nothing_attached() {
+    let lab = Lab::new().unwrap();
+    let cases = [
+        // Caught while validating the file.
+        (
+            lab.config(
+                "pass",
+                "[[routes]]\nprefix = \"10.0.2.1/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+            ),
+            "host bits set",
+        ),
+        (lab.config("sometimes", ""), "sometimes"),
+        // Caught against the namespace's interfaces.
+        (
+            lab.config("pass", "").replace("\"r1\"", "\"nosuch0\""),
+            "interfaces[1].name: interface \"nosuch0\" does not exist",
+        ),
+        (
+            lab.config(
+                "pass",
+                "[[routes]]\nprefix = \"10.0.9.0/24\"\nvia = \"10.0.2.2\"\ndev = \"nosuch0\"\n",
+            ),
+            "routes[0] (10.0.9.0/24): dev",
+        ),
+        // Caught by the kernel after r0 was attached: native XDP on
+        // loopback is refused, and r0 must be detached again.
+        (
+            lab.config("pass", "").replace("\"r1\"", "\"lo\""),
+            "attaching XDP to lo in native mode",
+        ),
+    ];
+    for (config, needle) in cases {
+        let mut fwd = Forwarder::spawn(&lab.router, &config).unwrap();
+        let status = fwd.wait_exit(Duration::from_secs(20)).unwrap();
+        let log = fwd.log();
+        assert!(
+            matches!(status, Some(s) if !s.success()),
+            "expected a non-zero exit for {needle:?}, got {status:?}: {log}"
+        );
+        assert!(log.contains(needle), "expected {needle:?} in {log}");
+        assert!(
+            !lab.router.has_xdp("r0").unwrap(),
+            "r0 left attached after: {needle}"
+        );
+        assert!(
+            !lab.router.has_xdp("r1").unwrap(),
+            "r1 left attached after: {needle}"
+        );
+        assert!(!fwd.has_pins(), "pins left after: {needle}");
+    }
+}
+
+#[test]
+fn cli_errors_name_the_problem() {
+    let lab = Lab::new().unwrap();
+    let fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "route",
+                "add",
+                "10.0.2.0/33",
+                "--via",
+                "10.0.2.2",
+                "--dev",
+                "r1",
+            ],
+            "\"33\"",
+        ),
+        (
+            &[
+                "route",
+                "add",
+                "10.0.2.0/24",
+                "--via",
+                "fd00::1",
+                "--dev",
+                "r1",
+            ],
+            "same address family",
+        ),
+        (
+            &[
+                "route",
+                "add",
+                "10.0.2.0/24",
+                "--via",
+                "10.0.2.2",
+                "--dev",
+                "nosuch0",
+            ],
+            "interface \"nosuch0\" does not exist",
+        ),
+        (
+            &[
+                "route",
+                "add",
+                "10.0.2.0/24",
+                "--via",
+                "10.0.2.2",
+                "--dev",
+                "r1",
+                "--mac",
+                "zz",
+            ],
+            "mac: \"zz\"",
+        ),
+        (&["route", "del", "10.0.7.0/24"], "no route to 10.0.7.0/24"),
+    ];
+    for (args, needle) in cases {
+        let out = fwd.cli(args).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: expected {needle:?} in {stderr}"
+        );
+    }
+    let out = std::process::Command::new(tests::binary())
+        .args(["--instance", "pft-no-such-instance", "stats"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("no pop-forwarder instance \"pft-no-such-instance\"")
+    );
+    let out = std::process::Command::new(tests::binary())
+        .args(["--instance", "../etc", "stats"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--instance: \"../etc\""));
+    // Nothing above changed the tables.
+    assert!(fwd.cli_ok(&["route", "list", "--json"]).unwrap().trim() == "[]");
+}
+
+#[test]
+fn detach_from_another_process_stops_the_daemon_and_unpins() {
+    let lab = Lab::new().unwrap();
+    let fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
+    assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    let status: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["running"], true);
+    assert_eq!(status["interfaces"].as_array().unwrap().len(), 2);
+
+    let out = fwd.cli_ok(&["detach"]).unwrap();
+    assert!(out.contains("stopped and detached"), "{out}");
+    assert!(!lab.router.has_xdp("r0").unwrap() && !lab.router.has_xdp("r1").unwrap());
+    assert!(!fwd.has_pins());
+    let status = fwd.stop().unwrap();
+    assert!(status.success(), "{status}");
+}
