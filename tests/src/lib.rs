@@ -233,17 +233,19 @@ impl Lab {
 }
 
 /// The pop-forwarder binary under test: POP_FORWARDER_BIN, or the one cargo
-/// built beside this test executable.
+/// built beside this executable (target/<profile>/ for the lab binary,
+/// target/<profile>/deps/ for test executables).
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("POP_FORWARDER_BIN") {
         return p.into();
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/pop-forwarder
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("pop-forwarder")
+    let dir = exe.parent().expect("executable directory");
+    let beside = dir.join("pop-forwarder");
+    if beside.exists() {
+        return beside;
+    }
+    dir.parent().expect("target dir").join("pop-forwarder")
 }
 
 /// A `pop-forwarder run` in a namespace, with its own instance name; stopped

@@ -1,1 +1,216 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | demo`.
+//!
+//! Every task first makes sure the machine has what it needs (Debian
+//! packages, the nightly's rust-src, bpf-linker built against the nightly's
+//! own LLVM; see TOOLCHAIN.md), doing only the work that is missing.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the lab and the tests run: ip (iproute2), ethtool,
+/// nsenter (util-linux), sysctl (procps).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "procps"];
+
+#[derive(Parser)]
+#[command(about = "pop-forwarder project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need; a second run does nothing.
+    Setup,
+    /// Build the pop-forwarder binary (with the XDP object embedded).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: formatting, unit, program (BPF_PROG_TEST_RUN) and
+    /// integration (network namespaces). Needs root.
+    Test,
+    /// Run the demo lab: three namespaces, the forwarder in the middle, real
+    /// traffic, live counters, clean teardown. Needs root.
+    Demo {
+        /// How long to send traffic.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup().map(drop),
+        Task::Build { release } => {
+            let env = setup()?;
+            build(&env, release)
+        }
+        Task::Test => {
+            require_root()?;
+            let env = setup()?;
+            cargo(&env, &["fmt", "--all", "--check"]).context("formatting (run `cargo fmt --all`)")?;
+            build(&env, false)?;
+            cargo(&env, &["test", "--workspace", "--exclude", "pop-forwarder-ebpf", "--", "--test-threads=2"])
+        }
+        Task::Demo { seconds } => {
+            require_root()?;
+            let env = setup()?;
+            build(&env, true)?;
+            cargo(&env, &["run", "--release", "--quiet", "-p", "tests", "--bin", "lab", "--", &seconds.to_string()])
+        }
+    }
+}
+
+/// The environment cargo runs with: bpf-linker on PATH.
+struct BuildEnv {
+    path: OsString,
+}
+
+fn build(env: &BuildEnv, release: bool) -> Result<()> {
+    let mut args = vec!["build", "-p", "pop-forwarder", "-p", "tests", "--bins"];
+    if release {
+        args.push("--release");
+    }
+    cargo(env, &args)
+}
+
+fn cargo(env: &BuildEnv, args: &[&str]) -> Result<()> {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).args(args).env("PATH", &env.path).current_dir(workspace_root()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("this task needs root: it creates network namespaces and loads BPF programs");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<BuildEnv> {
+    debian_packages()?;
+    rust_src()?;
+    let linker_bin = bpf_linker()?;
+    let mut path = OsString::from(linker_bin);
+    path.push(":");
+    path.push(env::var_os("PATH").unwrap_or_default());
+    Ok(BuildEnv { path })
+}
+
+fn debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root().context(format!("installing Debian packages {missing:?}"))?;
+    eprintln!("setup: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
+        .context("the nightly toolchain is needed to build the XDP program")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker must use the same LLVM as the rustc that emits the bitcode;
+/// Debian has no LLVM 22, so link it against the nightly's own libLLVM
+/// (TOOLCHAIN.md). Installed under ~/.cache/pop-forwarder; returns its bin
+/// directory.
+fn bpf_linker() -> Result<PathBuf> {
+    let cache = env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set")?
+        .join("pop-forwarder");
+    let root = cache.join("bpf-linker");
+    let bin = root.join("bin");
+    let linker = bin.join("bpf-linker");
+    // Also fails when the nightly changed and its libLLVM went away.
+    let works = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if works {
+        return Ok(bin);
+    }
+
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("listing {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .filter(|m| m.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("cannot read the LLVM version from {llvm}"))?
+        .to_owned();
+    let prefix = cache.join("llvm-prefix");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&llvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)");
+    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .arg("--root")
+        .arg(&root)
+        .env("LLVM_PREFIX", &prefix))?;
+    Ok(bin)
+}
