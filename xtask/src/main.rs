@@ -57,15 +57,39 @@ fn main() -> Result<()> {
         Task::Test => {
             require_root()?;
             let env = setup()?;
-            cargo(&env, &["fmt", "--all", "--check"]).context("formatting (run `cargo fmt --all`)")?;
+            cargo(&env, &["fmt", "--all", "--check"])
+                .context("formatting (run `cargo fmt --all`)")?;
             build(&env, false)?;
-            cargo(&env, &["test", "--workspace", "--exclude", "pop-forwarder-ebpf", "--", "--test-threads=2"])
+            cargo(
+                &env,
+                &[
+                    "test",
+                    "--workspace",
+                    "--exclude",
+                    "pop-forwarder-ebpf",
+                    "--",
+                    "--test-threads=2",
+                ],
+            )
         }
         Task::Demo { seconds } => {
             require_root()?;
             let env = setup()?;
             build(&env, true)?;
-            cargo(&env, &["run", "--release", "--quiet", "-p", "tests", "--bin", "lab", "--", &seconds.to_string()])
+            cargo(
+                &env,
+                &[
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "tests",
+                    "--bin",
+                    "lab",
+                    "--",
+                    &seconds.to_string(),
+                ],
+            )
         }
     }
 }
@@ -85,7 +109,10 @@ fn build(env: &BuildEnv, release: bool) -> Result<()> {
 
 fn cargo(env: &BuildEnv, args: &[&str]) -> Result<()> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo).args(args).env("PATH", &env.path).current_dir(workspace_root()))
+    run(Command::new(cargo)
+        .args(args)
+        .env("PATH", &env.path)
+        .current_dir(workspace_root()))
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -99,13 +126,19 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_owned()
 }
 
 fn require_root() -> Result<()> {
@@ -150,8 +183,14 @@ fn debian_packages() -> Result<()> {
 }
 
 fn rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))
-        .context("the nightly toolchain is needed to build the XDP program")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .context("the nightly toolchain is needed to build the XDP program")?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -176,7 +215,9 @@ fn bpf_linker() -> Result<PathBuf> {
     let works = Command::new(&linker)
         .arg("--version")
         .output()
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        });
     if works {
         return Ok(bin);
     }
@@ -205,12 +246,26 @@ fn bpf_linker() -> Result<PathBuf> {
         std::os::unix::fs::symlink(lib.join(&llvm), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)");
-    run(Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", "bpf-linker", "--force", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
-        .arg("--root")
-        .arg(&root)
-        .env("LLVM_PREFIX", &prefix))?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
+    );
+    run(
+        Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--force",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
+            .arg("--root")
+            .arg(&root)
+            .env("LLVM_PREFIX", &prefix),
+    )?;
     Ok(bin)
 }

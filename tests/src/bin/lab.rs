@@ -45,12 +45,16 @@ dev = "r0"
 fn main() -> Result<()> {
     let seconds: u64 = match std::env::args().nth(1) {
         None => 10,
-        Some(s) => s.parse().ok().filter(|s| (1..=3600).contains(s)).context("usage: lab [SECONDS 1..3600]")?,
+        Some(s) => s
+            .parse()
+            .ok()
+            .filter(|s| (1..=3600).contains(s))
+            .context("usage: lab [SECONDS 1..3600]")?,
     };
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
-        libc::signal(libc::SIGINT, on_signal as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
 
     println!("== lab: a (10.0.1.2, fd00:1::2) -- r0 [pop-forwarder] r1 -- c (10.0.2.2, fd00:2::2)");
@@ -60,13 +64,19 @@ fn main() -> Result<()> {
     lab.router.sysctl("net.ipv4.ip_forward", "1")?;
     lab.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
     let fwd = Forwarder::start(&lab.router, &lab.config("pass", CONFIG_ROUTES))?;
-    println!("== forwarder instance {} attached to r0 and r1 (native XDP)", fwd.instance);
+    println!(
+        "== forwarder instance {} attached to r0 and r1 (native XDP)",
+        fwd.instance
+    );
     print!("{}", fwd.cli_ok(&["status"])?);
 
     let received = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
-    for (bind, dst) in [("10.0.2.2:9999", "10.0.2.2:9999"), ("[fd00:2::2]:9999", "[fd00:2::2]:9999")] {
+    for (bind, dst) in [
+        ("10.0.2.2:9999", "10.0.2.2:9999"),
+        ("[fd00:2::2]:9999", "[fd00:2::2]:9999"),
+    ] {
         let sink = udp_socket(&lab.c, bind)?;
         let received = received.clone();
         threads.push(std::thread::spawn(move || {
@@ -91,7 +101,10 @@ fn main() -> Result<()> {
     }
 
     println!("== {seconds} s of UDP, IPv4 and IPv6, a -> c (Ctrl-C stops early)");
-    println!("{:>4} {:>12} {:>12} {:>12} {:>10}", "s", "sent/s", "xdp fwd/s", "received/s", "to kernel");
+    println!(
+        "{:>4} {:>12} {:>12} {:>12} {:>10}",
+        "s", "sent/s", "xdp fwd/s", "received/s", "to kernel"
+    );
     let start = Instant::now();
     let (mut last_sent, mut last_fwd, mut last_recv) = (0, 0, 0);
     let mut samples = Vec::new();
@@ -105,8 +118,15 @@ fn main() -> Result<()> {
         let stats: serde_json::Value = serde_json::from_str(&fwd.cli_ok(&["stats", "--json"])?)?;
         let counters = stats["counters"].as_object().context("counters")?;
         let forwarded = counters["forwarded"].as_u64().unwrap_or(0);
-        let passed: u64 = counters.iter().filter(|(k, _)| k.starts_with("pass_")).filter_map(|(_, v)| v.as_u64()).sum();
-        let (s, r) = (sent.load(Ordering::Relaxed), received.load(Ordering::Relaxed));
+        let passed: u64 = counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("pass_"))
+            .filter_map(|(_, v)| v.as_u64())
+            .sum();
+        let (s, r) = (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+        );
         println!(
             "{second:>4} {:>12} {:>12} {:>12} {passed:>10}",
             s - last_sent,
