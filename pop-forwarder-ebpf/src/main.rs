@@ -9,6 +9,7 @@ mod maps;
 mod packet;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_log_ebpf::{debug, warn};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -47,6 +48,27 @@ const fn drop(counter: Counter) -> Verdict {
 pub fn pop_forwarder(ctx: XdpContext) -> u32 {
     let verdict = classify_and_forward(&ctx);
     count(verdict.counter);
+    // Log records cost a ring-buffer write each; the loader sets the level
+    // (`run --bpf-log-level`, warn by default), below which these are one
+    // load and a branch.
+    match verdict.counter {
+        Counter::DropTruncated | Counter::DropBadHeader | Counter::DropBadLength => {
+            debug!(
+                &ctx,
+                "ifindex {}: dropped malformed packet ({})",
+                ctx.ingress_ifindex() as u32,
+                verdict.counter.name()
+            );
+        }
+        Counter::PassNoNextHop => {
+            warn!(
+                &ctx,
+                "ifindex {}: a route points at a free next-hop slot",
+                ctx.ingress_ifindex() as u32
+            );
+        }
+        _ => {}
+    }
     verdict.action
 }
 

@@ -34,9 +34,21 @@ struct Running {
     links: Vec<PinnedLink>,
 }
 
-pub async fn run(instance: &Instance, config_path: &Path) -> Result<()> {
+/// Level of the log records the XDP program emits (aya-log), set in the
+/// program before it is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BpfLogLevel {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) -> Result<()> {
     let model = Model::from_file(config_path)?;
-    let mut running = start(instance, &model, config_path)?;
+    let mut running = start(instance, &model, config_path, bpf_log)?;
     info!(
         "instance {:?}: forwarding on {} with {} routes; maps pinned at {}",
         instance.name,
@@ -69,7 +81,12 @@ pub async fn run(instance: &Instance, config_path: &Path) -> Result<()> {
 
 /// Validates everything that can be validated before touching the kernel,
 /// then loads, pins, fills and attaches; on any failure undoes what it did.
-fn start(instance: &Instance, model: &Model, config_path: &Path) -> Result<Running> {
+fn start(
+    instance: &Instance,
+    model: &Model,
+    config_path: &Path,
+    bpf_log: BpfLogLevel,
+) -> Result<Running> {
     if let Some(pid) = instance.daemon_pid() {
         bail!(
             "instance {:?} is already running (pid {pid})",
@@ -108,7 +125,11 @@ fn start(instance: &Instance, model: &Model, config_path: &Path) -> Result<Runni
 
     instance::ensure_bpffs()?;
     let _lock = instance.lock()?;
-    let mut ebpf = aya::Ebpf::load(EBPF_OBJECT).context("loading the XDP object")?;
+    let level = bpf_log as u8;
+    let mut ebpf = aya::EbpfLoader::new()
+        .override_global(aya_log::LEVEL, &level, true)
+        .load(EBPF_OBJECT)
+        .context("loading the XDP object")?;
     let pin_dir = instance.pin_dir();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
     match fill_and_attach(instance, &mut ebpf, model, &attach_to, &routes) {
@@ -148,12 +169,18 @@ fn fill_and_attach(
     attach_to: &[AttachedInterface],
     routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
 ) -> Result<(Tables, Vec<PinnedLink>)> {
-    for (name, map) in ebpf.maps() {
+    // The tables the CLI acts on; the program's own globals and log ring
+    // buffer stay private to this process.
+    for name in pop_forwarder_common::map_names::ALL {
+        let map = ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing from the object"))?;
         let path = instance.pin_dir().join(name);
         map.pin(&path)
             .with_context(|| format!("pinning map {name} at {}", path.display()))?;
     }
     let mut tables = Tables::from_ebpf(ebpf)?;
+    forward_bpf_logs(ebpf)?;
     tables.set_route_miss(model.route_miss)?;
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
@@ -190,6 +217,46 @@ fn fill_and_attach(
         );
     }
     Ok((tables, pinned))
+}
+
+/// Relays the program's aya-log records to this process's logger, under the
+/// target `bpf`.
+fn forward_bpf_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
+    struct Relay;
+    impl log::Log for Relay {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            log::logger().log(
+                &log::Record::builder()
+                    .args(*record.args())
+                    .level(record.level())
+                    .target("bpf")
+                    .build(),
+            );
+        }
+        fn flush(&self) {}
+    }
+    let logger = aya_log::EbpfLogger::init_with_logger(ebpf, Relay)
+        .context("opening the program's log ring buffer")?;
+    // SAFETY: the fd is the logger's ring buffer, owned by the logger, which
+    // the AsyncFd owns for its whole life.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("polling the program's log ring buffer")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
 }
 
 fn refresh(running: &mut Running) -> Result<()> {

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use pop_forwarder::{
     config::{Model, Prefix, Route},
-    daemon,
+    daemon::{self, BpfLogLevel},
     instance::Instance,
     kernel,
     tables::{Tables, resolve_next_hop},
@@ -37,6 +37,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Lowest level of the XDP program's own log records (malformed
+        /// drops are `debug`); they are logged under the target `bpf`.
+        #[arg(long, value_enum, default_value = "warn")]
+        bpf_log_level: BpfLogLevel,
     },
     /// Validate a config file without touching the kernel.
     Check {
@@ -84,7 +88,8 @@ enum RouteCommand {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,bpf=trace"))
+        .init();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,11 +103,14 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<()> {
     let instance = Instance::new(&cli.instance)?;
     match cli.command {
-        Command::Run { config } => tokio::runtime::Builder::new_current_thread()
+        Command::Run {
+            config,
+            bpf_log_level,
+        } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
-            .block_on(daemon::run(&instance, &config)),
+            .block_on(daemon::run(&instance, &config, bpf_log_level)),
         Command::Check { config } => {
             let model = Model::from_file(&config)?;
             println!(

@@ -260,7 +260,12 @@ pub struct Forwarder {
 impl Forwarder {
     /// Starts the daemon on `config` and waits until it reports running.
     pub fn start(ns: &Netns, config: &str) -> Result<Forwarder> {
-        let mut fwd = Forwarder::spawn(ns, config)?;
+        Forwarder::start_with(ns, config, &[])
+    }
+
+    /// Like `start`, with more arguments for `run`.
+    pub fn start_with(ns: &Netns, config: &str, run_args: &[&str]) -> Result<Forwarder> {
+        let mut fwd = Forwarder::spawn_with(ns, config, run_args)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = fwd.child.as_mut().unwrap().try_wait()? {
@@ -280,6 +285,10 @@ impl Forwarder {
 
     /// Starts `pop-forwarder run` on `config` without waiting for anything.
     pub fn spawn(ns: &Netns, config: &str) -> Result<Forwarder> {
+        Forwarder::spawn_with(ns, config, &[])
+    }
+
+    fn spawn_with(ns: &Netns, config: &str, run_args: &[&str]) -> Result<Forwarder> {
         let instance = unique("");
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir)?;
@@ -290,6 +299,7 @@ impl Forwarder {
             .command(binary().to_str().context("binary path")?)
             .args(["--instance", &instance, "run", "--config"])
             .arg(&config_path)
+            .args(run_args)
             .stdout(Stdio::null())
             .stderr(File::create(&log)?)
             .spawn()
@@ -502,6 +512,16 @@ impl Capture {
                 Ok(Capture { fd })
             }
         })?
+    }
+
+    /// Sends one raw frame out of the interface.
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        // SAFETY: send from a buffer we own, bounded by its length.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n != frame.len() as isize {
+            bail!("sending a raw frame: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Incoming frames that contain `needle`, until `want` or `timeout`.

@@ -11,7 +11,11 @@ use std::{
 };
 
 use pop_forwarder_common::checksum;
-use tests::{Capture, Forwarder, Lab, receive, send_udp, udp_socket};
+use tests::{
+    Capture, Forwarder, Lab,
+    packets::{Eth, udp_v4},
+    receive, send_udp, udp_socket,
+};
 
 const COUNT: usize = 20;
 const WAIT: Duration = Duration::from_secs(3);
@@ -402,4 +406,69 @@ fn detach_from_another_process_stops_the_daemon_and_unpins() {
     assert!(!fwd.has_pins());
     let status = fwd.stop().unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn malformed_frames_on_the_wire_are_dropped_counted_and_logged() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd = Forwarder::start_with(
+        &lab.router,
+        &lab.config(
+            "pass",
+            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+        ),
+        &["--bpf-log-level", "debug"],
+    )
+    .unwrap();
+    let capture = Capture::new(&lab.c, "c0").unwrap();
+    let wire = Capture::new(&lab.a, "a0").unwrap();
+    let eth = Eth {
+        src: lab.a.mac("a0").unwrap(),
+        dst: lab.router.mac("r0").unwrap(),
+    };
+    let good = udp_v4(
+        eth,
+        "10.0.1.2".parse().unwrap(),
+        "10.0.2.2".parse().unwrap(),
+        64,
+        b"malformed-test",
+    );
+    let mut bad_ihl = good.clone();
+    bad_ihl[14] = 0x43;
+    let mut bad_length = good.clone();
+    bad_length[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    wire.send(&bad_ihl).unwrap();
+    wire.send(&bad_length).unwrap();
+
+    assert!(
+        capture
+            .frames_containing(b"malformed-test", 1, Duration::from_millis(800))
+            .is_empty(),
+        "a malformed frame was forwarded"
+    );
+    assert_eq!(fwd.counter("drop_bad_header").unwrap(), 1);
+    assert_eq!(fwd.counter("drop_bad_length").unwrap(), 1);
+    let deadline = Instant::now() + WAIT;
+    while !fwd
+        .log()
+        .contains("dropped malformed packet (drop_bad_length)")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no aya-log record in: {}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        fwd.log()
+            .contains("dropped malformed packet (drop_bad_header)")
+    );
+    // The same frame, well formed, goes through.
+    wire.send(&good).unwrap();
+    assert_eq!(
+        capture.frames_containing(b"malformed-test", 1, WAIT).len(),
+        1
+    );
 }
