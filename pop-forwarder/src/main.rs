@@ -165,8 +165,8 @@ fn route(instance: &Instance, cmd: RouteCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&routes)?);
             } else {
                 println!(
-                    "{:<44} {:<40} {:<16} {:<20} {}",
-                    "PREFIX", "VIA", "DEV", "MAC", "NEXT HOP"
+                    "{:<44} {:<40} {:<16} {:<28} NEXT HOP",
+                    "PREFIX", "VIA", "DEV", "MAC"
                 );
                 for r in routes {
                     let mac = match (&r.mac, r.mac_static) {
@@ -175,7 +175,7 @@ fn route(instance: &Instance, cmd: RouteCommand) -> Result<()> {
                         (None, _) => "unresolved".into(),
                     };
                     println!(
-                        "{:<44} {:<40} {:<16} {:<20} {}",
+                        "{:<44} {:<40} {:<16} {:<28} {}",
                         r.prefix, r.via, r.dev, mac, r.next_hop
                     );
                 }

@@ -43,7 +43,7 @@ pub fn udp_v6(eth: Eth, src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, payload: &[
 /// UDP checksum does not cover options, so it stays right.
 pub fn with_ipv4_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
     let mut opts = options.to_vec();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let ihl = (20 + opts.len()) / 4;
