@@ -5,6 +5,7 @@
 //! plain Rust so the host's unit tests exercise the same code the program runs.
 #![no_std]
 
+pub mod bench;
 pub mod checksum;
 pub mod counters;
 

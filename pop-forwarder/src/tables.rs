@@ -129,8 +129,18 @@ pub fn resolve_next_hop(
     Ok(nh)
 }
 
-fn same_gateway(a: &NextHop, b: &NextHop) -> bool {
-    a.ifindex == b.ifindex && a.family == b.family && a.gateway == b.gateway
+/// One gateway on one interface is one next hop.
+type GatewayKey = (u32, u32, [u8; 16]);
+
+fn gateway_key(nh: &NextHop) -> GatewayKey {
+    (nh.ifindex, nh.family, nh.gateway)
+}
+
+/// The next-hop table as read once, indexed by gateway, so that a batch of
+/// routes costs a hash lookup per route rather than a scan of the table.
+struct NextHopTable {
+    slots: Vec<NextHop>,
+    by_gateway: std::collections::HashMap<GatewayKey, u32>,
 }
 
 impl Tables {
@@ -216,14 +226,11 @@ impl Tables {
     /// a slot if there is none. Returns whether the slot is new.
     fn find_or_add_next_hop(
         &mut self,
-        slots: &mut [NextHop],
+        table: &mut NextHopTable,
         want: &NextHop,
     ) -> Result<(u32, bool)> {
-        if let Some(id) = slots
-            .iter()
-            .position(|nh| nh.is_in_use() && same_gateway(nh, want))
-        {
-            let have = slots[id];
+        if let Some(&id) = table.by_gateway.get(&gateway_key(want)) {
+            let have = table.slots[id as usize];
             let want_static = want.flags & NH_F_MAC_STATIC != 0;
             let have_static = have.flags & NH_F_MAC_STATIC != 0;
             if want_static && have_static && have.dst_mac != want.dst_mac {
@@ -234,22 +241,26 @@ impl Tables {
                 );
             }
             if want_static && !have_static {
-                self.write_next_hop(id as u32, want)?;
-                slots[id] = *want;
+                self.write_next_hop(id, want)?;
+                table.slots[id as usize] = *want;
             }
-            return Ok((id as u32, false));
+            return Ok((id, false));
         }
-        let id = slots
+        let id = table
+            .slots
             .iter()
             .position(|nh| !nh.is_in_use())
-            .with_context(|| format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)"))?;
+            .with_context(|| format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)"))?
+            as u32;
+        self.add_egress(want.ifindex)?;
         let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
         self.next_hop_stats
-            .set(id as u32, PerCpuValues::try_from(zeros)?, 0)
+            .set(id, PerCpuValues::try_from(zeros)?, 0)
             .context("resetting next-hop counters")?;
-        self.write_next_hop(id as u32, want)?;
-        slots[id] = *want;
-        Ok((id as u32, true))
+        self.write_next_hop(id, want)?;
+        table.slots[id as usize] = *want;
+        table.by_gateway.insert(gateway_key(want), id);
+        Ok((id, true))
     }
 
     fn write_next_hop(&mut self, id: u32, nh: &NextHop) -> Result<()> {
@@ -258,21 +269,32 @@ impl Tables {
             .with_context(|| format!("writing next hop {id}"))
     }
 
-    /// Installs `prefix` -> `next_hop`. Fails if the prefix is already routed.
-    pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
-        let mut slots = self.next_hop_slots()?;
-        self.add_route_with(&mut slots, prefix, next_hop)
+    fn next_hop_table(&self) -> Result<NextHopTable> {
+        let slots = self.next_hop_slots()?;
+        let by_gateway = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, nh)| nh.is_in_use())
+            .map(|(id, nh)| (gateway_key(nh), id as u32))
+            .collect();
+        Ok(NextHopTable { slots, by_gateway })
     }
 
-    fn add_route_with(
-        &mut self,
-        slots: &mut [NextHop],
-        prefix: Prefix,
-        next_hop: &NextHop,
-    ) -> Result<u32> {
-        self.add_egress(next_hop.ifindex)?;
-        let (id, new) = self.find_or_add_next_hop(slots, next_hop)?;
-        let target = RouteTarget { next_hop: id };
+    /// Installs `prefix` -> `next_hop`. Fails if the prefix is already routed.
+    pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
+        let mut table = self.next_hop_table()?;
+        let (id, new) = self.find_or_add_next_hop(&mut table, next_hop)?;
+        if let Err(e) = self.insert_route(prefix, id) {
+            if new {
+                self.free_next_hop(id)?;
+            }
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    fn insert_route(&mut self, prefix: Prefix, next_hop: u32) -> Result<()> {
+        let target = RouteTarget { next_hop };
         // BPF_NOEXIST: an LPM trie refuses an exact duplicate prefix, which a
         // lookup cannot tell apart from a shorter covering one.
         let inserted = match prefix.addr {
@@ -287,27 +309,47 @@ impl Tables {
                 BPF_NOEXIST,
             ),
         };
-        if let Err(e) = inserted {
-            if new {
-                self.free_next_hop(id)?;
-                slots[id as usize] = NextHop::default_free();
+        match inserted {
+            Ok(()) => Ok(()),
+            Err(e) if os_error(&e) == Some(libc::EEXIST) => {
+                bail!("a route to {prefix} already exists; delete it first")
             }
-            if os_error(&e) == Some(libc::EEXIST) {
-                bail!("a route to {prefix} already exists; delete it first");
-            }
-            return Err(e).with_context(|| format!("inserting the route to {prefix}"));
+            Err(e) => Err(e).with_context(|| format!("inserting the route to {prefix}")),
         }
-        Ok(id)
+    }
+
+    fn remove_route(&mut self, prefix: Prefix) -> Result<(), aya::maps::MapError> {
+        match prefix.addr {
+            IpAddr::V4(a) => self
+                .routes_v4
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+            IpAddr::V6(a) => self
+                .routes_v6
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+        }
     }
 
     /// Installs a whole set of routes; on any failure, removes what it added
-    /// so the tables are as they were.
+    /// (routes, then the next hops it allocated) so the tables are as they
+    /// were.
     pub fn add_routes(&mut self, routes: &[(Prefix, NextHop)]) -> Result<()> {
-        let mut slots = self.next_hop_slots()?;
+        let mut table = self.next_hop_table()?;
+        let mut new_next_hops = Vec::new();
         for (i, (prefix, nh)) in routes.iter().enumerate() {
-            if let Err(e) = self.add_route_with(&mut slots, *prefix, nh) {
+            let added = self
+                .find_or_add_next_hop(&mut table, nh)
+                .and_then(|(id, new)| {
+                    if new {
+                        new_next_hops.push(id);
+                    }
+                    self.insert_route(*prefix, id)
+                });
+            if let Err(e) = added {
                 for (p, _) in &routes[..i] {
-                    let _ = self.del_route(*p);
+                    let _ = self.remove_route(*p);
+                }
+                for id in new_next_hops {
+                    let _ = self.free_next_hop(id);
                 }
                 return Err(e);
             }

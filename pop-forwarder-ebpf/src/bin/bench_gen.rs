@@ -1,0 +1,111 @@
+//! Traffic generator for BPF_PROG_TEST_RUN with live frames (the in-kernel
+//! pktgen of this project): each run rewrites the frame's headers from a
+//! template, varies destination, source address and source port by a
+//! per-CPU sequence number, and sends the frame with XDP_TX out of the
+//! device the test run names as ingress.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use pop_forwarder_common::{
+    AF_INET,
+    bench::{GEN_HEADER_LEN, GEN_MAX_DSTS, GenConfig},
+    checksum,
+};
+
+#[map]
+static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
+#[map]
+static GEN_TEMPLATE: Array<[u64; GEN_HEADER_LEN / 8]> = Array::with_max_entries(1, 0);
+#[map]
+static GEN_DSTS: Array<[u8; 16]> = Array::with_max_entries(GEN_MAX_DSTS, 0);
+#[map]
+static GEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH: usize = 14;
+
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    generate(&ctx).unwrap_or(xdp_action::XDP_ABORTED)
+}
+
+#[inline(always)]
+fn generate(ctx: &XdpContext) -> Option<u32> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + GEN_HEADER_LEN > end {
+        return None;
+    }
+    let frame = start as *mut [u64; GEN_HEADER_LEN / 8];
+    let conf = GEN_CONFIG.get(0)?;
+    let template = GEN_TEMPLATE.get(0)?;
+    let seq = GEN_SEQ.get_ptr_mut(0)?;
+    // SAFETY: the frame holds GEN_HEADER_LEN bytes (checked above); the
+    // sequence slot is this CPU's own.
+    let n = unsafe {
+        *frame = *template;
+        *seq += 1;
+        *seq
+    };
+    let dst = GEN_DSTS.get((n % u64::from(conf.dst_count.max(1))) as u32)?;
+    let src_step =
+        ((n / u64::from(conf.dst_count.max(1))) % u64::from(conf.src_count.max(1))) as u16;
+    let port_step = (n % u64::from(conf.src_port_count.max(1))) as u16;
+    let bytes = start as *mut u8;
+    // SAFETY: every offset below is inside the first GEN_HEADER_LEN bytes.
+    unsafe {
+        if conf.family == AF_INET {
+            let ip = bytes.add(ETH);
+            core::ptr::copy_nonoverlapping(dst.as_ptr(), ip.add(16), 4);
+            add_be16(ip.add(14), src_step);
+            add_be16(bytes.add(ETH + 20), port_step);
+            // The header checksum, from scratch over the 20-byte header.
+            *ip.add(10) = 0;
+            *ip.add(11) = 0;
+            let mut sum = 0u32;
+            let mut i = 0;
+            while i < 20 {
+                sum += u32::from(u16::from_be_bytes([*ip.add(i), *ip.add(i + 1)]));
+                i += 2;
+            }
+            let c = (!checksum::fold(sum)).to_be_bytes();
+            *ip.add(10) = c[0];
+            *ip.add(11) = c[1];
+            // UDP checksum 0: "none" for IPv4 (RFC 768).
+            *bytes.add(ETH + 26) = 0;
+            *bytes.add(ETH + 27) = 0;
+        } else {
+            let ip = bytes.add(ETH);
+            core::ptr::copy_nonoverlapping(dst.as_ptr(), ip.add(24), 16);
+            add_be16(ip.add(22), src_step);
+            add_be16(bytes.add(ETH + 40), port_step);
+        }
+    }
+    Some(xdp_action::XDP_TX)
+}
+
+/// Adds `v` to the big-endian 16-bit field at `p`.
+#[inline(always)]
+unsafe fn add_be16(p: *mut u8, v: u16) {
+    unsafe {
+        let x = u16::from_be_bytes([*p, *p.add(1)])
+            .wrapping_add(v)
+            .to_be_bytes();
+        *p = x[0];
+        *p.add(1) = x[1];
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
