@@ -45,6 +45,15 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Benchmarks: Linux forwarding, a bare XDP redirect and pop-forwarder
+    /// side by side (pps, loss, ns/packet, route load time); writes
+    /// target/bench/bench.{md,json}. Needs root; takes several minutes.
+    Bench {
+        /// Fewer, shorter runs and smaller tables: checks the harness, not
+        /// the numbers.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
