@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod checksum;
 pub mod counters;
+pub mod dir24;
 
 pub use counters::Counter;
 
