@@ -15,6 +15,24 @@
 //! aligned u32, and a group is filled before tbl24 points at it, so a
 //! lookup racing an update sees the old or the new route, never garbage.
 
+/// How the tables sit in BPF array maps: array elements are 8-byte
+/// aligned whatever their size, so each element (a u64) holds two
+/// consecutive u32 entries, low half first (the program and the host are
+/// little-endian). The host's mmapped view is then a plain `[u32]`.
+pub const ENTRIES_PER_ELEMENT: u32 = 2;
+
+/// The entry at `index` of a table stored as pairs: the element to read.
+#[inline(always)]
+pub const fn element_of(index: u32) -> u32 {
+    index / ENTRIES_PER_ELEMENT
+}
+
+/// The entry at `index` out of the element that holds it.
+#[inline(always)]
+pub const fn entry_in(element: u64, index: u32) -> u32 {
+    (element >> ((index % ENTRIES_PER_ELEMENT) * 32)) as u32
+}
+
 /// Entries of tbl24: one per /24.
 pub const TBL24_ENTRIES: u32 = 1 << 24;
 /// Entries per tbl8 group: one per address of a /24.
@@ -71,7 +89,11 @@ pub const fn tbl24_step(entry: u32, addr: u32) -> Tbl24 {
 /// The second step: the next hop in a tbl8 entry, if any.
 #[inline(always)]
 pub const fn tbl8_step(entry: u32) -> Option<u32> {
-    if is_valid(entry) { Some(entry & VALUE_MASK) } else { None }
+    if is_valid(entry) {
+        Some(entry & VALUE_MASK)
+    } else {
+        None
+    }
 }
 
 /// Index of `addr`'s entry in tbl24.
@@ -151,7 +173,12 @@ impl Dir24<'_> {
     /// Removes `addr/len`, whose entries fall back to `covering`: the
     /// longest remaining prefix shorter than `len` that covers it, as
     /// (next hop, length), or None.
-    pub fn remove(&mut self, addr: u32, len: u32, covering: Option<(u32, u32)>) -> Result<(), Dir24Error> {
+    pub fn remove(
+        &mut self,
+        addr: u32,
+        len: u32,
+        covering: Option<(u32, u32)>,
+    ) -> Result<(), Dir24Error> {
         if len > 32 {
             return Err(Dir24Error::BadLength);
         }
@@ -175,7 +202,14 @@ impl Dir24<'_> {
         let i = tbl24_index(addr);
         let e = self.tbl24[i as usize];
         if e & EXT != 0 {
-            self.clear_group(i, e & VALUE_MASK, addr & 0xff, 1 << (32 - len), len, fallback);
+            self.clear_group(
+                i,
+                e & VALUE_MASK,
+                addr & 0xff,
+                1 << (32 - len),
+                len,
+                fallback,
+            );
         }
         Ok(())
     }
@@ -191,7 +225,15 @@ impl Dir24<'_> {
 
     /// Clears `len`'s entries in a group, then folds the group back into
     /// tbl24 if no prefix longer than /24 is left in it.
-    fn clear_group(&mut self, tbl24_at: u32, group: u32, first: u32, count: u32, len: u32, fallback: u32) {
+    fn clear_group(
+        &mut self,
+        tbl24_at: u32,
+        group: u32,
+        first: u32,
+        count: u32,
+        len: u32,
+        fallback: u32,
+    ) {
         let base = (group * TBL8_GROUP_SIZE) as usize;
         let range = base + first as usize..base + (first + count) as usize;
         for t in &mut self.tbl8[range] {
@@ -259,7 +301,10 @@ mod tests {
     }
 
     fn tables(groups: u32) -> (Vec<u32>, Vec<u32>) {
-        (vec![0; TBL24_ENTRIES as usize], vec![0; (groups * TBL8_GROUP_SIZE) as usize])
+        (
+            vec![0; TBL24_ENTRIES as usize],
+            vec![0; (groups * TBL8_GROUP_SIZE) as usize],
+        )
     }
 
     /// Random adds and removes inside 10.0.0.0/12 (so that prefixes nest
@@ -275,7 +320,10 @@ mod tests {
             let len = [8, 12, 16, 20, 22, 24, 25, 26, 28, 30, 31, 32][(rng.next() % 12) as usize];
             let addr = (base | (rng.next() as u32 & 0x000f_ffff)) & mask(len);
             let existing = naive.0.iter().position(|(a, l, _)| *a == addr && *l == len);
-            let mut dir = Dir24 { tbl24: &mut t24, tbl8: &mut t8 };
+            let mut dir = Dir24 {
+                tbl24: &mut t24,
+                tbl8: &mut t8,
+            };
             match existing {
                 Some(pos) if rng.next() % 3 != 0 => {
                     naive.0.remove(pos);
@@ -295,12 +343,21 @@ mod tests {
                     }
                 }
             }
-            let mut probes = vec![addr, addr | !mask(len), addr.wrapping_sub(1), (addr | !mask(len)).wrapping_add(1)];
+            let mut probes = vec![
+                addr,
+                addr | !mask(len),
+                addr.wrapping_sub(1),
+                (addr | !mask(len)).wrapping_add(1),
+            ];
             for _ in 0..32 {
                 probes.push(base | (rng.next() as u32 & 0x000f_ffff));
             }
             for p in probes {
-                assert_eq!(lookup(&t24, &t8, p), naive.lookup(p), "step {step}: address {p:#010x}");
+                assert_eq!(
+                    lookup(&t24, &t8, p),
+                    naive.lookup(p),
+                    "step {step}: address {p:#010x}"
+                );
             }
         }
     }
@@ -308,7 +365,10 @@ mod tests {
     #[test]
     fn groups_are_recycled_when_their_long_prefixes_go() {
         let (mut t24, mut t8) = tables(2);
-        let mut dir = Dir24 { tbl24: &mut t24, tbl8: &mut t8 };
+        let mut dir = Dir24 {
+            tbl24: &mut t24,
+            tbl8: &mut t8,
+        };
         dir.add(0x0a00_0000, 16, 7).unwrap();
         for round in 0..10u32 {
             let a = 0x0a00_0000 | (round << 8) | 0x80;
@@ -326,13 +386,19 @@ mod tests {
     #[test]
     fn default_route_and_host_routes() {
         let (mut t24, mut t8) = tables(4);
-        let mut dir = Dir24 { tbl24: &mut t24, tbl8: &mut t8 };
+        let mut dir = Dir24 {
+            tbl24: &mut t24,
+            tbl8: &mut t8,
+        };
         dir.add(0, 0, 1).unwrap();
         dir.add(0xc000_0201, 32, 2).unwrap();
         assert_eq!(lookup(&t24, &t8, 0x0101_0101), Some(1));
         assert_eq!(lookup(&t24, &t8, 0xc000_0201), Some(2));
         assert_eq!(lookup(&t24, &t8, 0xc000_0202), Some(1));
-        let mut dir = Dir24 { tbl24: &mut t24, tbl8: &mut t8 };
+        let mut dir = Dir24 {
+            tbl24: &mut t24,
+            tbl8: &mut t8,
+        };
         dir.remove(0, 0, None).unwrap();
         assert_eq!(lookup(&t24, &t8, 0x0101_0101), None);
         assert_eq!(lookup(&t24, &t8, 0xc000_0201), Some(2));

@@ -24,7 +24,9 @@ pub mod map_names {
     pub const EGRESS_PORTS: &str = "EGRESS_PORTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SETTINGS: &str = "SETTINGS";
-    pub const ALL: [&str; 9] = [
+    pub const IPV4_TBL24: &str = "IPV4_TBL24";
+    pub const IPV4_TBL8: &str = "IPV4_TBL8";
+    pub const ALL: [&str; 11] = [
         ROUTES_V4,
         ROUTES_V6,
         NEXT_HOPS,
@@ -34,6 +36,8 @@ pub mod map_names {
         EGRESS_PORTS,
         COUNTERS,
         SETTINGS,
+        IPV4_TBL24,
+        IPV4_TBL8,
     ];
 }
 
@@ -93,11 +97,14 @@ impl NextHop {
     }
 }
 
-/// Value of a route-table entry: the index of its next hop in `NEXT_HOPS`.
+/// Value of a route-trie entry: the index of its next hop in `NEXT_HOPS`,
+/// and the route's own prefix length, which a longest-match lookup does not
+/// return otherwise (the DIR-24-8 tables need it when a route goes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct RouteTarget {
     pub next_hop: u32,
+    pub prefix_len: u32,
 }
 
 /// Per-next-hop traffic, per CPU.
@@ -113,7 +120,13 @@ pub mod settings {
     /// 1: a packet whose destination matches no route is dropped; 0: passed
     /// to the kernel.
     pub const ROUTE_MISS_DROP: u32 = 0;
-    pub const COUNT: u32 = 1;
+    /// How the program looks IPv4 destinations up: `IPV4_DIR24` (the
+    /// default, zero) or `IPV4_TRIE`. IPv6 always uses its trie.
+    pub const IPV4_LOOKUP: u32 = 1;
+    pub const COUNT: u32 = 2;
+
+    pub const IPV4_DIR24: u32 = 0;
+    pub const IPV4_TRIE: u32 = 1;
 }
 
 #[cfg(feature = "user")]

@@ -17,7 +17,7 @@ use network_types::{
 use pop_forwarder_common::{Counter, NextHop, checksum};
 
 use crate::{
-    maps::{count, lookup_route_v4, lookup_route_v6, next_hop_for, route_miss, traffic},
+    maps::{count, egress, lookup_route_v4, lookup_route_v6, next_hop_for, route_miss, traffic},
     packet::ptr_at,
 };
 
@@ -126,15 +126,20 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let Some(next_hop_id) = lookup_route_v4(dst) else {
         return route_miss();
     };
-    let next_hop = match next_hop_for(ctx, next_hop_id, total_len) {
+    let next_hop = match next_hop_for(next_hop_id, total_len) {
         Ok(next_hop) => next_hop,
+        Err(verdict) => return verdict,
+    };
+    let verdict = match egress(ctx, next_hop) {
+        Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
 
     ip.check =
         checksum::after_ttl_decrement(u16::from_be_bytes(ip.check), ip.ttl, ip.proto).to_be_bytes();
     ip.ttl -= 1;
-    send(ctx, eth, next_hop, next_hop_id, frame_len)
+    rewrite_l2(eth, next_hop, next_hop_id, frame_len);
+    verdict
 }
 
 #[inline(always)]
@@ -170,13 +175,18 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let Some(next_hop_id) = lookup_route_v6(dst) else {
         return route_miss();
     };
-    let next_hop = match next_hop_for(ctx, next_hop_id, total_len) {
+    let next_hop = match next_hop_for(next_hop_id, total_len) {
         Ok(next_hop) => next_hop,
+        Err(verdict) => return verdict,
+    };
+    let verdict = match egress(ctx, next_hop) {
+        Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
 
     ip.hop_limit -= 1;
-    send(ctx, eth, next_hop, next_hop_id, frame_len)
+    rewrite_l2(eth, next_hop, next_hop_id, frame_len);
+    verdict
 }
 
 #[inline(always)]
@@ -184,39 +194,16 @@ fn is_link_local_v6(addr: &[u8; 16]) -> bool {
     addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
 }
 
-/// Rewrites the Ethernet header for the next hop and sends the frame out of
-/// its egress interface: XDP_TX when that is the ingress interface, else a
-/// devmap redirect.
+/// Rewrites the Ethernet header for the next hop and counts the packet
+/// against it.
 #[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    eth: *mut EthHdr,
-    next_hop: &NextHop,
-    next_hop_id: u32,
-    frame_len: usize,
-) -> Verdict {
+fn rewrite_l2(eth: *mut EthHdr, next_hop: &NextHop, next_hop_id: u32, frame_len: usize) {
     // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
     unsafe {
         (*eth).dst_addr = next_hop.dst_mac;
         (*eth).src_addr = next_hop.src_mac;
     }
     traffic(next_hop_id, frame_len as u64);
-    if next_hop.ifindex as usize == ctx.ingress_ifindex() {
-        return Verdict {
-            action: xdp_action::XDP_TX,
-            counter: Counter::ForwardedTx,
-        };
-    }
-    // next_hop_for checked that the egress is in the devmap; should it have
-    // been removed since, the fallback action hands the frame to the kernel.
-    let action =
-        match maps::EGRESS_PORTS.redirect(next_hop.ifindex, u64::from(xdp_action::XDP_PASS)) {
-            Ok(action) | Err(action) => action,
-        };
-    Verdict {
-        action,
-        counter: Counter::Forwarded,
-    }
 }
 
 #[cfg(not(test))]

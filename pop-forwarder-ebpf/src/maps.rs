@@ -2,19 +2,36 @@
 //! pop-forwarder-common; the host pins these maps under the same names.
 
 use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, xdp_action},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use pop_forwarder_common::{
     Counter, MAX_EGRESS_PORTS, MAX_LOCAL_ADDRS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
-    NextHop, RouteTarget, TrafficCounter, settings,
+    NextHop, RouteTarget, TrafficCounter,
+    dir24::{self, TBL8_ENTRIES, TBL24_ENTRIES, Tbl24},
+    settings,
 };
 
 use crate::{Verdict, drop, pass};
 
 #[map]
 static ROUTES_V4: LpmTrie<[u8; 4], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V4, 0);
+
+/// DIR-24-8 tables for IPv4 (see pop_forwarder_common::dir24). Mmappable,
+/// so the host writes a million routes at memory speed.
+#[map]
+static IPV4_TBL24: Array<u64> = Array::with_max_entries(
+    TBL24_ENTRIES / dir24::ENTRIES_PER_ELEMENT,
+    BPF_F_MMAPABLE as u32,
+);
+
+#[map]
+static IPV4_TBL8: Array<u64> = Array::with_max_entries(
+    TBL8_ENTRIES / dir24::ENTRIES_PER_ELEMENT,
+    BPF_F_MMAPABLE as u32,
+);
 
 #[map]
 static ROUTES_V6: LpmTrie<[u8; 16], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V6, 0);
@@ -35,7 +52,7 @@ static LOCAL_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL_ADD
 
 /// Egress interfaces by ifindex, for bpf_redirect_map.
 #[map]
-pub static EGRESS_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_PORTS, 0);
+static EGRESS_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_PORTS, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
@@ -76,7 +93,19 @@ pub fn is_local_v6(addr: &[u8; 16]) -> bool {
 
 #[inline(always)]
 pub fn lookup_route_v4(dst: [u8; 4]) -> Option<u32> {
-    ROUTES_V4.get(Key::new(32, dst)).map(|t| t.next_hop)
+    if let Some(&settings::IPV4_TRIE) = SETTINGS.get(settings::IPV4_LOOKUP) {
+        return ROUTES_V4.get(Key::new(32, dst)).map(|t| t.next_hop);
+    }
+    let addr = u32::from_be_bytes(dst);
+    let i = dir24::tbl24_index(addr);
+    let entry = dir24::entry_in(*IPV4_TBL24.get(dir24::element_of(i))?, i);
+    match dir24::tbl24_step(entry, addr) {
+        Tbl24::Miss => None,
+        Tbl24::NextHop(id) => Some(id),
+        Tbl24::Tbl8(i) => {
+            dir24::tbl8_step(dir24::entry_in(*IPV4_TBL8.get(dir24::element_of(i))?, i))
+        }
+    }
 }
 
 #[inline(always)]
@@ -97,11 +126,7 @@ pub fn route_miss() -> Verdict {
 /// The next hop a route points at, if a packet of `l3_len` bytes can be sent
 /// to it now; otherwise the verdict that hands the packet to the kernel.
 #[inline(always)]
-pub fn next_hop_for(
-    ctx: &XdpContext,
-    next_hop_id: u32,
-    l3_len: usize,
-) -> Result<&'static NextHop, Verdict> {
+pub fn next_hop_for(next_hop_id: u32, l3_len: usize) -> Result<&'static NextHop, Verdict> {
     let next_hop = match NEXT_HOPS.get(next_hop_id) {
         Some(nh) if nh.is_in_use() => nh,
         _ => return Err(pass(Counter::PassNoNextHop)),
@@ -112,10 +137,27 @@ pub fn next_hop_for(
     if l3_len > next_hop.mtu as usize {
         return Err(pass(Counter::PassTooBig));
     }
-    if next_hop.ifindex as usize != ctx.ingress_ifindex()
-        && EGRESS_PORTS.get(next_hop.ifindex).is_none()
-    {
-        return Err(pass(Counter::PassNoEgress));
-    }
     Ok(next_hop)
+}
+
+/// How the frame leaves for `next_hop`: XDP_TX out of the interface it came
+/// in on, or a devmap redirect. bpf_redirect_map only records the target,
+/// so calling it before the packet is rewritten lets a missing egress fall
+/// back to the kernel with the packet untouched, at the cost of one devmap
+/// lookup rather than two.
+#[inline(always)]
+pub fn egress(ctx: &XdpContext, next_hop: &NextHop) -> Result<Verdict, Verdict> {
+    if next_hop.ifindex as usize == ctx.ingress_ifindex() {
+        return Ok(Verdict {
+            action: xdp_action::XDP_TX,
+            counter: Counter::ForwardedTx,
+        });
+    }
+    match EGRESS_PORTS.redirect(next_hop.ifindex, u64::from(xdp_action::XDP_PASS)) {
+        Ok(action) => Ok(Verdict {
+            action,
+            counter: Counter::Forwarded,
+        }),
+        Err(_) => Err(pass(Counter::PassNoEgress)),
+    }
 }

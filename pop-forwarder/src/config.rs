@@ -16,6 +16,9 @@ pub struct Config {
     /// What to do with a packet whose destination matches no route.
     #[serde(default)]
     pub route_miss: RouteMissPolicy,
+    /// How IPv4 destinations are looked up.
+    #[serde(default)]
+    pub ipv4_lookup: Ipv4Lookup,
     /// Interfaces to attach the XDP program to.
     pub interfaces: Vec<InterfaceConfig>,
     /// Static routes.
@@ -47,6 +50,29 @@ pub enum RouteMissPolicy {
     #[default]
     Pass,
     Drop,
+}
+
+/// The IPv4 lookup structure the program reads.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum Ipv4Lookup {
+    /// DIR-24-8 arrays (72 MiB, one or two memory reads per lookup whatever
+    /// the table size).
+    #[default]
+    #[serde(rename = "dir-24-8")]
+    Dir24,
+    /// The kernel's LPM trie (memory grows with the table, lookups slow
+    /// down as it grows).
+    #[serde(rename = "lpm-trie")]
+    Trie,
+}
+
+impl fmt::Display for Ipv4Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ipv4Lookup::Dir24 => "dir-24-8",
+            Ipv4Lookup::Trie => "lpm-trie",
+        })
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -214,6 +240,7 @@ pub fn check_interface_name(name: &str) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub route_miss: RouteMissPolicy,
+    pub ipv4_lookup: Ipv4Lookup,
     pub interfaces: Vec<(String, XdpMode)>,
     pub routes: Vec<Route>,
 }
@@ -275,6 +302,7 @@ impl Model {
         }
         Ok(Model {
             route_miss: config.route_miss,
+            ipv4_lookup: config.ipv4_lookup,
             interfaces,
             routes,
         })
@@ -287,6 +315,7 @@ mod tests {
 
     const GOOD: &str = r#"
 route_miss = "drop"
+ipv4_lookup = "lpm-trie"
 [[interfaces]]
 name = "r0"
 [[interfaces]]
@@ -311,6 +340,7 @@ mac = "02:00:00:00:00:03"
     fn parses_a_full_config() {
         let m = Model::from_toml(GOOD).unwrap();
         assert_eq!(m.route_miss, RouteMissPolicy::Drop);
+        assert_eq!(m.ipv4_lookup, Ipv4Lookup::Trie);
         assert_eq!(
             m.interfaces,
             vec![("r0".into(), XdpMode::Native), ("r1".into(), XdpMode::Skb)]
@@ -337,6 +367,7 @@ mac = "02:00:00:00:00:03"
             ),
             (GOOD.replace("\"skb\"", "\"turbo\""), "turbo"),
             (GOOD.replace("\"drop\"", "\"maybe\""), "maybe"),
+            (GOOD.replace("\"lpm-trie\"", "\"hash\""), "hash"),
             (
                 GOOD.replace("name = \"r1\"", "name = \"r0\""),
                 "interfaces[1].name: \"r0\" is listed twice",

@@ -11,11 +11,11 @@ use aya::programs::{
     links::{FdLink, PinnedLink},
 };
 use log::{info, warn};
-use pop_forwarder_common::PROGRAM_NAME;
+use pop_forwarder_common::{PROGRAM_NAME, map_names};
 
 use crate::{
     EBPF_OBJECT,
-    config::{Model, XdpMode},
+    config::{Ipv4Lookup, Model, XdpMode},
     instance::{self, AttachedInterface, Instance, State},
     kernel,
     tables::{Tables, resolve_next_hop},
@@ -50,7 +50,7 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
     let model = Model::from_file(config_path)?;
     let mut running = start(instance, &model, config_path, bpf_log)?;
     info!(
-        "instance {:?}: forwarding on {} with {} routes; maps pinned at {}",
+        "instance {:?}: forwarding on {} with {} routes (IPv4 lookup: {}); maps pinned at {}",
         instance.name,
         model
             .interfaces
@@ -59,6 +59,7 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
             .collect::<Vec<_>>()
             .join(", "),
         model.routes.len(),
+        model.ipv4_lookup,
         instance.pin_dir().display()
     );
 
@@ -126,10 +127,15 @@ fn start(
     instance::ensure_bpffs()?;
     let _lock = instance.lock()?;
     let level = bpf_log as u8;
-    let mut ebpf = aya::EbpfLoader::new()
-        .override_global(aya_log::LEVEL, &level, true)
-        .load(EBPF_OBJECT)
-        .context("loading the XDP object")?;
+    let mut loader = aya::EbpfLoader::new();
+    loader.override_global(aya_log::LEVEL, &level, true);
+    if model.ipv4_lookup == Ipv4Lookup::Trie {
+        // The DIR-24-8 arrays are not read: do not allocate their 72 MiB.
+        loader
+            .map_max_entries(map_names::IPV4_TBL24, 1)
+            .map_max_entries(map_names::IPV4_TBL8, 1);
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context("loading the XDP object")?;
     let pin_dir = instance.pin_dir();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
     match fill_and_attach(instance, &mut ebpf, model, &attach_to, &routes) {
@@ -171,7 +177,7 @@ fn fill_and_attach(
 ) -> Result<(Tables, Vec<PinnedLink>)> {
     // The tables the CLI acts on; the program's own globals and log ring
     // buffer stay private to this process.
-    for name in pop_forwarder_common::map_names::ALL {
+    for name in map_names::ALL {
         let map = ebpf
             .map(name)
             .with_context(|| format!("map {name} missing from the object"))?;
@@ -182,6 +188,7 @@ fn fill_and_attach(
     let mut tables = Tables::from_ebpf(ebpf)?;
     forward_bpf_logs(ebpf)?;
     tables.set_route_miss(model.route_miss)?;
+    tables.set_ipv4_lookup(model.ipv4_lookup)?;
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
     }

@@ -234,6 +234,7 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "routes_v4": v4,
         "routes_v6": v6,
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
+        "ipv4_lookup": tables.ipv4_lookup()?.to_string(),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -267,6 +268,10 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
     println!(
         "route miss:  {}",
         report["route_miss"].as_str().unwrap_or_default()
+    );
+    println!(
+        "ipv4 lookup: {}",
+        report["ipv4_lookup"].as_str().unwrap_or_default()
     );
     Ok(())
 }

@@ -18,11 +18,13 @@ use aya::maps::{
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID,
-    NextHop, RouteTarget, TrafficCounter, map_names as names, settings,
+    NextHop, RouteTarget, TrafficCounter,
+    dir24::{Dir24, Dir24Error},
+    map_names as names, settings,
 };
 
 use crate::{
-    config::{Mac, Prefix, Route, RouteMissPolicy},
+    config::{Ipv4Lookup, Mac, Prefix, Route, RouteMissPolicy},
     kernel::{self, Link, Neighbour},
 };
 
@@ -36,6 +38,67 @@ pub struct Tables {
     egress: DevMapHash<MapData>,
     counters: PerCpuArray<MapData, u64>,
     settings: Array<MapData, u32>,
+    tbl24: MapData,
+    tbl8: MapData,
+    /// The DIR-24-8 tables mapped into this process, once needed.
+    dir24: Option<(Mmap, Mmap)>,
+}
+
+/// A BPF array map of u64 pairs mapped into this process as u32 entries
+/// (BPF_F_MMAPABLE; see dir24::ENTRIES_PER_ELEMENT).
+struct Mmap {
+    ptr: *mut u32,
+    entries: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value.
+unsafe impl Send for Mmap {}
+
+impl Mmap {
+    fn new(map: &MapData, name: &str) -> Result<Mmap> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let info = map.info().with_context(|| format!("map {name}"))?;
+        if info.value_size() != 8 {
+            bail!(
+                "map {name} holds {}-byte values, not u32 pairs",
+                info.value_size()
+            );
+        }
+        let entries =
+            info.max_entries() as usize * pop_forwarder_common::dir24::ENTRIES_PER_ELEMENT as usize;
+        let len = entries * 4;
+        // SAFETY: mmap of a BPF map fd we hold; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmapping map {name}"));
+        }
+        Ok(Mmap {
+            ptr: ptr.cast(),
+            entries,
+        })
+    }
+
+    fn slice(&mut self) -> &mut [u32] {
+        // SAFETY: the mapping holds `entries` u32s and lives as long as self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.entries) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.entries * 4) };
+    }
 }
 
 /// A route as the tables hold it.
@@ -180,7 +243,49 @@ impl Tables {
             egress: open!(names::EGRESS_PORTS),
             counters: open!(names::COUNTERS),
             settings: open!(names::SETTINGS),
+            tbl24: array_data(take(names::IPV4_TBL24)?)?,
+            tbl8: array_data(take(names::IPV4_TBL8)?)?,
+            dir24: None,
         })
+    }
+
+    /// How the program looks IPv4 up. Set once, before any IPv4 route.
+    pub fn set_ipv4_lookup(&mut self, lookup: Ipv4Lookup) -> Result<()> {
+        if self.routes_v4.keys().next().is_some() {
+            bail!("the IPv4 lookup can only be chosen while there are no IPv4 routes");
+        }
+        let value = match lookup {
+            Ipv4Lookup::Dir24 => settings::IPV4_DIR24,
+            Ipv4Lookup::Trie => settings::IPV4_TRIE,
+        };
+        self.settings
+            .set(settings::IPV4_LOOKUP, value, 0)
+            .context("writing the IPv4 lookup setting")
+    }
+
+    pub fn ipv4_lookup(&self) -> Result<Ipv4Lookup> {
+        Ok(match self.settings.get(&settings::IPV4_LOOKUP, 0)? {
+            settings::IPV4_TRIE => Ipv4Lookup::Trie,
+            _ => Ipv4Lookup::Dir24,
+        })
+    }
+
+    /// The DIR-24-8 tables, if the program uses them.
+    fn dir24(&mut self) -> Result<Option<Dir24<'_>>> {
+        if self.ipv4_lookup()? != Ipv4Lookup::Dir24 {
+            return Ok(None);
+        }
+        if self.dir24.is_none() {
+            self.dir24 = Some((
+                Mmap::new(&self.tbl24, names::IPV4_TBL24)?,
+                Mmap::new(&self.tbl8, names::IPV4_TBL8)?,
+            ));
+        }
+        let (t24, t8) = self.dir24.as_mut().expect("mapped above");
+        Ok(Some(Dir24 {
+            tbl24: t24.slice(),
+            tbl8: t8.slice(),
+        }))
     }
 
     pub fn set_route_miss(&mut self, policy: RouteMissPolicy) -> Result<()> {
@@ -294,7 +399,10 @@ impl Tables {
     }
 
     fn insert_route(&mut self, prefix: Prefix, next_hop: u32) -> Result<()> {
-        let target = RouteTarget { next_hop };
+        let target = RouteTarget {
+            next_hop,
+            prefix_len: prefix.len.into(),
+        };
         // BPF_NOEXIST: an LPM trie refuses an exact duplicate prefix, which a
         // lookup cannot tell apart from a shorter covering one.
         let inserted = match prefix.addr {
@@ -310,23 +418,64 @@ impl Tables {
             ),
         };
         match inserted {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(e) if os_error(&e) == Some(libc::EEXIST) => {
                 bail!("a route to {prefix} already exists; delete it first")
             }
-            Err(e) => Err(e).with_context(|| format!("inserting the route to {prefix}")),
+            Err(e) => return Err(e).with_context(|| format!("inserting the route to {prefix}")),
         }
+        // The trie records the route; DIR-24-8, when in use, is what the
+        // program reads for IPv4.
+        if let IpAddr::V4(a) = prefix.addr
+            && let Some(mut dir) = self.dir24()?
+            && let Err(e) = dir.add(u32::from(a), prefix.len.into(), next_hop)
+        {
+            let _ = self
+                .routes_v4
+                .remove(&Key::new(prefix.len.into(), a.octets()));
+            return Err(dir24_error(e)).with_context(|| format!("inserting the route to {prefix}"));
+        }
+        Ok(())
     }
 
-    fn remove_route(&mut self, prefix: Prefix) -> Result<(), aya::maps::MapError> {
-        match prefix.addr {
+    /// Removes exactly `prefix` from the trie and, for IPv4 under
+    /// DIR-24-8, hands its addresses to the longest remaining prefix that
+    /// covers them.
+    fn remove_route(&mut self, prefix: Prefix) -> Result<()> {
+        let removed = match prefix.addr {
             IpAddr::V4(a) => self
                 .routes_v4
                 .remove(&Key::new(prefix.len.into(), a.octets())),
             IpAddr::V6(a) => self
                 .routes_v6
                 .remove(&Key::new(prefix.len.into(), a.octets())),
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e)
+                if matches!(e, aya::maps::MapError::KeyNotFound)
+                    || os_error(&e) == Some(libc::ENOENT) =>
+            {
+                bail!("there is no route to {prefix}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing the route to {prefix}")),
         }
+        if let IpAddr::V4(a) = prefix.addr {
+            let covering = match prefix.len {
+                0 => None,
+                len => self
+                    .longest_match(Prefix {
+                        addr: prefix.addr,
+                        len: len - 1,
+                    })?
+                    .map(|t| (t.next_hop, t.prefix_len)),
+            };
+            if let Some(mut dir) = self.dir24()? {
+                dir.remove(u32::from(a), prefix.len.into(), covering)
+                    .map_err(dir24_error)?;
+            }
+        }
+        Ok(())
     }
 
     /// Installs a whole set of routes; on any failure, removes what it added
@@ -358,7 +507,7 @@ impl Tables {
     }
 
     /// The next-hop id the longest prefix covering `prefix` points at.
-    fn longest_match(&self, prefix: Prefix) -> Result<Option<u32>> {
+    fn longest_match(&self, prefix: Prefix) -> Result<Option<RouteTarget>> {
         let got = match prefix.addr {
             IpAddr::V4(a) => self
                 .routes_v4
@@ -368,7 +517,7 @@ impl Tables {
                 .get(&Key::new(prefix.len.into(), a.octets()), 0),
         };
         match got {
-            Ok(t) => Ok(Some(t.next_hop)),
+            Ok(t) => Ok(Some(t)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) if os_error(&e) == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e).context("looking up a route"),
@@ -380,25 +529,8 @@ impl Tables {
     pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
         // If the exact prefix is in the trie, it is its own longest match, so
         // this is its next hop; if it is not, the removal below says so.
-        let id = self.longest_match(prefix)?;
-        let removed = match prefix.addr {
-            IpAddr::V4(a) => self
-                .routes_v4
-                .remove(&Key::new(prefix.len.into(), a.octets())),
-            IpAddr::V6(a) => self
-                .routes_v6
-                .remove(&Key::new(prefix.len.into(), a.octets())),
-        };
-        match removed {
-            Ok(()) => {}
-            Err(e)
-                if matches!(e, aya::maps::MapError::KeyNotFound)
-                    || os_error(&e) == Some(libc::ENOENT) =>
-            {
-                bail!("there is no route to {prefix}")
-            }
-            Err(e) => return Err(e).with_context(|| format!("removing the route to {prefix}")),
-        }
+        let id = self.longest_match(prefix)?.map(|t| t.next_hop);
+        self.remove_route(prefix)?;
         if let Some(id) = id
             && !self.next_hop_ids_in_use().contains(&id)
         {
@@ -615,6 +747,26 @@ fn os_error(e: &aya::maps::MapError) -> Option<i32> {
     match e {
         aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
         _ => None,
+    }
+}
+
+fn dir24_error(e: Dir24Error) -> anyhow::Error {
+    match e {
+        Dir24Error::Tbl8Full => anyhow!(
+            "the IPv4 table has no free tbl8 group: at most {} distinct /24s may hold prefixes longer than /24",
+            pop_forwarder_common::dir24::TBL8_GROUPS
+        ),
+        Dir24Error::NextHopTooLarge => anyhow!("next-hop id does not fit the IPv4 table"),
+        Dir24Error::BadLength => anyhow!("prefix length over 32"),
+    }
+}
+
+/// The MapData of an array map (the DIR-24-8 tables are mmapped, not
+/// accessed element by element).
+fn array_data(map: (Map, String)) -> Result<MapData> {
+    match map.0 {
+        Map::Array(data) => Ok(data),
+        _ => bail!("map {} is not an array", map.1),
     }
 }
 

@@ -18,7 +18,7 @@ use aya::{
 };
 use pop_forwarder::{
     EBPF_OBJECT,
-    config::{Prefix, RouteMissPolicy},
+    config::{Ipv4Lookup, Prefix, RouteMissPolicy},
     tables::Tables,
 };
 use pop_forwarder_common::{
@@ -105,10 +105,20 @@ fn next_hop(ifindex: u32, gateway: &str, mac: Option<[u8; 6]>, mtu: u32) -> Next
 /// | 10.0.3.0/24     | 10.0.2.2 on veth, MAC OUT.dst            |
 /// | 10.0.4.0/24     | 10.0.1.9 on lo (the ingress): XDP_TX      |
 /// | 10.0.5.0/24     | 10.0.2.5 on veth, MTU 100                |
+/// | 10.0.6.128/25   | 10.0.1.9 on lo: XDP_TX                    |
+/// | 10.0.6.7/32     | 10.0.1.9 on lo: XDP_TX                    |
 /// | fd00:3::/64     | fd00:2::2 on veth, MAC OUT.dst           |
 ///
-/// Local addresses: 10.0.0.1 and fd00::1.
-fn with_program(test: impl FnOnce(&mut Program) + Send + 'static) {
+/// Local addresses: 10.0.0.1 and fd00::1. Every test runs twice: IPv4
+/// looked up in DIR-24-8 and in the LPM trie.
+fn with_program(test: impl Fn(&mut Program) + Send + Sync + Clone + 'static) {
+    for lookup in [Ipv4Lookup::Dir24, Ipv4Lookup::Trie] {
+        eprintln!("IPv4 lookup: {lookup}");
+        with_program_using(lookup, test.clone());
+    }
+}
+
+fn with_program_using(lookup: Ipv4Lookup, test: impl FnOnce(&mut Program) + Send + 'static) {
     let ns = Netns::new("p").unwrap();
     ns.ip(&["link", "add", "eg0", "type", "veth", "peer", "name", "eg1"])
         .unwrap();
@@ -118,6 +128,7 @@ fn with_program(test: impl FnOnce(&mut Program) + Send + 'static) {
         assert_ne!(veth, 0);
         let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("loading the embedded object");
         let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
+        tables.set_ipv4_lookup(lookup).unwrap();
         let xdp: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
         xdp.load().expect("the verifier accepts the program");
         let routes = [
@@ -131,6 +142,11 @@ fn with_program(test: impl FnOnce(&mut Program) + Send + 'static) {
                 "10.0.5.0/24",
                 next_hop(veth, "10.0.2.5", Some(OUT.dst), 100),
             ),
+            (
+                "10.0.6.128/25",
+                next_hop(1, "10.0.1.9", Some(OUT.dst), 1500),
+            ),
+            ("10.0.6.7/32", next_hop(1, "10.0.1.9", Some(OUT.dst), 1500)),
             (
                 "fd00:3::/64",
                 next_hop(veth, "fd00:2::2", Some(OUT.dst), 1500),
@@ -562,5 +578,124 @@ fn next_hop_counters_count_forwarded_packets_and_bytes() {
             .find(|n| n.via == "10.0.2.2")
             .unwrap();
         assert_eq!((nh.packets, nh.bytes), (3, 3 * frame.len() as u64));
+    });
+}
+
+#[test]
+fn longest_prefix_wins_past_24_bits_and_deletes_fall_back_to_the_covering_route() {
+    with_program(|p| {
+        check(
+            p,
+            vec![
+                // 10.0.6.0/24 has no route of its own: 10.0.0.0/8 (no MAC yet).
+                Case {
+                    name: "10.0.6.1 (the /8)",
+                    frame: v4("10.0.6.1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "10.0.6.7 (the /32)",
+                    frame: v4("10.0.6.7", 64),
+                    action: XDP_TX,
+                    output: Some(forwarded(&v4("10.0.6.7", 64), OUT)),
+                    counter: Counter::ForwardedTx,
+                },
+                Case {
+                    name: "10.0.6.8 (the /8)",
+                    frame: v4("10.0.6.8", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "10.0.6.200 (the /25)",
+                    frame: v4("10.0.6.200", 64),
+                    action: XDP_TX,
+                    output: Some(forwarded(&v4("10.0.6.200", 64), OUT)),
+                    counter: Counter::ForwardedTx,
+                },
+            ],
+        );
+        p.tables.del_route("10.0.6.7/32".parse().unwrap()).unwrap();
+        p.tables.del_route("10.0.3.0/24".parse().unwrap()).unwrap();
+        check(
+            p,
+            vec![
+                Case {
+                    name: "10.0.6.7 after its /32 went",
+                    frame: v4("10.0.6.7", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "10.0.3.7 after its /24 went",
+                    frame: v4("10.0.3.7", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "10.0.6.200 still on the /25",
+                    frame: v4("10.0.6.200", 64),
+                    action: XDP_TX,
+                    output: Some(forwarded(&v4("10.0.6.200", 64), OUT)),
+                    counter: Counter::ForwardedTx,
+                },
+            ],
+        );
+        p.tables.del_route("10.0.0.0/8".parse().unwrap()).unwrap();
+        check(
+            p,
+            vec![Case {
+                name: "10.0.3.7 with no route left",
+                frame: v4("10.0.3.7", 64),
+                action: XDP_PASS,
+                output: None,
+                counter: Counter::PassRouteMiss,
+            }],
+        );
+    });
+}
+
+#[test]
+fn a_batch_that_fails_leaves_the_tables_as_they_were() {
+    with_program(|p| {
+        let before = p.tables.routes(&[]).unwrap().len();
+        let slots_before = p.tables.next_hop_slots().unwrap();
+        let nh = next_hop(1, "10.0.9.9", Some(OUT.dst), 1500);
+        let batch: Vec<(Prefix, NextHop)> = ["10.0.7.0/24", "10.0.7.128/25", "10.0.3.0/24"]
+            .iter()
+            .map(|p| (p.parse().unwrap(), nh))
+            .collect();
+        let err = format!("{:#}", p.tables.add_routes(&batch).unwrap_err());
+        assert!(err.contains("10.0.3.0/24 already exists"), "{err}");
+        assert_eq!(p.tables.routes(&[]).unwrap().len(), before);
+        assert_eq!(
+            p.tables.next_hop_slots().unwrap(),
+            slots_before,
+            "the new next hop was freed"
+        );
+        check(
+            p,
+            vec![
+                Case {
+                    name: "10.0.7.1 unrouted again",
+                    frame: v4("10.0.7.1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "10.0.7.200 unrouted again",
+                    frame: v4("10.0.7.200", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+            ],
+        );
     });
 }

@@ -100,6 +100,25 @@ fn main() -> Result<()> {
                 ],
             )
         }
+        Task::Bench { quick } => {
+            require_root()?;
+            let env = setup()?;
+            build(&env, true)?;
+            let mut args = vec![
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "tests",
+                "--bin",
+                "bench",
+                "--",
+            ];
+            if quick {
+                args.push("--quick");
+            }
+            cargo(&env, &args)
+        }
     }
 }
 
