@@ -49,6 +49,11 @@ pub const MAX_ROUTES_V4: u32 = 1 << 20;
 pub const MAX_ROUTES_V6: u32 = 1 << 18;
 /// Capacity of the next-hop table; next-hop ids index it.
 pub const MAX_NEXT_HOPS: u32 = 4096;
+/// The route-table value that marks one of this box's own addresses (a /32
+/// or /128 route): such packets go to the kernel. Outside the next-hop
+/// table, and within the 24 bits DIR-24-8 entries hold.
+pub const LOCAL_NEXT_HOP: u32 = MAX_NEXT_HOPS;
+
 /// Capacity of the local-address sets and of the egress devmap.
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
 pub const MAX_EGRESS_PORTS: u32 = 256;

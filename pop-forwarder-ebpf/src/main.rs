@@ -14,7 +14,7 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use pop_forwarder_common::{Counter, NextHop, checksum};
+use pop_forwarder_common::{Counter, LOCAL_NEXT_HOP, NextHop, checksum};
 
 use crate::{
     maps::{count, egress, lookup_route_v4, lookup_route_v6, next_hop_for, route_miss, traffic},
@@ -115,7 +115,10 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
         return pass(Counter::PassLinkScope);
     }
-    if maps::is_local_v4(&dst) {
+    // One lookup answers both "is it ours?" (this box's addresses are /32
+    // routes to LOCAL_NEXT_HOP) and "where to?".
+    let route = lookup_route_v4(dst);
+    if route == Some(LOCAL_NEXT_HOP) {
         return pass(Counter::PassLocal);
     }
     // RFC 1812 5.3.1: a router must not forward a packet whose TTL would
@@ -123,7 +126,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if ip.ttl <= 1 {
         return pass(Counter::PassTtlExceeded);
     }
-    let Some(next_hop_id) = lookup_route_v4(dst) else {
+    let Some(next_hop_id) = route else {
         return route_miss();
     };
     let next_hop = match next_hop_for(next_hop_id, total_len) {
@@ -165,14 +168,15 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
         return pass(Counter::PassLinkScope);
     }
-    if maps::is_local_v6(&dst) {
+    let route = lookup_route_v6(dst);
+    if route == Some(LOCAL_NEXT_HOP) {
         return pass(Counter::PassLocal);
     }
     // RFC 8200 3: a hop limit of 1 cannot be decremented and forwarded.
     if ip.hop_limit <= 1 {
         return pass(Counter::PassTtlExceeded);
     }
-    let Some(next_hop_id) = lookup_route_v6(dst) else {
+    let Some(next_hop_id) = route else {
         return route_miss();
     };
     let next_hop = match next_hop_for(next_hop_id, total_len) {

@@ -43,7 +43,9 @@ static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_NEXT_HOPS, 0);
 static NEXT_HOP_STATS: PerCpuArray<TrafficCounter> =
     PerCpuArray::with_max_entries(MAX_NEXT_HOPS, 0);
 
-/// This box's own addresses; packets to them go to the kernel.
+/// This box's own addresses: the host's record of the /32 and /128 routes
+/// to LOCAL_NEXT_HOP it keeps in the route tables. The program does not
+/// read these; the route lookup answers for them.
 #[map]
 static LOCAL_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
 
@@ -77,18 +79,6 @@ pub fn traffic(next_hop_id: u32, bytes: u64) {
             (*slot).bytes += bytes;
         }
     }
-}
-
-#[inline(always)]
-pub fn is_local_v4(addr: &[u8; 4]) -> bool {
-    // SAFETY: the value is only tested for presence, never read.
-    unsafe { LOCAL_V4.get(addr).is_some() }
-}
-
-#[inline(always)]
-pub fn is_local_v6(addr: &[u8; 16]) -> bool {
-    // SAFETY: as above.
-    unsafe { LOCAL_V6.get(addr).is_some() }
 }
 
 #[inline(always)]

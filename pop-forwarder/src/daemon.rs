@@ -32,6 +32,8 @@ struct Running {
     _ebpf: aya::Ebpf,
     tables: Tables,
     links: Vec<PinnedLink>,
+    /// Local addresses shadowed by operator routes, as last logged.
+    local_conflicts: Vec<std::net::IpAddr>,
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -155,6 +157,7 @@ fn start(
                 _ebpf: ebpf,
                 tables,
                 links,
+                local_conflicts: Vec::new(),
             })
         }
         Err(e) => {
@@ -274,7 +277,16 @@ fn refresh(running: &mut Running) -> Result<()> {
         info!("{change}");
     }
     let addrs: Vec<_> = links.into_iter().flat_map(|l| l.addrs).collect();
-    running.tables.sync_local_addrs(&addrs)
+    let conflicts = running.tables.sync_local_addrs(&addrs)?;
+    if conflicts != running.local_conflicts {
+        for addr in &conflicts {
+            warn!(
+                "local address {addr} has an operator route to exactly it; its packets are forwarded, not delivered"
+            );
+        }
+        running.local_conflicts = conflicts;
+    }
+    Ok(())
 }
 
 fn shutdown(running: Running) -> Result<()> {
@@ -283,6 +295,7 @@ fn shutdown(running: Running) -> Result<()> {
         _ebpf,
         tables,
         links,
+        local_conflicts: _,
     } = running;
     drop(tables);
     for link in links {

@@ -17,8 +17,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID,
-    NextHop, RouteTarget, TrafficCounter,
+    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC,
+    NH_F_MAC_VALID, NextHop, RouteTarget, TrafficCounter,
     dir24::{Dir24, Dir24Error},
     map_names as names, settings,
 };
@@ -387,6 +387,7 @@ impl Tables {
 
     /// Installs `prefix` -> `next_hop`. Fails if the prefix is already routed.
     pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
+        self.refuse_local(prefix)?;
         let mut table = self.next_hop_table()?;
         let (id, new) = self.find_or_add_next_hop(&mut table, next_hop)?;
         if let Err(e) = self.insert_route(prefix, id) {
@@ -478,6 +479,17 @@ impl Tables {
         Ok(())
     }
 
+    /// Local addresses are the daemon's to route: refuses `prefix` if it is
+    /// exactly one of them.
+    fn refuse_local(&self, prefix: Prefix) -> Result<()> {
+        if prefix == host_prefix(prefix.addr) && self.local_addrs().contains(&prefix.addr) {
+            bail!(
+                "{prefix} is one of this box's own addresses; its packets always go to the kernel"
+            );
+        }
+        Ok(())
+    }
+
     /// Installs a whole set of routes; on any failure, removes what it added
     /// (routes, then the next hops it allocated) so the tables are as they
     /// were.
@@ -486,7 +498,8 @@ impl Tables {
         let mut new_next_hops = Vec::new();
         for (i, (prefix, nh)) in routes.iter().enumerate() {
             let added = self
-                .find_or_add_next_hop(&mut table, nh)
+                .refuse_local(*prefix)
+                .and_then(|()| self.find_or_add_next_hop(&mut table, nh))
                 .and_then(|(id, new)| {
                     if new {
                         new_next_hops.push(id);
@@ -527,6 +540,7 @@ impl Tables {
     /// Removes the route to exactly `prefix`, and its next hop if no other
     /// route uses it.
     pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
+        self.refuse_local(prefix)?;
         // If the exact prefix is in the trie, it is its own longest match, so
         // this is its next hop; if it is not, the removal below says so.
         let id = self.longest_match(prefix)?.map(|t| t.next_hop);
@@ -543,6 +557,7 @@ impl Tables {
         self.write_next_hop(id, &NextHop::default_free())
     }
 
+    /// Next-hop ids that operator routes point at (local routes do not).
     fn next_hop_ids_in_use(&self) -> HashSet<u32> {
         let v4 = self
             .routes_v4
@@ -581,7 +596,7 @@ impl Tables {
             .collect::<Result<_, _>>()
             .context("reading IPv4 routes")?;
         v4.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
-        for (k, t) in v4 {
+        for (k, t) in v4.into_iter().filter(|(_, t)| t.next_hop != LOCAL_NEXT_HOP) {
             out.push(describe(
                 format!("{}/{}", IpAddr::from(k.data()), k.prefix_len()),
                 t.next_hop,
@@ -593,7 +608,7 @@ impl Tables {
             .collect::<Result<_, _>>()
             .context("reading IPv6 routes")?;
         v6.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
-        for (k, t) in v6 {
+        for (k, t) in v6.into_iter().filter(|(_, t)| t.next_hop != LOCAL_NEXT_HOP) {
             out.push(describe(
                 format!("{}/{}", IpAddr::from(k.data()), k.prefix_len()),
                 t.next_hop,
@@ -602,8 +617,21 @@ impl Tables {
         Ok(out)
     }
 
+    /// Operator routes per family (local addresses not counted).
     pub fn route_counts(&self) -> (usize, usize) {
-        (self.routes_v4.keys().count(), self.routes_v6.keys().count())
+        let operator = |t: RouteTarget| t.next_hop != LOCAL_NEXT_HOP;
+        (
+            self.routes_v4
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, t)| operator(*t))
+                .count(),
+            self.routes_v6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, t)| operator(*t))
+                .count(),
+        )
     }
 
     /// Brings learned next-hop MACs, egress MTUs and source MACs in line with
@@ -667,44 +695,60 @@ impl Tables {
     }
 
     /// Makes the local-address sets exactly `addrs`.
-    pub fn sync_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<()> {
-        let want_v4: HashSet<[u8; 4]> = addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V4(a) => Some(a.octets()),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let want_v6: HashSet<[u8; 16]> = addrs
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(a) => Some(a.octets()),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
-        let have_v4: HashSet<[u8; 4]> = self.local_v4.keys().filter_map(Result::ok).collect();
-        let have_v6: HashSet<[u8; 16]> = self.local_v6.keys().filter_map(Result::ok).collect();
-        for a in want_v4.difference(&have_v4) {
-            self.local_v4
-                .insert(a, 1, 0)
-                .context("adding a local IPv4 address")?;
+    /// Makes this box's addresses exactly `addrs`: each is a /32 or /128
+    /// route to LOCAL_NEXT_HOP (so the program's one route lookup also says
+    /// "ours"), recorded in the LOCAL maps. Returns the addresses that could
+    /// not be made local because an operator route to exactly that /32 or
+    /// /128 exists.
+    pub fn sync_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<Vec<IpAddr>> {
+        let want: HashSet<IpAddr> = addrs.iter().copied().collect();
+        let have = self.local_addrs();
+        let mut conflicts = Vec::new();
+        for addr in want.difference(&have) {
+            let prefix = host_prefix(*addr);
+            match self.insert_route(prefix, LOCAL_NEXT_HOP) {
+                Ok(()) => {}
+                Err(_)
+                    if self
+                        .longest_match(prefix)?
+                        .is_some_and(|t| t.prefix_len == u32::from(prefix.len)) =>
+                {
+                    conflicts.push(*addr);
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("making {addr} local")),
+            }
+            match addr {
+                IpAddr::V4(a) => self.local_v4.insert(a.octets(), 1, 0),
+                IpAddr::V6(a) => self.local_v6.insert(a.octets(), 1, 0),
+            }
+            .with_context(|| format!("recording local address {addr}"))?;
         }
-        for a in have_v4.difference(&want_v4) {
-            self.local_v4
-                .remove(a)
-                .context("removing a local IPv4 address")?;
+        for addr in have.difference(&want) {
+            self.remove_route(host_prefix(*addr))
+                .with_context(|| format!("removing local address {addr}"))?;
+            match addr {
+                IpAddr::V4(a) => self.local_v4.remove(&a.octets()),
+                IpAddr::V6(a) => self.local_v6.remove(&a.octets()),
+            }
+            .with_context(|| format!("forgetting local address {addr}"))?;
         }
-        for a in want_v6.difference(&have_v6) {
-            self.local_v6
-                .insert(a, 1, 0)
-                .context("adding a local IPv6 address")?;
-        }
-        for a in have_v6.difference(&want_v6) {
-            self.local_v6
-                .remove(a)
-                .context("removing a local IPv6 address")?;
-        }
-        Ok(())
+        Ok(conflicts)
+    }
+
+    /// This box's addresses as the tables know them.
+    pub fn local_addrs(&self) -> HashSet<IpAddr> {
+        let v4 = self
+            .local_v4
+            .keys()
+            .filter_map(Result::ok)
+            .map(IpAddr::from);
+        let v6 = self
+            .local_v6
+            .keys()
+            .filter_map(Result::ok)
+            .map(IpAddr::from);
+        v4.chain(v6).collect()
     }
 
     pub fn stats(&self, links: &[Link]) -> Result<Stats> {
@@ -737,6 +781,14 @@ impl Tables {
             counters,
             next_hops,
         })
+    }
+}
+
+/// The /32 or /128 of one address.
+fn host_prefix(addr: IpAddr) -> Prefix {
+    Prefix {
+        addr,
+        len: if addr.is_ipv4() { 32 } else { 128 },
     }
 }
 

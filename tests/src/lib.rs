@@ -166,23 +166,15 @@ impl Lab {
             c: Netns::new("c")?,
         };
         for (host, hif, rif, net) in [(&lab.a, "a0", "r0", 1), (&lab.c, "c0", "r1", 2)] {
-            sh(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    hif,
-                    "netns",
-                    &host.name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    rif,
-                    "netns",
-                    &lab.router.name,
-                ],
-            )?;
+            // One queue each way: a veth hands a frame to the peer's native
+            // XDP only if the TX queue it left on is one of the peer's real
+            // RX queues (veth_xmit), which one queue on both ends ensures.
+            #[rustfmt::skip]
+            sh("ip", &[
+                "link", "add", hif, "netns", &host.name, "numtxqueues", "1", "numrxqueues", "1",
+                "type", "veth",
+                "peer", "name", rif, "netns", &lab.router.name, "numtxqueues", "1", "numrxqueues", "1",
+            ])?;
             host.ip(&["addr", "add", &format!("10.0.{net}.2/24"), "dev", hif])?;
             host.ip(&[
                 "addr",
@@ -214,11 +206,17 @@ impl Lab {
                 &format!("fd00:{net}::1"),
             ])?;
             // A veth receiving XDP-redirected frames drops them unless its
-            // peer runs NAPI (XDP attached or GRO on). And the sender must
-            // put real checksums in its frames: with TX checksum offload a
-            // veth hands over CHECKSUM_PARTIAL packets whose L4 checksum is
-            // only the pseudo-header sum, which XDP forwards as it is.
-            host.run("ethtool", &["-K", hif, "gro", "on", "tx", "off"])?;
+            // peer runs NAPI (XDP attached or GRO on). The sender must put
+            // real checksums in its frames: with TX checksum offload a veth
+            // hands over CHECKSUM_PARTIAL packets whose L4 checksum is only
+            // the pseudo-header sum, which XDP forwards as it is. And a veth
+            // with any TSO feature on hands the peer some skbs outside its
+            // NAPI, and so outside native XDP (veth_skb_is_eligible_for_gro);
+            // 6.18's tx-tcp-accecn-segmentation survives `tx off`.
+            host.run(
+                "ethtool",
+                &["-K", hif, "gro", "on", "tx", "off", "tso", "off"],
+            )?;
         }
         Ok(lab)
     }
@@ -271,9 +269,14 @@ impl Forwarder {
             if let Some(status) = fwd.child.as_mut().unwrap().try_wait()? {
                 bail!("pop-forwarder run exited with {status}: {}", fwd.log());
             }
-            if fwd.cli(&["status"]).is_ok_and(|o| {
-                o.status.success() && String::from_utf8_lossy(&o.stdout).contains("running")
-            }) {
+            // Running means attached: the daemon records its pid only after
+            // the last interface is attached.
+            let running = fwd.cli(&["status", "--json"]).is_ok_and(|o| {
+                o.status.success()
+                    && serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                        .is_ok_and(|v| v["running"] == true)
+            });
+            if running {
                 return Ok(fwd);
             }
             if Instant::now() > deadline {

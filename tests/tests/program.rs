@@ -699,3 +699,55 @@ fn a_batch_that_fails_leaves_the_tables_as_they_were() {
         );
     });
 }
+
+#[test]
+fn local_addresses_are_routes_the_operator_cannot_touch() {
+    with_program(|p| {
+        let nh = next_hop(1, "10.0.9.9", Some(OUT.dst), 1500);
+        for prefix in ["10.0.0.1/32", "fd00::1/128"] {
+            let err = format!(
+                "{:#}",
+                p.tables
+                    .add_route(prefix.parse().unwrap(), &nh)
+                    .unwrap_err()
+            );
+            assert!(err.contains("one of this box's own addresses"), "{err}");
+            let err = format!(
+                "{:#}",
+                p.tables.del_route(prefix.parse().unwrap()).unwrap_err()
+            );
+            assert!(err.contains("one of this box's own addresses"), "{err}");
+        }
+        // Local routes are not operator routes.
+        assert!(
+            p.tables
+                .routes(&[])
+                .unwrap()
+                .iter()
+                .all(|r| !r.prefix.starts_with("10.0.0.1/"))
+        );
+        // An address that goes stops being local, and its /8 takes over.
+        p.tables
+            .sync_local_addrs(&["fd00::1".parse().unwrap()])
+            .unwrap();
+        check(
+            p,
+            vec![
+                Case {
+                    name: "10.0.0.1 no longer local",
+                    frame: v4("10.0.0.1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "fd00::1 still local",
+                    frame: v6("fd00::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLocal,
+                },
+            ],
+        );
+    });
+}
