@@ -378,6 +378,8 @@ pub fn destinations(routes: &[Prefix], count: usize, seed: u64) -> Vec<IpAddr> {
 /// is `key_size` bytes, from /proc/self/fdinfo (what `bpftool map` shows).
 pub fn map_memlock(map_type: u32, key_size: u32) -> Result<u64> {
     let mut total = 0;
+    // A map open through two descriptors counts once.
+    let mut seen = HashSet::new();
     for entry in std::fs::read_dir("/proc/self/fdinfo")? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
             continue;
@@ -388,6 +390,7 @@ pub fn map_memlock(map_type: u32, key_size: u32) -> Result<u64> {
         };
         if field("map_type:") == Some(u64::from(map_type))
             && field("key_size:") == Some(u64::from(key_size))
+            && seen.insert(field("map_id:"))
         {
             total += field("memlock:").unwrap_or(0);
         }

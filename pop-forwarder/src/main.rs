@@ -63,6 +63,13 @@ enum Command {
     /// Stop the instance's daemon (or, if it died, remove what it left
     /// attached and pinned).
     Detach,
+    /// Send UDP test traffic out of DEV at the rate this machine allows, the
+    /// way pktgen does: an XDP program run in BPF_PROG_TEST_RUN's live-frames
+    /// mode transmits each frame (XDP_TX) after rewriting its headers, so
+    /// successive frames cycle through destinations, source addresses and
+    /// source ports. For labs and benchmarks; on real NICs see
+    /// scripts/pktgen.sh.
+    Generate(GenerateArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,7 +132,109 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Stats { json } => stats(&instance, json),
         Command::Status { json } => status(&instance, json),
         Command::Detach => detach(&instance),
+        Command::Generate(args) => generate(args),
     }
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Interface to send from.
+    #[arg(long)]
+    dev: String,
+    /// Destination MAC: the forwarder's ingress interface.
+    #[arg(long)]
+    dst_mac: String,
+    /// Source MAC (default: DEV's own).
+    #[arg(long)]
+    src_mac: Option<String>,
+    /// First source address; IPv4 or IPv6 (sets the family).
+    #[arg(long)]
+    src: std::net::IpAddr,
+    /// First destination address.
+    #[arg(long)]
+    dst: std::net::IpAddr,
+    /// Destinations: consecutive addresses from --dst.
+    #[arg(long, default_value_t = 1)]
+    dst_count: u32,
+    /// Source addresses: consecutive from --src (at most 65536).
+    #[arg(long, default_value_t = 1)]
+    src_count: u32,
+    /// UDP source ports, from 1024 (at most 64512).
+    #[arg(long, default_value_t = 1)]
+    src_ports: u32,
+    /// Ethernet frame size without FCS, 64..=1514.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// How long to send.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    use pop_forwarder::{bench, config::Mac};
+    let links = kernel::links()?;
+    let dev = kernel::link(&links, &args.dev).context("--dev")?;
+    let src_mac = match &args.src_mac {
+        Some(m) => m.parse::<Mac>().context("--src-mac")?,
+        None => dev
+            .mac
+            .with_context(|| format!("--dev: {} has no Ethernet address", dev.name))?,
+    };
+    let dst_mac = args.dst_mac.parse::<Mac>().context("--dst-mac")?;
+    if args.src.is_ipv4() != args.dst.is_ipv4() {
+        bail!(
+            "--dst: {} is not of the address family of --src {}",
+            args.dst,
+            args.src
+        );
+    }
+    if args.dst_count == 0 || args.dst_count > pop_forwarder_common::bench::GEN_MAX_DSTS {
+        bail!(
+            "--dst-count: {} is not from 1 to {}",
+            args.dst_count,
+            pop_forwarder_common::bench::GEN_MAX_DSTS
+        );
+    }
+    if args.seconds == 0 || args.seconds > 86_400 {
+        bail!("--seconds: {} is not from 1 to 86400", args.seconds);
+    }
+    let dsts = (0..args.dst_count)
+        .map(|i| match args.dst {
+            std::net::IpAddr::V4(a) => std::net::IpAddr::V4(u32::from(a).wrapping_add(i).into()),
+            std::net::IpAddr::V6(a) => {
+                std::net::IpAddr::V6(u128::from(a).wrapping_add(u128::from(i)).into())
+            }
+        })
+        .collect();
+    let generator = bench::Generator::new(&bench::FlowSpec {
+        src_mac,
+        dst_mac,
+        src: args.src,
+        dsts,
+        src_count: args.src_count,
+        src_port_count: args.src_ports,
+        frame_len: args.size,
+    })?;
+    eprintln!(
+        "sending {}-byte frames from {} to {} destinations from {} for {} s",
+        args.size, dev.name, args.dst_count, args.dst, args.seconds
+    );
+    let mut total = 0u64;
+    let start = std::time::Instant::now();
+    for second in 1..=args.seconds {
+        let (sent, took) = generator.send_for(dev.ifindex, Duration::from_secs(1), 65536)?;
+        total += sent;
+        println!(
+            "{second:>4} s  {:>12.0} packets/s",
+            sent as f64 / took.as_secs_f64()
+        );
+    }
+    let took = start.elapsed().as_secs_f64();
+    println!(
+        "sent {total} packets in {took:.1} s: {:.0} packets/s",
+        total as f64 / took
+    );
+    Ok(())
 }
 
 fn open(instance: &Instance) -> Result<Tables> {

@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
+    os::fd::AsFd as _,
     path::Path,
 };
 
@@ -31,6 +32,9 @@ use crate::{
 pub struct Tables {
     routes_v4: LpmTrie<MapData, [u8; 4], RouteTarget>,
     routes_v6: LpmTrie<MapData, [u8; 16], RouteTarget>,
+    /// Second descriptors of the tries, for batch updates.
+    routes_v4_fd: std::os::fd::OwnedFd,
+    routes_v6_fd: std::os::fd::OwnedFd,
     next_hops: Array<MapData, NextHop>,
     next_hop_stats: PerCpuArray<MapData, TrafficCounter>,
     local_v4: HashMap<MapData, [u8; 4], u8>,
@@ -56,7 +60,7 @@ unsafe impl Send for Mmap {}
 
 impl Mmap {
     fn new(map: &MapData, name: &str) -> Result<Mmap> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
+        use std::os::fd::AsRawFd as _;
         let info = map.info().with_context(|| format!("map {name}"))?;
         if info.value_size() != 8 {
             bail!(
@@ -233,9 +237,13 @@ impl Tables {
                 typed(map, &name)?
             }};
         }
+        let (v4, routes_v4_fd) = with_fd(take(names::ROUTES_V4)?)?;
+        let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
         Ok(Tables {
-            routes_v4: open!(names::ROUTES_V4),
-            routes_v6: open!(names::ROUTES_V6),
+            routes_v4: typed(v4.0, &v4.1)?,
+            routes_v6: typed(v6.0, &v6.1)?,
+            routes_v4_fd,
+            routes_v6_fd,
             next_hops: open!(names::NEXT_HOPS),
             next_hop_stats: open!(names::NEXT_HOP_STATS),
             local_v4: open!(names::LOCAL_V4),
@@ -482,38 +490,134 @@ impl Tables {
     /// Local addresses are the daemon's to route: refuses `prefix` if it is
     /// exactly one of them.
     fn refuse_local(&self, prefix: Prefix) -> Result<()> {
-        if prefix == host_prefix(prefix.addr) && self.local_addrs().contains(&prefix.addr) {
-            bail!(
-                "{prefix} is one of this box's own addresses; its packets always go to the kernel"
-            );
-        }
-        Ok(())
+        refuse_local(&self.local_addrs(), prefix)
     }
 
     /// Installs a whole set of routes; on any failure, removes what it added
     /// (routes, then the next hops it allocated) so the tables are as they
-    /// were.
+    /// were. The tries are written with BPF_MAP_UPDATE_BATCH, a syscall per
+    /// chunk rather than per route.
     pub fn add_routes(&mut self, routes: &[(Prefix, NextHop)]) -> Result<()> {
+        let locals = self.local_addrs();
+        // A batch update cannot refuse an existing key (elem_flags takes only
+        // BPF_F_LOCK), so duplicates are found first: against what the
+        // tries hold (few entries when a daemon starts) and within the batch.
+        let mut present = self.prefixes()?;
         let mut table = self.next_hop_table()?;
         let mut new_next_hops = Vec::new();
-        for (i, (prefix, nh)) in routes.iter().enumerate() {
-            let added = self
-                .refuse_local(*prefix)
-                .and_then(|()| self.find_or_add_next_hop(&mut table, nh))
-                .and_then(|(id, new)| {
+        let mut targets = Vec::with_capacity(routes.len());
+        for (prefix, nh) in routes {
+            let found = refuse_local(&locals, *prefix)
+                .and_then(|()| match present.insert(*prefix) {
+                    true => Ok(()),
+                    false => Err(anyhow!(
+                        "a route to {prefix} already exists; delete it first"
+                    )),
+                })
+                .and_then(|()| self.find_or_add_next_hop(&mut table, nh));
+            match found {
+                Ok((id, new)) => {
                     if new {
                         new_next_hops.push(id);
                     }
-                    self.insert_route(*prefix, id)
-                });
-            if let Err(e) = added {
-                for (p, _) in &routes[..i] {
-                    let _ = self.remove_route(*p);
+                    targets.push(RouteTarget {
+                        next_hop: id,
+                        prefix_len: prefix.len.into(),
+                    });
                 }
-                for id in new_next_hops {
-                    let _ = self.free_next_hop(id);
+                Err(e) => {
+                    self.free_next_hops(&new_next_hops);
+                    return Err(e);
                 }
-                return Err(e);
+            }
+        }
+        let mut inserted = Vec::with_capacity(routes.len());
+        if let Err(e) = self.insert_routes(routes, &targets, &mut inserted) {
+            for prefix in inserted.iter().rev() {
+                let _ = self.remove_route(*prefix);
+            }
+            self.free_next_hops(&new_next_hops);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Every prefix in the tries, local ones included.
+    fn prefixes(&self) -> Result<HashSet<Prefix>> {
+        let v4 = self.routes_v4.keys().map(|k| {
+            k.map(|k| Prefix {
+                addr: IpAddr::from(k.data()),
+                len: k.prefix_len() as u8,
+            })
+        });
+        let v6 = self.routes_v6.keys().map(|k| {
+            k.map(|k| Prefix {
+                addr: IpAddr::from(k.data()),
+                len: k.prefix_len() as u8,
+            })
+        });
+        v4.chain(v6)
+            .collect::<Result<_, _>>()
+            .context("reading the route tries")
+    }
+
+    fn free_next_hops(&mut self, ids: &[u32]) {
+        for id in ids {
+            let _ = self.free_next_hop(*id);
+        }
+    }
+
+    /// Writes `routes` into the tries in batches, then (IPv4) into DIR-24-8;
+    /// records every prefix written in `inserted`.
+    fn insert_routes(
+        &mut self,
+        routes: &[(Prefix, NextHop)],
+        targets: &[RouteTarget],
+        inserted: &mut Vec<Prefix>,
+    ) -> Result<()> {
+        const CHUNK: usize = 1 << 16;
+        let (v4, v6): (Vec<usize>, Vec<usize>) =
+            (0..routes.len()).partition(|&i| routes[i].0.addr.is_ipv4());
+        for chunk in v4.chunks(CHUNK) {
+            let keys: Vec<Key<[u8; 4]>> = chunk
+                .iter()
+                .map(|&i| match routes[i].0.addr {
+                    IpAddr::V4(a) => Key::new(routes[i].0.len.into(), a.octets()),
+                    IpAddr::V6(_) => unreachable!("partitioned by family"),
+                })
+                .collect();
+            let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
+            let result = update_batch(self.routes_v4_fd.as_fd(), &keys, &values);
+            let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
+            for &i in &chunk[..done] {
+                let prefix = routes[i].0;
+                inserted.push(prefix);
+                if let IpAddr::V4(a) = prefix.addr
+                    && let Some(mut dir) = self.dir24()?
+                {
+                    dir.add(u32::from(a), prefix.len.into(), targets[i].next_hop)
+                        .map_err(dir24_error)
+                        .with_context(|| format!("inserting the route to {prefix}"))?;
+                }
+            }
+            if let Err((n, e)) = result {
+                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]].0, e));
+            }
+        }
+        for chunk in v6.chunks(CHUNK) {
+            let keys: Vec<Key<[u8; 16]>> = chunk
+                .iter()
+                .map(|&i| match routes[i].0.addr {
+                    IpAddr::V6(a) => Key::new(routes[i].0.len.into(), a.octets()),
+                    IpAddr::V4(_) => unreachable!("partitioned by family"),
+                })
+                .collect();
+            let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
+            let result = update_batch(self.routes_v6_fd.as_fd(), &keys, &values);
+            let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
+            inserted.extend(chunk[..done].iter().map(|&i| routes[i].0));
+            if let Err((n, e)) = result {
+                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]].0, e));
             }
         }
         Ok(())
@@ -784,6 +888,71 @@ impl Tables {
     }
 }
 
+fn refuse_local(locals: &HashSet<IpAddr>, prefix: Prefix) -> Result<()> {
+    if prefix == host_prefix(prefix.addr) && locals.contains(&prefix.addr) {
+        bail!("{prefix} is one of this box's own addresses; its packets always go to the kernel");
+    }
+    Ok(())
+}
+
+/// The error for the route a batch update stopped at.
+fn batch_error(prefix: Prefix, e: std::io::Error) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("inserting routes (stopped at {prefix})"))
+}
+
+/// The `batch` member of union bpf_attr (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// BPF_MAP_UPDATE_BATCH: writes `keys[i]` -> `values[i]` in one syscall
+/// (aya 0.14 has no batch API). On failure, the kernel reports how many
+/// elements it wrote before the one that failed.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd as _;
+    assert_eq!(keys.len(), values.len());
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: attr points at key and value arrays of `count` elements of the
+    // map's key and value sizes, alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err((attr.count as usize, std::io::Error::last_os_error()))
+    }
+}
+
 /// The /32 or /128 of one address.
 fn host_prefix(addr: IpAddr) -> Prefix {
     Prefix {
@@ -811,6 +980,16 @@ fn dir24_error(e: Dir24Error) -> anyhow::Error {
         Dir24Error::NextHopTooLarge => anyhow!("next-hop id does not fit the IPv4 table"),
         Dir24Error::BadLength => anyhow!("prefix length over 32"),
     }
+}
+
+/// A map with a duplicate of its descriptor.
+fn with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
+    let fd = match &map.0 {
+        Map::LpmTrie(data) => data.fd().as_fd().try_clone_to_owned(),
+        _ => bail!("map {} is not an LPM trie", map.1),
+    }
+    .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
+    Ok((map, fd))
 }
 
 /// The MapData of an array map (the DIR-24-8 tables are mmapped, not

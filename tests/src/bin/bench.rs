@@ -376,6 +376,12 @@ fn machine() -> BTreeMap<&'static str, String> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // --only=linux,redirect,pop: run some sections (for working on one).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--only="))
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let wanted = |section: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == section));
     let out_dir = PathBuf::from(
         args.iter()
             .find_map(|a| a.strip_prefix("--out="))
@@ -412,7 +418,10 @@ fn main() -> Result<()> {
     let v6_full = routes_v6(full_v6, SEED);
 
     println!("== Linux forwarding (ip_forward=1, the same routes in the kernel's table)");
-    for routes in [&v4_small, &v4_full, &v6_small] {
+    for routes in [&v4_small, &v4_full, &v6_small]
+        .into_iter()
+        .filter(|_| wanted("linux"))
+    {
         let bench = Bench::new(settings_copy(&settings))?;
         bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
         bench
@@ -440,7 +449,7 @@ fn main() -> Result<()> {
     }
 
     println!("== bare XDP redirect r0 -> r1 (no parsing, no lookup: the ceiling)");
-    {
+    if wanted("redirect") {
         let bench = Bench::new(settings_copy(&settings))?;
         let redirect = in_ns(&bench.lab.router, || {
             BareRedirect::attach("r0", ifindex("r1")?)
@@ -471,7 +480,7 @@ fn main() -> Result<()> {
         (&v6_small, Ipv4Lookup::Dir24, true),
         (&v6_full, Ipv4Lookup::Dir24, false),
     ];
-    for (routes, lookup, with_throughput) in cases {
+    for (routes, lookup, with_throughput) in cases.into_iter().filter(|_| wanted("pop")) {
         let bench = Bench::new(settings_copy(&settings))?;
         let fwd = Forwarder::load(&bench.lab, routes, lookup)?;
         let v4 = routes[0].addr.is_ipv4();
