@@ -16,6 +16,7 @@ pub use counters::Counter;
 /// CLI opens them from there.
 pub mod map_names {
     pub const ROUTES_V4: &str = "ROUTES_V4";
+    pub const ROUTES_V4_TRIE: &str = "ROUTES_V4_TRIE";
     pub const ROUTES_V6: &str = "ROUTES_V6";
     pub const NEXT_HOPS: &str = "NEXT_HOPS";
     pub const NEXT_HOP_STATS: &str = "NEXT_HOP_STATS";
@@ -26,8 +27,9 @@ pub mod map_names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const IPV4_TBL24: &str = "IPV4_TBL24";
     pub const IPV4_TBL8: &str = "IPV4_TBL8";
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         ROUTES_V4,
+        ROUTES_V4_TRIE,
         ROUTES_V6,
         NEXT_HOPS,
         NEXT_HOP_STATS,
@@ -102,6 +104,15 @@ impl NextHop {
     }
 }
 
+/// Key of the IPv4 route record (`ROUTES_V4`, an exact-match hash): the
+/// prefix itself, host bits clear.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RouteKeyV4 {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
 /// Value of a route-trie entry: the index of its next hop in `NEXT_HOPS`,
 /// and the route's own prefix length, which a longest-match lookup does not
 /// return otherwise (the DIR-24-8 tables need it when a route goes).
@@ -140,5 +151,6 @@ mod user {
     // Pod derive), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::RouteTarget {}
+    unsafe impl aya::Pod for super::RouteKeyV4 {}
     unsafe impl aya::Pod for super::TrafficCounter {}
 }

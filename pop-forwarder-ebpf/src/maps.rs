@@ -2,22 +2,29 @@
 //! pop-forwarder-common; the host pins these maps under the same names.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use pop_forwarder_common::{
     Counter, MAX_EGRESS_PORTS, MAX_LOCAL_ADDRS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
-    NextHop, RouteTarget, TrafficCounter,
+    NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self, TBL8_ENTRIES, TBL24_ENTRIES, Tbl24},
     settings,
 };
 
 use crate::{Verdict, drop, pass};
 
+/// The IPv4 routes, by exact prefix: the host's record, which the program
+/// does not read. It looks IPv4 up in DIR-24-8 or, if so configured, in
+/// ROUTES_V4_TRIE.
 #[map]
-static ROUTES_V4: LpmTrie<[u8; 4], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V4, 0);
+static ROUTES_V4: HashMap<RouteKeyV4, RouteTarget> =
+    HashMap::with_max_entries(MAX_ROUTES_V4, BPF_F_NO_PREALLOC as u32);
+
+#[map]
+static ROUTES_V4_TRIE: LpmTrie<[u8; 4], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V4, 0);
 
 /// DIR-24-8 tables for IPv4 (see pop_forwarder_common::dir24). Mmappable,
 /// so the host writes a million routes at memory speed.
@@ -84,7 +91,7 @@ pub fn traffic(next_hop_id: u32, bytes: u64) {
 #[inline(always)]
 pub fn lookup_route_v4(dst: [u8; 4]) -> Option<u32> {
     if let Some(&settings::IPV4_TRIE) = SETTINGS.get(settings::IPV4_LOOKUP) {
-        return ROUTES_V4.get(Key::new(32, dst)).map(|t| t.next_hop);
+        return ROUTES_V4_TRIE.get(Key::new(32, dst)).map(|t| t.next_hop);
     }
     let addr = u32::from_be_bytes(dst);
     let i = dir24::tbl24_index(addr);

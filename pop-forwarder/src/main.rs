@@ -343,7 +343,7 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "routes_v4": v4,
         "routes_v6": v6,
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
-        "ipv4_lookup": tables.ipv4_lookup()?.to_string(),
+        "ipv4_lookup": tables.ipv4_lookup().to_string(),
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -19,7 +19,7 @@ use aya::maps::{
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC,
-    NH_F_MAC_VALID, NextHop, RouteTarget, TrafficCounter,
+    NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{Dir24, Dir24Error},
     map_names as names, settings,
 };
@@ -30,11 +30,19 @@ use crate::{
 };
 
 pub struct Tables {
-    routes_v4: LpmTrie<MapData, [u8; 4], RouteTarget>,
+    /// IPv4 routes by exact prefix: the record every writer consults.
+    routes_v4: HashMap<MapData, RouteKeyV4, RouteTarget>,
+    /// The IPv4 lookup trie, filled only when the program reads it.
+    trie_v4: LpmTrie<MapData, [u8; 4], RouteTarget>,
+    /// IPv6 routes: record and lookup in one.
     routes_v6: LpmTrie<MapData, [u8; 16], RouteTarget>,
-    /// Second descriptors of the tries, for batch updates.
+    /// Second descriptors of the route maps, for batch updates.
     routes_v4_fd: std::os::fd::OwnedFd,
+    trie_v4_fd: std::os::fd::OwnedFd,
     routes_v6_fd: std::os::fd::OwnedFd,
+    /// What the program reads for IPv4 (SETTINGS, read once: it is set
+    /// before the first route and never changes).
+    ipv4_lookup: Ipv4Lookup,
     next_hops: Array<MapData, NextHop>,
     next_hop_stats: PerCpuArray<MapData, TrafficCounter>,
     local_v4: HashMap<MapData, [u8; 4], u8>,
@@ -238,19 +246,28 @@ impl Tables {
             }};
         }
         let (v4, routes_v4_fd) = with_fd(take(names::ROUTES_V4)?)?;
+        let (trie4, trie_v4_fd) = with_fd(take(names::ROUTES_V4_TRIE)?)?;
         let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
+        let settings: Array<MapData, u32> = open!(names::SETTINGS);
+        let ipv4_lookup = match settings.get(&settings::IPV4_LOOKUP, 0)? {
+            settings::IPV4_TRIE => Ipv4Lookup::Trie,
+            _ => Ipv4Lookup::Dir24,
+        };
         Ok(Tables {
             routes_v4: typed(v4.0, &v4.1)?,
+            trie_v4: typed(trie4.0, &trie4.1)?,
             routes_v6: typed(v6.0, &v6.1)?,
             routes_v4_fd,
+            trie_v4_fd,
             routes_v6_fd,
+            ipv4_lookup,
             next_hops: open!(names::NEXT_HOPS),
             next_hop_stats: open!(names::NEXT_HOP_STATS),
             local_v4: open!(names::LOCAL_V4),
             local_v6: open!(names::LOCAL_V6),
             egress: open!(names::EGRESS_PORTS),
             counters: open!(names::COUNTERS),
-            settings: open!(names::SETTINGS),
+            settings,
             tbl24: array_data(take(names::IPV4_TBL24)?)?,
             tbl8: array_data(take(names::IPV4_TBL8)?)?,
             dir24: None,
@@ -268,19 +285,18 @@ impl Tables {
         };
         self.settings
             .set(settings::IPV4_LOOKUP, value, 0)
-            .context("writing the IPv4 lookup setting")
+            .context("writing the IPv4 lookup setting")?;
+        self.ipv4_lookup = lookup;
+        Ok(())
     }
 
-    pub fn ipv4_lookup(&self) -> Result<Ipv4Lookup> {
-        Ok(match self.settings.get(&settings::IPV4_LOOKUP, 0)? {
-            settings::IPV4_TRIE => Ipv4Lookup::Trie,
-            _ => Ipv4Lookup::Dir24,
-        })
+    pub fn ipv4_lookup(&self) -> Ipv4Lookup {
+        self.ipv4_lookup
     }
 
     /// The DIR-24-8 tables, if the program uses them.
     fn dir24(&mut self) -> Result<Option<Dir24<'_>>> {
-        if self.ipv4_lookup()? != Ipv4Lookup::Dir24 {
+        if self.ipv4_lookup != Ipv4Lookup::Dir24 {
             return Ok(None);
         }
         if self.dir24.is_none() {
@@ -412,14 +428,12 @@ impl Tables {
             next_hop,
             prefix_len: prefix.len.into(),
         };
-        // BPF_NOEXIST: an LPM trie refuses an exact duplicate prefix, which a
-        // lookup cannot tell apart from a shorter covering one.
+        // BPF_NOEXIST: the record (and the IPv6 trie) refuse an exact
+        // duplicate prefix.
         let inserted = match prefix.addr {
-            IpAddr::V4(a) => self.routes_v4.insert(
-                &Key::new(prefix.len.into(), a.octets()),
-                target,
-                BPF_NOEXIST,
-            ),
+            IpAddr::V4(a) => self
+                .routes_v4
+                .insert(key_v4(prefix.len, a), target, BPF_NOEXIST),
             IpAddr::V6(a) => self.routes_v6.insert(
                 &Key::new(prefix.len.into(), a.octets()),
                 target,
@@ -433,28 +447,35 @@ impl Tables {
             }
             Err(e) => return Err(e).with_context(|| format!("inserting the route to {prefix}")),
         }
-        // The trie records the route; DIR-24-8, when in use, is what the
-        // program reads for IPv4.
         if let IpAddr::V4(a) = prefix.addr
-            && let Some(mut dir) = self.dir24()?
-            && let Err(e) = dir.add(u32::from(a), prefix.len.into(), next_hop)
+            && let Err(e) = self.index_v4(a, prefix.len, target)
         {
-            let _ = self
-                .routes_v4
-                .remove(&Key::new(prefix.len.into(), a.octets()));
-            return Err(dir24_error(e)).with_context(|| format!("inserting the route to {prefix}"));
+            let _ = self.routes_v4.remove(&key_v4(prefix.len, a));
+            return Err(e).with_context(|| format!("inserting the route to {prefix}"));
         }
         Ok(())
     }
 
-    /// Removes exactly `prefix` from the trie and, for IPv4 under
-    /// DIR-24-8, hands its addresses to the longest remaining prefix that
-    /// covers them.
+    /// Adds an IPv4 route to the structure the program reads.
+    fn index_v4(&mut self, a: std::net::Ipv4Addr, len: u8, target: RouteTarget) -> Result<()> {
+        match self.ipv4_lookup {
+            Ipv4Lookup::Trie => self
+                .trie_v4
+                .insert(&Key::new(len.into(), a.octets()), target, 0)
+                .map_err(Into::into),
+            Ipv4Lookup::Dir24 => {
+                let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                dir.add(u32::from(a), len.into(), target.next_hop)
+                    .map_err(dir24_error)
+            }
+        }
+    }
+
+    /// Removes exactly `prefix`. For IPv4 its addresses then belong to the
+    /// longest remaining prefix that covers them, found in the record.
     fn remove_route(&mut self, prefix: Prefix) -> Result<()> {
         let removed = match prefix.addr {
-            IpAddr::V4(a) => self
-                .routes_v4
-                .remove(&Key::new(prefix.len.into(), a.octets())),
+            IpAddr::V4(a) => self.routes_v4.remove(&key_v4(prefix.len, a)),
             IpAddr::V6(a) => self
                 .routes_v6
                 .remove(&Key::new(prefix.len.into(), a.octets())),
@@ -470,21 +491,35 @@ impl Tables {
             Err(e) => return Err(e).with_context(|| format!("removing the route to {prefix}")),
         }
         if let IpAddr::V4(a) = prefix.addr {
-            let covering = match prefix.len {
-                0 => None,
-                len => self
-                    .longest_match(Prefix {
-                        addr: prefix.addr,
-                        len: len - 1,
-                    })?
-                    .map(|t| (t.next_hop, t.prefix_len)),
-            };
-            if let Some(mut dir) = self.dir24()? {
-                dir.remove(u32::from(a), prefix.len.into(), covering)
-                    .map_err(dir24_error)?;
+            match self.ipv4_lookup {
+                Ipv4Lookup::Trie => self
+                    .trie_v4
+                    .remove(&Key::new(prefix.len.into(), a.octets()))
+                    .with_context(|| format!("removing the route to {prefix} from the trie"))?,
+                Ipv4Lookup::Dir24 => {
+                    let covering = self.covering_v4(a, prefix.len)?;
+                    let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                    dir.remove(u32::from(a), prefix.len.into(), covering)
+                        .map_err(dir24_error)?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The longest IPv4 route shorter than `len` covering `a`, as (next hop,
+    /// length): at most `len` exact lookups in the record.
+    fn covering_v4(&self, a: std::net::Ipv4Addr, len: u8) -> Result<Option<(u32, u32)>> {
+        for shorter in (0..len).rev() {
+            let net = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(shorter)).unwrap_or(0);
+            match self.routes_v4.get(&key_v4(shorter, net.into()), 0) {
+                Ok(t) => return Ok(Some((t.next_hop, t.prefix_len))),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) if os_error(&e) == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("looking up a covering route"),
+            }
+        }
+        Ok(None)
     }
 
     /// Local addresses are the daemon's to route: refuses `prefix` if it is
@@ -546,8 +581,8 @@ impl Tables {
     fn prefixes(&self) -> Result<HashSet<Prefix>> {
         let v4 = self.routes_v4.keys().map(|k| {
             k.map(|k| Prefix {
-                addr: IpAddr::from(k.data()),
-                len: k.prefix_len() as u8,
+                addr: IpAddr::from(k.addr),
+                len: k.prefix_len as u8,
             })
         });
         let v6 = self.routes_v6.keys().map(|k| {
@@ -558,7 +593,7 @@ impl Tables {
         });
         v4.chain(v6)
             .collect::<Result<_, _>>()
-            .context("reading the route tries")
+            .context("reading the route tables")
     }
 
     fn free_next_hops(&mut self, ids: &[u32]) {
@@ -579,25 +614,48 @@ impl Tables {
         let (v4, v6): (Vec<usize>, Vec<usize>) =
             (0..routes.len()).partition(|&i| routes[i].0.addr.is_ipv4());
         for chunk in v4.chunks(CHUNK) {
-            let keys: Vec<Key<[u8; 4]>> = chunk
+            let v4_of = |i: usize| match routes[i].0.addr {
+                IpAddr::V4(a) => (a, routes[i].0.len),
+                IpAddr::V6(_) => unreachable!("partitioned by family"),
+            };
+            let keys: Vec<RouteKeyV4> = chunk
                 .iter()
-                .map(|&i| match routes[i].0.addr {
-                    IpAddr::V4(a) => Key::new(routes[i].0.len.into(), a.octets()),
-                    IpAddr::V6(_) => unreachable!("partitioned by family"),
+                .map(|&i| {
+                    let (a, len) = v4_of(i);
+                    key_v4(len, a)
                 })
                 .collect();
             let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
             let result = update_batch(self.routes_v4_fd.as_fd(), &keys, &values);
             let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
-            for &i in &chunk[..done] {
-                let prefix = routes[i].0;
-                inserted.push(prefix);
-                if let IpAddr::V4(a) = prefix.addr
-                    && let Some(mut dir) = self.dir24()?
-                {
-                    dir.add(u32::from(a), prefix.len.into(), targets[i].next_hop)
-                        .map_err(dir24_error)
-                        .with_context(|| format!("inserting the route to {prefix}"))?;
+            inserted.extend(chunk[..done].iter().map(|&i| routes[i].0));
+            // Then the structure the program reads.
+            match self.ipv4_lookup {
+                Ipv4Lookup::Trie => {
+                    let keys: Vec<Key<[u8; 4]>> = chunk[..done]
+                        .iter()
+                        .map(|&i| {
+                            let (a, len) = v4_of(i);
+                            Key::new(len.into(), a.octets())
+                        })
+                        .collect();
+                    if let Err((n, e)) =
+                        update_batch(self.trie_v4_fd.as_fd(), &keys, &values[..done])
+                    {
+                        return Err(batch_error(
+                            routes[chunk[n.min(done.saturating_sub(1))]].0,
+                            e,
+                        ));
+                    }
+                }
+                Ipv4Lookup::Dir24 => {
+                    let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                    for &i in &chunk[..done] {
+                        let (a, len) = v4_of(i);
+                        dir.add(u32::from(a), len.into(), targets[i].next_hop)
+                            .map_err(dir24_error)
+                            .with_context(|| format!("inserting the route to {}", routes[i].0))?;
+                    }
                 }
             }
             if let Err((n, e)) = result {
@@ -624,11 +682,12 @@ impl Tables {
     }
 
     /// The next-hop id the longest prefix covering `prefix` points at.
+    /// The route for `prefix`: exact for IPv4 (the record); the longest
+    /// match covering it for IPv6 (the trie), which is `prefix` itself when
+    /// it is routed.
     fn longest_match(&self, prefix: Prefix) -> Result<Option<RouteTarget>> {
         let got = match prefix.addr {
-            IpAddr::V4(a) => self
-                .routes_v4
-                .get(&Key::new(prefix.len.into(), a.octets()), 0),
+            IpAddr::V4(a) => self.routes_v4.get(&key_v4(prefix.len, a), 0),
             IpAddr::V6(a) => self
                 .routes_v6
                 .get(&Key::new(prefix.len.into(), a.octets()), 0),
@@ -645,8 +704,8 @@ impl Tables {
     /// route uses it.
     pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
         self.refuse_local(prefix)?;
-        // If the exact prefix is in the trie, it is its own longest match, so
-        // this is its next hop; if it is not, the removal below says so.
+        // If the exact prefix is routed, this is its next hop; if it is not,
+        // the removal below says so.
         let id = self.longest_match(prefix)?.map(|t| t.next_hop);
         self.remove_route(prefix)?;
         if let Some(id) = id
@@ -699,10 +758,10 @@ impl Tables {
             .iter()
             .collect::<Result<_, _>>()
             .context("reading IPv4 routes")?;
-        v4.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
+        v4.sort_by_key(|(k, _)| (k.addr, k.prefix_len));
         for (k, t) in v4.into_iter().filter(|(_, t)| t.next_hop != LOCAL_NEXT_HOP) {
             out.push(describe(
-                format!("{}/{}", IpAddr::from(k.data()), k.prefix_len()),
+                format!("{}/{}", IpAddr::from(k.addr), k.prefix_len),
                 t.next_hop,
             ));
         }
@@ -953,6 +1012,14 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(
     }
 }
 
+/// The record key of an IPv4 prefix.
+fn key_v4(len: u8, a: std::net::Ipv4Addr) -> RouteKeyV4 {
+    RouteKeyV4 {
+        prefix_len: len.into(),
+        addr: a.octets(),
+    }
+}
+
 /// The /32 or /128 of one address.
 fn host_prefix(addr: IpAddr) -> Prefix {
     Prefix {
@@ -985,8 +1052,8 @@ fn dir24_error(e: Dir24Error) -> anyhow::Error {
 /// A map with a duplicate of its descriptor.
 fn with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
     let fd = match &map.0 {
-        Map::LpmTrie(data) => data.fd().as_fd().try_clone_to_owned(),
-        _ => bail!("map {} is not an LPM trie", map.1),
+        Map::LpmTrie(data) | Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned(),
+        _ => bail!("map {} is not an LPM trie or a hash", map.1),
     }
     .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
     Ok((map, fd))

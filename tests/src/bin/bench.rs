@@ -490,13 +490,15 @@ fn main() -> Result<()> {
             "pop-forwarder ipv6".to_owned()
         };
         if v4 && routes.len() == full_v4 {
-            // BPF_MAP_TYPE_LPM_TRIE (11) with 8-byte keys (prefix length +
-            // IPv4): this process holds exactly one such map now.
-            let trie_mib = map_memlock(11, 8)? as f64 / f64::from(1 << 20);
+            // This process holds one forwarder now: its IPv4 route record
+            // (BPF_MAP_TYPE_HASH, 1, with 8-byte keys), its IPv4 trie
+            // (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8) and, under
+            // DIR-24-8, the two arrays.
+            let maps = (map_memlock(1, 8)? + map_memlock(11, 8)?) as f64 / f64::from(1 << 20);
             let mib = if lookup == Ipv4Lookup::Dir24 {
-                trie_mib + dir24_mib
+                maps + dir24_mib
             } else {
-                trie_mib
+                maps
             };
             report.control_plane.insert(
                 format!("pop_{lookup}_load_{full_v4}_v4_routes_s"),
