@@ -41,6 +41,7 @@ use tests::{Lab, Netns};
 const DESTINATIONS: usize = 4096;
 const SEED: u64 = 0x5eed_0f_b00c;
 
+#[derive(Clone, Copy)]
 struct Settings {
     runs: usize,
     run_time: Duration,
@@ -116,11 +117,11 @@ struct Bench {
     lab: Lab,
     sink: Sink,
     a0: u32,
-    settings: Settings,
+    frame_len: usize,
 }
 
 impl Bench {
-    fn new(settings: Settings) -> Result<Bench> {
+    fn new(frame_len: usize) -> Result<Bench> {
         let lab = Lab::new()?;
         lab.router.run("ethtool", &["-K", "r0", "gro", "on"])?;
         let c0 = mac(&lab.c, "c0")?.to_string();
@@ -152,7 +153,7 @@ impl Bench {
             lab,
             sink,
             a0,
-            settings,
+            frame_len,
         })
     }
 
@@ -169,86 +170,21 @@ impl Bench {
             dsts: destinations(routes, DESTINATIONS, SEED ^ 0xd57),
             src_count: 16,
             src_port_count: 64,
-            frame_len: self.settings.frame_len,
+            frame_len: self.frame_len,
         })
     }
 
-    /// Sends `flows` for the configured runs; the median delivered rate.
-    fn throughput(&self, name: &str, routes: &[Prefix], flows: &FlowSpec) -> Result<Throughput> {
-        let generator = Generator::new(flows)?;
-        let (runs, run_time) = (self.settings.runs, self.settings.run_time);
-        let results = in_ns(&self.lab.a, || {
-            // Warm-up: neighbour entries, page pools, caches.
-            generator.send_for(self.a0, Duration::from_millis(300), 65536)?;
-            let mut out = Vec::new();
-            for _ in 0..runs {
-                std::thread::sleep(Duration::from_millis(50));
-                let before = self.sink.count()?.packets;
-                let (sent, took) = generator.send_for(self.a0, run_time, 65536)?;
-                std::thread::sleep(Duration::from_millis(50));
-                let delivered = self.sink.count()?.packets - before;
-                out.push((
-                    sent as f64 / took.as_secs_f64(),
-                    delivered as f64 / took.as_secs_f64(),
-                    sent,
-                    delivered,
-                ));
-            }
-            Ok(out)
-        })?;
-        let mut delivered: Vec<f64> = results.iter().map(|r| r.1).collect();
-        let mut sent: Vec<f64> = results.iter().map(|r| r.0).collect();
-        let (tot_sent, tot_del) = results
-            .iter()
-            .fold((0u64, 0u64), |a, r| (a.0 + r.2, a.1 + r.3));
-        let t = Throughput {
-            name: name.into(),
-            family: if routes[0].addr.is_ipv4() {
-                "IPv4"
-            } else {
-                "IPv6"
-            },
-            prefixes: routes.len(),
-            delivered_pps: median(&mut delivered),
-            sent_pps: median(&mut sent),
-            loss: 1.0 - tot_del as f64 / tot_sent.max(1) as f64,
-            runs: results.iter().map(|r| r.1).collect(),
-        };
-        println!(
-            "  {:<34} {:>7} prefixes  {:>6.2} Mpps delivered  (sent {:.2} Mpps, loss {:.1} %)",
-            t.name,
-            t.prefixes,
-            t.delivered_pps / 1e6,
-            t.sent_pps / 1e6,
-            t.loss * 100.0
-        );
-        Ok(t)
-    }
-
-    /// ns per packet of the program `prog` while traffic flows, from the
-    /// kernel's own statistics.
-    fn cost(&self, name: &str, prefixes: usize, prog: &Xdp, flows: &FlowSpec) -> Result<Cost> {
-        let generator = Generator::new(flows)?;
-        let stats = BpfStats::enable()?;
-        let before = prog.info()?;
+    /// One run: sends for `run_time`; returns (sent, delivered, seconds).
+    fn run_once(&self, generator: &Generator, run_time: Duration) -> Result<(u64, u64, f64)> {
         in_ns(&self.lab.a, || {
-            generator.send_for(self.a0, self.settings.run_time, 65536)
-        })?;
-        let after = prog.info()?;
-        drop(stats);
-        let packets = after.run_count() - before.run_count();
-        let ns = (after.run_time() - before.run_time()).as_nanos() as f64;
-        let c = Cost {
-            name: name.into(),
-            prefixes,
-            ns_per_packet: ns / packets.max(1) as f64,
-            packets,
-        };
-        println!(
-            "  {:<34} {:>7} prefixes  {:>6.1} ns/packet over {} packets",
-            c.name, c.prefixes, c.ns_per_packet, c.packets
-        );
-        Ok(c)
+            std::thread::sleep(Duration::from_millis(50));
+            let before = self.sink.count()?.packets;
+            let (sent, took) = generator.send_for(self.a0, run_time, 65536)?;
+            // Let the rings drain before reading the sink.
+            std::thread::sleep(Duration::from_millis(50));
+            let delivered = self.sink.count()?.packets - before;
+            Ok((sent, delivered, took.as_secs_f64()))
+        })
     }
 }
 
@@ -373,10 +309,48 @@ fn machine() -> BTreeMap<&'static str, String> {
     ])
 }
 
+/// What forwards in a scenario's router namespace.
+enum Router {
+    Linux,
+    Redirect(BareRedirect),
+    Pop(Forwarder),
+}
+
+/// One path under test, set up once and kept alive so that runs of all
+/// paths can be interleaved: drift in this VM's speed then falls on every
+/// path alike instead of on whichever ran last.
+struct Scenario {
+    name: String,
+    family: &'static str,
+    prefixes: usize,
+    bench: Bench,
+    router: Router,
+    generator: Generator,
+    /// Measure delivered pps (besides ns/packet for XDP paths).
+    throughput: bool,
+    runs: Vec<(u64, u64, f64)>,
+    cost: (u64, u64),
+}
+
+impl Scenario {
+    fn program(&self) -> Result<Option<&Xdp>> {
+        Ok(match &self.router {
+            Router::Linux => None,
+            Router::Redirect(r) => Some(
+                r.ebpf
+                    .program("bench_redirect")
+                    .context("program")?
+                    .try_into()?,
+            ),
+            Router::Pop(f) => Some(f.program()?),
+        })
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // --only=linux,redirect,pop: run some sections (for working on one).
+    // --only=linux,redirect,pop: set up only some paths (for working on one).
     let only: Option<Vec<String>> = args
         .iter()
         .find_map(|a| a.strip_prefix("--only="))
@@ -397,8 +371,8 @@ fn main() -> Result<()> {
         }
     } else {
         Settings {
-            runs: 3,
-            run_time: Duration::from_secs(2),
+            runs: 5,
+            run_time: Duration::from_secs(1),
             frame_len: 64,
             full_v4: 1_000_000,
             full_v6: 100_000,
@@ -416,125 +390,219 @@ fn main() -> Result<()> {
     let v4_full = routes_v4(full_v4, SEED);
     let v6_small = routes_v6(1_000, SEED);
     let v6_full = routes_v6(full_v6, SEED);
-
-    println!("== Linux forwarding (ip_forward=1, the same routes in the kernel's table)");
-    for routes in [&v4_small, &v4_full, &v6_small]
-        .into_iter()
-        .filter(|_| wanted("linux"))
-    {
-        let bench = Bench::new(settings_copy(&settings))?;
-        bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
-        bench
-            .lab
-            .router
-            .sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        let secs = kernel_routes(&bench.lab, routes)?;
-        if routes.len() == full_v4 {
-            report
-                .control_plane
-                .insert(format!("linux_load_{}_v4_routes_s", routes.len()), secs);
+    let family = |routes: &[Prefix]| {
+        if routes[0].addr.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
         }
-        let flows = bench.flows(routes)?;
-        let name = format!(
-            "linux {}",
-            if routes[0].addr.is_ipv4() {
-                "ipv4"
-            } else {
-                "ipv6"
-            }
-        );
-        report
-            .throughput
-            .push(bench.throughput(&name, routes, &flows)?);
-    }
+    };
 
-    println!("== bare XDP redirect r0 -> r1 (no parsing, no lookup: the ceiling)");
+    println!("== setting up every path (each in a lab of its own)");
+    let mut scenarios = Vec::new();
+    let mut add = |name: String,
+                   routes: &[Prefix],
+                   bench: Bench,
+                   router: Router,
+                   throughput: bool|
+     -> Result<()> {
+        let generator = Generator::new(&bench.flows(routes)?)?;
+        let family = if routes[0].addr.is_ipv4() {
+            "IPv4"
+        } else {
+            "IPv6"
+        };
+        let prefixes = if matches!(router, Router::Redirect(_)) {
+            0
+        } else {
+            routes.len()
+        };
+        scenarios.push(Scenario {
+            name,
+            family,
+            prefixes,
+            bench,
+            router,
+            generator,
+            throughput,
+            runs: Vec::new(),
+            cost: (0, 0),
+        });
+        Ok(())
+    };
+    if wanted("linux") {
+        for routes in [&v4_small, &v4_full, &v6_small] {
+            let bench = Bench::new(settings.frame_len)?;
+            bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
+            bench
+                .lab
+                .router
+                .sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            let secs = kernel_routes(&bench.lab, routes)?;
+            if routes.len() == full_v4 {
+                report
+                    .control_plane
+                    .insert(format!("linux_load_{full_v4}_v4_routes_s"), secs);
+                println!(
+                    "  Linux: {full_v4} IPv4 routes into the kernel's table with ip -batch in {secs:.1} s"
+                );
+            }
+            add(
+                format!("linux {}", family(routes)),
+                routes,
+                bench,
+                Router::Linux,
+                true,
+            )?;
+        }
+    }
     if wanted("redirect") {
-        let bench = Bench::new(settings_copy(&settings))?;
+        let bench = Bench::new(settings.frame_len)?;
         let redirect = in_ns(&bench.lab.router, || {
             BareRedirect::attach("r0", ifindex("r1")?)
         })?;
-        let flows = bench.flows(&v4_small)?;
-        report
-            .throughput
-            .push(bench.throughput("bare redirect", &v4_small, &flows)?);
-        let prog: &Xdp = redirect
-            .ebpf
-            .program("bench_redirect")
-            .context("program")?
-            .try_into()?;
-        report
-            .cost
-            .push(bench.cost("bare redirect", 0, prog, &flows)?);
+        add(
+            "bare redirect".into(),
+            &v4_small,
+            bench,
+            Router::Redirect(redirect),
+            true,
+        )?;
     }
-
-    println!("== pop-forwarder routing, attached to r0");
-    let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
-    let cases: [(&Vec<Prefix>, Ipv4Lookup, bool); 8] = [
-        (&v4_small, Ipv4Lookup::Dir24, true),
-        (&v4_mid, Ipv4Lookup::Dir24, false),
-        (&v4_full, Ipv4Lookup::Dir24, true),
-        (&v4_small, Ipv4Lookup::Trie, true),
-        (&v4_mid, Ipv4Lookup::Trie, false),
-        (&v4_full, Ipv4Lookup::Trie, true),
-        (&v6_small, Ipv4Lookup::Dir24, true),
-        (&v6_full, Ipv4Lookup::Dir24, false),
-    ];
-    for (routes, lookup, with_throughput) in cases.into_iter().filter(|_| wanted("pop")) {
-        let bench = Bench::new(settings_copy(&settings))?;
-        let fwd = Forwarder::load(&bench.lab, routes, lookup)?;
-        let v4 = routes[0].addr.is_ipv4();
-        let name = if v4 {
-            format!("pop-forwarder ipv4 {lookup}")
-        } else {
-            "pop-forwarder ipv6".to_owned()
-        };
-        if v4 && routes.len() == full_v4 {
-            // This process holds one forwarder now: its IPv4 route record
-            // (BPF_MAP_TYPE_HASH, 1, with 8-byte keys), its IPv4 trie
-            // (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8) and, under
-            // DIR-24-8, the two arrays.
-            let maps = (map_memlock(1, 8)? + map_memlock(11, 8)?) as f64 / f64::from(1 << 20);
-            let mib = if lookup == Ipv4Lookup::Dir24 {
-                maps + dir24_mib
+    if wanted("pop") {
+        let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
+        let cases: [(&Vec<Prefix>, Ipv4Lookup, bool); 8] = [
+            (&v4_small, Ipv4Lookup::Dir24, true),
+            (&v4_mid, Ipv4Lookup::Dir24, false),
+            (&v4_full, Ipv4Lookup::Dir24, true),
+            (&v4_small, Ipv4Lookup::Trie, true),
+            (&v4_mid, Ipv4Lookup::Trie, false),
+            (&v4_full, Ipv4Lookup::Trie, true),
+            (&v6_small, Ipv4Lookup::Dir24, true),
+            (&v6_full, Ipv4Lookup::Dir24, false),
+        ];
+        for (routes, lookup, throughput) in cases {
+            if quick && routes.len() == v4_mid.len() && routes.len() == full_v4 && !throughput {
+                continue; // --quick: the mid table is the full one
+            }
+            let bench = Bench::new(settings.frame_len)?;
+            let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
+            let fwd = Forwarder::load(&bench.lab, routes, lookup)?;
+            let v4 = routes[0].addr.is_ipv4();
+            if v4 && routes.len() == full_v4 {
+                // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
+                // and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8)
+                // this forwarder added, and its DIR-24-8 arrays.
+                let after = (map_memlock(1, 8)?, map_memlock(11, 8)?);
+                let maps =
+                    ((after.0 - before.0) + (after.1 - before.1)) as f64 / f64::from(1 << 20);
+                let mib = if lookup == Ipv4Lookup::Dir24 {
+                    maps + dir24_mib
+                } else {
+                    maps
+                };
+                report.control_plane.insert(
+                    format!("pop_{lookup}_load_{full_v4}_v4_routes_s"),
+                    fwd.load_seconds,
+                );
+                report
+                    .control_plane
+                    .insert(format!("pop_{lookup}_{full_v4}_v4_routes_mib"), mib);
+                println!(
+                    "  pop-forwarder ({lookup}): {full_v4} IPv4 routes loaded in {:.2} s; maps hold {mib:.1} MiB",
+                    fwd.load_seconds
+                );
+            }
+            let name = if v4 {
+                format!("pop-forwarder ipv4 {lookup}")
             } else {
-                maps
+                "pop-forwarder ipv6".to_owned()
             };
-            report.control_plane.insert(
-                format!("pop_{lookup}_load_{full_v4}_v4_routes_s"),
-                fwd.load_seconds,
-            );
-            report
-                .control_plane
-                .insert(format!("pop_{lookup}_{full_v4}_v4_routes_mib"), mib);
-            println!(
-                "  loaded {full_v4} IPv4 routes ({lookup}) in {:.2} s; maps hold {mib:.1} MiB",
-                fwd.load_seconds
-            );
+            add(name, routes, bench, Router::Pop(fwd), throughput)?;
         }
-        let flows = bench.flows(routes)?;
-        if with_throughput {
-            report
-                .throughput
-                .push(bench.throughput(&name, routes, &flows)?);
-        }
-        report
-            .cost
-            .push(bench.cost(&name, routes.len(), fwd.program()?, &flows)?);
     }
 
+    println!(
+        "== throughput: {} rounds of {:?} per path, paths interleaved (BPF statistics off)",
+        settings.runs, settings.run_time
+    );
+    for s in &scenarios {
+        // Warm-up: neighbour entries, page pools, caches.
+        s.bench.run_once(&s.generator, Duration::from_millis(300))?;
+    }
+    for round in 0..settings.runs {
+        for s in scenarios.iter_mut().filter(|s| s.throughput) {
+            let run = s.bench.run_once(&s.generator, settings.run_time)?;
+            s.runs.push(run);
+        }
+        println!("  round {} of {} done", round + 1, settings.runs);
+    }
+
+    println!("== per-packet cost: kernel bpf_stats while traffic flows, paths interleaved");
+    let stats = BpfStats::enable()?;
+    for _ in 0..settings.runs {
+        for i in 0..scenarios.len() {
+            let Some(prog) = scenarios[i].program()? else {
+                continue;
+            };
+            let before = prog.info()?;
+            scenarios[i]
+                .bench
+                .run_once(&scenarios[i].generator, settings.run_time)?;
+            let after = scenarios[i].program()?.context("program")?.info()?;
+            let s = &mut scenarios[i];
+            s.cost.0 += (after.run_time() - before.run_time()).as_nanos() as u64;
+            s.cost.1 += after.run_count() - before.run_count();
+        }
+    }
+    drop(stats);
+
+    for s in &scenarios {
+        if s.throughput {
+            let mut delivered: Vec<f64> = s.runs.iter().map(|r| r.1 as f64 / r.2).collect();
+            let mut sent: Vec<f64> = s.runs.iter().map(|r| r.0 as f64 / r.2).collect();
+            let (tot_sent, tot_del) = s
+                .runs
+                .iter()
+                .fold((0u64, 0u64), |a, r| (a.0 + r.0, a.1 + r.1));
+            let t = Throughput {
+                name: s.name.clone(),
+                family: s.family,
+                prefixes: s.prefixes,
+                runs: delivered.clone(),
+                delivered_pps: median(&mut delivered),
+                sent_pps: median(&mut sent),
+                // The sink also counts the odd neighbour-discovery frame, so
+                // a lossless run can come out a hair above what was sent.
+                loss: (1.0 - tot_del as f64 / tot_sent.max(1) as f64).max(0.0),
+            };
+            println!(
+                "  {:<34} {:>7} prefixes  {:>6.2} Mpps delivered  (sent {:.2} Mpps, loss {:.1} %)",
+                t.name,
+                t.prefixes,
+                t.delivered_pps / 1e6,
+                t.sent_pps / 1e6,
+                t.loss * 100.0
+            );
+            report.throughput.push(t);
+        }
+        if s.cost.1 > 0 {
+            let c = Cost {
+                name: s.name.clone(),
+                prefixes: s.prefixes,
+                ns_per_packet: s.cost.0 as f64 / s.cost.1 as f64,
+                packets: s.cost.1,
+            };
+            println!(
+                "  {:<34} {:>7} prefixes  {:>6.1} ns/packet over {} packets",
+                c.name, c.prefixes, c.ns_per_packet, c.packets
+            );
+            report.cost.push(c);
+        }
+    }
+    let _ = full_v6;
     summarise(&mut report, full_v4);
     write_report(&report, &out_dir)
-}
-
-fn settings_copy(s: &Settings) -> Settings {
-    Settings {
-        runs: s.runs,
-        run_time: s.run_time,
-        frame_len: s.frame_len,
-        full_v4: s.full_v4,
-        full_v6: s.full_v6,
-    }
 }
 
 fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput> {
@@ -545,7 +613,11 @@ fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput
 
 fn summarise(report: &mut Report, full_v4: usize) {
     let pps = |name: &str, n: usize| find(report, name, n).map(|t| t.delivered_pps);
-    let ceiling = pps("bare redirect", 1_000);
+    let ceiling = report
+        .throughput
+        .iter()
+        .find(|t| t.name == "bare redirect")
+        .map(|t| t.delivered_pps);
     let mut ratios = BTreeMap::new();
     for lookup in [Ipv4Lookup::Dir24, Ipv4Lookup::Trie] {
         let name = format!("pop-forwarder ipv4 {lookup}");
