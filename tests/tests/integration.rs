@@ -46,18 +46,22 @@ fn neighbour_c_v4(lab: &Lab) {
         .unwrap();
 }
 
-#[test]
-fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
+/// The route most tests forward on: 10.0.2.0/24 via c.
+const ROUTE_TO_C: &str = "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
+
+/// A lab whose forwarder (run with `run_args`) routes 10.0.2.0/24 to c,
+/// with c's MAC already in the router's neighbour table.
+fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
     let lab = Lab::new().unwrap();
     neighbour_c_v4(&lab);
-    let fwd = Forwarder::start(
-        &lab.router,
-        &lab.config(
-            "pass",
-            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
-        ),
-    )
-    .unwrap();
+    let fwd =
+        Forwarder::start_with(&lab.router, &lab.config("pass", ROUTE_TO_C), run_args).unwrap();
+    (lab, fwd)
+}
+
+#[test]
+fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
+    let (lab, fwd) = routed_lab(&[]);
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
     let capture = Capture::new(&lab.c, "c0").unwrap();
 
@@ -197,16 +201,7 @@ fn routes_added_and_deleted_from_the_cli_take_effect_while_running() {
 
 #[test]
 fn ttl_one_and_local_traffic_go_to_the_kernel() {
-    let lab = Lab::new().unwrap();
-    neighbour_c_v4(&lab);
-    let fwd = Forwarder::start(
-        &lab.router,
-        &lab.config(
-            "pass",
-            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
-        ),
-    )
-    .unwrap();
+    let (lab, fwd) = routed_lab(&[]);
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
     send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 1, "ttl1", 5).unwrap();
     assert!(receive(&sink, 1, Duration::from_millis(800)).is_empty());
@@ -225,14 +220,7 @@ fn next_hop_mac_is_learned_from_the_kernel_neighbour_table() {
     // With forwarding on, the kernel forwards what XDP passes and resolves
     // the gateway on the way; the daemon then picks the MAC up.
     lab.router.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    let fwd = Forwarder::start(
-        &lab.router,
-        &lab.config(
-            "pass",
-            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
-        ),
-    )
-    .unwrap();
+    let fwd = Forwarder::start(&lab.router, &lab.config("pass", ROUTE_TO_C)).unwrap();
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while fwd.counter("forwarded").unwrap() == 0 {
@@ -410,17 +398,7 @@ fn detach_from_another_process_stops_the_daemon_and_unpins() {
 
 #[test]
 fn malformed_frames_on_the_wire_are_dropped_counted_and_logged() {
-    let lab = Lab::new().unwrap();
-    neighbour_c_v4(&lab);
-    let fwd = Forwarder::start_with(
-        &lab.router,
-        &lab.config(
-            "pass",
-            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
-        ),
-        &["--bpf-log-level", "debug"],
-    )
-    .unwrap();
+    let (lab, fwd) = routed_lab(&["--bpf-log-level", "debug"]);
     let capture = Capture::new(&lab.c, "c0").unwrap();
     let wire = Capture::new(&lab.a, "a0").unwrap();
     let eth = Eth {
@@ -475,16 +453,7 @@ fn malformed_frames_on_the_wire_are_dropped_counted_and_logged() {
 
 #[test]
 fn generate_sends_line_rate_traffic_through_the_forwarder() {
-    let lab = Lab::new().unwrap();
-    neighbour_c_v4(&lab);
-    let fwd = Forwarder::start(
-        &lab.router,
-        &lab.config(
-            "pass",
-            "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
-        ),
-    )
-    .unwrap();
+    let (lab, fwd) = routed_lab(&[]);
     let sink = lab
         .c
         .enter(|| pop_forwarder::bench::Sink::attach("c0"))
