@@ -32,6 +32,8 @@ struct Running {
     _ebpf: aya::Ebpf,
     tables: Tables,
     links: Vec<PinnedLink>,
+    /// Gateways the kernel was asked to resolve (once each).
+    requested_neighbours: std::collections::HashSet<(std::net::IpAddr, u32)>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
 }
@@ -158,6 +160,7 @@ fn start(
                 tables,
                 links,
                 local_conflicts: Vec::new(),
+                requested_neighbours: Default::default(),
             })
         }
         Err(e) => {
@@ -276,6 +279,22 @@ fn refresh(running: &mut Running) -> Result<()> {
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }
+    // Gateways nobody has resolved yet: have the kernel resolve them now,
+    // rather than when the first packets for them reach it.
+    for (gateway, ifindex) in running.tables.unresolved_gateways()? {
+        let Some(link) = links.iter().find(|l| l.ifindex == ifindex) else {
+            continue;
+        };
+        if running.requested_neighbours.insert((gateway, ifindex)) {
+            match kernel::request_neighbour(gateway, &link.name) {
+                Ok(()) => info!(
+                    "asked the kernel to resolve next hop {gateway} on {}",
+                    link.name
+                ),
+                Err(e) => warn!("{e:#}"),
+            }
+        }
+    }
     let addrs: Vec<_> = links.into_iter().flat_map(|l| l.addrs).collect();
     let conflicts = running.tables.sync_local_addrs(&addrs)?;
     if conflicts != running.local_conflicts {
@@ -296,6 +315,7 @@ fn shutdown(running: Running) -> Result<()> {
         tables,
         links,
         local_conflicts: _,
+        requested_neighbours: _,
     } = running;
     drop(tables);
     for link in links {

@@ -111,6 +111,30 @@ pub fn link<'a>(links: &'a [Link], name: &str) -> Result<&'a Link> {
         .with_context(|| format!("interface {name:?} does not exist in this network namespace"))
 }
 
+/// Asks the kernel to resolve `addr` on `ifname` and keep it resolved,
+/// without any traffic to it: a "managed" neighbour entry (NTF_MANAGED,
+/// Linux 5.16), which the kernel probes itself.
+pub fn request_neighbour(addr: IpAddr, ifname: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args([
+            "neighbour",
+            "replace",
+            &addr.to_string(),
+            "dev",
+            ifname,
+            "managed",
+        ])
+        .output()
+        .context("running `ip neighbour replace`")?;
+    if !out.status.success() {
+        bail!(
+            "`ip neighbour replace {addr} dev {ifname} managed` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Neighbour entries whose link-layer address can be used now. FAILED and
 /// INCOMPLETE entries have none; STALE ones are still right until proven
 /// otherwise, and the kernel re-validates them as it uses them.

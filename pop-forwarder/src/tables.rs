@@ -858,6 +858,17 @@ impl Tables {
     }
 
     /// Makes the local-address sets exactly `addrs`.
+    /// Gateways (and their interface index) of next hops that still wait for
+    /// a MAC from the neighbour table.
+    pub fn unresolved_gateways(&self) -> Result<Vec<(IpAddr, u32)>> {
+        Ok(self
+            .next_hop_slots()?
+            .iter()
+            .filter(|nh| nh.is_in_use() && !nh.mac_valid() && nh.flags & NH_F_MAC_STATIC == 0)
+            .map(|nh| (gateway_addr(nh), nh.ifindex))
+            .collect())
+    }
+
     /// Makes this box's addresses exactly `addrs`: each is a /32 or /128
     /// route to LOCAL_NEXT_HOP (so the program's one route lookup also says
     /// "ours"), recorded in the LOCAL maps. Returns the addresses that could
