@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checksum;
 pub mod counters;
 pub mod dir24;
+pub mod maglev;
 
 pub use counters::Counter;
 
