@@ -336,10 +336,6 @@ impl Tables {
             .map_err(|e| anyhow!("adding interface index {ifindex} to the egress devmap: {e}"))
     }
 
-    pub fn egress_ports(&self) -> Vec<u32> {
-        self.egress.keys().filter_map(Result::ok).collect()
-    }
-
     /// Every slot of the next-hop table, free ones too.
     pub fn next_hop_slots(&self) -> Result<Vec<NextHop>> {
         (0..MAX_NEXT_HOPS)
