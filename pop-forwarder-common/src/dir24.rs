@@ -325,7 +325,7 @@ mod tests {
                 tbl8: &mut t8,
             };
             match existing {
-                Some(pos) if rng.next() % 3 != 0 => {
+                Some(pos) if !rng.next().is_multiple_of(3) => {
                     naive.0.remove(pos);
                     dir.remove(addr, len, naive.covering(addr, len)).unwrap();
                 }

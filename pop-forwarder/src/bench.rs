@@ -278,7 +278,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -287,7 +287,7 @@ impl Rng {
         x
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -313,7 +313,7 @@ pub fn routes_v4(count: usize, seed: u64) -> Vec<Prefix> {
         if first == 10 || first == 127 {
             continue;
         }
-        let addr = (first << 24) | (rng.next() as u32 & 0x00ff_ffff);
+        let addr = (first << 24) | (rng.next_u64() as u32 & 0x00ff_ffff);
         let net = addr & (u32::MAX << (32 - len));
         if seen.insert((net, len)) {
             out.push(Prefix {
@@ -338,7 +338,7 @@ pub fn routes_v6(count: usize, seed: u64) -> Vec<Prefix> {
             85..=94 => 36,
             _ => 32,
         };
-        let hi = (u128::from(rng.next()) << 64) | u128::from(rng.next());
+        let hi = (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
         let addr = (hi & !(0b111u128 << 125)) | (0b001u128 << 125); // 2000::/3
         let net = addr & (u128::MAX << (128 - len));
         if seen.insert((net, len)) {
@@ -360,12 +360,12 @@ pub fn destinations(routes: &[Prefix], count: usize, seed: u64) -> Vec<IpAddr> {
             let p = routes[rng.below(routes.len() as u64) as usize];
             match p.addr {
                 IpAddr::V4(a) => {
-                    let host = (rng.next() as u32)
+                    let host = (rng.next_u64() as u32)
                         & !(u32::MAX.checked_shl(32 - u32::from(p.len)).unwrap_or(0));
                     IpAddr::V4(Ipv4Addr::from(u32::from(a) | host | 1))
                 }
                 IpAddr::V6(a) => {
-                    let r = (u128::from(rng.next()) << 64) | u128::from(rng.next());
+                    let r = (u128::from(rng.next_u64()) << 64) | u128::from(rng.next_u64());
                     let host = r & !(u128::MAX.checked_shl(128 - u32::from(p.len)).unwrap_or(0));
                     IpAddr::V6(Ipv6Addr::from(u128::from(a) | host | 1))
                 }

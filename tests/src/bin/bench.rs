@@ -39,7 +39,7 @@ use serde::Serialize;
 use tests::{Lab, Netns};
 
 const DESTINATIONS: usize = 4096;
-const SEED: u64 = 0x5eed_0f_b00c;
+const SEED: u64 = 0x005e_ed0f_b00c;
 
 #[derive(Clone, Copy)]
 struct Settings {
@@ -313,7 +313,7 @@ fn machine() -> BTreeMap<&'static str, String> {
 enum Router {
     Linux,
     Redirect(BareRedirect),
-    Pop(Forwarder),
+    Pop(Box<Forwarder>),
 }
 
 /// One path under test, set up once and kept alive so that runs of all
@@ -546,7 +546,7 @@ fn main() -> Result<()> {
             } else {
                 "pop-forwarder ipv6".to_owned()
             };
-            add(name, routes, bench, Router::Pop(fwd), throughput)?;
+            add(name, routes, bench, Router::Pop(Box::new(fwd)), throughput)?;
         }
     }
 
@@ -569,16 +569,13 @@ fn main() -> Result<()> {
     println!("== per-packet cost: kernel bpf_stats while traffic flows, paths interleaved");
     let stats = BpfStats::enable()?;
     for _ in 0..settings.runs {
-        for i in 0..scenarios.len() {
-            let Some(prog) = scenarios[i].program()? else {
+        for s in scenarios.iter_mut() {
+            let Some(prog) = s.program()? else {
                 continue;
             };
             let before = prog.info()?;
-            scenarios[i]
-                .bench
-                .run_once(&scenarios[i].generator, settings.run_time)?;
-            let after = scenarios[i].program()?.context("program")?.info()?;
-            let s = &mut scenarios[i];
+            s.bench.run_once(&s.generator, settings.run_time)?;
+            let after = s.program()?.context("program")?.info()?;
             s.cost.0 += (after.run_time() - before.run_time()).as_nanos() as u64;
             s.cost.1 += after.run_count() - before.run_count();
         }
