@@ -69,11 +69,17 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => match reload(&mut running, config_path) {
+                Ok(summary) => info!("reloaded {}: {summary}", config_path.display()),
+                Err(e) => warn!("reload of {} refused, tables unchanged: {e:#}", config_path.display()),
+            },
             _ = tick.tick() => {
                 if let Err(e) = refresh(&mut running) {
                     warn!("refreshing interfaces and neighbours: {e:#}");
@@ -270,6 +276,48 @@ fn forward_bpf_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// Applies a changed config without detaching: routes and the route-miss
+/// policy. Interfaces and the IPv4 lookup are fixed for the daemon's life;
+/// a config that changes them is refused whole, as is one that does not
+/// validate or resolve. Routes added with the CLI and not in the file go:
+/// on reload the file is the truth.
+fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
+    let model = Model::from_file(config_path)?;
+    let state = running
+        .instance
+        .read_state()
+        .context("the instance's state file is gone")?;
+    let attached: Vec<(String, XdpMode)> = state
+        .interfaces
+        .iter()
+        .map(|i| (i.name.clone(), i.mode))
+        .collect();
+    if model.interfaces != attached {
+        bail!("interfaces changed; attaching and detaching need a restart (`detach`, then `run`)");
+    }
+    if model.ipv4_lookup != running.tables.ipv4_lookup() {
+        bail!(
+            "ipv4_lookup changed to {}; that needs a restart",
+            model.ipv4_lookup
+        );
+    }
+    let links = kernel::links()?;
+    let neighbours = kernel::neighbours()?;
+    let mut routes = Vec::new();
+    for (i, route) in model.routes.iter().enumerate() {
+        let nh = resolve_next_hop(route, &links, &neighbours)
+            .with_context(|| format!("routes[{i}] ({})", route.prefix))?;
+        routes.push((route.prefix, nh));
+    }
+    let _lock = running.instance.lock()?;
+    let (added, changed, deleted) = running.tables.apply_routes(&routes)?;
+    running.tables.set_route_miss(model.route_miss)?;
+    Ok(format!(
+        "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}",
+        model.route_miss
+    ))
 }
 
 fn refresh(running: &mut Running) -> Result<()> {

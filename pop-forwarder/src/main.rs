@@ -60,6 +60,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Have the daemon re-read its config file (SIGHUP) and apply changed
+    /// routes and route-miss policy without detaching; the daemon logs what
+    /// it changed, or why it refused.
+    Reload,
     /// Stop the instance's daemon (or, if it died, remove what it left
     /// attached and pinned).
     Detach,
@@ -132,6 +136,18 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Stats { json } => stats(&instance, json),
         Command::Status { json } => status(&instance, json),
         Command::Detach => detach(&instance),
+        Command::Reload => {
+            let pid = instance
+                .daemon_pid()
+                .with_context(|| format!("instance {:?} has no running daemon", instance.name))?;
+            // SAFETY: kill(2) on a pid verified to run pop-forwarder.
+            if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context(format!("signalling pid {pid}"));
+            }
+            println!("asked pid {pid} to reload its config; its log says what changed");
+            Ok(())
+        }
         Command::Generate(args) => generate(args),
     }
 }

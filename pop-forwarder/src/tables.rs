@@ -204,6 +204,14 @@ pub fn resolve_next_hop(
     Ok(nh)
 }
 
+/// Whether a route already at `have` needs changing to reach `want`: a
+/// different gateway or interface, or a different static MAC (a learned MAC
+/// is the kernel's to change, not the config's).
+fn same_next_hop(have: &NextHop, want: &NextHop) -> bool {
+    let static_mac = |nh: &NextHop| (nh.flags & NH_F_MAC_STATIC != 0).then_some(nh.dst_mac);
+    gateway_key(have) == gateway_key(want) && static_mac(have) == static_mac(want)
+}
+
 /// One gateway on one interface is one next hop.
 type GatewayKey = (u32, u32, [u8; 16]);
 
@@ -731,49 +739,152 @@ impl Tables {
         v4.chain(v6).collect()
     }
 
-    /// Every route, IPv4 first, with its next hop described.
-    pub fn routes(&self, links: &[Link]) -> Result<Vec<RouteEntry>> {
-        let slots = self.next_hop_slots()?;
-        let mut out = Vec::new();
-        let describe = |prefix: String, id: u32| {
-            let nh = slots
-                .get(id as usize)
-                .copied()
-                .unwrap_or(NextHop::default_free());
-            RouteEntry {
-                prefix,
-                next_hop: id,
-                via: gateway_addr(&nh).to_string(),
-                dev: ifname(links, nh.ifindex),
-                mac: nh.mac_valid().then(|| Mac(nh.dst_mac).to_string()),
-                mac_static: nh.flags & NH_F_MAC_STATIC != 0,
-            }
-        };
+    /// Operator routes (local addresses left out) and their next-hop ids,
+    /// IPv4 first, each family in address order.
+    fn operator_routes(&self) -> Result<Vec<(Prefix, u32)>> {
         let mut v4: Vec<_> = self
             .routes_v4
             .iter()
             .collect::<Result<_, _>>()
             .context("reading IPv4 routes")?;
         v4.sort_by_key(|(k, _)| (k.addr, k.prefix_len));
-        for (k, t) in v4.into_iter().filter(|(_, t)| t.next_hop != LOCAL_NEXT_HOP) {
-            out.push(describe(
-                format!("{}/{}", IpAddr::from(k.addr), k.prefix_len),
-                t.next_hop,
-            ));
-        }
         let mut v6: Vec<_> = self
             .routes_v6
             .iter()
             .collect::<Result<_, _>>()
             .context("reading IPv6 routes")?;
         v6.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
-        for (k, t) in v6.into_iter().filter(|(_, t)| t.next_hop != LOCAL_NEXT_HOP) {
-            out.push(describe(
-                format!("{}/{}", IpAddr::from(k.data()), k.prefix_len()),
+        let v4 = v4.into_iter().map(|(k, t)| {
+            (
+                Prefix {
+                    addr: IpAddr::from(k.addr),
+                    len: k.prefix_len as u8,
+                },
                 t.next_hop,
-            ));
+            )
+        });
+        let v6 = v6.into_iter().map(|(k, t)| {
+            (
+                Prefix {
+                    addr: IpAddr::from(k.data()),
+                    len: k.prefix_len() as u8,
+                },
+                t.next_hop,
+            )
+        });
+        Ok(v4
+            .chain(v6)
+            .filter(|(_, id)| *id != LOCAL_NEXT_HOP)
+            .collect())
+    }
+
+    /// Every operator route, IPv4 first, with its next hop described.
+    pub fn routes(&self, links: &[Link]) -> Result<Vec<RouteEntry>> {
+        let slots = self.next_hop_slots()?;
+        Ok(self
+            .operator_routes()?
+            .into_iter()
+            .map(|(prefix, id)| {
+                let nh = slots
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or(NextHop::default_free());
+                RouteEntry {
+                    prefix: prefix.to_string(),
+                    next_hop: id,
+                    via: gateway_addr(&nh).to_string(),
+                    dev: ifname(links, nh.ifindex),
+                    mac: nh.mac_valid().then(|| Mac(nh.dst_mac).to_string()),
+                    mac_static: nh.flags & NH_F_MAC_STATIC != 0,
+                }
+            })
+            .collect())
+    }
+
+    /// Makes the operator routes exactly `desired` (a reloaded config):
+    /// adds the new prefixes first, as one batch that is undone whole if it
+    /// fails; then points changed prefixes at their new next hops in place
+    /// (no moment without a route); then deletes the prefixes no longer
+    /// wanted. Returns (added, changed, deleted).
+    pub fn apply_routes(&mut self, desired: &[(Prefix, NextHop)]) -> Result<(usize, usize, usize)> {
+        let slots = self.next_hop_slots()?;
+        let current: std::collections::HashMap<Prefix, NextHop> = self
+            .operator_routes()?
+            .into_iter()
+            .map(|(p, id)| {
+                (
+                    p,
+                    slots
+                        .get(id as usize)
+                        .copied()
+                        .unwrap_or(NextHop::default_free()),
+                )
+            })
+            .collect();
+        let wanted: HashSet<Prefix> = desired.iter().map(|(p, _)| *p).collect();
+        let new: Vec<(Prefix, NextHop)> = desired
+            .iter()
+            .filter(|(p, _)| !current.contains_key(p))
+            .copied()
+            .collect();
+        let changed: Vec<(Prefix, NextHop)> = desired
+            .iter()
+            .filter(|(p, nh)| current.get(p).is_some_and(|have| !same_next_hop(have, nh)))
+            .copied()
+            .collect();
+        let gone: Vec<Prefix> = current
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        self.add_routes(&new)?;
+        for (prefix, nh) in &changed {
+            self.replace_route(*prefix, nh)?;
         }
-        Ok(out)
+        for prefix in &gone {
+            self.del_route(*prefix)?;
+        }
+        Ok((new.len(), changed.len(), gone.len()))
+    }
+
+    /// Points the existing route to `prefix` at `next_hop`, overwriting it
+    /// where the program reads it, then frees the old next hop if nothing
+    /// else uses it.
+    fn replace_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<()> {
+        let old = self.longest_match(prefix)?.map(|t| t.next_hop);
+        let mut table = self.next_hop_table()?;
+        // Same gateway, new static MAC: the next hop itself changes, for
+        // every route through it (a config gives a gateway one MAC).
+        if let Some(old) = old
+            && table
+                .slots
+                .get(old as usize)
+                .is_some_and(|have| gateway_key(have) == gateway_key(next_hop))
+        {
+            return self.write_next_hop(old, next_hop);
+        }
+        let (id, _) = self.find_or_add_next_hop(&mut table, next_hop)?;
+        let target = RouteTarget {
+            next_hop: id,
+            prefix_len: prefix.len.into(),
+        };
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                self.routes_v4.insert(key_v4(prefix.len, a), target, 0)?;
+                self.index_v4(a, prefix.len, target)?;
+            }
+            IpAddr::V6(a) => {
+                self.routes_v6
+                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)?
+            }
+        }
+        if let Some(old) = old
+            && old != id
+            && !self.next_hop_ids_in_use().contains(&old)
+        {
+            self.free_next_hop(old)?;
+        }
+        Ok(())
     }
 
     /// Operator routes per family (local addresses not counted).

@@ -251,6 +251,8 @@ pub fn binary() -> PathBuf {
 pub struct Forwarder {
     pub instance: String,
     pub ns_path: String,
+    /// The config file the daemon runs on (tests rewrite it to reload).
+    pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -310,6 +312,7 @@ impl Forwarder {
         Ok(Forwarder {
             instance,
             ns_path: ns.path(),
+            config: config_path,
             child: Some(child),
             log,
         })

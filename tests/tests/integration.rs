@@ -567,3 +567,113 @@ fn generate_sends_line_rate_traffic_through_the_forwarder() {
             .contains("--size: 20 bytes is not between 64 and 1514")
     );
 }
+
+#[test]
+fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let v6_route = "[[routes]]\nprefix = \"fd00:2::/64\"\nvia = \"fd00:2::2\"\ndev = \"r1\"\n";
+    let fwd = Forwarder::start(
+        &lab.router,
+        &lab.config("drop", &format!("{ROUTE_TO_C}\n{v6_route}")),
+    )
+    .unwrap();
+    let prefixes = |fwd: &Forwarder| -> Vec<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["prefix"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let wait_for = |fwd: &Forwarder, want: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while prefixes(fwd) != want {
+            assert!(
+                Instant::now() < deadline,
+                "routes {:?}, want {want:?}\n{}",
+                prefixes(fwd),
+                fwd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // A CLI-added route is not in the file: reload removes it.
+    fwd.cli_ok(&[
+        "route",
+        "add",
+        "10.0.9.0/24",
+        "--via",
+        "10.0.2.2",
+        "--dev",
+        "r1",
+    ])
+    .unwrap();
+    assert_eq!(
+        prefixes(&fwd),
+        ["10.0.2.0/24", "10.0.9.0/24", "fd00:2::/64"]
+    );
+
+    // The file now routes 10.0.3.0/24 instead of 10.0.2.0/24 and keeps IPv6.
+    let new_route = ROUTE_TO_C.replace("10.0.2.0/24", "10.0.3.0/24");
+    std::fs::write(
+        &fwd.config,
+        lab.config("drop", &format!("{new_route}\n{v6_route}")),
+    )
+    .unwrap();
+    let out = fwd.cli_ok(&["reload"]).unwrap();
+    assert!(out.contains("asked pid"), "{out}");
+    wait_for(&fwd, &["10.0.3.0/24", "fd00:2::/64"]);
+    assert!(
+        fwd.log().contains("1 routes added, 0 changed, 2 deleted"),
+        "{}",
+        fwd.log()
+    );
+    assert!(
+        lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap(),
+        "still attached"
+    );
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "gone", 5).unwrap();
+    assert!(
+        receive(&sink, 1, Duration::from_millis(800)).is_empty(),
+        "10.0.2.0/24 was removed"
+    );
+
+    // Bad files are refused whole: the tables stay as they are.
+    for (config, why) in [
+        (
+            lab.config("drop", &new_route.replace("10.0.3.0/24", "10.0.3.1/24")),
+            "host bits set",
+        ),
+        (
+            lab.config("drop", &new_route)
+                .replace("\"r1\"\n\n", "\"r9\"\n\n"),
+            "interfaces changed",
+        ),
+        (
+            lab.config(
+                "drop",
+                &new_route.replace("dev = \"r1\"", "dev = \"nosuch0\""),
+            ),
+            "does not exist",
+        ),
+    ] {
+        std::fs::write(&fwd.config, config).unwrap();
+        fwd.cli_ok(&["reload"]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fwd.log().contains(why) {
+            assert!(
+                Instant::now() < deadline,
+                "no refusal mentioning {why:?}: {}",
+                fwd.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(prefixes(&fwd), ["10.0.3.0/24", "fd00:2::/64"]);
+    }
+    assert!(fwd.log().contains("refused, tables unchanged"));
+    let status = fwd.stop().unwrap();
+    assert!(status.success());
+}

@@ -751,3 +751,83 @@ fn local_addresses_are_routes_the_operator_cannot_touch() {
         );
     });
 }
+
+#[test]
+fn applying_a_route_set_adds_changes_and_deletes_in_place() {
+    with_program(|p| {
+        let veth = p
+            .tables
+            .next_hop_slots()
+            .unwrap()
+            .iter()
+            .find(|nh| nh.is_in_use() && nh.ifindex != 1)
+            .unwrap()
+            .ifindex;
+        let new_mac = [0x02, 0, 0, 0, 0, 0xc1];
+        let desired: Vec<(Prefix, NextHop)> = [
+            // Kept as it is.
+            ("10.0.0.0/8", next_hop(veth, "10.255.0.1", None, 1500)),
+            // Same gateway, new static MAC.
+            (
+                "10.0.3.0/24",
+                next_hop(veth, "10.0.2.2", Some(new_mac), 1500),
+            ),
+            // Moved to the gateway on lo (XDP_TX).
+            ("10.0.5.0/24", next_hop(1, "10.0.1.9", Some(OUT.dst), 1500)),
+            // New.
+            ("10.0.8.0/24", next_hop(1, "10.0.1.9", Some(OUT.dst), 1500)),
+        ]
+        .iter()
+        .map(|(pfx, nh)| (pfx.parse().unwrap(), *nh))
+        .collect();
+        let (added, changed, deleted) = p.tables.apply_routes(&desired).unwrap();
+        // 10.0.4.0/24, 10.0.6.128/25, 10.0.6.7/32 and fd00:3::/64 go.
+        assert_eq!((added, changed, deleted), (1, 2, 4));
+        let moved = Eth {
+            src: OUT.src,
+            dst: new_mac,
+        };
+        check(
+            p,
+            vec![
+                Case {
+                    name: "10.0.3.7 to the new MAC",
+                    frame: v4("10.0.3.7", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v4("10.0.3.7", 64), moved)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "10.0.5.5 now out of the ingress",
+                    frame: v4("10.0.5.5", 64),
+                    action: XDP_TX,
+                    output: Some(forwarded(&v4("10.0.5.5", 64), OUT)),
+                    counter: Counter::ForwardedTx,
+                },
+                Case {
+                    name: "10.0.8.8 new",
+                    frame: v4("10.0.8.8", 64),
+                    action: XDP_TX,
+                    output: Some(forwarded(&v4("10.0.8.8", 64), OUT)),
+                    counter: Counter::ForwardedTx,
+                },
+                Case {
+                    name: "10.0.4.4 back to the /8",
+                    frame: v4("10.0.4.4", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "fd00:3::7 gone",
+                    frame: v6("fd00:3::7", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassRouteMiss,
+                },
+            ],
+        );
+        // Applying the same set again changes nothing.
+        assert_eq!(p.tables.apply_routes(&desired).unwrap(), (0, 0, 0));
+    });
+}
