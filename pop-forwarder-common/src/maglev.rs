@@ -13,11 +13,15 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 /// The entry of a slot no node holds (an empty pool).
 pub const NO_NODE: u32 = u32::MAX;
 
-/// One cache node of a pool: a stable id (the operator's, not a position)
-/// and a weight (0 = drained: no new flows).
+/// One cache node of a pool: what the table holds for it (`id`, e.g. its
+/// slot in the node table), a stable identity (`key`, e.g. a hash of its
+/// name: it orders the pool and seeds the node's permutation, so it must
+/// not depend on where or in which order the node was configured) and a
+/// weight (0 = drained: no new flows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolNode {
     pub id: u32,
+    pub key: u64,
     pub weight: u32,
 }
 
@@ -66,15 +70,15 @@ pub const fn is_prime(n: u32) -> bool {
 pub fn populate(pool: &mut [PoolNode], table: &mut [u32], scratch: &mut [(u64, u64, u64, u64)]) {
     let size = table.len() as u64;
     table.fill(NO_NODE);
-    pool.sort_unstable_by_key(|n| n.id);
+    pool.sort_unstable_by_key(|n| n.key);
     let max_weight = pool.iter().map(|n| n.weight).max().unwrap_or(0) as u64;
     if size == 0 || max_weight == 0 {
         return;
     }
     // Per node: (offset, skip, next index into its permutation, credit).
     for (state, node) in scratch.iter_mut().zip(pool.iter()) {
-        let offset = mix64(node.id as u64 ^ OFFSET_SEED) % size;
-        let skip = mix64(node.id as u64 ^ SKIP_SEED) % (size - 1) + 1;
+        let offset = mix64(node.key ^ OFFSET_SEED) % size;
+        let skip = mix64(node.key ^ SKIP_SEED) % (size - 1) + 1;
         *state = (offset, skip, 0, 0);
     }
     let mut filled = 0u64;
@@ -157,6 +161,16 @@ mod tests {
         table
     }
 
+    /// A node whose key is derived from its id, as the host derives it from
+    /// the node's name.
+    fn node(id: u32, weight: u32) -> PoolNode {
+        PoolNode {
+            id,
+            key: mix64(u64::from(id)),
+            weight,
+        }
+    }
+
     fn shares(table: &[u32]) -> HashMap<u32, usize> {
         let mut m = HashMap::new();
         for &id in table {
@@ -166,12 +180,7 @@ mod tests {
     }
 
     fn equal_pool(n: u32) -> Vec<PoolNode> {
-        (0..n)
-            .map(|i| PoolNode {
-                id: 1000 + i * 7,
-                weight: 1,
-            })
-            .collect()
+        (0..n).map(|i| node(1000 + i * 7, 1)).collect()
     }
 
     #[test]
@@ -188,17 +197,8 @@ mod tests {
         for pool in [
             equal_pool(10),
             equal_pool(100),
-            vec![
-                PoolNode { id: 1, weight: 1 },
-                PoolNode { id: 2, weight: 2 },
-                PoolNode { id: 3, weight: 3 },
-                PoolNode { id: 4, weight: 4 },
-            ],
-            vec![
-                PoolNode { id: 9, weight: 100 },
-                PoolNode { id: 5, weight: 37 },
-                PoolNode { id: 77, weight: 1 },
-            ],
+            vec![node(1, 1), node(2, 2), node(3, 3), node(4, 4)],
+            vec![node(9, 100), node(5, 37), node(77, 1)],
         ] {
             let table = build(&pool, DEFAULT_TABLE_SIZE);
             let got = shares(&table);

@@ -404,7 +404,8 @@ fn main() -> Result<()> {
         use pop_forwarder_common::maglev::{DEFAULT_TABLE_SIZE, PoolNode, populate};
         let nodes: Vec<PoolNode> = (0..1000)
             .map(|i| PoolNode {
-                id: 10_000 + i,
+                id: i,
+                key: pop_forwarder_common::maglev::mix64(10_000 + u64::from(i)),
                 weight: 1 + i % 4,
             })
             .collect();
