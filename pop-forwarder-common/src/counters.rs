@@ -43,10 +43,15 @@ pub enum Counter {
     /// The route points at an unallocated next-hop slot (a table being
     /// edited): to the kernel.
     PassNoNextHop,
+    /// For a VIP: sent to a cache node of its pool (direct server return).
+    Steered,
+    /// For a VIP whose pool has no node to take it (empty, all drained, or
+    /// the node's MAC unknown): to the kernel.
+    PassVipNoNode,
 }
 
 impl Counter {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 17;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -64,6 +69,8 @@ impl Counter {
         Counter::DropBadHeader,
         Counter::DropBadLength,
         Counter::PassNoNextHop,
+        Counter::Steered,
+        Counter::PassVipNoNode,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -84,6 +91,8 @@ impl Counter {
             Counter::DropBadHeader => "drop_bad_header",
             Counter::DropBadLength => "drop_bad_length",
             Counter::PassNoNextHop => "pass_no_next_hop",
+            Counter::Steered => "steered",
+            Counter::PassVipNoNode => "pass_vip_no_node",
         }
     }
 

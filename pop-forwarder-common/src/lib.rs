@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod counters;
 pub mod dir24;
 pub mod maglev;
+pub mod steering;
 
 pub use counters::Counter;
 
@@ -28,7 +29,13 @@ pub mod map_names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const IPV4_TBL24: &str = "IPV4_TBL24";
     pub const IPV4_TBL8: &str = "IPV4_TBL8";
-    pub const ALL: [&str; 12] = [
+    pub const VIPS: &str = "VIPS";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const CACHE_NODES: &str = "CACHE_NODES";
+    pub const FLOWS: &str = "FLOWS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const NODE_STATS: &str = "NODE_STATS";
+    pub const ALL: [&str; 18] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -41,6 +48,12 @@ pub mod map_names {
         SETTINGS,
         IPV4_TBL24,
         IPV4_TBL8,
+        VIPS,
+        MAGLEV,
+        CACHE_NODES,
+        FLOWS,
+        VIP_STATS,
+        NODE_STATS,
     ];
 }
 
@@ -140,7 +153,12 @@ pub mod settings {
     /// How the program looks IPv4 destinations up: `IPV4_DIR24` (the
     /// default, zero) or `IPV4_TRIE`. IPv6 always uses its trie.
     pub const IPV4_LOOKUP: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Seed of the flow hash: the same on every forwarder of a PoP.
+    pub const FLOW_HASH_SEED: u32 = 2;
+    /// 1 when any VIP is configured: without one, routed packets skip the
+    /// VIP lookup.
+    pub const STEERING_ON: u32 = 3;
+    pub const COUNT: u32 = 4;
 
     pub const IPV4_DIR24: u32 = 0;
     pub const IPV4_TRIE: u32 = 1;

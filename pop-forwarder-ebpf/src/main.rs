@@ -7,6 +7,7 @@
 
 mod maps;
 mod packet;
+mod steer;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::{debug, warn};
@@ -115,6 +116,20 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
         return pass(Counter::PassLinkScope);
     }
+    // A VIP is looked up before the routes. Fragments after the first carry
+    // no ports (RFC 791: a non-zero offset), and hash by addresses only.
+    let fragment = u16::from_be_bytes(ip.frags) & 0x1fff != 0;
+    let flow = steer::Flow {
+        family: 4,
+        src: widen(ip.src_addr),
+        dst: widen(dst),
+        protocol: ip.proto,
+        l4_offset: (!fragment).then_some(EthHdr::LEN + header_len),
+        frame_len,
+    };
+    if let Some(verdict) = steer::steer(ctx, eth, &flow) {
+        return verdict;
+    }
     // One lookup answers both "is it ours?" (this box's addresses are /32
     // routes to LOCAL_NEXT_HOP) and "where to?".
     let route = lookup_route_v4(dst);
@@ -133,7 +148,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         Ok(next_hop) => next_hop,
         Err(verdict) => return verdict,
     };
-    let verdict = match egress(ctx, next_hop) {
+    let verdict = match egress(ctx, next_hop.ifindex) {
         Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
@@ -168,6 +183,19 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
         return pass(Counter::PassLinkScope);
     }
+    // Ports only when TCP or UDP follows the fixed header directly; behind
+    // extension headers the flow hashes by addresses and protocol.
+    let flow = steer::Flow {
+        family: 6,
+        src: ip.src_addr,
+        dst,
+        protocol: ip.next_hdr,
+        l4_offset: Some(EthHdr::LEN + Ipv6Hdr::LEN),
+        frame_len,
+    };
+    if let Some(verdict) = steer::steer(ctx, eth, &flow) {
+        return verdict;
+    }
     let route = lookup_route_v6(dst);
     if route == Some(LOCAL_NEXT_HOP) {
         return pass(Counter::PassLocal);
@@ -183,7 +211,7 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         Ok(next_hop) => next_hop,
         Err(verdict) => return verdict,
     };
-    let verdict = match egress(ctx, next_hop) {
+    let verdict = match egress(ctx, next_hop.ifindex) {
         Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
@@ -191,6 +219,14 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     ip.hop_limit -= 1;
     rewrite_l2(eth, next_hop, next_hop_id, frame_len);
     verdict
+}
+
+/// An IPv4 address in the 16-byte form flows and VIPs use.
+#[inline(always)]
+fn widen(a: [u8; 4]) -> [u8; 16] {
+    let mut w = [0u8; 16];
+    w[..4].copy_from_slice(&a);
+    w
 }
 
 #[inline(always)]

@@ -67,7 +67,7 @@ static EGRESS_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_EGRESS_PORTS,
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT as u32, 0);
 
 #[map]
-static SETTINGS: Array<u32> = Array::with_max_entries(settings::COUNT, 0);
+pub static SETTINGS: Array<u32> = Array::with_max_entries(settings::COUNT, 0);
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -137,20 +137,20 @@ pub fn next_hop_for(next_hop_id: u32, l3_len: usize) -> Result<&'static NextHop,
     Ok(next_hop)
 }
 
-/// How the frame leaves for `next_hop`: XDP_TX out of the interface it came
+/// How the frame leaves through `ifindex`: XDP_TX out of the interface it came
 /// in on, or a devmap redirect. bpf_redirect_map only records the target,
 /// so calling it before the packet is rewritten lets a missing egress fall
 /// back to the kernel with the packet untouched, at the cost of one devmap
 /// lookup rather than two.
 #[inline(always)]
-pub fn egress(ctx: &XdpContext, next_hop: &NextHop) -> Result<Verdict, Verdict> {
-    if next_hop.ifindex as usize == ctx.ingress_ifindex() {
+pub fn egress(ctx: &XdpContext, ifindex: u32) -> Result<Verdict, Verdict> {
+    if ifindex as usize == ctx.ingress_ifindex() {
         return Ok(Verdict {
             action: xdp_action::XDP_TX,
             counter: Counter::ForwardedTx,
         });
     }
-    match EGRESS_PORTS.redirect(next_hop.ifindex, u64::from(xdp_action::XDP_PASS)) {
+    match EGRESS_PORTS.redirect(ifindex, u64::from(xdp_action::XDP_PASS)) {
         Ok(action) => Ok(Verdict {
             action,
             counter: Counter::Forwarded,

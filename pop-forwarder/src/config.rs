@@ -24,6 +24,91 @@ pub struct Config {
     /// Static routes.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// Seed of the flow hash; the same on every forwarder of a PoP.
+    #[serde(default)]
+    pub flow_hash_seed: u32,
+    /// Entries of each VIP's Maglev table: a prime, at most 65537.
+    #[serde(default = "default_table_size")]
+    pub maglev_table_size: u32,
+    /// Cache nodes.
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+    /// Service addresses and their pools.
+    #[serde(default)]
+    pub vips: Vec<VipConfig>,
+}
+
+fn default_table_size() -> u32 {
+    pop_forwarder_common::maglev::DEFAULT_TABLE_SIZE
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub address: String,
+    pub dev: String,
+    pub mac: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub address: String,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub port: u16,
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => pop_forwarder_common::steering::PROTO_TCP,
+            Protocol::Udp => pop_forwarder_common::steering::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// A cache node after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub address: IpAddr,
+    pub dev: String,
+    pub mac: Option<Mac>,
+    pub weight: u32,
+}
+
+/// A VIP after validation; `nodes` index `Model::nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vip {
+    pub address: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub nodes: Vec<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +328,11 @@ pub struct Model {
     pub ipv4_lookup: Ipv4Lookup,
     pub interfaces: Vec<(String, XdpMode)>,
     pub routes: Vec<Route>,
+    pub flow_hash_seed: u32,
+    pub maglev_table_size: u32,
+    /// Sorted by name: a node's slot in the node table is its position here.
+    pub nodes: Vec<Node>,
+    pub vips: Vec<Vip>,
 }
 
 impl Model {
@@ -258,6 +348,7 @@ impl Model {
     }
 
     fn validate(config: Config) -> Result<Model> {
+        let (nodes, vips) = validate_steering(&config)?;
         if config.interfaces.is_empty() {
             bail!("interfaces: at least one interface is needed");
         }
@@ -305,8 +396,106 @@ impl Model {
             ipv4_lookup: config.ipv4_lookup,
             interfaces,
             routes,
+            flow_hash_seed: config.flow_hash_seed,
+            maglev_table_size: config.maglev_table_size,
+            nodes,
+            vips,
         })
     }
+}
+
+fn validate_steering(config: &Config) -> Result<(Vec<Node>, Vec<Vip>)> {
+    use pop_forwarder_common::{
+        maglev::{DEFAULT_TABLE_SIZE, is_prime},
+        steering::{MAX_CACHE_NODES, MAX_VIPS},
+    };
+    let size = config.maglev_table_size;
+    if !(7..=DEFAULT_TABLE_SIZE).contains(&size) || !is_prime(size) {
+        bail!("maglev_table_size: {size} is not a prime from 7 to {DEFAULT_TABLE_SIZE}");
+    }
+    if config.nodes.len() > MAX_CACHE_NODES as usize {
+        bail!(
+            "nodes: {} nodes; at most {MAX_CACHE_NODES}",
+            config.nodes.len()
+        );
+    }
+    if config.vips.len() > MAX_VIPS as usize {
+        bail!("vips: {} VIPs; at most {MAX_VIPS}", config.vips.len());
+    }
+    let mut nodes = Vec::new();
+    for (i, n) in config.nodes.iter().enumerate() {
+        let ctx = || format!("nodes[{i}] ({})", n.name);
+        if n.name.is_empty() || n.name.len() > 64 || n.name.chars().any(char::is_whitespace) {
+            bail!(
+                "nodes[{i}].name: {:?} must be 1 to 64 characters without spaces",
+                n.name
+            );
+        }
+        if nodes.iter().any(|m: &Node| m.name == n.name) {
+            bail!("nodes[{i}].name: {:?} is listed twice", n.name);
+        }
+        let address: IpAddr = n
+            .address
+            .parse()
+            .map_err(|_| anyhow::anyhow!("address: {:?} is not an IP address", n.address))
+            .with_context(ctx)?;
+        check_interface_name(&n.dev)
+            .context("dev")
+            .with_context(ctx)?;
+        let mac = n
+            .mac
+            .as_deref()
+            .map(|m| m.parse::<Mac>().context("mac"))
+            .transpose()
+            .with_context(ctx)?;
+        if n.weight > 1000 {
+            bail!(
+                "nodes[{i}].weight: {} is not from 0 (drained) to 1000",
+                n.weight
+            );
+        }
+        nodes.push(Node {
+            name: n.name.clone(),
+            address,
+            dev: n.dev.clone(),
+            mac,
+            weight: n.weight,
+        });
+    }
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut vips: Vec<Vip> = Vec::new();
+    for (i, v) in config.vips.iter().enumerate() {
+        let address: IpAddr = v.address.parse().map_err(|_| {
+            anyhow::anyhow!("vips[{i}].address: {:?} is not an IP address", v.address)
+        })?;
+        if vips
+            .iter()
+            .any(|w| w.address == address && w.protocol == v.protocol && w.port == v.port)
+        {
+            bail!(
+                "vips[{i}]: {address} {} port {} is listed twice",
+                v.protocol,
+                v.port
+            );
+        }
+        let mut members = Vec::new();
+        for name in &v.nodes {
+            let Some(index) = nodes.iter().position(|n| &n.name == name) else {
+                bail!("vips[{i}].nodes: no node is named {name:?}");
+            };
+            if members.contains(&index) {
+                bail!("vips[{i}].nodes: {name:?} is listed twice");
+            }
+            members.push(index);
+        }
+        vips.push(Vip {
+            address,
+            protocol: v.protocol,
+            port: v.port,
+            nodes: members,
+        });
+    }
+    Ok((nodes, vips))
 }
 
 #[cfg(test)]

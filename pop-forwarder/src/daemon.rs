@@ -17,7 +17,7 @@ use crate::{
     EBPF_OBJECT,
     config::{Ipv4Lookup, Model, XdpMode},
     instance::{self, AttachedInterface, Instance, State},
-    kernel,
+    kernel, steering,
     tables::{Tables, resolve_next_hop},
 };
 
@@ -34,6 +34,8 @@ struct Running {
     links: Vec<PinnedLink>,
     /// Gateways the kernel was asked to resolve (once each).
     requested_neighbours: std::collections::HashSet<(std::net::IpAddr, u32)>,
+    /// The cache nodes, for refreshing their MACs.
+    nodes: Vec<crate::config::Node>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
 }
@@ -132,6 +134,10 @@ fn start(
             .with_context(|| format!("routes[{i}] ({})", route.prefix))?;
         routes.push((route.prefix, nh));
     }
+    for node in &model.nodes {
+        steering::resolve_node(node, &links, &neighbours)
+            .with_context(|| format!("nodes ({})", node.name))?;
+    }
     warn_if_kernel_forwarding_off();
 
     instance::ensure_bpffs()?;
@@ -156,6 +162,7 @@ fn start(
                     .canonicalize()
                     .unwrap_or_else(|_| config_path.to_owned()),
                 interfaces: attach_to,
+                steering: steering::SteeringState::of(model),
                 started_unix: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
@@ -166,6 +173,7 @@ fn start(
                 tables,
                 links,
                 local_conflicts: Vec::new(),
+                nodes: model.nodes.clone(),
                 requested_neighbours: Default::default(),
             })
         }
@@ -207,6 +215,12 @@ fn fill_and_attach(
     let addrs: Vec<_> = kernel::links()?.into_iter().flat_map(|l| l.addrs).collect();
     tables.sync_local_addrs(&addrs)?;
     tables.add_routes(routes)?;
+    steering::install(
+        &mut tables,
+        model,
+        &kernel::links()?,
+        &kernel::neighbours()?,
+    )?;
 
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
@@ -297,6 +311,9 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
     if model.interfaces != attached {
         bail!("interfaces changed; attaching and detaching need a restart (`detach`, then `run`)");
     }
+    if steering::SteeringState::of(&model) != state.steering {
+        bail!("VIPs or cache nodes changed; applying those needs a restart for now");
+    }
     if model.ipv4_lookup != running.tables.ipv4_lookup() {
         bail!(
             "ipv4_lookup changed to {}; that needs a restart",
@@ -327,9 +344,25 @@ fn refresh(running: &mut Running) -> Result<()> {
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }
-    // Gateways nobody has resolved yet: have the kernel resolve them now,
-    // rather than when the first packets for them reach it.
-    for (gateway, ifindex) in running.tables.unresolved_gateways()? {
+    let (changes, unresolved_nodes) =
+        steering::refresh_nodes(&mut running.tables, &running.nodes, &links, &neighbours)?;
+    for change in changes {
+        info!("{change}");
+    }
+    let unresolved_nodes = unresolved_nodes.into_iter().filter_map(|(addr, dev)| {
+        links
+            .iter()
+            .find(|l| l.name == dev)
+            .map(|l| (addr, l.ifindex))
+    });
+    // Gateways and nodes nobody has resolved yet: have the kernel resolve
+    // them now, rather than when the first packets for them reach it.
+    for (gateway, ifindex) in running
+        .tables
+        .unresolved_gateways()?
+        .into_iter()
+        .chain(unresolved_nodes)
+    {
         let Some(link) = links.iter().find(|l| l.ifindex == ifindex) else {
             continue;
         };
@@ -363,6 +396,7 @@ fn shutdown(running: Running) -> Result<()> {
         tables,
         links,
         local_conflicts: _,
+        nodes: _,
         requested_neighbours: _,
     } = running;
     drop(tables);

@@ -25,6 +25,9 @@ pub struct State {
     pub config: PathBuf,
     pub interfaces: Vec<AttachedInterface>,
     pub started_unix: u64,
+    /// VIPs and cache nodes as configured at start.
+    #[serde(default)]
+    pub steering: crate::steering::SteeringState,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

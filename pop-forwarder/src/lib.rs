@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod instance;
 pub mod kernel;
+pub mod steering;
 pub mod tables;
 
 /// The compiled XDP program, built by build.rs and embedded so that the

@@ -50,6 +50,28 @@ enum Command {
     /// Change or show the running instance's routes.
     #[command(subcommand)]
     Route(RouteCommand),
+    /// Show the VIPs with their pools and traffic.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Show the cache nodes with their weights and traffic.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Which cache node a flow to a VIP goes to: the node an existing flow
+    /// is pinned to, and the node the Maglev table gives a new one.
+    Lookup {
+        #[arg(long)]
+        src: std::net::IpAddr,
+        #[arg(long)]
+        dst: std::net::IpAddr,
+        #[arg(long, value_enum)]
+        protocol: LookupProtocol,
+        #[arg(long, default_value_t = 0)]
+        src_port: u16,
+        #[arg(long, default_value_t = 0)]
+        dst_port: u16,
+        #[arg(long)]
+        json: bool,
+    },
     /// Packet counters by outcome, and traffic per next hop.
     Stats {
         #[arg(long)]
@@ -133,6 +155,16 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Route(cmd) => route(&instance, cmd),
+        Command::Vip(VipCommand::List { json }) => vip_list(&instance, json),
+        Command::Node(NodeCommand::List { json }) => node_list(&instance, json),
+        Command::Lookup {
+            src,
+            dst,
+            protocol,
+            src_port,
+            dst_port,
+            json,
+        } => lookup(&instance, src, dst, protocol, src_port, dst_port, json),
         Command::Stats { json } => stats(&instance, json),
         Command::Status { json } => status(&instance, json),
         Command::Detach => detach(&instance),
@@ -250,6 +282,187 @@ fn generate(args: GenerateArgs) -> Result<()> {
         "sent {total} packets in {took:.1} s: {:.0} packets/s",
         total as f64 / took
     );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// List the VIPs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the cache nodes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LookupProtocol {
+    Tcp,
+    Udp,
+}
+
+/// The steering config the daemon started with, and its tables.
+fn open_steering(instance: &Instance) -> Result<(Tables, pop_forwarder::steering::SteeringState)> {
+    let tables = open(instance)?;
+    let state = instance
+        .read_state()
+        .context("the instance has no state file (is its daemon running?)")?;
+    Ok((tables, state.steering))
+}
+
+fn vip_list(instance: &Instance, json: bool) -> Result<()> {
+    let (tables, steering) = open_steering(instance)?;
+    let (vip_stats, _) = tables.steering_stats(steering.vips.len() as u32, 0)?;
+    let rows: Vec<_> = steering
+        .vips
+        .iter()
+        .zip(&vip_stats)
+        .map(|(v, s)| {
+            serde_json::json!({
+                "address": v.address, "protocol": v.protocol, "port": v.port, "nodes": v.nodes,
+                "packets": s.packets, "bytes": s.bytes,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<5} {:>5} {:>14} {:>16}  NODES",
+        "VIP", "PROTO", "PORT", "PACKETS", "BYTES"
+    );
+    for (v, s) in steering.vips.iter().zip(&vip_stats) {
+        let port = if v.port == 0 {
+            "any".to_owned()
+        } else {
+            v.port.to_string()
+        };
+        println!(
+            "{:<40} {:<5} {:>5} {:>14} {:>16}  {}",
+            v.address,
+            v.protocol,
+            port,
+            s.packets,
+            s.bytes,
+            v.nodes.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn node_list(instance: &Instance, json: bool) -> Result<()> {
+    let (tables, steering) = open_steering(instance)?;
+    let (_, node_stats) = tables.steering_stats(0, steering.nodes.len() as u32)?;
+    let mut rows = Vec::new();
+    for (i, (n, s)) in steering.nodes.iter().zip(&node_stats).enumerate() {
+        let node = tables.node(i as u32)?;
+        let mac = (node.flags & pop_forwarder_common::steering::NODE_F_MAC_VALID != 0)
+            .then(|| pop_forwarder::config::Mac(node.dst_mac).to_string());
+        rows.push(serde_json::json!({
+            "name": n.name, "address": n.address, "dev": n.dev, "weight": n.weight, "mac": mac,
+            "packets": s.packets, "bytes": s.bytes,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<40} {:<12} {:>6} {:<18} {:>14} {:>16}",
+        "NODE", "ADDRESS", "DEV", "WEIGHT", "MAC", "PACKETS", "BYTES"
+    );
+    for r in &rows {
+        println!(
+            "{:<20} {:<40} {:<12} {:>6} {:<18} {:>14} {:>16}",
+            r["name"].as_str().unwrap_or_default(),
+            r["address"].as_str().unwrap_or_default(),
+            r["dev"].as_str().unwrap_or_default(),
+            r["weight"],
+            r["mac"].as_str().unwrap_or("unresolved"),
+            r["packets"],
+            r["bytes"]
+        );
+    }
+    Ok(())
+}
+
+fn lookup(
+    instance: &Instance,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    protocol: LookupProtocol,
+    src_port: u16,
+    dst_port: u16,
+    json: bool,
+) -> Result<()> {
+    use pop_forwarder::steering::{family, widen};
+    use pop_forwarder_common::{maglev, steering::FlowKey};
+    if src.is_ipv4() != dst.is_ipv4() {
+        bail!("--src {src} and --dst {dst} are of different address families");
+    }
+    let (tables, steering) = open_steering(instance)?;
+    let protocol = match protocol {
+        LookupProtocol::Tcp => pop_forwarder::config::Protocol::Tcp,
+        LookupProtocol::Udp => pop_forwarder::config::Protocol::Udp,
+    };
+    let Some(index) = steering
+        .vips
+        .iter()
+        .position(|v| v.address == dst && v.protocol == protocol && v.port == dst_port)
+        .or_else(|| {
+            steering
+                .vips
+                .iter()
+                .position(|v| v.address == dst && v.protocol == protocol && v.port == 0)
+        })
+    else {
+        bail!(
+            "{dst} {protocol} port {dst_port} is no VIP of instance {:?}",
+            instance.name
+        );
+    };
+    let name = |id: u32| steering.nodes.get(id as usize).map(|n| n.name.clone());
+    let key = FlowKey {
+        src: widen(src),
+        dst: widen(dst),
+        src_port,
+        dst_port,
+        protocol: protocol.number(),
+        family: family(dst),
+        pad: [0; 2],
+    };
+    let existing = tables.flow_node(&key)?.and_then(name);
+    let hash = maglev::flow_hash(
+        u64::from(tables.flow_hash_seed()?),
+        &key.src,
+        &key.dst,
+        src_port,
+        dst_port,
+        key.protocol,
+    );
+    let slot = hash % steering.maglev_table_size;
+    let new = name(tables.maglev_entry(index as u32, slot)?);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "vip": index, "existing_flow": existing, "new_flow": new, "maglev_slot": slot })
+        );
+    } else {
+        println!("existing flow: {}", existing.as_deref().unwrap_or("none"));
+        println!(
+            "new flow:      {} (Maglev slot {slot})",
+            new.as_deref().unwrap_or("no node")
+        );
+    }
     Ok(())
 }
 

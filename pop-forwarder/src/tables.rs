@@ -20,8 +20,9 @@ use aya::maps::{
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC,
     NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
-    dir24::{Dir24, Dir24Error},
+    dir24::{self as dir24_layout, Dir24, Dir24Error},
     map_names as names, settings,
+    steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
 };
 
 use crate::{
@@ -54,6 +55,12 @@ pub struct Tables {
     tbl8: MapData,
     /// The DIR-24-8 tables mapped into this process, once needed.
     dir24: Option<(Mmap, Mmap)>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    maglev: Array<MapData, u64>,
+    cache_nodes: Array<MapData, CacheNode>,
+    flows: HashMap<MapData, FlowKey, u32>,
+    vip_stats: PerCpuArray<MapData, TrafficCounter>,
+    node_stats: PerCpuArray<MapData, TrafficCounter>,
 }
 
 /// A BPF array map of u64 pairs mapped into this process as u32 entries
@@ -279,6 +286,12 @@ impl Tables {
             tbl24: array_data(take(names::IPV4_TBL24)?)?,
             tbl8: array_data(take(names::IPV4_TBL8)?)?,
             dir24: None,
+            vips: open!(names::VIPS),
+            maglev: open!(names::MAGLEV),
+            cache_nodes: open!(names::CACHE_NODES),
+            flows: open!(names::FLOWS),
+            vip_stats: open!(names::VIP_STATS),
+            node_stats: open!(names::NODE_STATS),
         })
     }
 
@@ -965,6 +978,135 @@ impl Tables {
     }
 
     /// Makes the local-address sets exactly `addrs`.
+    /// Seeds the flow hash and turns the VIP lookup on or off.
+    pub fn set_steering(&mut self, seed: u32, on: bool) -> Result<()> {
+        self.settings
+            .set(settings::FLOW_HASH_SEED, seed, 0)
+            .context("writing the flow-hash seed")?;
+        self.settings
+            .set(settings::STEERING_ON, u32::from(on), 0)
+            .context("turning steering on or off")
+    }
+
+    pub fn flow_hash_seed(&self) -> Result<u32> {
+        Ok(self.settings.get(&settings::FLOW_HASH_SEED, 0)?)
+    }
+
+    /// Writes cache node `id`, resetting its counters if the slot was free.
+    pub fn write_node(&mut self, id: u32, node: &CacheNode) -> Result<()> {
+        let was_in_use = self.cache_nodes.get(&id, 0).is_ok_and(|n| n.flags != 0);
+        if !was_in_use {
+            let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+            self.node_stats
+                .set(id, PerCpuValues::try_from(zeros)?, 0)
+                .context("resetting node counters")?;
+        }
+        self.add_egress(node.ifindex)?;
+        self.cache_nodes
+            .set(id, node, 0)
+            .with_context(|| format!("writing cache node {id}"))
+    }
+
+    /// Frees node slot `id`: flows pinned to it go back to their VIP's
+    /// Maglev table.
+    pub fn remove_node(&mut self, id: u32) -> Result<()> {
+        let free: CacheNode = bytemuck::Zeroable::zeroed();
+        self.cache_nodes
+            .set(id, free, 0)
+            .with_context(|| format!("removing cache node {id}"))
+    }
+
+    pub fn node(&self, id: u32) -> Result<CacheNode> {
+        Ok(self.cache_nodes.get(&id, 0)?)
+    }
+
+    /// Writes VIP slot `index`: its Maglev table (node ids), then the VIP
+    /// entry that points the program at it.
+    pub fn write_vip(&mut self, index: u32, key: &VipKey, table: &[u32]) -> Result<()> {
+        if table.is_empty() || table.len() > MAGLEV_STRIDE as usize {
+            bail!("a Maglev table must hold 1 to {MAGLEV_STRIDE} entries");
+        }
+        let base = index * MAGLEV_STRIDE;
+        // The stride is odd, so a VIP's table starts on either half of an
+        // element; write whole elements, keeping the neighbour's half.
+        let first = dir24_layout::element_of(base);
+        let last = dir24_layout::element_of(base + table.len() as u32 - 1);
+        for element in first..=last {
+            let lo_entry = element * dir24_layout::ENTRIES_PER_ELEMENT;
+            let old = self.maglev.get(&element, 0).unwrap_or(0);
+            let half = |entry: u32, shift: u32| -> u64 {
+                if entry >= base && entry < base + table.len() as u32 {
+                    u64::from(table[(entry - base) as usize]) << shift
+                } else {
+                    old & (0xffff_ffffu64 << shift)
+                }
+            };
+            self.maglev
+                .set(element, half(lo_entry, 0) | half(lo_entry + 1, 32), 0)
+                .context("writing a Maglev table")?;
+        }
+        let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        self.vip_stats
+            .set(index, PerCpuValues::try_from(zeros)?, 0)
+            .context("resetting VIP counters")?;
+        self.vips
+            .insert(
+                key,
+                VipInfo {
+                    index,
+                    table_size: table.len() as u32,
+                },
+                0,
+            )
+            .context("writing the VIP")
+    }
+
+    /// The VIPs as the program sees them.
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        let mut v: Vec<_> = self
+            .vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading VIPs")?;
+        v.sort_by_key(|(_, info)| info.index);
+        Ok(v)
+    }
+
+    /// Entry `slot` of VIP slot `index`'s Maglev table.
+    pub fn maglev_entry(&self, index: u32, slot: u32) -> Result<u32> {
+        let at = index * MAGLEV_STRIDE + slot;
+        let element = self.maglev.get(&dir24_layout::element_of(at), 0)?;
+        Ok(dir24_layout::entry_in(element, at))
+    }
+
+    /// The node a known flow is pinned to.
+    pub fn flow_node(&self, key: &FlowKey) -> Result<Option<u32>> {
+        match self.flows.get(key, 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the connection table"),
+        }
+    }
+
+    /// Packets and bytes per VIP slot and per node, summed over CPUs.
+    pub fn steering_stats(
+        &self,
+        vips: u32,
+        nodes: u32,
+    ) -> Result<(Vec<TrafficCounter>, Vec<TrafficCounter>)> {
+        let sum = |v: PerCpuValues<TrafficCounter>| TrafficCounter {
+            packets: v.iter().map(|t| t.packets).sum(),
+            bytes: v.iter().map(|t| t.bytes).sum(),
+        };
+        let v = (0..vips)
+            .map(|i| self.vip_stats.get(&i, 0).map(sum))
+            .collect::<Result<_, _>>()?;
+        let n = (0..nodes)
+            .map(|i| self.node_stats.get(&i, 0).map(sum))
+            .collect::<Result<_, _>>()?;
+        Ok((v, n))
+    }
+
     /// Gateways (and their interface index) of next hops that still wait for
     /// a MAC from the neighbour table.
     pub fn unresolved_gateways(&self) -> Result<Vec<(IpAddr, u32)>> {

@@ -84,3 +84,30 @@ pub fn forwarded(frame: &[u8], eth: Eth) -> Vec<u8> {
     }
     out
 }
+
+/// An Ethernet + IPv4/IPv6 + UDP or TCP frame with the ports given.
+pub fn flow_frame(
+    eth: Eth,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    tcp: bool,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let base = PacketBuilder::ethernet2(eth.src, eth.dst);
+    let ip = match (src, dst) {
+        (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => base.ipv4(s.octets(), d.octets(), 64),
+        (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => base.ipv6(s.octets(), d.octets(), 64),
+        _ => panic!("mixed address families"),
+    };
+    let payload = b"pop-forwarder flow";
+    let mut out = Vec::new();
+    if tcp {
+        let b = ip.tcp(sport, dport, 1, 65535);
+        b.write(&mut out, payload).expect("building a test packet");
+    } else {
+        let b = ip.udp(sport, dport);
+        b.write(&mut out, payload).expect("building a test packet");
+    }
+    out
+}

@@ -831,3 +831,266 @@ fn applying_a_route_set_adds_changes_and_deletes_in_place() {
         assert_eq!(p.tables.apply_routes(&desired).unwrap(), (0, 0, 0));
     });
 }
+
+mod steering {
+    use pop_forwarder::steering::{family, widen};
+    use pop_forwarder_common::{
+        maglev::{self, NO_NODE},
+        steering::{CacheNode, NODE_F_IN_USE, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey},
+    };
+    use tests::packets::flow_frame;
+
+    use super::*;
+
+    const SEED: u32 = 42;
+    const SIZE: u32 = 251;
+    const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0xaa, 0x01];
+    const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0xbb, 0x02];
+
+    fn vip(addr: &str, protocol: u8, port: u16) -> VipKey {
+        let a: std::net::IpAddr = addr.parse().unwrap();
+        VipKey {
+            addr: widen(a),
+            port,
+            protocol,
+            family: family(a),
+        }
+    }
+
+    /// Node 0 (A) behind the veth, node 1 (B) behind lo (XDP_TX); VIPs:
+    /// 192.0.2.10 UDP any port and 2001:db8::10 TCP 443, both on a table
+    /// of A and B; 192.0.2.20 TCP 80 on an empty table.
+    fn setup(p: &mut Program) {
+        let veth = p
+            .tables
+            .next_hop_slots()
+            .unwrap()
+            .iter()
+            .find(|nh| nh.is_in_use() && nh.ifindex != 1)
+            .unwrap()
+            .ifindex;
+        let flags = NODE_F_IN_USE | NODE_F_MAC_VALID;
+        p.tables
+            .write_node(
+                0,
+                &CacheNode {
+                    ifindex: veth,
+                    flags,
+                    dst_mac: MAC_A,
+                    src_mac: OUT.src,
+                },
+            )
+            .unwrap();
+        p.tables
+            .write_node(
+                1,
+                &CacheNode {
+                    ifindex: 1,
+                    flags,
+                    dst_mac: MAC_B,
+                    src_mac: OUT.src,
+                },
+            )
+            .unwrap();
+        let mut pool = vec![
+            maglev::PoolNode {
+                id: 0,
+                key: 11,
+                weight: 1,
+            },
+            maglev::PoolNode {
+                id: 1,
+                key: 22,
+                weight: 1,
+            },
+        ];
+        let mut table = vec![0u32; SIZE as usize];
+        maglev::populate(&mut pool, &mut table, &mut [(0, 0, 0, 0); 2]);
+        p.tables
+            .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &table)
+            .unwrap();
+        p.tables
+            .write_vip(1, &vip("2001:db8::10", PROTO_TCP, 443), &table)
+            .unwrap();
+        p.tables
+            .write_vip(
+                2,
+                &vip("192.0.2.20", PROTO_TCP, 80),
+                &[NO_NODE; SIZE as usize],
+            )
+            .unwrap();
+        p.tables.set_steering(SEED, true).unwrap();
+    }
+
+    /// The node Maglev gives a new flow, as `pop-forwarder lookup` finds it.
+    fn maglev_node(
+        p: &Program,
+        index: u32,
+        src: &str,
+        dst: &str,
+        protocol: u8,
+        sport: u16,
+        dport: u16,
+    ) -> u32 {
+        let (s, d) = (widen(src.parse().unwrap()), widen(dst.parse().unwrap()));
+        let hash = maglev::flow_hash(u64::from(SEED), &s, &d, sport, dport, protocol);
+        p.tables.maglev_entry(index, hash % SIZE).unwrap()
+    }
+
+    /// What a frame becomes when steered to `node`: MACs only, IP as it was.
+    fn steered(frame: &[u8], node: u32) -> (u32, Vec<u8>) {
+        let mut out = frame.to_vec();
+        out[0..6].copy_from_slice(if node == 0 { &MAC_A } else { &MAC_B });
+        out[6..12].copy_from_slice(&OUT.src);
+        (if node == 0 { XDP_REDIRECT } else { XDP_TX }, out)
+    }
+
+    fn flow(src: &str, dst: &str, tcp: bool, sport: u16, dport: u16) -> Vec<u8> {
+        flow_frame(
+            IN,
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            tcp,
+            sport,
+            dport,
+        )
+    }
+
+    #[test]
+    fn vip_traffic_goes_to_its_maglev_node_by_direct_server_return() {
+        with_program(|p| {
+            setup(p);
+            let mut seen = [false; 2];
+            for sport in 40000..40016u16 {
+                let node = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, sport, 9999);
+                seen[node as usize] = true;
+                let frame = flow("10.0.1.2", "192.0.2.10", false, sport, 9999);
+                let (action, out) = steered(&frame, node);
+                check(
+                    p,
+                    vec![Case {
+                        name: "udp to the VIP, any port",
+                        frame,
+                        action,
+                        output: Some(out),
+                        counter: Counter::Steered,
+                    }],
+                );
+            }
+            assert!(seen[0] && seen[1], "16 flows all went to one node");
+            let node = maglev_node(p, 1, "2001:db8::1", "2001:db8::10", PROTO_TCP, 50000, 443);
+            let frame = flow("2001:db8::1", "2001:db8::10", true, 50000, 443);
+            let (action, out) = steered(&frame, node);
+            check(
+                p,
+                vec![
+                    Case {
+                        name: "tcp to the IPv6 VIP",
+                        frame,
+                        action,
+                        output: Some(out),
+                        counter: Counter::Steered,
+                    },
+                    // Port 443 only: port 80 of the same address is routed (no route here).
+                    Case {
+                        name: "not the VIP's port",
+                        frame: flow("2001:db8::1", "2001:db8::10", true, 50000, 80),
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassRouteMiss,
+                    },
+                    Case {
+                        name: "empty pool",
+                        frame: flow("10.0.1.2", "192.0.2.20", true, 50000, 80),
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassVipNoNode,
+                    },
+                ],
+            );
+            let stats = p.tables.steering_stats(2, 2).unwrap();
+            assert_eq!(stats.0[0].packets, 16);
+            assert_eq!(stats.0[1].packets, 1);
+            assert_eq!(stats.1[0].packets + stats.1[1].packets, 17);
+        });
+    }
+
+    #[test]
+    fn a_flow_stays_on_its_node_when_the_pool_changes_until_the_node_goes() {
+        with_program(|p| {
+            setup(p);
+            let first = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, 40000, 53);
+            let other = 1 - first;
+            let frame = flow("10.0.1.2", "192.0.2.10", false, 40000, 53);
+            let (action, out) = steered(&frame, first);
+            check(
+                p,
+                vec![Case {
+                    name: "first packet",
+                    frame: frame.clone(),
+                    action,
+                    output: Some(out.clone()),
+                    counter: Counter::Steered,
+                }],
+            );
+            // The pool loses `first` (drained): new flows avoid it, the
+            // existing flow keeps it.
+            p.tables
+                .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &[other; SIZE as usize])
+                .unwrap();
+            check(
+                p,
+                vec![Case {
+                    name: "same flow after the change",
+                    frame: frame.clone(),
+                    action,
+                    output: Some(out),
+                    counter: Counter::Steered,
+                }],
+            );
+            let new_flow = flow("10.0.1.2", "192.0.2.10", false, 40001, 53);
+            let (action2, out2) = steered(&new_flow, other);
+            check(
+                p,
+                vec![Case {
+                    name: "new flow",
+                    frame: new_flow,
+                    action: action2,
+                    output: Some(out2),
+                    counter: Counter::Steered,
+                }],
+            );
+            // The node goes altogether: its flows move to the pool's nodes.
+            p.tables.remove_node(first).unwrap();
+            let (action3, out3) = steered(&frame, other);
+            check(
+                p,
+                vec![Case {
+                    name: "flow of a removed node",
+                    frame,
+                    action: action3,
+                    output: Some(out3),
+                    counter: Counter::Steered,
+                }],
+            );
+        });
+    }
+
+    #[test]
+    fn with_steering_off_vips_are_plain_destinations() {
+        with_program(|p| {
+            setup(p);
+            p.tables.set_steering(SEED, false).unwrap();
+            check(
+                p,
+                vec![Case {
+                    name: "VIP while off",
+                    frame: flow("10.0.1.2", "192.0.2.10", false, 40000, 53),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassRouteMiss,
+                }],
+            );
+        });
+    }
+}

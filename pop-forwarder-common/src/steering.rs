@@ -1,0 +1,78 @@
+//! Map layouts of VIP steering: service addresses (VIPs), their pools of
+//! cache nodes, the per-VIP Maglev tables and the connection table.
+
+use crate::maglev::DEFAULT_TABLE_SIZE;
+
+/// Capacity of the VIP table.
+pub const MAX_VIPS: u32 = 64;
+/// Capacity of the cache-node table; node ids index it.
+pub const MAX_CACHE_NODES: u32 = 1024;
+/// Room for one Maglev table per VIP slot; a VIP's table may be smaller (a
+/// smaller prime), never larger.
+pub const MAGLEV_STRIDE: u32 = DEFAULT_TABLE_SIZE;
+/// Entries of MAGLEV (u32 node ids, stored in pairs: see dir24).
+pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_STRIDE;
+/// Flows the connection table remembers (least recently used go first).
+pub const MAX_FLOWS: u32 = 1 << 18;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A VIP: address (IPv4 in the first four bytes), protocol and port (host
+/// order; 0 = every port of that protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+}
+
+/// Where a VIP's Maglev table is: slot `index` of MAGLEV, `table_size`
+/// entries long.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VipInfo {
+    pub index: u32,
+    pub table_size: u32,
+}
+
+/// The node slot is allocated.
+pub const NODE_F_IN_USE: u32 = 1 << 0;
+/// The node's MAC is known.
+pub const NODE_F_MAC_VALID: u32 = 1 << 1;
+
+/// A cache node reached by direct server return: same L2 segment, frames
+/// get its MAC and leave through `ifindex`; the node holds the VIP itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CacheNode {
+    pub ifindex: u32,
+    pub flags: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
+/// A flow: the connection table's key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub family: u8,
+    pub pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C) without padding (bytemuck's Pod derive checks).
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipInfo {}
+    unsafe impl aya::Pod for super::CacheNode {}
+    unsafe impl aya::Pod for super::FlowKey {}
+}
