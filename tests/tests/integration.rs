@@ -677,3 +677,160 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
     let status = fwd.stop().unwrap();
     assert!(status.success());
 }
+
+/// A cache-node namespace on its own link from the router: router side
+/// `dev` (10.0.`net`.1/24), node side n0 (10.0.`net`.11/24), with the VIP
+/// on its loopback (direct server return: the node holds the VIP).
+fn cache_node(lab: &Lab, dev: &str, net: u8, vip: &str) -> tests::Netns {
+    let node = tests::Netns::new("n").unwrap();
+    #[rustfmt::skip]
+    tests::sh("ip", &[
+        "link", "add", "n0", "netns", &node.name, "numtxqueues", "1", "numrxqueues", "1",
+        "type", "veth", "peer", "name", dev, "netns", &lab.router.name, "numtxqueues", "1", "numrxqueues", "1",
+    ])
+    .unwrap();
+    node.ip(&["addr", "add", &format!("10.0.{net}.11/24"), "dev", "n0"])
+        .unwrap();
+    node.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
+        .unwrap();
+    node.ip(&["link", "set", "n0", "up"]).unwrap();
+    lab.router
+        .ip(&["addr", "add", &format!("10.0.{net}.1/24"), "dev", dev])
+        .unwrap();
+    lab.router.ip(&["link", "set", dev, "up"]).unwrap();
+    node.run(
+        "ethtool",
+        &["-K", "n0", "gro", "on", "tx", "off", "tso", "off"],
+    )
+    .unwrap();
+    node
+}
+
+#[test]
+fn vip_flows_spread_over_cache_nodes_and_each_stays_on_one() {
+    let lab = Lab::new().unwrap();
+    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
+    let n2 = cache_node(&lab, "r3", 6, "192.0.2.10");
+    let steering = r#"
+[[nodes]]
+name = "cache-1"
+address = "10.0.5.11"
+dev = "r2"
+
+[[nodes]]
+name = "cache-2"
+address = "10.0.6.11"
+dev = "r3"
+
+[[vips]]
+address = "192.0.2.10"
+protocol = "udp"
+nodes = ["cache-1", "cache-2"]
+"#;
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
+    // The daemon has the kernel resolve the nodes; wait for both MACs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+        if nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["mac"].is_string())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes unresolved: {nodes}\n{}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sockets = [
+        udp_socket(&n1, "192.0.2.10:9999").unwrap(),
+        udp_socket(&n2, "192.0.2.10:9999").unwrap(),
+    ];
+
+    // 64 flows (one source port each), 3 datagrams per flow.
+    const FLOWS: usize = 64;
+    for f in 0..FLOWS {
+        send_udp(
+            &lab.a,
+            "192.0.2.10:9999".parse().unwrap(),
+            64,
+            &format!("flow{f:02}"),
+            3,
+        )
+        .unwrap();
+    }
+    let mut by_flow: std::collections::HashMap<
+        String,
+        (std::collections::HashSet<usize>, u16, usize),
+    > = Default::default();
+    let deadline = Instant::now() + WAIT;
+    let mut total = 0;
+    let mut buf = [0u8; 256];
+    while total < FLOWS * 3 && Instant::now() < deadline {
+        for (i, s) in sockets.iter().enumerate() {
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                let tag = String::from_utf8_lossy(&buf[..n])
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                let e = by_flow
+                    .entry(tag)
+                    .or_insert_with(|| (Default::default(), from.port(), 0));
+                e.0.insert(i);
+                e.2 += 1;
+                total += 1;
+            }
+        }
+    }
+    assert_eq!(total, FLOWS * 3, "datagrams received\n{}", fwd.log());
+    assert_eq!(by_flow.len(), FLOWS);
+    for (tag, (nodes, _, count)) in &by_flow {
+        assert_eq!(nodes.len(), 1, "{tag} reached {nodes:?}");
+        assert_eq!(*count, 3, "{tag}");
+    }
+    let on_first = by_flow.values().filter(|(n, _, _)| n.contains(&0)).count();
+    // Equal weights: a binomial(64, 1/2) split; both nodes get flows.
+    assert!(
+        (12..=52).contains(&on_first),
+        "{on_first} of {FLOWS} flows on cache-1"
+    );
+    assert!(fwd.counter("steered").unwrap() >= (FLOWS * 3) as u64);
+
+    // `lookup` agrees with where each flow went.
+    for (tag, (nodes, port, _)) in by_flow.iter().take(8) {
+        let out = fwd
+            .cli_ok(&[
+                "lookup",
+                "--src",
+                "10.0.1.2",
+                "--dst",
+                "192.0.2.10",
+                "--protocol",
+                "udp",
+                "--src-port",
+                &port.to_string(),
+                "--dst-port",
+                "9999",
+                "--json",
+            ])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let want = if nodes.contains(&0) {
+            "cache-1"
+        } else {
+            "cache-2"
+        };
+        assert_eq!(v["existing_flow"], want, "{tag}: {out}");
+        assert_eq!(v["new_flow"], want, "{tag}: {out}");
+    }
+    let vips: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["vip", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(vips[0]["packets"], (FLOWS * 3) as u64);
+}
