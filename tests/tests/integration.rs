@@ -752,6 +752,11 @@ nodes = ["cache-1", "cache-2"]
         udp_socket(&n1, "192.0.2.10:9999").unwrap(),
         udp_socket(&n2, "192.0.2.10:9999").unwrap(),
     ];
+    // Polled in turn: a short timeout, so an idle node does not hold up
+    // reading the other.
+    for s in &sockets {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
 
     // 64 flows (one source port each), 3 datagrams per flow.
     const FLOWS: usize = 64;
