@@ -39,6 +39,9 @@ use serde::Serialize;
 use tests::{Lab, Netns};
 
 const DESTINATIONS: usize = 4096;
+/// The VIP of the steering path (odd: the generator's destinations set the
+/// lowest bit).
+const VIP_ADDRESS: &str = "198.18.0.11";
 const SEED: u64 = 0x005e_ed0f_b00c;
 
 #[derive(Clone, Copy)]
@@ -224,7 +227,9 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn load(lab: &Lab, routes: &[Prefix], lookup: Ipv4Lookup) -> Result<Forwarder> {
+    /// With `vip`, also steers VIP_ADDRESS (UDP, any port) over 16 cache
+    /// nodes, all of them c's c0, by direct server return.
+    fn load(lab: &Lab, routes: &[Prefix], lookup: Ipv4Lookup, vip: bool) -> Result<Forwarder> {
         let c0 = mac(&lab.c, "c0")?;
         let r1 = mac(&lab.router, "r1")?;
         in_ns(&lab.router, || {
@@ -265,6 +270,38 @@ impl Forwarder {
             let start = Instant::now();
             tables.add_routes(&batch)?;
             let load_seconds = start.elapsed().as_secs_f64();
+            if vip {
+                use pop_forwarder_common::{
+                    maglev::{DEFAULT_TABLE_SIZE, PoolNode, mix64, populate},
+                    steering::{CacheNode, NODE_F_IN_USE, NODE_F_MAC_VALID, PROTO_UDP, VipKey},
+                };
+                let flags = NODE_F_IN_USE | NODE_F_MAC_VALID;
+                let node = CacheNode {
+                    ifindex: r1_index,
+                    flags,
+                    dst_mac: c0.0,
+                    src_mac: r1.0,
+                };
+                let mut pool = Vec::new();
+                for id in 0..16 {
+                    tables.write_node(id, &node)?;
+                    pool.push(PoolNode {
+                        id,
+                        key: mix64(u64::from(id)),
+                        weight: 1,
+                    });
+                }
+                let mut table = vec![0u32; DEFAULT_TABLE_SIZE as usize];
+                populate(&mut pool, &mut table, &mut [(0, 0, 0, 0); 16]);
+                let key = VipKey {
+                    addr: pop_forwarder::steering::widen(VIP_ADDRESS.parse()?),
+                    port: 0,
+                    protocol: PROTO_UDP,
+                    family: 4,
+                };
+                tables.write_vip(0, &key, &table)?;
+                tables.set_steering(0, true)?;
+            }
             let prog: &mut Xdp = ebpf
                 .program_mut(PROGRAM_NAME)
                 .context("program")?
@@ -516,7 +553,7 @@ fn main() -> Result<()> {
             }
             let bench = Bench::new(settings.frame_len)?;
             let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
-            let fwd = Forwarder::load(&bench.lab, routes, lookup)?;
+            let fwd = Forwarder::load(&bench.lab, routes, lookup, false)?;
             let v4 = routes[0].addr.is_ipv4();
             if v4 && routes.len() == full_v4 {
                 // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
@@ -549,6 +586,21 @@ fn main() -> Result<()> {
             };
             add(name, routes, bench, Router::Pop(Box::new(fwd)), throughput)?;
         }
+        // The VIP path: 1,000 routes, and one VIP over 16 nodes; the
+        // generator's 16 sources x 64 ports make 1,024 flows to it.
+        let bench = Bench::new(settings.frame_len)?;
+        let fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, true)?;
+        let vip = [Prefix {
+            addr: VIP_ADDRESS.parse()?,
+            len: 32,
+        }];
+        add(
+            "pop-forwarder vip (DSR)".into(),
+            &vip,
+            bench,
+            Router::Pop(Box::new(fwd)),
+            true,
+        )?;
     }
 
     println!(
