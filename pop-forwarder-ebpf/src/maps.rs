@@ -79,7 +79,13 @@ pub fn count(counter: Counter) {
 
 #[inline(always)]
 pub fn traffic(next_hop_id: u32, bytes: u64) {
-    if let Some(slot) = NEXT_HOP_STATS.get_ptr_mut(next_hop_id) {
+    add_traffic(&NEXT_HOP_STATS, next_hop_id, bytes);
+}
+
+/// One more packet of `bytes` in slot `index` of a per-CPU traffic array.
+#[inline(always)]
+pub fn add_traffic(stats: &PerCpuArray<TrafficCounter>, index: u32, bytes: u64) {
+    if let Some(slot) = stats.get_ptr_mut(index) {
         // SAFETY: as in `count`.
         unsafe {
             (*slot).packets += 1;

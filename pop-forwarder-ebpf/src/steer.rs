@@ -22,7 +22,7 @@ use pop_forwarder_common::{
 
 use crate::{
     Verdict,
-    maps::{SETTINGS, egress},
+    maps::{SETTINGS, add_traffic, egress},
     packet::ptr_at,
     pass,
 };
@@ -133,8 +133,8 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
         (*eth).dst_addr = node.dst_mac;
         (*eth).src_addr = node.src_mac;
     }
-    add(&VIP_STATS, vip.index, flow.frame_len);
-    add(&NODE_STATS, node_id, flow.frame_len);
+    add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
+    add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
     Some(verdict)
 }
 
@@ -166,16 +166,5 @@ fn ports(ctx: &XdpContext, flow: &Flow) -> (u16, u16) {
             )
         }
         None => (0, 0),
-    }
-}
-
-#[inline(always)]
-fn add(stats: &PerCpuArray<TrafficCounter>, index: u32, bytes: usize) {
-    if let Some(slot) = stats.get_ptr_mut(index) {
-        // SAFETY: this CPU's own slot.
-        unsafe {
-            (*slot).packets += 1;
-            (*slot).bytes += bytes as u64;
-        }
     }
 }

@@ -610,4 +610,70 @@ mac = "02:00:00:00:00:02"
         assert!("2001:db8::1/32".parse::<Prefix>().is_err());
         assert!("10.0.0.0".parse::<Prefix>().is_err());
     }
+
+    #[test]
+    fn steering_config_is_validated_with_the_field_named() {
+        let base = r#"
+maglev_table_size = 251
+[[interfaces]]
+name = "r0"
+[[nodes]]
+name = "b"
+address = "10.0.5.12"
+dev = "r2"
+weight = 2
+[[nodes]]
+name = "a"
+address = "10.0.5.11"
+dev = "r2"
+[[vips]]
+address = "192.0.2.10"
+protocol = "tcp"
+port = 443
+nodes = ["a", "b"]
+"#;
+        let m = Model::from_toml(base).unwrap();
+        // Nodes are ordered by name: slot 0 is "a" whatever the file's order.
+        assert_eq!(m.nodes[0].name, "a");
+        assert_eq!(m.vips[0].nodes, vec![0, 1]);
+        assert_eq!(m.vips[0].protocol, Protocol::Tcp);
+        let cases = [
+            (
+                base.replace("251", "250"),
+                "maglev_table_size: 250 is not a prime",
+            ),
+            (base.replace("251", "65539"), "maglev_table_size: 65539"),
+            (
+                base.replace("[\"a\", \"b\"]", "[\"a\", \"c\"]"),
+                "vips[0].nodes: no node is named \"c\"",
+            ),
+            (
+                base.replace("[\"a\", \"b\"]", "[\"a\", \"a\"]"),
+                "vips[0].nodes: \"a\" is listed twice",
+            ),
+            (
+                base.replace("name = \"b\"", "name = \"a\""),
+                "nodes[1].name: \"a\" is listed twice",
+            ),
+            (
+                base.replace("10.0.5.12", "ten"),
+                "nodes[0] (b): address: \"ten\"",
+            ),
+            (
+                base.replace("weight = 2", "weight = 5000"),
+                "nodes[0].weight: 5000",
+            ),
+            (base.replace("\"tcp\"", "\"sctp\""), "sctp"),
+            (
+                format!(
+                    "{base}[[vips]]\naddress = \"192.0.2.10\"\nprotocol = \"tcp\"\nport = 443\nnodes = []\n"
+                ),
+                "vips[1]: 192.0.2.10 tcp port 443 is listed twice",
+            ),
+        ];
+        for (text, needle) in cases {
+            let e = err(&text);
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+        }
+    }
 }

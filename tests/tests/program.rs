@@ -49,6 +49,8 @@ const OUT: Eth = Eth {
 struct Program {
     ebpf: Ebpf,
     tables: Tables,
+    /// The redirect target: the veth made in the test's namespace.
+    veth: u32,
 }
 
 impl Program {
@@ -160,7 +162,7 @@ fn with_program_using(lookup: Ipv4Lookup, test: impl FnOnce(&mut Program) + Send
         tables
             .sync_local_addrs(&["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()])
             .unwrap();
-        test(&mut Program { ebpf, tables });
+        test(&mut Program { ebpf, tables, veth });
     })
     .unwrap();
 }
@@ -755,14 +757,7 @@ fn local_addresses_are_routes_the_operator_cannot_touch() {
 #[test]
 fn applying_a_route_set_adds_changes_and_deletes_in_place() {
     with_program(|p| {
-        let veth = p
-            .tables
-            .next_hop_slots()
-            .unwrap()
-            .iter()
-            .find(|nh| nh.is_in_use() && nh.ifindex != 1)
-            .unwrap()
-            .ifindex;
+        let veth = p.veth;
         let new_mac = [0x02, 0, 0, 0, 0, 0xc1];
         let desired: Vec<(Prefix, NextHop)> = [
             // Kept as it is.
@@ -861,14 +856,7 @@ mod steering {
     /// 192.0.2.10 UDP any port and 2001:db8::10 TCP 443, both on a table
     /// of A and B; 192.0.2.20 TCP 80 on an empty table.
     fn setup(p: &mut Program) {
-        let veth = p
-            .tables
-            .next_hop_slots()
-            .unwrap()
-            .iter()
-            .find(|nh| nh.is_in_use() && nh.ifindex != 1)
-            .unwrap()
-            .ifindex;
+        let veth = p.veth;
         let flags = NODE_F_IN_USE | NODE_F_MAC_VALID;
         p.tables
             .write_node(
