@@ -51,10 +51,55 @@ pub struct NodeConfig {
     pub mac: Option<String>,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    pub health: Option<HealthConfig>,
 }
 
 fn default_weight() -> u32 {
     1
+}
+
+/// A node's health check: a TCP connect, or an HTTP GET answered 2xx/3xx.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub port: u16,
+    /// HTTP only: the path to GET.
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a failed node back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures in a row that take a node out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_interval() -> u64 {
+    1000
+}
+fn default_timeout() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +145,7 @@ pub struct Node {
     pub dev: String,
     pub mac: Option<Mac>,
     pub weight: u32,
+    pub health: Option<HealthConfig>,
 }
 
 /// A VIP after validation; `nodes` index `Model::nodes`.
@@ -454,12 +500,43 @@ fn validate_steering(config: &Config) -> Result<(Vec<Node>, Vec<Vip>)> {
                 n.weight
             );
         }
+        if let Some(h) = &n.health {
+            if h.port == 0 {
+                bail!("nodes[{i}].health.port: 0 is not a port");
+            }
+            if !(10..=60_000).contains(&h.interval_ms)
+                || h.timeout_ms == 0
+                || h.timeout_ms > h.interval_ms
+            {
+                bail!(
+                    "nodes[{i}].health: interval_ms {} must be 10..=60000 and timeout_ms {} from 1 to the interval",
+                    h.interval_ms,
+                    h.timeout_ms
+                );
+            }
+            if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
+                bail!(
+                    "nodes[{i}].health: rise {} and fall {} must be 1..=100",
+                    h.rise,
+                    h.fall
+                );
+            }
+            if !h.path.starts_with('/')
+                || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                bail!(
+                    "nodes[{i}].health.path: {:?} is not an absolute path without spaces",
+                    h.path
+                );
+            }
+        }
         nodes.push(Node {
             name: n.name.clone(),
             address,
             dev: n.dev.clone(),
             mac,
             weight: n.weight,
+            health: n.health.clone(),
         });
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));

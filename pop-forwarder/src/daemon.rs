@@ -36,6 +36,12 @@ struct Running {
     requested_neighbours: std::collections::HashSet<(std::net::IpAddr, u32)>,
     /// The cache nodes, for refreshing their MACs.
     nodes: Vec<crate::config::Node>,
+    /// VIPs, for rebuilding their Maglev tables when a node's health flips.
+    vips: Vec<crate::config::Vip>,
+    maglev_table_size: u32,
+    /// Health per node (true without a health check), and flips so far.
+    healthy: Vec<bool>,
+    health_changes: Vec<u64>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
 }
@@ -73,11 +79,18 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
         .context("installing the SIGTERM handler")?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    crate::health::spawn(&model.nodes, health_tx);
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            Some(event) = health_rx.recv() => {
+                if let Err(e) = apply_health(&mut running, &event) {
+                    warn!("applying a health change of node {}: {e:#}", event.node);
+                }
+            }
             _ = sighup.recv() => match reload(&mut running, config_path) {
                 Ok(summary) => info!("reloaded {}: {summary}", config_path.display()),
                 Err(e) => warn!("reload of {} refused, tables unchanged: {e:#}", config_path.display()),
@@ -163,6 +176,7 @@ fn start(
                     .unwrap_or_else(|_| config_path.to_owned()),
                 interfaces: attach_to,
                 steering: steering::SteeringState::of(model),
+                health: Vec::new(),
                 started_unix: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
@@ -174,6 +188,10 @@ fn start(
                 links,
                 local_conflicts: Vec::new(),
                 nodes: model.nodes.clone(),
+                vips: model.vips.clone(),
+                maglev_table_size: model.maglev_table_size,
+                healthy: vec![true; model.nodes.len()],
+                health_changes: vec![0; model.nodes.len()],
                 requested_neighbours: Default::default(),
             })
         }
@@ -337,6 +355,58 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
     ))
 }
 
+/// Takes a node that failed its health check out of its VIPs' Maglev tables
+/// and out of the node table (so its flows move too), or puts it back.
+fn apply_health(running: &mut Running, event: &crate::health::HealthEvent) -> Result<()> {
+    let node = &running.nodes[event.node];
+    running.healthy[event.node] = event.healthy;
+    running.health_changes[event.node] += 1;
+    let _lock = running.instance.lock()?;
+    if event.healthy {
+        let resolved = steering::resolve_node(node, &kernel::links()?, &kernel::neighbours()?)?;
+        running.tables.write_node(event.node as u32, &resolved)?;
+    } else {
+        running.tables.remove_node(event.node as u32)?;
+    }
+    let mut rebuilt = 0;
+    for (i, vip) in running.vips.iter().enumerate() {
+        if vip.nodes.contains(&event.node) {
+            let table = steering::maglev_table(
+                &running.nodes,
+                vip,
+                running.maglev_table_size,
+                &running.healthy,
+            );
+            running
+                .tables
+                .write_vip(i as u32, &steering::vip_key(vip), &table)?;
+            rebuilt += 1;
+        }
+    }
+    // The state file first: the log line is what watchers wait for.
+    if let Some(mut state) = running.instance.read_state() {
+        state.health = running
+            .healthy
+            .iter()
+            .zip(&running.health_changes)
+            .map(|(&healthy, &changes)| crate::instance::NodeHealth { healthy, changes })
+            .collect();
+        running.instance.write_state(&state)?;
+    }
+    if event.healthy {
+        info!(
+            "cache node {} is up ({}); back in {rebuilt} VIP tables",
+            node.name, event.detail
+        );
+    } else {
+        warn!(
+            "cache node {} is down ({}); out of {rebuilt} VIP tables, its flows move",
+            node.name, event.detail
+        );
+    }
+    Ok(())
+}
+
 fn refresh(running: &mut Running) -> Result<()> {
     let _lock = running.instance.lock()?;
     let links = kernel::links()?;
@@ -344,8 +414,13 @@ fn refresh(running: &mut Running) -> Result<()> {
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }
-    let (changes, unresolved_nodes) =
-        steering::refresh_nodes(&mut running.tables, &running.nodes, &links, &neighbours)?;
+    let (changes, unresolved_nodes) = steering::refresh_nodes(
+        &mut running.tables,
+        &running.nodes,
+        &running.healthy,
+        &links,
+        &neighbours,
+    )?;
     for change in changes {
         info!("{change}");
     }
@@ -397,6 +472,10 @@ fn shutdown(running: Running) -> Result<()> {
         links,
         local_conflicts: _,
         nodes: _,
+        vips: _,
+        maglev_table_size: _,
+        healthy: _,
+        health_changes: _,
         requested_neighbours: _,
     } = running;
     drop(tables);

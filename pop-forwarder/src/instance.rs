@@ -28,6 +28,16 @@ pub struct State {
     /// VIPs and cache nodes as configured at start.
     #[serde(default)]
     pub steering: crate::steering::SteeringState,
+    /// Health of each cache node (same order), once any changed.
+    #[serde(default)]
+    pub health: Vec<NodeHealth>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub healthy: bool,
+    /// How often the node went down or came back.
+    pub changes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,8 +117,12 @@ impl Instance {
     pub fn write_state(&self, state: &State) -> Result<()> {
         fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
         let path = self.state_path();
-        fs::write(&path, serde_json::to_vec_pretty(state)?)
-            .with_context(|| format!("writing {}", path.display()))
+        // Written aside and renamed over: a reader never sees half a file.
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(state)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     }
 
     pub fn read_state(&self) -> Option<State> {

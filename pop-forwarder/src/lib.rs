@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod instance;
 pub mod kernel;
 pub mod steering;

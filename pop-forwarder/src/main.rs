@@ -361,14 +361,17 @@ fn vip_list(instance: &Instance, json: bool) -> Result<()> {
 
 fn node_list(instance: &Instance, json: bool) -> Result<()> {
     let (tables, steering) = open_steering(instance)?;
+    let health = instance.read_state().map(|s| s.health).unwrap_or_default();
     let (_, node_stats) = tables.steering_stats(0, steering.nodes.len() as u32)?;
     let mut rows = Vec::new();
     for (i, (n, s)) in steering.nodes.iter().zip(&node_stats).enumerate() {
         let node = tables.node(i as u32)?;
         let mac = (node.flags & pop_forwarder_common::steering::NODE_F_MAC_VALID != 0)
             .then(|| pop_forwarder::config::Mac(node.dst_mac).to_string());
+        let (healthy, changes) = health.get(i).map_or((true, 0), |h| (h.healthy, h.changes));
         rows.push(serde_json::json!({
             "name": n.name, "address": n.address, "dev": n.dev, "weight": n.weight, "mac": mac,
+            "healthy": healthy, "health_changes": changes,
             "packets": s.packets, "bytes": s.bytes,
         }));
     }
@@ -377,17 +380,18 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<40} {:<12} {:>6} {:<18} {:>14} {:>16}",
-        "NODE", "ADDRESS", "DEV", "WEIGHT", "MAC", "PACKETS", "BYTES"
+        "{:<20} {:<40} {:<12} {:>6} {:<18} {:<7} {:>14} {:>16}",
+        "NODE", "ADDRESS", "DEV", "WEIGHT", "MAC", "HEALTH", "PACKETS", "BYTES"
     );
     for r in &rows {
         println!(
-            "{:<20} {:<40} {:<12} {:>6} {:<18} {:>14} {:>16}",
+            "{:<20} {:<40} {:<12} {:>6} {:<18} {:<7} {:>14} {:>16}",
             r["name"].as_str().unwrap_or_default(),
             r["address"].as_str().unwrap_or_default(),
             r["dev"].as_str().unwrap_or_default(),
             r["weight"],
             r["mac"].as_str().unwrap_or("unresolved"),
+            if r["healthy"] == true { "up" } else { "down" },
             r["packets"],
             r["bytes"]
         );

@@ -73,15 +73,20 @@ pub fn resolve_node(node: &Node, links: &[Link], neighbours: &[Neighbour]) -> Re
     Ok(resolved)
 }
 
-/// The VIP's Maglev table: node slots (positions in `nodes`).
-pub fn maglev_table(nodes: &[Node], vip: &Vip, size: u32) -> Vec<u32> {
+/// The VIP's Maglev table: node slots (positions in `nodes`). Nodes whose
+/// health check failed (`healthy[i]` false) take no new flows.
+pub fn maglev_table(nodes: &[Node], vip: &Vip, size: u32, healthy: &[bool]) -> Vec<u32> {
     let mut pool: Vec<PoolNode> = vip
         .nodes
         .iter()
         .map(|&i| PoolNode {
             id: i as u32,
             key: node_key(&nodes[i].name),
-            weight: nodes[i].weight,
+            weight: if healthy.get(i).copied().unwrap_or(true) {
+                nodes[i].weight
+            } else {
+                0
+            },
         })
         .collect();
     let mut table = vec![0u32; size as usize];
@@ -109,7 +114,7 @@ pub fn install(
         tables.write_node(i as u32, node)?;
     }
     for (i, vip) in model.vips.iter().enumerate() {
-        let table = maglev_table(&model.nodes, vip, model.maglev_table_size);
+        let table = maglev_table(&model.nodes, vip, model.maglev_table_size, &[]);
         tables
             .write_vip(i as u32, &vip_key(vip), &table)
             .with_context(|| format!("VIP {} {} port {}", vip.address, vip.protocol, vip.port))?;
@@ -122,12 +127,17 @@ pub fn install(
 pub fn refresh_nodes(
     tables: &mut Tables,
     nodes: &[Node],
+    healthy: &[bool],
     links: &[Link],
     neighbours: &[Neighbour],
 ) -> Result<(Vec<String>, Vec<(IpAddr, String)>)> {
     let mut changes = Vec::new();
     let mut unresolved = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
+        // A node that failed its health check stays out of the node table.
+        if !healthy.get(i).copied().unwrap_or(true) {
+            continue;
+        }
         let Ok(want) = resolve_node(node, links, neighbours) else {
             continue;
         };

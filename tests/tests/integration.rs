@@ -678,6 +678,30 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
     assert!(status.success());
 }
 
+/// Waits until the daemon has every cache node's MAC (it has the kernel
+/// resolve them).
+fn wait_for_node_macs(fwd: &Forwarder) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+        if nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["mac"].is_string())
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes unresolved: {nodes}\n{}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A cache-node namespace on its own link from the router: router side
 /// `dev` (10.0.`net`.1/24), node side n0 (10.0.`net`.11/24), with the VIP
 /// on its loopback (direct server return: the node holds the VIP).
@@ -728,26 +752,7 @@ protocol = "udp"
 nodes = ["cache-1", "cache-2"]
 "#;
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
-    // The daemon has the kernel resolve the nodes; wait for both MACs.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let nodes: serde_json::Value =
-            serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
-        if nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["mac"].is_string())
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nodes unresolved: {nodes}\n{}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_node_macs(&fwd);
     let sockets = [
         udp_socket(&n1, "192.0.2.10:9999").unwrap(),
         udp_socket(&n2, "192.0.2.10:9999").unwrap(),
@@ -838,4 +843,229 @@ nodes = ["cache-1", "cache-2"]
     let vips: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["vip", "list", "--json"]).unwrap()).unwrap();
     assert_eq!(vips[0]["packets"], (FLOWS * 3) as u64);
+}
+
+#[test]
+fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
+    let lab = Lab::new().unwrap();
+    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
+    let n2 = cache_node(&lab, "r3", 6, "192.0.2.10");
+    let health = "health = { kind = \"tcp\", port = 8080, interval_ms = 100, timeout_ms = 50, rise = 2, fall = 3 }";
+    let steering = format!(
+        r#"
+[[nodes]]
+name = "cache-1"
+address = "10.0.5.11"
+dev = "r2"
+{health}
+
+[[nodes]]
+name = "cache-2"
+address = "10.0.6.11"
+dev = "r3"
+{health}
+
+[[vips]]
+address = "192.0.2.10"
+protocol = "udp"
+nodes = ["cache-1", "cache-2"]
+"#
+    );
+    // Both nodes answer on 8080 (the kernel completes the handshakes).
+    let listen = |ns: &tests::Netns, addr: &str| {
+        let addr = addr.to_owned();
+        ns.enter(move || std::net::TcpListener::bind(addr))
+            .unwrap()
+            .unwrap()
+    };
+    let l1 = listen(&n1, "10.0.5.11:8080");
+    let _l2 = listen(&n2, "10.0.6.11:8080");
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
+    wait_for_node_macs(&fwd);
+    let new_flow_node = |port: u16| -> String {
+        let out = fwd
+            .cli_ok(&[
+                "lookup",
+                "--src",
+                "10.0.1.2",
+                "--dst",
+                "192.0.2.10",
+                "--protocol",
+                "udp",
+                "--src-port",
+                &port.to_string(),
+                "--dst-port",
+                "9999",
+                "--json",
+            ])
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["new_flow"].as_str().unwrap_or("none").to_owned()
+    };
+    let nodes_for = |ports: std::ops::Range<u16>| -> std::collections::HashSet<String> {
+        ports.map(new_flow_node).collect()
+    };
+    assert_eq!(
+        nodes_for(40000..40032).len(),
+        2,
+        "both nodes take new flows"
+    );
+
+    // cache-1 stops answering: after 3 failed checks (about 0.3 s) it takes
+    // no new flow, and its node entry is gone, so its flows move too.
+    drop(l1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nodes_for(40000..40032) != std::collections::HashSet::from(["cache-2".to_owned()]) {
+        assert!(
+            Instant::now() < deadline,
+            "cache-1 still takes flows\n{}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + WAIT;
+    while !fwd.log().contains("cache node cache-1 is down") {
+        assert!(
+            Instant::now() < deadline,
+            "no health log line: {}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nodes: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(nodes[0]["healthy"], false);
+    assert_eq!(nodes[0]["health_changes"], 1);
+    // Traffic reaches cache-2 only.
+    let s2 = udp_socket(&n2, "192.0.2.10:9999").unwrap();
+    for f in 0..8 {
+        send_udp(
+            &lab.a,
+            "192.0.2.10:9999".parse().unwrap(),
+            64,
+            &format!("after{f}"),
+            1,
+        )
+        .unwrap();
+    }
+    assert_eq!(receive(&s2, 8, WAIT).len(), 8);
+
+    // It answers again: back after 2 good checks.
+    let _l1 = listen(&n1, "10.0.5.11:8080");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nodes_for(40000..40032).len() != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "cache-1 did not come back\n{}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + WAIT;
+    while !fwd.log().contains("cache node cache-1 is up") {
+        assert!(
+            Instant::now() < deadline,
+            "no health log line: {}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn http_health_checks_follow_the_status_code() {
+    use std::{
+        io::{Read as _, Write as _},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU16, Ordering},
+        },
+    };
+    let lab = Lab::new().unwrap();
+    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
+    let steering = r#"
+[[nodes]]
+name = "cache-1"
+address = "10.0.5.11"
+dev = "r2"
+health = { kind = "http", port = 8081, path = "/healthz", interval_ms = 100, timeout_ms = 80, rise = 2, fall = 2 }
+
+[[vips]]
+address = "192.0.2.10"
+protocol = "udp"
+nodes = ["cache-1"]
+"#;
+    // A tiny HTTP server in the node: answers every request with `status`
+    // and records the request line.
+    let status = Arc::new(AtomicU16::new(200));
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = n1
+        .enter(|| std::net::TcpListener::bind("10.0.5.11:8081"))
+        .unwrap()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let request_line = Arc::new(std::sync::Mutex::new(String::new()));
+    let server = {
+        let (status, stop, request_line) = (status.clone(), stop.clone(), request_line.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_millis(200)))
+                            .unwrap();
+                        let mut buf = [0u8; 512];
+                        let n = conn.read(&mut buf).unwrap_or(0);
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        *request_line.lock().unwrap() =
+                            text.lines().next().unwrap_or_default().to_owned();
+                        let code = status.load(Ordering::Relaxed);
+                        let _ = write!(conn, "HTTP/1.0 {code} X\r\nContent-Length: 0\r\n\r\n");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+    };
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
+    let wait_log = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !fwd.log().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in {}", fwd.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        !fwd.log().contains("is down"),
+        "a 200 node went down: {}",
+        fwd.log()
+    );
+    assert_eq!(*request_line.lock().unwrap(), "GET /healthz HTTP/1.0");
+    status.store(503, Ordering::Relaxed);
+    wait_log(
+        "cache node cache-1 is down (2 checks in a row failed, the last: GET /healthz answered 503)",
+    );
+    let out = fwd
+        .cli_ok(&[
+            "lookup",
+            "--src",
+            "10.0.1.2",
+            "--dst",
+            "192.0.2.10",
+            "--protocol",
+            "udp",
+            "--src-port",
+            "1",
+            "--json",
+        ])
+        .unwrap();
+    assert!(
+        out.contains("\"new_flow\":null"),
+        "a down node takes no new flow: {out}"
+    );
+    status.store(204, Ordering::Relaxed);
+    wait_log("cache node cache-1 is up");
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
 }
