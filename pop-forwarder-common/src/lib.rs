@@ -35,7 +35,8 @@ pub mod map_names {
     pub const FLOWS: &str = "FLOWS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
-    pub const ALL: [&str; 18] = [
+    pub const ENCAP_SOURCES: &str = "ENCAP_SOURCES";
+    pub const ALL: [&str; 19] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -54,6 +55,7 @@ pub mod map_names {
         FLOWS,
         VIP_STATS,
         NODE_STATS,
+        ENCAP_SOURCES,
     ];
 }
 

@@ -43,9 +43,13 @@ pub struct VipInfo {
 pub const NODE_F_IN_USE: u32 = 1 << 0;
 /// The node's MAC is known.
 pub const NODE_F_MAC_VALID: u32 = 1 << 1;
+/// The node is reached by IP-in-IP: packets are encapsulated to `addr`
+/// and the outer packet is routed.
+pub const NODE_F_IPIP: u32 = 1 << 2;
 
-/// A cache node reached by direct server return: same L2 segment, frames
-/// get its MAC and leave through `ifindex`; the node holds the VIP itself.
+/// A cache node. Direct server return: same L2 segment, frames get its MAC
+/// and leave through `ifindex`; the node holds the VIP itself. IP-in-IP:
+/// the packet is wrapped in an outer IPv4 or IPv6 header to `addr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CacheNode {
@@ -53,7 +57,15 @@ pub struct CacheNode {
     pub flags: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
+    /// The node's address (IPv4 in the first four bytes).
+    pub addr: [u8; 16],
+    /// 4 or 6.
+    pub family: u32,
 }
+
+/// Slots of ENCAP_SOURCES: the outer source address of IP-in-IP packets.
+pub const ENCAP_SOURCE_V4: u32 = 0;
+pub const ENCAP_SOURCE_V6: u32 = 1;
 
 /// A flow: the connection table's key.
 #[repr(C)]

@@ -5,24 +5,31 @@
 //! (the node holds the VIP itself).
 
 use aya_ebpf::{
+    helpers::bpf_xdp_adjust_head,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
-use network_types::eth::EthHdr;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 use pop_forwarder_common::{
-    Counter, TrafficCounter, dir24,
+    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24,
     maglev::{self, NO_NODE},
     settings,
     steering::{
-        CacheNode, FlowKey, MAGLEV_ENTRIES, MAGLEV_STRIDE, MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS,
-        NODE_F_IN_USE, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
+        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowKey, MAGLEV_ENTRIES, MAGLEV_STRIDE,
+        MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
+        PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
     },
 };
 
 use crate::{
     Verdict,
-    maps::{SETTINGS, add_traffic, egress},
+    maps::{
+        SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for, traffic,
+    },
     packet::ptr_at,
     pass,
 };
@@ -43,6 +50,10 @@ static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_FLOWS,
 
 #[map]
 static VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Outer source addresses of IP-in-IP (ENCAP_SOURCE_V4, ENCAP_SOURCE_V6).
+#[map]
+static ENCAP_SOURCES: Array<[u8; 16]> = Array::with_max_entries(2, 0);
 
 #[map]
 static NODE_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_CACHE_NODES, 0);
@@ -121,6 +132,14 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
     let Some(node) = usable(node_id) else {
         return Some(pass(Counter::PassVipNoNode));
     };
+    if node.flags & NODE_F_IPIP != 0 {
+        let verdict = encapsulate(ctx, node, flow);
+        if verdict.counter == Counter::Steered {
+            add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
+            add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
+        }
+        return Some(verdict);
+    }
     let verdict = match egress(ctx, node.ifindex) {
         Ok(v) => Verdict {
             action: v.action,
@@ -141,9 +160,129 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
 /// The node `id`, if it can take packets now.
 #[inline(always)]
 fn usable(id: u32) -> Option<&'static CacheNode> {
-    CACHE_NODES.get(id).filter(|n| {
-        n.flags & (NODE_F_IN_USE | NODE_F_MAC_VALID) == NODE_F_IN_USE | NODE_F_MAC_VALID
-    })
+    CACHE_NODES
+        .get(id)
+        .filter(|n| n.flags & NODE_F_IN_USE != 0 && n.flags & (NODE_F_MAC_VALID | NODE_F_IPIP) != 0)
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_IPIP: u8 = 4;
+const IPPROTO_IPV6: u8 = 41;
+
+/// IP-in-IP to the node (RFC 2003; IPv6 outer headers per RFC 2473): an
+/// outer header from the configured source to the node's address, routed
+/// like any packet. IPv4 in IPv4, IPv6 in IPv6 and IPv4 in IPv6; a packet
+/// the egress MTU cannot take once wrapped goes to the kernel, counted.
+#[inline(always)]
+fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
+    let inner_len = flow.frame_len - EthHdr::LEN;
+    let outer_v4 = node.family == 4;
+    if outer_v4 && flow.family != 4 {
+        // IPv6 in IPv4 is not offered.
+        return pass(Counter::PassVipNoNode);
+    }
+    let outer_len = if outer_v4 { Ipv4Hdr::LEN } else { Ipv6Hdr::LEN };
+    let route = if outer_v4 {
+        lookup_route_v4([node.addr[0], node.addr[1], node.addr[2], node.addr[3]])
+    } else {
+        lookup_route_v6(node.addr)
+    };
+    let Some(next_hop_id) = route.filter(|&id| id != LOCAL_NEXT_HOP) else {
+        return pass(Counter::PassVipNoNode);
+    };
+    let next_hop = match next_hop_for(next_hop_id, inner_len + outer_len) {
+        Ok(nh) => nh,
+        Err(verdict) => return verdict,
+    };
+    let Some(source) = ENCAP_SOURCES.get(if outer_v4 {
+        ENCAP_SOURCE_V4
+    } else {
+        ENCAP_SOURCE_V6
+    }) else {
+        return pass(Counter::PassVipNoNode);
+    };
+    let source = *source;
+    let verdict = match egress(ctx, next_hop.ifindex) {
+        Ok(v) => Verdict {
+            action: v.action,
+            counter: Counter::Steered,
+        },
+        Err(v) => return v,
+    };
+    // SAFETY: a plain helper call on this program's context; every pointer
+    // into the packet is derived again below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
+        return pass(Counter::PassVipNoNode);
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return pass(Counter::PassVipNoNode);
+    };
+    // SAFETY: ptr_at checked the header lies inside the packet.
+    unsafe {
+        (*eth).dst_addr = next_hop.dst_mac;
+        (*eth).src_addr = next_hop.src_mac;
+        (*eth).ether_type = if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 }.to_be();
+    }
+    let inner_protocol = if flow.family == 4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    if outer_v4 {
+        let Some(ip) = ptr_at::<[u8; 20]>(ctx, EthHdr::LEN) else {
+            return pass(Counter::PassVipNoNode);
+        };
+        let total = ((inner_len + outer_len) as u16).to_be_bytes();
+        let mut h = [
+            0x45,
+            0,
+            total[0],
+            total[1],
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            inner_protocol,
+            0,
+            0,
+            source[0],
+            source[1],
+            source[2],
+            source[3],
+            node.addr[0],
+            node.addr[1],
+            node.addr[2],
+            node.addr[3],
+        ];
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < 20 {
+            sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
+            i += 2;
+        }
+        let c = (!checksum::fold(sum)).to_be_bytes();
+        h[10] = c[0];
+        h[11] = c[1];
+        // SAFETY: ptr_at checked the 20 bytes lie inside the packet.
+        unsafe { *ip = h };
+    } else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+            return pass(Counter::PassVipNoNode);
+        };
+        // SAFETY: as above.
+        unsafe {
+            (*ip).vcf = [0x60, 0, 0, 0];
+            (*ip).payload_len = (inner_len as u16).to_be_bytes();
+            (*ip).next_hdr = inner_protocol;
+            (*ip).hop_limit = 64;
+            (*ip).src_addr = source;
+            (*ip).dst_addr = node.addr;
+        }
+    }
+    traffic(next_hop_id, (flow.frame_len + outer_len) as u64);
+    verdict
 }
 
 /// Source and destination ports of TCP and UDP; 0 for other protocols,

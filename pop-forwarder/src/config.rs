@@ -30,6 +30,9 @@ pub struct Config {
     /// Entries of each VIP's Maglev table: a prime, at most 65537.
     #[serde(default = "default_table_size")]
     pub maglev_table_size: u32,
+    /// Outer source addresses of IP-in-IP packets to cache nodes.
+    pub encap_source_v4: Option<std::net::Ipv4Addr>,
+    pub encap_source_v6: Option<std::net::Ipv6Addr>,
     /// Cache nodes.
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
@@ -47,6 +50,10 @@ fn default_table_size() -> u32 {
 pub struct NodeConfig {
     pub name: String,
     pub address: String,
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Direct server return only: the interface the node is reached on.
+    #[serde(default)]
     pub dev: String,
     pub mac: Option<String>,
     #[serde(default = "default_weight")]
@@ -56,6 +63,17 @@ pub struct NodeConfig {
 
 fn default_weight() -> u32 {
     1
+}
+
+/// How packets reach a cache node.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Direct server return: same L2 segment, MAC rewrite only.
+    #[default]
+    Dsr,
+    /// IP-in-IP to the node's address, the outer packet routed.
+    Ipip,
 }
 
 /// A node's health check: a TCP connect, or an HTTP GET answered 2xx/3xx.
@@ -146,6 +164,7 @@ pub struct Node {
     pub mac: Option<Mac>,
     pub weight: u32,
     pub health: Option<HealthConfig>,
+    pub delivery: Delivery,
 }
 
 /// A VIP after validation; `nodes` index `Model::nodes`.
@@ -376,6 +395,8 @@ pub struct Model {
     pub routes: Vec<Route>,
     pub flow_hash_seed: u32,
     pub maglev_table_size: u32,
+    pub encap_source_v4: Option<std::net::Ipv4Addr>,
+    pub encap_source_v6: Option<std::net::Ipv6Addr>,
     /// Sorted by name: a node's slot in the node table is its position here.
     pub nodes: Vec<Node>,
     pub vips: Vec<Vip>,
@@ -444,6 +465,8 @@ impl Model {
             routes,
             flow_hash_seed: config.flow_hash_seed,
             maglev_table_size: config.maglev_table_size,
+            encap_source_v4: config.encap_source_v4,
+            encap_source_v6: config.encap_source_v6,
             nodes,
             vips,
         })
@@ -485,9 +508,34 @@ fn validate_steering(config: &Config) -> Result<(Vec<Node>, Vec<Vip>)> {
             .parse()
             .map_err(|_| anyhow::anyhow!("address: {:?} is not an IP address", n.address))
             .with_context(ctx)?;
-        check_interface_name(&n.dev)
-            .context("dev")
-            .with_context(ctx)?;
+        match n.delivery {
+            Delivery::Dsr => check_interface_name(&n.dev)
+                .context("dev")
+                .with_context(ctx)?,
+            Delivery::Ipip => {
+                if !n.dev.is_empty() || n.mac.is_some() {
+                    bail!(
+                        "nodes[{i}]: an ipip node is reached by routing; dev and mac are for dsr nodes"
+                    );
+                }
+                let source = if address.is_ipv4() {
+                    config.encap_source_v4.is_some()
+                } else {
+                    config.encap_source_v6.is_some()
+                };
+                if !source {
+                    let field = if address.is_ipv4() {
+                        "encap_source_v4"
+                    } else {
+                        "encap_source_v6"
+                    };
+                    bail!(
+                        "nodes[{i}] ({}): an ipip node at {address} needs {field}, the outer source address",
+                        n.name
+                    );
+                }
+            }
+        }
         let mac = n
             .mac
             .as_deref()
@@ -534,6 +582,7 @@ fn validate_steering(config: &Config) -> Result<(Vec<Node>, Vec<Vip>)> {
             name: n.name.clone(),
             address,
             dev: n.dev.clone(),
+            delivery: n.delivery,
             mac,
             weight: n.weight,
             health: n.health.clone(),
@@ -709,6 +758,14 @@ protocol = "tcp"
 port = 443
 nodes = ["a", "b"]
 "#;
+        let ipip = base
+            .replace(
+                "maglev_table_size = 251",
+                "maglev_table_size = 251\nencap_source_v4 = \"10.0.0.1\"",
+            )
+            .replace("dev = \"r2\"\nweight = 2", "delivery = \"ipip\"");
+        let m = Model::from_toml(&ipip).unwrap();
+        assert_eq!(m.nodes[1].delivery, Delivery::Ipip);
         let m = Model::from_toml(base).unwrap();
         // Nodes are ordered by name: slot 0 is "a" whatever the file's order.
         assert_eq!(m.nodes[0].name, "a");
@@ -739,6 +796,18 @@ nodes = ["a", "b"]
             (
                 base.replace("weight = 2", "weight = 5000"),
                 "nodes[0].weight: 5000",
+            ),
+            (
+                base.replace("dev = \"r2\"\nweight = 2", "delivery = \"ipip\""),
+                "needs encap_source_v4",
+            ),
+            (base.replace("weight = 2", "delivery = \"gre\""), "gre"),
+            (
+                base.replace("weight = 2", "delivery = \"ipip\"").replace(
+                    "maglev_table_size = 251",
+                    "maglev_table_size = 251\nencap_source_v4 = \"10.0.0.1\"",
+                ),
+                "dev and mac are for dsr nodes",
             ),
             (base.replace("\"tcp\"", "\"sctp\""), "sctp"),
             (

@@ -6,12 +6,15 @@ use std::net::IpAddr;
 use anyhow::{Context as _, Result};
 use pop_forwarder_common::{
     maglev::{self, PoolNode},
-    steering::{CacheNode, NODE_F_IN_USE, NODE_F_MAC_VALID, VipKey},
+    steering::{
+        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
+        VipKey,
+    },
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Mac, Model, Node, Vip},
+    config::{Delivery, Mac, Model, Node, Vip},
     kernel::{self, Link, Neighbour},
     tables::Tables,
 };
@@ -52,6 +55,16 @@ pub fn family(addr: IpAddr) -> u8 {
 /// The node as the program needs it: egress index and MACs, the
 /// destination MAC from the config or the neighbour table.
 pub fn resolve_node(node: &Node, links: &[Link], neighbours: &[Neighbour]) -> Result<CacheNode> {
+    if node.delivery == Delivery::Ipip {
+        // Reached by routing to its address: nothing to resolve here.
+        let free: CacheNode = bytemuck::Zeroable::zeroed();
+        return Ok(CacheNode {
+            flags: NODE_F_IN_USE | NODE_F_IPIP,
+            addr: widen(node.address),
+            family: u32::from(family(node.address)),
+            ..free
+        });
+    }
     let link = kernel::link(links, &node.dev).context("dev")?;
     let src_mac = link
         .mac
@@ -61,6 +74,8 @@ pub fn resolve_node(node: &Node, links: &[Link], neighbours: &[Neighbour]) -> Re
         flags: NODE_F_IN_USE,
         dst_mac: [0; 6],
         src_mac: src_mac.0,
+        addr: widen(node.address),
+        family: u32::from(family(node.address)),
     };
     let learned = neighbours
         .iter()
@@ -110,6 +125,12 @@ pub fn install(
         );
     }
     tables.set_steering(model.flow_hash_seed, false)?;
+    if let Some(a) = model.encap_source_v4 {
+        tables.set_encap_source(ENCAP_SOURCE_V4, widen(a.into()))?;
+    }
+    if let Some(a) = model.encap_source_v6 {
+        tables.set_encap_source(ENCAP_SOURCE_V6, widen(a.into()))?;
+    }
     for (i, node) in resolved.iter().enumerate() {
         tables.write_node(i as u32, node)?;
     }
@@ -142,7 +163,9 @@ pub fn refresh_nodes(
             continue;
         };
         if want.flags & NODE_F_MAC_VALID == 0 {
-            unresolved.push((node.address, node.dev.clone()));
+            if node.delivery == Delivery::Dsr {
+                unresolved.push((node.address, node.dev.clone()));
+            }
         }
         if tables.node(i as u32)? != want {
             tables.write_node(i as u32, &want)?;

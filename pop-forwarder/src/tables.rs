@@ -61,6 +61,7 @@ pub struct Tables {
     flows: HashMap<MapData, FlowKey, u32>,
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
+    encap_sources: Array<MapData, [u8; 16]>,
 }
 
 /// A BPF array map of u64 pairs mapped into this process as u32 entries
@@ -292,6 +293,7 @@ impl Tables {
             flows: open!(names::FLOWS),
             vip_stats: open!(names::VIP_STATS),
             node_stats: open!(names::NODE_STATS),
+            encap_sources: open!(names::ENCAP_SOURCES),
         })
     }
 
@@ -1001,10 +1003,22 @@ impl Tables {
                 .set(id, PerCpuValues::try_from(zeros)?, 0)
                 .context("resetting node counters")?;
         }
-        self.add_egress(node.ifindex)?;
+        // IP-in-IP nodes leave by their route's next hop, which has its own
+        // egress entry.
+        if node.flags & pop_forwarder_common::steering::NODE_F_IPIP == 0 {
+            self.add_egress(node.ifindex)?;
+        }
         self.cache_nodes
             .set(id, node, 0)
             .with_context(|| format!("writing cache node {id}"))
+    }
+
+    /// Writes an IP-in-IP outer source address (slot ENCAP_SOURCE_V4 or
+    /// ENCAP_SOURCE_V6).
+    pub fn set_encap_source(&mut self, slot: u32, addr: [u8; 16]) -> Result<()> {
+        self.encap_sources
+            .set(slot, addr, 0)
+            .context("writing an encapsulation source")
     }
 
     /// Frees node slot `id`: flows pinned to it go back to their VIP's

@@ -530,16 +530,29 @@ impl Capture {
         Ok(())
     }
 
-    /// Incoming frames that contain `needle`, until `want` or `timeout`.
+    /// Incoming frames (not ones sent from here) that contain `needle`,
+    /// until `want` or `timeout`.
     pub fn frames_containing(&self, needle: &[u8], want: usize, timeout: Duration) -> Vec<Frame> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
         while got.len() < want && Instant::now() < deadline {
-            // SAFETY: recv into a buffer we own, bounded by its length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 {
+            // SAFETY: recvfrom into a buffer and an address we own, bounded
+            // by their lengths.
+            let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&mut from as *mut libc::sockaddr_ll).cast(),
+                    &mut len,
+                )
+            };
+            // Frames this namespace sends (its replies) are not what arrived.
+            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
                 let frame = &buf[..n as usize];
                 if frame.windows(needle.len()).any(|w| w == needle) {
                     got.push(frame.to_vec());

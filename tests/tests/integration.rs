@@ -1069,3 +1069,56 @@ nodes = ["cache-1"]
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
 }
+
+#[test]
+fn ip_in_ip_packets_arrive_with_correct_outer_headers() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    // The cache node is c (10.0.2.2), reached through the route to c's
+    // subnet; c has no IPIP device, so the packets are captured on c0.
+    let steering = r#"
+[[nodes]]
+name = "cache-c"
+address = "10.0.2.2"
+delivery = "ipip"
+
+[[vips]]
+address = "192.0.2.40"
+protocol = "udp"
+port = 9999
+nodes = ["cache-c"]
+"#;
+    // A top-level key, so before any table.
+    let config = format!(
+        "encap_source_v4 = \"10.0.1.1\"\n{}",
+        lab.config("drop", &format!("{ROUTE_TO_C}{steering}"))
+    );
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    let capture = Capture::new(&lab.c, "c0").unwrap();
+    send_udp(&lab.a, "192.0.2.40:9999".parse().unwrap(), 64, "wrapped", 5).unwrap();
+    let frames = capture.frames_containing(b"wrapped", 5, WAIT);
+    assert_eq!(frames.len(), 5, "{}", fwd.log());
+    let (r1, c0) = (lab.router.mac("r1").unwrap(), lab.c.mac("c0").unwrap());
+    for f in &frames {
+        assert_eq!(f[0..6], c0);
+        assert_eq!(f[6..12], r1);
+        assert_eq!(f[12..14], [0x08, 0x00]);
+        let outer = &f[14..34];
+        assert_eq!(outer[0], 0x45);
+        assert_eq!(outer[9], 4, "protocol IPIP");
+        assert_eq!(outer[12..16], [10, 0, 1, 1], "outer source");
+        assert_eq!(outer[16..20], [10, 0, 2, 2], "outer destination: the node");
+        assert!(checksum::ipv4_header_valid(outer), "outer checksum");
+        let inner = &f[34..];
+        assert_eq!(
+            u16::from_be_bytes([outer[2], outer[3]]) as usize,
+            20 + inner
+                .len()
+                .min(u16::from_be_bytes([inner[2], inner[3]]) as usize)
+        );
+        assert_eq!(inner[16..20], [192, 0, 2, 40], "inner destination: the VIP");
+        assert_eq!(inner[8], 64, "inner TTL untouched");
+        assert!(checksum::ipv4_header_valid(&inner[..20]));
+    }
+    assert!(fwd.counter("steered").unwrap() >= 5);
+}

@@ -831,7 +831,10 @@ mod steering {
     use pop_forwarder::steering::{family, widen};
     use pop_forwarder_common::{
         maglev::{self, NO_NODE},
-        steering::{CacheNode, NODE_F_IN_USE, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey},
+        steering::{
+            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, NODE_F_IN_USE, NODE_F_IPIP,
+            NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
+        },
     };
     use tests::packets::flow_frame;
 
@@ -866,6 +869,8 @@ mod steering {
                     flags,
                     dst_mac: MAC_A,
                     src_mac: OUT.src,
+                    addr: [0; 16],
+                    family: 4,
                 },
             )
             .unwrap();
@@ -877,6 +882,8 @@ mod steering {
                     flags,
                     dst_mac: MAC_B,
                     src_mac: OUT.src,
+                    addr: [0; 16],
+                    family: 4,
                 },
             )
             .unwrap();
@@ -1078,6 +1085,143 @@ mod steering {
                     output: None,
                     counter: Counter::PassRouteMiss,
                 }],
+            );
+        });
+    }
+
+    /// The frame IP-in-IP makes of `frame`: the next hop's Ethernet header,
+    /// an outer header from `src` to `dst`, then the inner IP packet.
+    fn encapsulated(frame: &[u8], src: std::net::IpAddr, dst: std::net::IpAddr) -> Vec<u8> {
+        let inner = &frame[14..];
+        let inner_protocol = if frame[12..14] == [0x08, 0x00] {
+            4u8
+        } else {
+            41
+        };
+        let mut out = Vec::new();
+        out.extend_from_slice(&OUT.dst);
+        out.extend_from_slice(&OUT.src);
+        match (src, dst) {
+            (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) => {
+                out.extend_from_slice(&[0x08, 0x00]);
+                let total = ((inner.len() + 20) as u16).to_be_bytes();
+                let mut h = vec![
+                    0x45,
+                    0,
+                    total[0],
+                    total[1],
+                    0,
+                    0,
+                    0x40,
+                    0,
+                    64,
+                    inner_protocol,
+                    0,
+                    0,
+                ];
+                h.extend_from_slice(&s.octets());
+                h.extend_from_slice(&d.octets());
+                let c = pop_forwarder_common::checksum::ipv4_header(&h).to_be_bytes();
+                h[10..12].copy_from_slice(&c);
+                out.extend_from_slice(&h);
+            }
+            (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
+                out.extend_from_slice(&[0x86, 0xdd]);
+                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                out.extend_from_slice(&(inner.len() as u16).to_be_bytes());
+                out.extend_from_slice(&[inner_protocol, 64]);
+                out.extend_from_slice(&s.octets());
+                out.extend_from_slice(&d.octets());
+            }
+            _ => panic!("mixed families"),
+        }
+        out.extend_from_slice(inner);
+        out
+    }
+
+    #[test]
+    fn ip_in_ip_wraps_the_packet_with_exact_outer_headers_or_hands_it_on_when_too_big() {
+        with_program(|p| {
+            setup(p);
+            let ipip = |addr: &str| {
+                let a: std::net::IpAddr = addr.parse().unwrap();
+                CacheNode {
+                    ifindex: 0,
+                    flags: NODE_F_IN_USE | NODE_F_IPIP,
+                    dst_mac: [0; 6],
+                    src_mac: [0; 6],
+                    addr: widen(a),
+                    family: u32::from(family(a)),
+                }
+            };
+            // Nodes behind 10.0.3.0/24 and fd00:3::/64 (the veth, MAC
+            // OUT.dst) and behind 10.0.5.0/24 (MTU 100).
+            p.tables.write_node(2, &ipip("10.0.3.50")).unwrap();
+            p.tables.write_node(3, &ipip("fd00:3::50")).unwrap();
+            p.tables.write_node(4, &ipip("10.0.5.50")).unwrap();
+            p.tables
+                .set_encap_source(ENCAP_SOURCE_V4, widen("10.0.0.1".parse().unwrap()))
+                .unwrap();
+            p.tables
+                .set_encap_source(ENCAP_SOURCE_V6, widen("fd00::1".parse().unwrap()))
+                .unwrap();
+            p.tables
+                .write_vip(3, &vip("192.0.2.30", PROTO_UDP, 0), &[2; SIZE as usize])
+                .unwrap();
+            p.tables
+                .write_vip(4, &vip("2001:db8::30", PROTO_UDP, 0), &[3; SIZE as usize])
+                .unwrap();
+            p.tables
+                .write_vip(5, &vip("192.0.2.31", PROTO_UDP, 0), &[3; SIZE as usize])
+                .unwrap();
+            p.tables
+                .write_vip(6, &vip("192.0.2.32", PROTO_UDP, 0), &[4; SIZE as usize])
+                .unwrap();
+            let ip = |a: &str| -> std::net::IpAddr { a.parse().unwrap() };
+            let v4in4 = flow("10.0.1.2", "192.0.2.30", false, 40000, 53);
+            let v6in6 = flow("2001:db8::1", "2001:db8::30", false, 40000, 53);
+            let v4in6 = flow("10.0.1.2", "192.0.2.31", false, 40000, 53);
+            // 88 bytes of IP fit the MTU of 100; wrapped, 108 do not.
+            let big = {
+                let b = etherparse::PacketBuilder::ethernet2(IN.src, IN.dst)
+                    .ipv4([10, 0, 1, 2], [192, 0, 2, 32], 64)
+                    .udp(40000, 53);
+                let mut out = Vec::new();
+                b.write(&mut out, &[0u8; 60]).unwrap();
+                out
+            };
+            check(
+                p,
+                vec![
+                    Case {
+                        name: "IPv4 in IPv4",
+                        frame: v4in4.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&v4in4, ip("10.0.0.1"), ip("10.0.3.50"))),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "IPv6 in IPv6",
+                        frame: v6in6.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&v6in6, ip("fd00::1"), ip("fd00:3::50"))),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "IPv4 in IPv6",
+                        frame: v4in6.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&v4in6, ip("fd00::1"), ip("fd00:3::50"))),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "too big once wrapped",
+                        frame: big,
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassTooBig,
+                    },
+                ],
             );
         });
     }

@@ -281,6 +281,8 @@ impl Forwarder {
                     flags,
                     dst_mac: c0.0,
                     src_mac: r1.0,
+                    addr: [0; 16],
+                    family: 4,
                 };
                 let mut pool = Vec::new();
                 for id in 0..16 {
