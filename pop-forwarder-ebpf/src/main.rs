@@ -126,6 +126,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         protocol: ip.proto,
         l4_offset: (!fragment).then_some(EthHdr::LEN + header_len),
         frame_len,
+        ports: None,
     };
     if let Some(verdict) = steer::steer(ctx, eth, &flow) {
         return verdict;
@@ -192,6 +193,7 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         protocol: ip.next_hdr,
         l4_offset: Some(EthHdr::LEN + Ipv6Hdr::LEN),
         frame_len,
+        ports: None,
     };
     if let Some(verdict) = steer::steer(ctx, eth, &flow) {
         return verdict;

@@ -68,6 +68,8 @@ pub struct Flow {
     /// fragment after the first).
     pub l4_offset: Option<usize>,
     pub frame_len: usize,
+    /// Ports known without reading the L4 header (an ICMP error's flow).
+    pub ports: Option<(u16, u16)>,
 }
 
 /// The verdict for a VIP's packet, or None if the destination is no VIP.
@@ -76,6 +78,16 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
     if SETTINGS.get(settings::STEERING_ON) != Some(&1) {
         return None;
     }
+    // An ICMP error about a VIP flow (a router on the way back to the
+    // client answering the node's reply) belongs to that flow's node.
+    let embedded;
+    let flow = match icmp_error_flow(ctx, flow) {
+        Some(f) => {
+            embedded = f;
+            &embedded
+        }
+        None => flow,
+    };
     let (src_port, dst_port) = ports(ctx, flow);
     let mut key = VipKey {
         addr: flow.dst,
@@ -163,6 +175,77 @@ fn usable(id: u32) -> Option<&'static CacheNode> {
     CACHE_NODES
         .get(id)
         .filter(|n| n.flags & NODE_F_IN_USE != 0 && n.flags & (NODE_F_MAC_VALID | NODE_F_IPIP) != 0)
+}
+
+const ICMP: u8 = 1;
+const ICMPV6: u8 = 58;
+
+/// For an ICMP error (IPv4: destination unreachable, time exceeded,
+/// parameter problem; IPv6: types 1 to 4) whose embedded packet is TCP or
+/// UDP, the flow it is about, seen from the client: the embedded packet is
+/// the node's reply, from the VIP to the client, so its addresses and
+/// ports are swapped back.
+#[inline(always)]
+fn icmp_error_flow(ctx: &XdpContext, flow: &Flow) -> Option<Flow> {
+    let offset = flow.l4_offset?;
+    let icmp = ptr_at::<[u8; 8]>(ctx, offset)?;
+    // SAFETY: ptr_at checked the header lies inside the packet.
+    let kind = unsafe { (*icmp)[0] };
+    let embedded = offset + 8;
+    let (src, dst, protocol, l4) = match flow.protocol {
+        ICMP if matches!(kind, 3 | 11 | 12) => {
+            let ip = ptr_at::<Ipv4Hdr>(ctx, embedded)?;
+            // SAFETY: as above.
+            let ip = unsafe { &*ip };
+            let header_len = usize::from(ip.vihl & 0x0f) * 4;
+            if header_len < Ipv4Hdr::LEN {
+                return None;
+            }
+            (
+                widen(ip.src_addr),
+                widen(ip.dst_addr),
+                ip.proto,
+                embedded + header_len,
+            )
+        }
+        ICMPV6 if matches!(kind, 1..=4) => {
+            let ip = ptr_at::<Ipv6Hdr>(ctx, embedded)?;
+            // SAFETY: as above.
+            let ip = unsafe { &*ip };
+            (
+                ip.src_addr,
+                ip.dst_addr,
+                ip.next_hdr,
+                embedded + Ipv6Hdr::LEN,
+            )
+        }
+        _ => return None,
+    };
+    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+        return None;
+    }
+    let ports = ptr_at::<[u8; 4]>(ctx, l4)?;
+    // SAFETY: as above.
+    let p = unsafe { *ports };
+    Some(Flow {
+        family: flow.family,
+        src: dst,
+        dst: src,
+        protocol,
+        l4_offset: None,
+        frame_len: flow.frame_len,
+        ports: Some((
+            u16::from_be_bytes([p[2], p[3]]),
+            u16::from_be_bytes([p[0], p[1]]),
+        )),
+    })
+}
+
+#[inline(always)]
+fn widen(a: [u8; 4]) -> [u8; 16] {
+    let mut w = [0u8; 16];
+    w[..4].copy_from_slice(&a);
+    w
 }
 
 const ETH_P_IP: u16 = 0x0800;
@@ -289,6 +372,9 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
 /// for fragments without the L4 header, and for a header cut short.
 #[inline(always)]
 fn ports(ctx: &XdpContext, flow: &Flow) -> (u16, u16) {
+    if let Some(ports) = flow.ports {
+        return ports;
+    }
     if flow.protocol != PROTO_TCP && flow.protocol != PROTO_UDP {
         return (0, 0);
     }

@@ -1225,4 +1225,91 @@ mod steering {
             );
         });
     }
+
+    /// An ICMP error from a router on the way back to a client, about the
+    /// node's reply (VIP -> client): it must reach the node of the client's
+    /// flow, found through the embedded header.
+    #[test]
+    fn icmp_errors_about_a_vip_flow_go_to_the_node_of_that_flow() {
+        with_program(|p| {
+            setup(p);
+            // IPv4: the reply 192.0.2.10:9999 -> 10.0.1.2:40000 was too big.
+            let reply = udp_v4(
+                Eth {
+                    src: MAC_A,
+                    dst: IN.src,
+                },
+                "192.0.2.10".parse().unwrap(),
+                "10.0.1.2".parse().unwrap(),
+                63,
+                b"reply",
+            );
+            let embedded = &reply[14..14 + 28];
+            let b = etherparse::PacketBuilder::ethernet2(IN.src, IN.dst)
+                .ipv4([10, 0, 9, 1], [192, 0, 2, 10], 64)
+                .icmpv4_raw(3, 4, [0, 0, 0x05, 0x78]);
+            let mut icmp = Vec::new();
+            b.write(&mut icmp, embedded).unwrap();
+            let reply_port = u16::from_be_bytes([reply[34], reply[35]]);
+            let client_port = u16::from_be_bytes([reply[36], reply[37]]);
+            let node = maglev_node(
+                p,
+                0,
+                "10.0.1.2",
+                "192.0.2.10",
+                PROTO_UDP,
+                client_port,
+                reply_port,
+            );
+            let (action, out) = steered(&icmp, node);
+            // IPv6: the reply [2001:db8::10]:443 -> [2001:db8::1]:50000, TCP.
+            let reply6 = flow_frame(
+                Eth {
+                    src: MAC_A,
+                    dst: IN.src,
+                },
+                "2001:db8::10".parse().unwrap(),
+                "2001:db8::1".parse().unwrap(),
+                true,
+                443,
+                50000,
+            );
+            let b = etherparse::PacketBuilder::ethernet2(IN.src, IN.dst)
+                .ipv6(
+                    "2001:db8:9::1"
+                        .parse::<std::net::Ipv6Addr>()
+                        .unwrap()
+                        .octets(),
+                    "2001:db8::10"
+                        .parse::<std::net::Ipv6Addr>()
+                        .unwrap()
+                        .octets(),
+                    64,
+                )
+                .icmpv6_raw(2, 0, [0, 0, 0x05, 0x00]);
+            let mut icmp6 = Vec::new();
+            b.write(&mut icmp6, &reply6[14..14 + 40 + 20]).unwrap();
+            let node6 = maglev_node(p, 1, "2001:db8::1", "2001:db8::10", PROTO_TCP, 50000, 443);
+            let (action6, out6) = steered(&icmp6, node6);
+            check(
+                p,
+                vec![
+                    Case {
+                        name: "ICMP fragmentation needed",
+                        frame: icmp,
+                        action,
+                        output: Some(out),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "ICMPv6 packet too big",
+                        frame: icmp6,
+                        action: action6,
+                        output: Some(out6),
+                        counter: Counter::Steered,
+                    },
+                ],
+            );
+        });
+    }
 }
