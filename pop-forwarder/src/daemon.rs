@@ -79,6 +79,10 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
         .context("installing the SIGTERM handler")?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    let control_path = instance.control_path();
+    let _ = std::fs::remove_file(&control_path);
+    let control = tokio::net::UnixListener::bind(&control_path)
+        .with_context(|| format!("creating the control socket {}", control_path.display()))?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     crate::health::spawn(&model.nodes, health_tx);
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
@@ -86,6 +90,11 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            Ok((stream, _)) = control.accept() => {
+                if let Err(e) = serve_control(&mut running, stream).await {
+                    warn!("control socket: {e:#}");
+                }
+            }
             Some(event) = health_rx.recv() => {
                 if let Err(e) = apply_health(&mut running, &event) {
                     warn!("applying a health change of node {}: {e:#}", event.node);
@@ -102,7 +111,76 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
             }
         }
     }
+    let _ = std::fs::remove_file(&control_path);
     shutdown(running)
+}
+
+/// One command on the control socket: a JSON line in, a JSON line out.
+/// `{"node_weight": {"name": N, "weight": W}}` sets a node's weight (0
+/// drains it: no new flows, its existing flows stay) and rebuilds the
+/// Maglev tables of its VIPs.
+async fn serve_control(running: &mut Running, stream: tokio::net::UnixStream) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read);
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .context("no command within 5 s")??;
+    let reply = match control_command(running, &line) {
+        Ok(message) => serde_json::json!({ "ok": message }),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+    };
+    write.write_all(format!("{reply}\n").as_bytes()).await?;
+    Ok(())
+}
+
+fn control_command(running: &mut Running, line: &str) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields, rename_all = "snake_case")]
+    enum Command {
+        NodeWeight { name: String, weight: u32 },
+    }
+    let command: Command = serde_json::from_str(line.trim()).context("not a command")?;
+    match command {
+        Command::NodeWeight { name, weight } => {
+            if weight > 1000 {
+                bail!("weight {weight} is not from 0 (drained) to 1000");
+            }
+            let index = running
+                .nodes
+                .iter()
+                .position(|n| n.name == name)
+                .with_context(|| format!("no cache node is named {name:?}"))?;
+            let _lock = running.instance.lock()?;
+            running.nodes[index].weight = weight;
+            let mut rebuilt = 0;
+            for (i, vip) in running.vips.iter().enumerate() {
+                if vip.nodes.contains(&index) {
+                    let table = steering::maglev_table(
+                        &running.nodes,
+                        vip,
+                        running.maglev_table_size,
+                        &running.healthy,
+                    );
+                    running
+                        .tables
+                        .write_vip(i as u32, &steering::vip_key(vip), &table)?;
+                    rebuilt += 1;
+                }
+            }
+            if let Some(mut state) = running.instance.read_state() {
+                if let Some(n) = state.steering.nodes.get_mut(index) {
+                    n.weight = weight;
+                }
+                running.instance.write_state(&state)?;
+            }
+            let message =
+                format!("cache node {name} weight {weight}; {rebuilt} VIP tables rebuilt");
+            info!("{message}");
+            Ok(message)
+        }
+    }
 }
 
 /// Validates everything that can be validated before touching the kernel,

@@ -83,6 +83,12 @@ impl Instance {
         self.run_file("json")
     }
 
+    /// The daemon's control socket (commands that change its own state,
+    /// such as a node's weight).
+    pub fn control_path(&self) -> PathBuf {
+        self.run_file("sock")
+    }
+
     pub fn exists(&self) -> bool {
         self.pin_dir().exists()
     }

@@ -157,6 +157,10 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Route(cmd) => route(&instance, cmd),
         Command::Vip(VipCommand::List { json }) => vip_list(&instance, json),
         Command::Node(NodeCommand::List { json }) => node_list(&instance, json),
+        Command::Node(NodeCommand::Drain { name }) => node_weight(&instance, &name, 0),
+        Command::Node(NodeCommand::Weight { name, weight }) => {
+            node_weight(&instance, &name, weight)
+        }
         Command::Lookup {
             src,
             dst,
@@ -301,6 +305,10 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take NAME out of new flows (weight 0); its existing flows stay on it.
+    Drain { name: String },
+    /// Set NAME's share of new flows (0 drains, up to 1000).
+    Weight { name: String, weight: u32 },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -316,6 +324,33 @@ fn open_steering(instance: &Instance) -> Result<(Tables, pop_forwarder::steering
         .read_state()
         .context("the instance has no state file (is its daemon running?)")?;
     Ok((tables, state.steering))
+}
+
+/// Asks the daemon, over its control socket, to change a node's weight.
+fn node_weight(instance: &Instance, name: &str, weight: u32) -> Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    instance
+        .daemon_pid()
+        .with_context(|| format!("instance {:?} has no running daemon", instance.name))?;
+    let path = instance.control_path();
+    let mut stream = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("connecting to {}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let command = serde_json::json!({ "node_weight": { "name": name, "weight": weight } });
+    stream.write_all(format!("{command}\n").as_bytes())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(&stream)
+        .read_line(&mut reply)
+        .context("reading the daemon's reply")?;
+    let reply: serde_json::Value = serde_json::from_str(&reply).context("the daemon's reply")?;
+    match (reply["ok"].as_str(), reply["error"].as_str()) {
+        (Some(message), _) => {
+            println!("{message}");
+            Ok(())
+        }
+        (_, Some(error)) => bail!("{error}"),
+        _ => bail!("unexpected reply {reply}"),
+    }
 }
 
 fn vip_list(instance: &Instance, json: bool) -> Result<()> {

@@ -408,6 +408,7 @@ impl Drop for Forwarder {
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/pop-forwarder/{}", self.instance));
         let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.json", self.instance));
         let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.lock", self.instance));
+        let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.sock", self.instance));
     }
 }
 

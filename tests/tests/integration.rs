@@ -1122,3 +1122,98 @@ nodes = ["cache-c"]
     }
     assert!(fwd.counter("steered").unwrap() >= 5);
 }
+
+#[test]
+fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
+    let lab = Lab::new().unwrap();
+    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
+    let n2 = cache_node(&lab, "r3", 6, "192.0.2.10");
+    let steering = r#"
+[[nodes]]
+name = "cache-1"
+address = "10.0.5.11"
+dev = "r2"
+
+[[nodes]]
+name = "cache-2"
+address = "10.0.6.11"
+dev = "r3"
+
+[[vips]]
+address = "192.0.2.10"
+protocol = "udp"
+nodes = ["cache-1", "cache-2"]
+"#;
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
+    wait_for_node_macs(&fwd);
+    let sinks = [
+        udp_socket(&n1, "192.0.2.10:9999").unwrap(),
+        udp_socket(&n2, "192.0.2.10:9999").unwrap(),
+    ];
+    for s in &sinks {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
+    let vip: SocketAddr = "192.0.2.10:9999".parse().unwrap();
+    // Sends one datagram on each of `senders` and returns, per sender, the
+    // node (0 or 1) that received it.
+    let round = |senders: &[std::net::UdpSocket], tag: &str| -> Vec<usize> {
+        for (i, s) in senders.iter().enumerate() {
+            s.send_to(format!("{tag}{i:02}").as_bytes(), vip).unwrap();
+        }
+        let mut landed = vec![usize::MAX; senders.len()];
+        let deadline = Instant::now() + WAIT;
+        let mut buf = [0u8; 64];
+        while landed.contains(&usize::MAX) && Instant::now() < deadline {
+            for (node, sink) in sinks.iter().enumerate() {
+                if let Ok(n) = sink.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if let Some(i) = text.strip_prefix(tag).and_then(|i| i.parse::<usize>().ok()) {
+                        landed[i] = node;
+                    }
+                }
+            }
+        }
+        assert!(
+            !landed.contains(&usize::MAX),
+            "{tag}: lost datagrams: {landed:?}\n{}",
+            fwd.log()
+        );
+        landed
+    };
+    let old: Vec<_> = (0..32)
+        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
+        .collect();
+    let before = round(&old, "old");
+    assert!(before.contains(&0) && before.contains(&1), "{before:?}");
+
+    let out = fwd.cli_ok(&["node", "drain", "cache-1"]).unwrap();
+    assert!(
+        out.contains("cache node cache-1 weight 0; 1 VIP tables rebuilt"),
+        "{out}"
+    );
+    // Existing flows keep their node, cache-1 included.
+    assert_eq!(round(&old, "again"), before);
+    // New flows all go to cache-2.
+    let new: Vec<_> = (0..32)
+        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
+        .collect();
+    assert!(round(&new, "new").iter().all(|&n| n == 1));
+    let nodes: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(nodes[0]["weight"], 0);
+
+    // Bad commands are refused with the reason.
+    let err = fwd.cli(&["node", "drain", "cache-9"]).unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("no cache node is named \"cache-9\""));
+    let err = fwd.cli(&["node", "weight", "cache-1", "5000"]).unwrap();
+    assert!(String::from_utf8_lossy(&err.stderr).contains("weight 5000 is not from 0"));
+    fwd.cli_ok(&["node", "weight", "cache-1", "1"]).unwrap();
+    let again: Vec<_> = (0..32)
+        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
+        .collect();
+    assert!(
+        round(&again, "back").contains(&0),
+        "cache-1 takes new flows again"
+    );
+}
