@@ -466,6 +466,59 @@ fn main() -> Result<()> {
         );
     }
 
+    // Maglev's balance and disruption with 100 nodes of weights 1 to 4:
+    // the largest deviation of a node's share from its weight share
+    // (relative), and the entries that change owner when one node goes,
+    // against the 1/N that must.
+    {
+        use pop_forwarder_common::maglev::{DEFAULT_TABLE_SIZE, PoolNode, mix64, populate};
+        let build = |pool: &[PoolNode]| {
+            let mut pool = pool.to_vec();
+            let mut table = vec![0u32; DEFAULT_TABLE_SIZE as usize];
+            let mut scratch = vec![(0, 0, 0, 0); pool.len()];
+            populate(&mut pool, &mut table, &mut scratch);
+            table
+        };
+        let pool: Vec<PoolNode> = (0..100u32)
+            .map(|i| PoolNode {
+                id: i,
+                key: mix64(u64::from(i) + 7),
+                weight: 1 + i % 4,
+            })
+            .collect();
+        let table = build(&pool);
+        let total: u32 = pool.iter().map(|n| n.weight).sum();
+        let mut counts = vec![0u32; 100];
+        for &id in &table {
+            counts[id as usize] += 1;
+        }
+        let worst = pool
+            .iter()
+            .map(|n| {
+                let want = f64::from(n.weight) / f64::from(total);
+                (f64::from(counts[n.id as usize]) / f64::from(DEFAULT_TABLE_SIZE) - want).abs()
+                    / want
+            })
+            .fold(0.0f64, f64::max);
+        let equal: Vec<PoolNode> = pool.iter().map(|n| PoolNode { weight: 1, ..*n }).collect();
+        let before = build(&equal);
+        let after = build(&equal[1..]);
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64
+            / f64::from(DEFAULT_TABLE_SIZE);
+        report.control_plane.insert(
+            "maglev_balance_worst_relative_error_pct".into(),
+            worst * 100.0,
+        );
+        report
+            .control_plane
+            .insert("maglev_moved_when_1_of_100_goes_pct".into(), moved * 100.0);
+        println!(
+            "== Maglev, 100 weighted nodes: worst share {:.2} % off its weight; one of 100 equal nodes gone moves {:.2} % of entries (1/N = 1 %)",
+            worst * 100.0,
+            moved * 100.0
+        );
+    }
+
     println!("== setting up every path (each in a lab of its own)");
     let mut scenarios = Vec::new();
     let mut add = |name: String,
