@@ -154,21 +154,7 @@ fn control_command(running: &mut Running, line: &str) -> Result<String> {
                 .with_context(|| format!("no cache node is named {name:?}"))?;
             let _lock = running.instance.lock()?;
             running.nodes[index].weight = weight;
-            let mut rebuilt = 0;
-            for (i, vip) in running.vips.iter().enumerate() {
-                if vip.nodes.contains(&index) {
-                    let table = steering::maglev_table(
-                        &running.nodes,
-                        vip,
-                        running.maglev_table_size,
-                        &running.healthy,
-                    );
-                    running
-                        .tables
-                        .write_vip(i as u32, &steering::vip_key(vip), &table)?;
-                    rebuilt += 1;
-                }
-            }
+            let rebuilt = rebuild_tables_of(running, index)?;
             if let Some(mut state) = running.instance.read_state() {
                 if let Some(n) = state.steering.nodes.get_mut(index) {
                     n.weight = weight;
@@ -436,31 +422,17 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
 /// Takes a node that failed its health check out of its VIPs' Maglev tables
 /// and out of the node table (so its flows move too), or puts it back.
 fn apply_health(running: &mut Running, event: &crate::health::HealthEvent) -> Result<()> {
-    let node = &running.nodes[event.node];
+    let node = running.nodes[event.node].clone();
     running.healthy[event.node] = event.healthy;
     running.health_changes[event.node] += 1;
     let _lock = running.instance.lock()?;
     if event.healthy {
-        let resolved = steering::resolve_node(node, &kernel::links()?, &kernel::neighbours()?)?;
+        let resolved = steering::resolve_node(&node, &kernel::links()?, &kernel::neighbours()?)?;
         running.tables.write_node(event.node as u32, &resolved)?;
     } else {
         running.tables.remove_node(event.node as u32)?;
     }
-    let mut rebuilt = 0;
-    for (i, vip) in running.vips.iter().enumerate() {
-        if vip.nodes.contains(&event.node) {
-            let table = steering::maglev_table(
-                &running.nodes,
-                vip,
-                running.maglev_table_size,
-                &running.healthy,
-            );
-            running
-                .tables
-                .write_vip(i as u32, &steering::vip_key(vip), &table)?;
-            rebuilt += 1;
-        }
-    }
+    let rebuilt = rebuild_tables_of(running, event.node)?;
     // The state file first: the log line is what watchers wait for.
     if let Some(mut state) = running.instance.read_state() {
         state.health = running
@@ -483,6 +455,27 @@ fn apply_health(running: &mut Running, event: &crate::health::HealthEvent) -> Re
         );
     }
     Ok(())
+}
+
+/// Rebuilds the Maglev table of every VIP whose pool holds `node`, from the
+/// current weights and health; returns how many.
+fn rebuild_tables_of(running: &mut Running, node: usize) -> Result<usize> {
+    let mut rebuilt = 0;
+    for (i, vip) in running.vips.iter().enumerate() {
+        if vip.nodes.contains(&node) {
+            let table = steering::maglev_table(
+                &running.nodes,
+                vip,
+                running.maglev_table_size,
+                &running.healthy,
+            );
+            running
+                .tables
+                .write_vip(i as u32, &steering::vip_key(vip), &table)?;
+            rebuilt += 1;
+        }
+    }
+    Ok(rebuilt)
 }
 
 fn refresh(running: &mut Running) -> Result<()> {

@@ -702,6 +702,18 @@ fn wait_for_node_macs(fwd: &Forwarder) {
     }
 }
 
+/// `pop-forwarder lookup` for UDP from 10.0.1.2:`src_port` to
+/// 192.0.2.10:9999, as JSON.
+fn lookup_vip_flow(fwd: &Forwarder, src_port: u16) -> serde_json::Value {
+    let port = src_port.to_string();
+    #[rustfmt::skip]
+    let out = fwd.cli_ok(&[
+        "lookup", "--src", "10.0.1.2", "--dst", "192.0.2.10", "--protocol", "udp",
+        "--src-port", &port, "--dst-port", "9999", "--json",
+    ]);
+    serde_json::from_str(&out.unwrap()).unwrap()
+}
+
 /// A cache-node namespace on its own link from the router: router side
 /// `dev` (10.0.`net`.1/24), node side n0 (10.0.`net`.11/24), with the VIP
 /// on its loopback (direct server return: the node holds the VIP).
@@ -819,23 +831,8 @@ nodes = ["cache-1", "cache-2"]
 
     // `lookup` agrees with where each flow went.
     for (tag, (nodes, port, _)) in by_flow.iter().take(8) {
-        let out = fwd
-            .cli_ok(&[
-                "lookup",
-                "--src",
-                "10.0.1.2",
-                "--dst",
-                "192.0.2.10",
-                "--protocol",
-                "udp",
-                "--src-port",
-                &port.to_string(),
-                "--dst-port",
-                "9999",
-                "--json",
-            ])
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let v = lookup_vip_flow(&fwd, *port);
+        let out = v.to_string();
         let want = if nodes.contains(&0) {
             "cache-1"
         } else {
@@ -887,24 +884,10 @@ nodes = ["cache-1", "cache-2"]
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
     wait_for_node_macs(&fwd);
     let new_flow_node = |port: u16| -> String {
-        let out = fwd
-            .cli_ok(&[
-                "lookup",
-                "--src",
-                "10.0.1.2",
-                "--dst",
-                "192.0.2.10",
-                "--protocol",
-                "udp",
-                "--src-port",
-                &port.to_string(),
-                "--dst-port",
-                "9999",
-                "--json",
-            ])
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["new_flow"].as_str().unwrap_or("none").to_owned()
+        lookup_vip_flow(&fwd, port)["new_flow"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned()
     };
     let nodes_for = |ports: std::ops::Range<u16>| -> std::collections::HashSet<String> {
         ports.map(new_flow_node).collect()
@@ -1050,20 +1033,7 @@ nodes = ["cache-1"]
     wait_log(
         "cache node cache-1 is down (2 checks in a row failed, the last: GET /healthz answered 503)",
     );
-    let out = fwd
-        .cli_ok(&[
-            "lookup",
-            "--src",
-            "10.0.1.2",
-            "--dst",
-            "192.0.2.10",
-            "--protocol",
-            "udp",
-            "--src-port",
-            "1",
-            "--json",
-        ])
-        .unwrap();
+    let out = lookup_vip_flow(&fwd, 1).to_string();
     assert!(
         out.contains("\"new_flow\":null"),
         "a down node takes no new flow: {out}"
