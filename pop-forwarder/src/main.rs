@@ -12,8 +12,9 @@ use pop_forwarder::{
     tables::{Tables, resolve_next_hop},
 };
 
-/// XDP router for PoP edge servers: longest-prefix-match forwarding in the
-/// NIC driver, run and changed from this one command.
+/// XDP forwarder for PoP edge servers: longest-prefix-match routing and
+/// Maglev steering of service addresses (VIPs) to cache nodes, in the NIC
+/// driver, run and changed from this one command.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -53,7 +54,7 @@ enum Command {
     /// Show the VIPs with their pools and traffic.
     #[command(subcommand)]
     Vip(VipCommand),
-    /// Show the cache nodes with their weights and traffic.
+    /// Show the cache nodes, or change a node's weight (drain).
     #[command(subcommand)]
     Node(NodeCommand),
     /// Which cache node a flow to a VIP goes to: the node an existing flow
