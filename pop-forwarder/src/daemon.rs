@@ -85,6 +85,15 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
         .with_context(|| format!("creating the control socket {}", control_path.display()))?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     crate::health::spawn(&model.nodes, health_tx);
+    // The first refresh asks the kernel to resolve gateways and nodes
+    // without a MAC; a second one soon after picks up what it resolved,
+    // rather than a whole refresh interval later.
+    for _ in 0..2 {
+        if let Err(e) = refresh(&mut running) {
+            warn!("refreshing interfaces and neighbours: {e:#}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let mut tick = tokio::time::interval(REFRESH_INTERVAL);
     loop {
         tokio::select! {
