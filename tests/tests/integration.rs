@@ -742,29 +742,40 @@ fn cache_node(lab: &Lab, dev: &str, net: u8, vip: &str) -> tests::Netns {
     node
 }
 
-#[test]
-fn vip_flows_spread_over_cache_nodes_and_each_stays_on_one() {
-    let lab = Lab::new().unwrap();
-    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
-    let n2 = cache_node(&lab, "r3", 6, "192.0.2.10");
-    let steering = r#"
+/// Two cache-node namespaces holding VIP 192.0.2.10 (cache-1 on r2,
+/// cache-2 on r3), and the steering config for them: a UDP any-port VIP on
+/// both, each node's table given `extra1` / `extra2` lines.
+fn two_cache_nodes(lab: &Lab, extra1: &str, extra2: &str) -> (tests::Netns, tests::Netns, String) {
+    let n1 = cache_node(lab, "r2", 5, "192.0.2.10");
+    let n2 = cache_node(lab, "r3", 6, "192.0.2.10");
+    let steering = format!(
+        r#"
 [[nodes]]
 name = "cache-1"
 address = "10.0.5.11"
 dev = "r2"
+{extra1}
 
 [[nodes]]
 name = "cache-2"
 address = "10.0.6.11"
 dev = "r3"
-weight = 3
+{extra2}
 
 [[vips]]
 address = "192.0.2.10"
 protocol = "udp"
 nodes = ["cache-1", "cache-2"]
-"#;
-    let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
+"#
+    );
+    (n1, n2, steering)
+}
+
+#[test]
+fn vip_flows_spread_over_cache_nodes_and_each_stays_on_one() {
+    let lab = Lab::new().unwrap();
+    let (n1, n2, steering) = two_cache_nodes(&lab, "", "weight = 3");
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
     wait_for_node_macs(&fwd);
     let sockets = [
         udp_socket(&n1, "192.0.2.10:9999").unwrap(),
@@ -849,29 +860,8 @@ nodes = ["cache-1", "cache-2"]
 #[test]
 fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
     let lab = Lab::new().unwrap();
-    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
-    let n2 = cache_node(&lab, "r3", 6, "192.0.2.10");
     let health = "health = { kind = \"tcp\", port = 8080, interval_ms = 100, timeout_ms = 50, rise = 2, fall = 3 }";
-    let steering = format!(
-        r#"
-[[nodes]]
-name = "cache-1"
-address = "10.0.5.11"
-dev = "r2"
-{health}
-
-[[nodes]]
-name = "cache-2"
-address = "10.0.6.11"
-dev = "r3"
-{health}
-
-[[vips]]
-address = "192.0.2.10"
-protocol = "udp"
-nodes = ["cache-1", "cache-2"]
-"#
-    );
+    let (n1, n2, steering) = two_cache_nodes(&lab, health, health);
     // Both nodes answer on 8080 (the kernel completes the handshakes).
     let listen = |ns: &tests::Netns, addr: &str| {
         let addr = addr.to_owned();
@@ -1100,25 +1090,8 @@ nodes = ["cache-c"]
 #[test]
 fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let lab = Lab::new().unwrap();
-    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
-    let n2 = cache_node(&lab, "r3", 6, "192.0.2.10");
-    let steering = r#"
-[[nodes]]
-name = "cache-1"
-address = "10.0.5.11"
-dev = "r2"
-
-[[nodes]]
-name = "cache-2"
-address = "10.0.6.11"
-dev = "r3"
-
-[[vips]]
-address = "192.0.2.10"
-protocol = "udp"
-nodes = ["cache-1", "cache-2"]
-"#;
-    let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
+    let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
     wait_for_node_macs(&fwd);
     let sinks = [
         udp_socket(&n1, "192.0.2.10:9999").unwrap(),
