@@ -240,7 +240,16 @@ fn start(
     let mut ebpf = loader.load(EBPF_OBJECT).context("loading the XDP object")?;
     let pin_dir = instance.pin_dir();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
-    match fill_and_attach(instance, &mut ebpf, model, &attach_to, &routes) {
+    // The interfaces and neighbours read while validating serve the fill too.
+    match fill_and_attach(
+        instance,
+        &mut ebpf,
+        model,
+        &attach_to,
+        &routes,
+        &links,
+        &neighbours,
+    ) {
         Ok((tables, links)) => {
             instance.write_state(&State {
                 pid: std::process::id(),
@@ -285,6 +294,8 @@ fn fill_and_attach(
     model: &Model,
     attach_to: &[AttachedInterface],
     routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
+    links: &[kernel::Link],
+    neighbours: &[kernel::Neighbour],
 ) -> Result<(Tables, Vec<PinnedLink>)> {
     // The tables the CLI acts on; the program's own globals and log ring
     // buffer stay private to this process.
@@ -303,15 +314,10 @@ fn fill_and_attach(
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
     }
-    let addrs: Vec<_> = kernel::links()?.into_iter().flat_map(|l| l.addrs).collect();
+    let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
     tables.sync_local_addrs(&addrs)?;
     tables.add_routes(routes)?;
-    steering::install(
-        &mut tables,
-        model,
-        &kernel::links()?,
-        &kernel::neighbours()?,
-    )?;
+    steering::install(&mut tables, model, links, neighbours)?;
 
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
