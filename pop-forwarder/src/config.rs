@@ -7,7 +7,7 @@
 use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A whole config file, as written.
 #[derive(Debug, Deserialize)]
@@ -45,7 +45,8 @@ fn default_table_size() -> u32 {
     pop_forwarder_common::maglev::DEFAULT_TABLE_SIZE
 }
 
-#[derive(Debug, Deserialize)]
+/// A cache node as the config file (and `node add`) gives it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub name: String,
@@ -77,7 +78,7 @@ pub enum Delivery {
 }
 
 /// A node's health check: a TCP connect, or an HTTP GET answered 2xx/3xx.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     pub kind: HealthKind,
@@ -120,7 +121,8 @@ fn default_fall() -> u32 {
     3
 }
 
-#[derive(Debug, Deserialize)]
+/// A VIP as the config file (and `vip add`) gives it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
     pub address: String,
@@ -167,13 +169,137 @@ pub struct Node {
     pub delivery: Delivery,
 }
 
-/// A VIP after validation; `nodes` index `Model::nodes`.
+/// A VIP after validation; `nodes` are node names, each known.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vip {
     pub address: IpAddr,
     pub protocol: Protocol,
     pub port: u16,
-    pub nodes: Vec<usize>,
+    pub nodes: Vec<String>,
+}
+
+impl Vip {
+    /// The same service: address, protocol and port.
+    pub fn same_service(&self, other: &Vip) -> bool {
+        self.address == other.address && self.protocol == other.protocol && self.port == other.port
+    }
+
+    /// Validates a VIP against the names of the known nodes.
+    pub fn from_config(v: &VipConfig, known: &[&str]) -> Result<Vip> {
+        let address: IpAddr = v
+            .address
+            .parse()
+            .map_err(|_| anyhow::anyhow!("address: {:?} is not an IP address", v.address))?;
+        let mut members: Vec<String> = Vec::new();
+        for name in &v.nodes {
+            if !known.contains(&name.as_str()) {
+                bail!("nodes: no node is named {name:?}");
+            }
+            if members.contains(name) {
+                bail!("nodes: {name:?} is listed twice");
+            }
+            members.push(name.clone());
+        }
+        Ok(Vip {
+            address,
+            protocol: v.protocol,
+            port: v.port,
+            nodes: members,
+        })
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} port ", self.address, self.protocol)?;
+        if self.port == 0 {
+            f.write_str("any")
+        } else {
+            write!(f, "{}", self.port)
+        }
+    }
+}
+
+impl Node {
+    /// Validates one node; `encap_v4`/`encap_v6` say whether the outer
+    /// source address an IP-in-IP node of that family needs is configured.
+    pub fn from_config(n: &NodeConfig, encap_v4: bool, encap_v6: bool) -> Result<Node> {
+        if n.name.is_empty() || n.name.len() > 64 || n.name.chars().any(char::is_whitespace) {
+            bail!(
+                "name: {:?} must be 1 to 64 characters without spaces",
+                n.name
+            );
+        }
+        let address: IpAddr = n
+            .address
+            .parse()
+            .map_err(|_| anyhow::anyhow!("address: {:?} is not an IP address", n.address))?;
+        match n.delivery {
+            Delivery::Dsr => check_interface_name(&n.dev).context("dev")?,
+            Delivery::Ipip => {
+                if !n.dev.is_empty() || n.mac.is_some() {
+                    bail!("an ipip node is reached by routing; dev and mac are for dsr nodes");
+                }
+                let (source, field) = if address.is_ipv4() {
+                    (encap_v4, "encap_source_v4")
+                } else {
+                    (encap_v6, "encap_source_v6")
+                };
+                if !source {
+                    bail!(
+                        "an ipip node at {address} needs {field}, the outer source address, in the config"
+                    );
+                }
+            }
+        }
+        let mac = n
+            .mac
+            .as_deref()
+            .map(|m| m.parse::<Mac>().context("mac"))
+            .transpose()?;
+        if n.weight > 1000 {
+            bail!("weight: {} is not from 0 (drained) to 1000", n.weight);
+        }
+        if let Some(h) = &n.health {
+            if h.port == 0 {
+                bail!("health.port: 0 is not a port");
+            }
+            if !(10..=60_000).contains(&h.interval_ms)
+                || h.timeout_ms == 0
+                || h.timeout_ms > h.interval_ms
+            {
+                bail!(
+                    "health: interval_ms {} must be 10..=60000 and timeout_ms {} from 1 to the interval",
+                    h.interval_ms,
+                    h.timeout_ms
+                );
+            }
+            if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
+                bail!(
+                    "health: rise {} and fall {} must be 1..=100",
+                    h.rise,
+                    h.fall
+                );
+            }
+            if !h.path.starts_with('/')
+                || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                bail!(
+                    "health.path: {:?} is not an absolute path without spaces",
+                    h.path
+                );
+            }
+        }
+        Ok(Node {
+            name: n.name.clone(),
+            address,
+            dev: n.dev.clone(),
+            delivery: n.delivery,
+            mac,
+            weight: n.weight,
+            health: n.health.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -491,135 +617,33 @@ fn validate_steering(config: &Config) -> Result<(Vec<Node>, Vec<Vip>)> {
     if config.vips.len() > MAX_VIPS as usize {
         bail!("vips: {} VIPs; at most {MAX_VIPS}", config.vips.len());
     }
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
     for (i, n) in config.nodes.iter().enumerate() {
-        let ctx = || format!("nodes[{i}] ({})", n.name);
-        if n.name.is_empty() || n.name.len() > 64 || n.name.chars().any(char::is_whitespace) {
-            bail!(
-                "nodes[{i}].name: {:?} must be 1 to 64 characters without spaces",
-                n.name
-            );
-        }
-        if nodes.iter().any(|m: &Node| m.name == n.name) {
+        let node = Node::from_config(
+            n,
+            config.encap_source_v4.is_some(),
+            config.encap_source_v6.is_some(),
+        )
+        .with_context(|| format!("nodes[{i}] ({})", n.name))?;
+        if nodes.iter().any(|m| m.name == node.name) {
             bail!("nodes[{i}].name: {:?} is listed twice", n.name);
         }
-        let address: IpAddr = n
-            .address
-            .parse()
-            .map_err(|_| anyhow::anyhow!("address: {:?} is not an IP address", n.address))
-            .with_context(ctx)?;
-        match n.delivery {
-            Delivery::Dsr => check_interface_name(&n.dev)
-                .context("dev")
-                .with_context(ctx)?,
-            Delivery::Ipip => {
-                if !n.dev.is_empty() || n.mac.is_some() {
-                    bail!(
-                        "nodes[{i}]: an ipip node is reached by routing; dev and mac are for dsr nodes"
-                    );
-                }
-                let source = if address.is_ipv4() {
-                    config.encap_source_v4.is_some()
-                } else {
-                    config.encap_source_v6.is_some()
-                };
-                if !source {
-                    let field = if address.is_ipv4() {
-                        "encap_source_v4"
-                    } else {
-                        "encap_source_v6"
-                    };
-                    bail!(
-                        "nodes[{i}] ({}): an ipip node at {address} needs {field}, the outer source address",
-                        n.name
-                    );
-                }
-            }
-        }
-        let mac = n
-            .mac
-            .as_deref()
-            .map(|m| m.parse::<Mac>().context("mac"))
-            .transpose()
-            .with_context(ctx)?;
-        if n.weight > 1000 {
-            bail!(
-                "nodes[{i}].weight: {} is not from 0 (drained) to 1000",
-                n.weight
-            );
-        }
-        if let Some(h) = &n.health {
-            if h.port == 0 {
-                bail!("nodes[{i}].health.port: 0 is not a port");
-            }
-            if !(10..=60_000).contains(&h.interval_ms)
-                || h.timeout_ms == 0
-                || h.timeout_ms > h.interval_ms
-            {
-                bail!(
-                    "nodes[{i}].health: interval_ms {} must be 10..=60000 and timeout_ms {} from 1 to the interval",
-                    h.interval_ms,
-                    h.timeout_ms
-                );
-            }
-            if !(1..=100).contains(&h.rise) || !(1..=100).contains(&h.fall) {
-                bail!(
-                    "nodes[{i}].health: rise {} and fall {} must be 1..=100",
-                    h.rise,
-                    h.fall
-                );
-            }
-            if !h.path.starts_with('/')
-                || h.path.chars().any(|c| c.is_whitespace() || c.is_control())
-            {
-                bail!(
-                    "nodes[{i}].health.path: {:?} is not an absolute path without spaces",
-                    h.path
-                );
-            }
-        }
-        nodes.push(Node {
-            name: n.name.clone(),
-            address,
-            dev: n.dev.clone(),
-            delivery: n.delivery,
-            mac,
-            weight: n.weight,
-            health: n.health.clone(),
-        });
+        nodes.push(node);
     }
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
     let mut vips: Vec<Vip> = Vec::new();
     for (i, v) in config.vips.iter().enumerate() {
-        let address: IpAddr = v.address.parse().map_err(|_| {
-            anyhow::anyhow!("vips[{i}].address: {:?} is not an IP address", v.address)
-        })?;
-        if vips
-            .iter()
-            .any(|w| w.address == address && w.protocol == v.protocol && w.port == v.port)
-        {
+        let vip = Vip::from_config(v, &known).with_context(|| format!("vips[{i}]"))?;
+        if vips.iter().any(|w| w.same_service(&vip)) {
             bail!(
-                "vips[{i}]: {address} {} port {} is listed twice",
-                v.protocol,
-                v.port
+                "vips[{i}]: {} {} port {} is listed twice",
+                vip.address,
+                vip.protocol,
+                vip.port
             );
         }
-        let mut members = Vec::new();
-        for name in &v.nodes {
-            let Some(index) = nodes.iter().position(|n| &n.name == name) else {
-                bail!("vips[{i}].nodes: no node is named {name:?}");
-            };
-            if members.contains(&index) {
-                bail!("vips[{i}].nodes: {name:?} is listed twice");
-            }
-            members.push(index);
-        }
-        vips.push(Vip {
-            address,
-            protocol: v.protocol,
-            port: v.port,
-            nodes: members,
-        });
+        vips.push(vip);
     }
     Ok((nodes, vips))
 }
@@ -769,7 +793,7 @@ nodes = ["a", "b"]
         let m = Model::from_toml(base).unwrap();
         // Nodes are ordered by name: slot 0 is "a" whatever the file's order.
         assert_eq!(m.nodes[0].name, "a");
-        assert_eq!(m.vips[0].nodes, vec![0, 1]);
+        assert_eq!(m.vips[0].nodes, vec!["a", "b"]);
         assert_eq!(m.vips[0].protocol, Protocol::Tcp);
         let cases = [
             (
@@ -779,11 +803,11 @@ nodes = ["a", "b"]
             (base.replace("251", "65539"), "maglev_table_size: 65539"),
             (
                 base.replace("[\"a\", \"b\"]", "[\"a\", \"c\"]"),
-                "vips[0].nodes: no node is named \"c\"",
+                "vips[0]: nodes: no node is named \"c\"",
             ),
             (
                 base.replace("[\"a\", \"b\"]", "[\"a\", \"a\"]"),
-                "vips[0].nodes: \"a\" is listed twice",
+                "vips[0]: nodes: \"a\" is listed twice",
             ),
             (
                 base.replace("name = \"b\"", "name = \"a\""),
@@ -795,7 +819,7 @@ nodes = ["a", "b"]
             ),
             (
                 base.replace("weight = 2", "weight = 5000"),
-                "nodes[0].weight: 5000",
+                "nodes[0] (b): weight: 5000",
             ),
             (
                 base.replace("dev = \"r2\"\nweight = 2", "delivery = \"ipip\""),

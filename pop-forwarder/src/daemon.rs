@@ -1,6 +1,7 @@
 //! `pop-forwarder run`: load, pin, fill, attach, keep current, detach.
 
 use std::{
+    collections::HashMap,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -12,10 +13,12 @@ use aya::programs::{
 };
 use log::{info, warn};
 use pop_forwarder_common::{PROGRAM_NAME, map_names};
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     EBPF_OBJECT,
-    config::{Ipv4Lookup, Model, XdpMode},
+    config::{Ipv4Lookup, Model, Node, NodeConfig, Vip, VipConfig, XdpMode},
+    health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
     kernel, steering,
     tables::{Tables, resolve_next_hop},
@@ -34,14 +37,12 @@ struct Running {
     links: Vec<PinnedLink>,
     /// Gateways the kernel was asked to resolve (once each).
     requested_neighbours: std::collections::HashSet<(std::net::IpAddr, u32)>,
-    /// The cache nodes, for refreshing their MACs.
-    nodes: Vec<crate::config::Node>,
-    /// VIPs, for rebuilding their Maglev tables when a node's health flips.
-    vips: Vec<crate::config::Vip>,
-    maglev_table_size: u32,
-    /// Health per node (true without a health check), and flips so far.
-    healthy: Vec<bool>,
-    health_changes: Vec<u64>,
+    /// Cache nodes and VIPs in their slots.
+    steering: steering::Steering,
+    /// The running health check of each checked node: (checker id, task).
+    checkers: HashMap<String, (u64, tokio::task::AbortHandle)>,
+    next_checker: u64,
+    health_events: UnboundedSender<HealthEvent>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
 }
@@ -60,7 +61,8 @@ pub enum BpfLogLevel {
 
 pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) -> Result<()> {
     let model = Model::from_file(config_path)?;
-    let mut running = start(instance, &model, config_path, bpf_log)?;
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut running = start(instance, &model, config_path, bpf_log, health_tx)?;
     info!(
         "instance {:?}: forwarding on {} with {} routes (IPv4 lookup: {}); maps pinned at {}",
         instance.name,
@@ -83,8 +85,8 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
     let _ = std::fs::remove_file(&control_path);
     let control = tokio::net::UnixListener::bind(&control_path)
         .with_context(|| format!("creating the control socket {}", control_path.display()))?;
-    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    crate::health::spawn(&model.nodes, health_tx);
+    let names: Vec<String> = model.nodes.iter().map(|n| n.name.clone()).collect();
+    start_checks(&mut running, &names, &[]);
     // The first refresh asks the kernel to resolve gateways and nodes
     // without a MAC; a second one soon after picks up what it resolved,
     // rather than a whole refresh interval later.
@@ -105,7 +107,7 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
                 }
             }
             Some(event) = health_rx.recv() => {
-                if let Err(e) = apply_health(&mut running, &event) {
+                if let Err(e) = apply_health(&mut running, event.clone()) {
                     warn!("applying a health change of node {}: {e:#}", event.node);
                 }
             }
@@ -144,38 +146,158 @@ async fn serve_control(running: &mut Running, stream: tokio::net::UnixStream) ->
     Ok(())
 }
 
+/// The control socket's commands, one JSON object per line, e.g.
+/// `{"node_weight": {"name": "cache-a", "weight": 0}}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum Command {
+    /// Sets a node's weight (0 drains it: no new flows, its existing flows
+    /// stay).
+    NodeWeight { name: String, weight: u32 },
+    /// Adds a cache node (in no VIP's pool yet).
+    NodeAdd(NodeConfig),
+    /// Removes a node from every pool, then from the node table.
+    NodeDel { name: String },
+    /// Adds a VIP, or sets the pool of an existing one.
+    VipAdd(VipConfig),
+    /// Removes a VIP: its packets are routed like any others.
+    VipDel {
+        address: std::net::IpAddr,
+        protocol: crate::config::Protocol,
+        port: u16,
+    },
+}
+
 fn control_command(running: &mut Running, line: &str) -> Result<String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields, rename_all = "snake_case")]
-    enum Command {
-        NodeWeight { name: String, weight: u32 },
-    }
     let command: Command = serde_json::from_str(line.trim()).context("not a command")?;
-    match command {
+    let mut spec = running.steering.spec();
+    let message = match command {
         Command::NodeWeight { name, weight } => {
             if weight > 1000 {
                 bail!("weight {weight} is not from 0 (drained) to 1000");
             }
-            let index = running
-                .nodes
-                .iter()
-                .position(|n| n.name == name)
-                .with_context(|| format!("no cache node is named {name:?}"))?;
-            let _lock = running.instance.lock()?;
-            running.nodes[index].weight = weight;
-            let rebuilt = rebuild_tables_of(running, index)?;
-            if let Some(mut state) = running.instance.read_state() {
-                if let Some(n) = state.steering.nodes.get_mut(index) {
-                    n.weight = weight;
-                }
-                running.instance.write_state(&state)?;
+            spec_node(&mut spec.nodes, &name)?.weight = weight;
+            format!("cache node {name} weight {weight}")
+        }
+        Command::NodeAdd(config) => {
+            let node = Node::from_config(
+                &config,
+                spec.encap_source_v4.is_some(),
+                spec.encap_source_v6.is_some(),
+            )?;
+            if spec.nodes.iter().any(|n| n.name == node.name) {
+                bail!("a cache node is already named {:?}", node.name);
             }
-            let message =
-                format!("cache node {name} weight {weight}; {rebuilt} VIP tables rebuilt");
-            info!("{message}");
-            Ok(message)
+            let message = format!("cache node {} ({}) added", node.name, node.address);
+            spec.nodes.push(node);
+            message
+        }
+        Command::NodeDel { name } => {
+            spec_node(&mut spec.nodes, &name)?;
+            spec.nodes.retain(|n| n.name != name);
+            let mut pools = 0;
+            for vip in &mut spec.vips {
+                let before = vip.nodes.len();
+                vip.nodes.retain(|n| *n != name);
+                pools += before - vip.nodes.len();
+            }
+            format!("cache node {name} removed (it was in {pools} VIP pools)")
+        }
+        Command::VipAdd(config) => {
+            let known: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
+            let vip = Vip::from_config(&config, &known)?;
+            match spec.vips.iter_mut().find(|v| v.same_service(&vip)) {
+                Some(existing) => {
+                    *existing = vip.clone();
+                    format!("VIP {vip}: pool set to [{}]", vip.nodes.join(", "))
+                }
+                None => {
+                    spec.vips.push(vip.clone());
+                    format!("VIP {vip} added, pool [{}]", vip.nodes.join(", "))
+                }
+            }
+        }
+        Command::VipDel {
+            address,
+            protocol,
+            port,
+        } => {
+            let gone = Vip {
+                address,
+                protocol,
+                port,
+                nodes: Vec::new(),
+            };
+            let before = spec.vips.len();
+            spec.vips.retain(|v| !v.same_service(&gone));
+            if spec.vips.len() == before {
+                bail!("{gone} is no VIP");
+            }
+            format!("VIP {gone} removed")
+        }
+    };
+    let applied = apply_steering(running, &spec)?;
+    let message = format!("{message}; {applied}");
+    info!("{message}");
+    Ok(message)
+}
+
+fn spec_node<'a>(nodes: &'a mut [Node], name: &str) -> Result<&'a mut Node> {
+    nodes
+        .iter_mut()
+        .find(|n| n.name == name)
+        .with_context(|| format!("no cache node is named {name:?}"))
+}
+
+/// Applies a steering spec (validated and resolved first: refused whole),
+/// starts and stops health checks to match, and records the result in the
+/// state file.
+fn apply_steering(running: &mut Running, spec: &steering::Spec) -> Result<steering::Applied> {
+    let links = kernel::links()?;
+    let neighbours = kernel::neighbours()?;
+    let _lock = running.instance.lock()?;
+    let applied = running
+        .steering
+        .apply(&mut running.tables, spec, &links, &neighbours)?;
+    start_checks(running, &applied.check, &applied.uncheck);
+    write_steering_state(running)?;
+    Ok(applied)
+}
+
+/// Starts (or restarts) the health checks of the nodes in `check` and
+/// stops those of the nodes in `uncheck`.
+fn start_checks(running: &mut Running, check: &[String], uncheck: &[String]) {
+    for name in uncheck.iter().chain(check) {
+        if let Some((_, task)) = running.checkers.remove(name) {
+            task.abort();
         }
     }
+    for name in check {
+        let Some((_, slot)) = running.steering.node(name) else {
+            continue;
+        };
+        let Some(health) = slot.node.health.clone() else {
+            continue;
+        };
+        running.next_checker += 1;
+        let id = running.next_checker;
+        let task = crate::health::spawn(
+            name,
+            slot.node.address,
+            health,
+            id,
+            running.health_events.clone(),
+        );
+        running.checkers.insert(name.clone(), (id, task));
+    }
+}
+
+fn write_steering_state(running: &Running) -> Result<()> {
+    if let Some(mut state) = running.instance.read_state() {
+        state.steering = running.steering.state();
+        running.instance.write_state(&state)?;
+    }
+    Ok(())
 }
 
 /// Validates everything that can be validated before touching the kernel,
@@ -185,6 +307,7 @@ fn start(
     model: &Model,
     config_path: &Path,
     bpf_log: BpfLogLevel,
+    health_events: UnboundedSender<HealthEvent>,
 ) -> Result<Running> {
     if let Some(pid) = instance.daemon_pid() {
         bail!(
@@ -241,14 +364,15 @@ fn start(
     let pin_dir = instance.pin_dir();
     std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
     // The interfaces and neighbours read while validating serve the fill too.
+    let mut steering = steering::Steering::default();
     match fill_and_attach(
         instance,
         &mut ebpf,
         model,
         &attach_to,
         &routes,
-        &links,
-        &neighbours,
+        &mut steering,
+        (&links, &neighbours),
     ) {
         Ok((tables, links)) => {
             instance.write_state(&State {
@@ -257,8 +381,7 @@ fn start(
                     .canonicalize()
                     .unwrap_or_else(|_| config_path.to_owned()),
                 interfaces: attach_to,
-                steering: steering::SteeringState::of(model),
-                health: Vec::new(),
+                steering: steering.state(),
                 started_unix: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
@@ -269,11 +392,10 @@ fn start(
                 tables,
                 links,
                 local_conflicts: Vec::new(),
-                nodes: model.nodes.clone(),
-                vips: model.vips.clone(),
-                maglev_table_size: model.maglev_table_size,
-                healthy: vec![true; model.nodes.len()],
-                health_changes: vec![0; model.nodes.len()],
+                steering,
+                checkers: HashMap::new(),
+                next_checker: 0,
+                health_events,
                 requested_neighbours: Default::default(),
             })
         }
@@ -294,8 +416,8 @@ fn fill_and_attach(
     model: &Model,
     attach_to: &[AttachedInterface],
     routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
-    links: &[kernel::Link],
-    neighbours: &[kernel::Neighbour],
+    steering: &mut steering::Steering,
+    (links, neighbours): (&[kernel::Link], &[kernel::Neighbour]),
 ) -> Result<(Tables, Vec<PinnedLink>)> {
     // The tables the CLI acts on; the program's own globals and log ring
     // buffer stay private to this process.
@@ -317,7 +439,7 @@ fn fill_and_attach(
     let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
     tables.sync_local_addrs(&addrs)?;
     tables.add_routes(routes)?;
-    steering::install(&mut tables, model, links, neighbours)?;
+    steering.apply(&mut tables, &steering::Spec::of(model), links, neighbours)?;
 
     let program: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
@@ -389,11 +511,11 @@ fn forward_bpf_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
     Ok(())
 }
 
-/// Applies a changed config without detaching: routes and the route-miss
-/// policy. Interfaces and the IPv4 lookup are fixed for the daemon's life;
-/// a config that changes them is refused whole, as is one that does not
-/// validate or resolve. Routes added with the CLI and not in the file go:
-/// on reload the file is the truth.
+/// Applies a changed config without detaching: routes, the route-miss
+/// policy, cache nodes and VIPs. Interfaces and the IPv4 lookup are fixed
+/// for the daemon's life; a config that changes them is refused whole, as
+/// is one that does not validate or resolve. Routes, nodes and VIPs added
+/// with the CLI and not in the file go: on reload the file is the truth.
 fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
     let model = Model::from_file(config_path)?;
     let state = running
@@ -407,9 +529,6 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
         .collect();
     if model.interfaces != attached {
         bail!("interfaces changed; attaching and detaching need a restart (`detach`, then `run`)");
-    }
-    if steering::SteeringState::of(&model) != state.steering {
-        bail!("VIPs or cache nodes changed; applying those needs a restart for now");
     }
     if model.ipv4_lookup != running.tables.ipv4_lookup() {
         bail!(
@@ -425,72 +544,48 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
             .with_context(|| format!("routes[{i}] ({})", route.prefix))?;
         routes.push((route.prefix, nh));
     }
+    // Steering is checked whole before its first write, routes were
+    // resolved above: from here on only a failing map write can stop it.
+    let applied = apply_steering(running, &steering::Spec::of(&model))?;
     let _lock = running.instance.lock()?;
     let (added, changed, deleted) = running.tables.apply_routes(&routes)?;
     running.tables.set_route_miss(model.route_miss)?;
     Ok(format!(
-        "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}",
+        "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied}",
         model.route_miss
     ))
 }
 
 /// Takes a node that failed its health check out of its VIPs' Maglev tables
 /// and out of the node table (so its flows move too), or puts it back.
-fn apply_health(running: &mut Running, event: &crate::health::HealthEvent) -> Result<()> {
-    let node = running.nodes[event.node].clone();
-    running.healthy[event.node] = event.healthy;
-    running.health_changes[event.node] += 1;
+fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
+    if running.checkers.get(&event.node).map(|c| c.0) != Some(event.checker) {
+        return Ok(()); // from a checker since stopped
+    }
+    let links = kernel::links()?;
+    let neighbours = kernel::neighbours()?;
     let _lock = running.instance.lock()?;
-    if event.healthy {
-        let resolved = steering::resolve_node(&node, &kernel::links()?, &kernel::neighbours()?)?;
-        running.tables.write_node(event.node as u32, &resolved)?;
-    } else {
-        running.tables.remove_node(event.node as u32)?;
-    }
-    let rebuilt = rebuild_tables_of(running, event.node)?;
+    let rebuilt = running.steering.set_health(
+        &mut running.tables,
+        &event.node,
+        event.healthy,
+        &links,
+        &neighbours,
+    )?;
     // The state file first: the log line is what watchers wait for.
-    if let Some(mut state) = running.instance.read_state() {
-        state.health = running
-            .healthy
-            .iter()
-            .zip(&running.health_changes)
-            .map(|(&healthy, &changes)| crate::instance::NodeHealth { healthy, changes })
-            .collect();
-        running.instance.write_state(&state)?;
-    }
+    write_steering_state(running)?;
     if event.healthy {
         info!(
-            "cache node {} is up ({}); back in {rebuilt} VIP tables",
-            node.name, event.detail
+            "cache node {} is up ({}); {rebuilt} VIP tables rebuilt",
+            event.node, event.detail
         );
     } else {
         warn!(
-            "cache node {} is down ({}); out of {rebuilt} VIP tables, its flows move",
-            node.name, event.detail
+            "cache node {} is down ({}); out of the node table, {rebuilt} VIP tables rebuilt, its flows move",
+            event.node, event.detail
         );
     }
     Ok(())
-}
-
-/// Rebuilds the Maglev table of every VIP whose pool holds `node`, from the
-/// current weights and health; returns how many.
-fn rebuild_tables_of(running: &mut Running, node: usize) -> Result<usize> {
-    let mut rebuilt = 0;
-    for (i, vip) in running.vips.iter().enumerate() {
-        if vip.nodes.contains(&node) {
-            let table = steering::maglev_table(
-                &running.nodes,
-                vip,
-                running.maglev_table_size,
-                &running.healthy,
-            );
-            running
-                .tables
-                .write_vip(i as u32, &steering::vip_key(vip), &table)?;
-            rebuilt += 1;
-        }
-    }
-    Ok(rebuilt)
 }
 
 fn refresh(running: &mut Running) -> Result<()> {
@@ -500,13 +595,10 @@ fn refresh(running: &mut Running) -> Result<()> {
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }
-    let (changes, unresolved_nodes) = steering::refresh_nodes(
-        &mut running.tables,
-        &running.nodes,
-        &running.healthy,
-        &links,
-        &neighbours,
-    )?;
+    let (changes, unresolved_nodes) =
+        running
+            .steering
+            .refresh(&mut running.tables, &links, &neighbours)?;
     for change in changes {
         info!("{change}");
     }
@@ -557,13 +649,15 @@ fn shutdown(running: Running) -> Result<()> {
         tables,
         links,
         local_conflicts: _,
-        nodes: _,
-        vips: _,
-        maglev_table_size: _,
-        healthy: _,
-        health_changes: _,
+        steering: _,
+        checkers,
+        next_checker: _,
+        health_events: _,
         requested_neighbours: _,
     } = running;
+    for (_, task) in checkers.into_values() {
+        task.abort();
+    }
     drop(tables);
     for link in links {
         match link.unpin() {

@@ -4,69 +4,76 @@
 //! reported to the daemon, which takes the node out of (or puts it back
 //! into) its VIPs' Maglev tables.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
     sync::mpsc::UnboundedSender,
+    task::AbortHandle,
 };
 
-use crate::config::{HealthConfig, HealthKind, Node};
+use crate::config::{HealthConfig, HealthKind};
 
 /// A node's health changed.
 #[derive(Debug, Clone)]
 pub struct HealthEvent {
-    /// Index into the model's nodes.
-    pub node: usize,
+    pub node: String,
+    /// Which checker saw it: events of a checker since replaced are stale.
+    pub checker: u64,
     pub healthy: bool,
     /// What the last check saw.
     pub detail: String,
 }
 
-/// Starts one checker per node that has a health check. Nodes start
-/// healthy: a node that is down at start leaves after `fall` checks.
-pub fn spawn(nodes: &[Node], events: UnboundedSender<HealthEvent>) {
-    for (index, node) in nodes.iter().enumerate() {
-        let Some(check) = node.health.clone() else {
-            continue;
-        };
-        let target = SocketAddr::new(node.address, check.port);
-        let events = events.clone();
-        tokio::spawn(async move {
-            let (mut healthy, mut streak) = (true, 0u32);
-            let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
-            loop {
-                tick.tick().await;
-                let result = probe(target, &check).await;
-                // Count results that disagree with the current state.
-                if result.is_ok() == healthy {
-                    streak = 0;
-                    continue;
-                }
-                streak += 1;
-                let needed = if healthy { check.fall } else { check.rise };
-                if streak >= needed {
-                    healthy = !healthy;
-                    streak = 0;
-                    let detail = match result {
-                        Ok(()) => format!("{needed} checks in a row passed"),
-                        Err(e) => format!("{needed} checks in a row failed, the last: {e}"),
-                    };
-                    if events
-                        .send(HealthEvent {
-                            node: index,
-                            healthy,
-                            detail,
-                        })
-                        .is_err()
-                    {
-                        return; // the daemon is stopping
-                    }
+/// Starts checker `checker` of node `name` at `address`. The node starts
+/// healthy: a node that is down at start leaves after `fall` checks. Abort
+/// the handle to stop it.
+pub fn spawn(
+    name: &str,
+    address: IpAddr,
+    check: HealthConfig,
+    checker: u64,
+    events: UnboundedSender<HealthEvent>,
+) -> AbortHandle {
+    let target = SocketAddr::new(address, check.port);
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        let (mut healthy, mut streak) = (true, 0u32);
+        let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
+        loop {
+            tick.tick().await;
+            let result = probe(target, &check).await;
+            // Count results that disagree with the current state.
+            if result.is_ok() == healthy {
+                streak = 0;
+                continue;
+            }
+            streak += 1;
+            let needed = if healthy { check.fall } else { check.rise };
+            if streak >= needed {
+                healthy = !healthy;
+                streak = 0;
+                let detail = match result {
+                    Ok(()) => format!("{needed} checks in a row passed"),
+                    Err(e) => format!("{needed} checks in a row failed, the last: {e}"),
+                };
+                let event = HealthEvent {
+                    node: name.clone(),
+                    checker,
+                    healthy,
+                    detail,
+                };
+                if events.send(event).is_err() {
+                    return; // the daemon is stopping
                 }
             }
-        });
-    }
+        }
+    })
+    .abort_handle()
 }
 
 /// One check, bounded by the check's timeout.

@@ -25,19 +25,9 @@ pub struct State {
     pub config: PathBuf,
     pub interfaces: Vec<AttachedInterface>,
     pub started_unix: u64,
-    /// VIPs and cache nodes as configured at start.
+    /// VIPs and cache nodes as they are now, with their slots and health.
     #[serde(default)]
     pub steering: crate::steering::SteeringState,
-    /// Health of each cache node (same order), once any changed.
-    #[serde(default)]
-    pub health: Vec<NodeHealth>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeHealth {
-    pub healthy: bool,
-    /// How often the node went down or came back.
-    pub changes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -51,10 +51,11 @@ enum Command {
     /// Change or show the running instance's routes.
     #[command(subcommand)]
     Route(RouteCommand),
-    /// Show the VIPs with their pools and traffic.
+    /// Add, remove or show the running instance's VIPs (service addresses)
+    /// and their pools.
     #[command(subcommand)]
     Vip(VipCommand),
-    /// Show the cache nodes, or change a node's weight (drain).
+    /// Add, remove, drain, weigh or show the running instance's cache nodes.
     #[command(subcommand)]
     Node(NodeCommand),
     /// Which cache node a flow to a VIP goes to: the node an existing flow
@@ -84,8 +85,8 @@ enum Command {
         json: bool,
     },
     /// Have the daemon re-read its config file (SIGHUP) and apply changed
-    /// routes and route-miss policy without detaching; the daemon logs what
-    /// it changed, or why it refused.
+    /// routes, route-miss policy, cache nodes and VIPs without detaching;
+    /// the daemon logs what it changed, or why it refused.
     Reload,
     /// Stop the instance's daemon (or, if it died, remove what it left
     /// attached and pinned).
@@ -157,11 +158,35 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Route(cmd) => route(&instance, cmd),
         Command::Vip(VipCommand::List { json }) => vip_list(&instance, json),
+        Command::Vip(VipCommand::Add { vip, nodes }) => control(
+            &instance,
+            serde_json::json!({ "vip_add": {
+                "address": vip.address, "protocol": vip.protocol, "port": vip.port, "nodes": nodes,
+            }}),
+        ),
+        Command::Vip(VipCommand::Del { vip }) => control(
+            &instance,
+            serde_json::json!({ "vip_del": {
+                "address": vip.address, "protocol": vip.protocol, "port": vip.port,
+            }}),
+        ),
         Command::Node(NodeCommand::List { json }) => node_list(&instance, json),
-        Command::Node(NodeCommand::Drain { name }) => node_weight(&instance, &name, 0),
-        Command::Node(NodeCommand::Weight { name, weight }) => {
-            node_weight(&instance, &name, weight)
+        Command::Node(NodeCommand::Add(args)) => {
+            let config = args.into_config()?;
+            control(&instance, serde_json::json!({ "node_add": config }))
         }
+        Command::Node(NodeCommand::Del { name }) => control(
+            &instance,
+            serde_json::json!({ "node_del": { "name": name } }),
+        ),
+        Command::Node(NodeCommand::Drain { name }) => control(
+            &instance,
+            serde_json::json!({ "node_weight": { "name": name, "weight": 0 } }),
+        ),
+        Command::Node(NodeCommand::Weight { name, weight }) => control(
+            &instance,
+            serde_json::json!({ "node_weight": { "name": name, "weight": weight } }),
+        ),
         Command::Lookup {
             src,
             dst,
@@ -297,6 +322,119 @@ enum VipCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a VIP with its pool of cache nodes, or set the pool of an
+    /// existing one; its Maglev table is built and written before the
+    /// program sees the VIP. Until the next reload (the file is the truth).
+    Add {
+        #[command(flatten)]
+        vip: VipArgs,
+        /// The pool: names of cache nodes, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+    },
+    /// Remove a VIP: its packets are routed like any others from then on.
+    Del {
+        #[command(flatten)]
+        vip: VipArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct VipArgs {
+    /// The service address (IPv4 or IPv6).
+    address: std::net::IpAddr,
+    #[arg(value_enum)]
+    protocol: LookupProtocol,
+    /// The port; 0 (the default) is every port of the protocol.
+    #[arg(default_value_t = 0)]
+    port: u16,
+}
+
+/// A cache node, as in the config file's [[nodes]].
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The node's name, unique in the instance.
+    name: String,
+    /// The node's address.
+    address: std::net::IpAddr,
+    /// Direct server return (the default): the interface the node is on.
+    #[arg(long, conflicts_with = "ipip")]
+    dev: Option<String>,
+    /// Direct server return: the node's MAC (default: from the kernel's
+    /// neighbour table).
+    #[arg(long, conflicts_with = "ipip")]
+    mac: Option<String>,
+    /// Reach the node by IP-in-IP (needs encap_source_v4/v6 in the config).
+    #[arg(long)]
+    ipip: bool,
+    /// Share of new flows, 0 (drained) to 1000.
+    #[arg(long, default_value_t = 1)]
+    weight: u32,
+    /// Health check: tcp (connect) or http (GET answered 2xx/3xx).
+    #[arg(long, value_enum, requires = "health_port")]
+    health: Option<HealthArg>,
+    /// The port the health check connects to.
+    #[arg(long)]
+    health_port: Option<u16>,
+    /// HTTP checks: the path to GET.
+    #[arg(long, default_value = "/")]
+    health_path: String,
+    /// Time between checks (10..=60000).
+    #[arg(long, default_value_t = 1000)]
+    health_interval_ms: u64,
+    /// How long a check may take (at most the interval).
+    #[arg(long, default_value_t = 500)]
+    health_timeout_ms: u64,
+    /// Successes in a row that bring a failed node back.
+    #[arg(long, default_value_t = 2)]
+    health_rise: u32,
+    /// Failures in a row that take a node out.
+    #[arg(long, default_value_t = 3)]
+    health_fall: u32,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HealthArg {
+    Tcp,
+    Http,
+}
+
+impl NodeArgs {
+    fn into_config(self) -> Result<pop_forwarder::config::NodeConfig> {
+        use pop_forwarder::config::{Delivery, HealthConfig, HealthKind, NodeConfig};
+        if !self.ipip && self.dev.is_none() {
+            bail!("--dev: a direct-server-return node needs the interface it is on (or --ipip)");
+        }
+        let health = match (self.health, self.health_port) {
+            (Some(kind), Some(port)) => Some(HealthConfig {
+                kind: match kind {
+                    HealthArg::Tcp => HealthKind::Tcp,
+                    HealthArg::Http => HealthKind::Http,
+                },
+                port,
+                path: self.health_path,
+                interval_ms: self.health_interval_ms,
+                timeout_ms: self.health_timeout_ms,
+                rise: self.health_rise,
+                fall: self.health_fall,
+            }),
+            (None, Some(_)) => bail!("--health-port: needs --health tcp|http"),
+            _ => None,
+        };
+        Ok(NodeConfig {
+            name: self.name,
+            address: self.address.to_string(),
+            delivery: if self.ipip {
+                Delivery::Ipip
+            } else {
+                Delivery::Dsr
+            },
+            dev: self.dev.unwrap_or_default(),
+            mac: self.mac,
+            weight: self.weight,
+            health,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -306,13 +444,20 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a cache node (in no pool until `vip add` puts it in one). Until
+    /// the next reload (the file is the truth).
+    Add(NodeArgs),
+    /// Remove a node from every pool, then from the node table: its flows
+    /// move to the other nodes of their VIPs.
+    Del { name: String },
     /// Take NAME out of new flows (weight 0); its existing flows stay on it.
     Drain { name: String },
     /// Set NAME's share of new flows (0 drains, up to 1000).
     Weight { name: String, weight: u32 },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 enum LookupProtocol {
     Tcp,
     Udp,
@@ -327,8 +472,9 @@ fn open_steering(instance: &Instance) -> Result<(Tables, pop_forwarder::steering
     Ok((tables, state.steering))
 }
 
-/// Asks the daemon, over its control socket, to change a node's weight.
-fn node_weight(instance: &Instance, name: &str, weight: u32) -> Result<()> {
+/// Sends one command to the daemon over its control socket and prints its
+/// answer.
+fn control(instance: &Instance, command: serde_json::Value) -> Result<()> {
     use std::io::{BufRead as _, Write as _};
     instance
         .daemon_pid()
@@ -337,7 +483,6 @@ fn node_weight(instance: &Instance, name: &str, weight: u32) -> Result<()> {
     let mut stream = std::os::unix::net::UnixStream::connect(&path)
         .with_context(|| format!("connecting to {}", path.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let command = serde_json::json!({ "node_weight": { "name": name, "weight": weight } });
     stream.write_all(format!("{command}\n").as_bytes())?;
     let mut reply = String::new();
     std::io::BufReader::new(&stream)
@@ -356,7 +501,13 @@ fn node_weight(instance: &Instance, name: &str, weight: u32) -> Result<()> {
 
 fn vip_list(instance: &Instance, json: bool) -> Result<()> {
     let (tables, steering) = open_steering(instance)?;
-    let (vip_stats, _) = tables.steering_stats(steering.vips.len() as u32, 0)?;
+    let slots = steering.vips.iter().map(|v| v.slot + 1).max().unwrap_or(0);
+    let (all_stats, _) = tables.steering_stats(slots, 0)?;
+    let vip_stats: Vec<_> = steering
+        .vips
+        .iter()
+        .map(|v| all_stats[v.slot as usize])
+        .collect();
     let rows: Vec<_> = steering
         .vips
         .iter()
@@ -397,17 +548,19 @@ fn vip_list(instance: &Instance, json: bool) -> Result<()> {
 
 fn node_list(instance: &Instance, json: bool) -> Result<()> {
     let (tables, steering) = open_steering(instance)?;
-    let health = instance.read_state().map(|s| s.health).unwrap_or_default();
-    let (_, node_stats) = tables.steering_stats(0, steering.nodes.len() as u32)?;
+    let slots = steering.nodes.iter().map(|n| n.slot + 1).max().unwrap_or(0);
+    let (_, node_stats) = tables.steering_stats(0, slots)?;
     let mut rows = Vec::new();
-    for (i, (n, s)) in steering.nodes.iter().zip(&node_stats).enumerate() {
-        let node = tables.node(i as u32)?;
+    for n in &steering.nodes {
+        let s = node_stats[n.slot as usize];
+        let node = tables.node(n.slot)?;
         let mac = (node.flags & pop_forwarder_common::steering::NODE_F_MAC_VALID != 0)
             .then(|| pop_forwarder::config::Mac(node.dst_mac).to_string());
-        let (healthy, changes) = health.get(i).map_or((true, 0), |h| (h.healthy, h.changes));
         rows.push(serde_json::json!({
-            "name": n.name, "address": n.address, "dev": n.dev, "weight": n.weight, "mac": mac,
-            "healthy": healthy, "health_changes": changes,
+            "name": n.name, "slot": n.slot, "address": n.address, "delivery": n.delivery,
+            "dev": n.dev, "weight": n.weight, "mac": mac,
+            "health_checked": n.health_checked, "healthy": n.healthy,
+            "health_changes": n.health_changes,
             "packets": s.packets, "bytes": s.bytes,
         }));
     }
@@ -424,10 +577,22 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
             "{:<20} {:<40} {:<12} {:>6} {:<18} {:<7} {:>14} {:>16}",
             r["name"].as_str().unwrap_or_default(),
             r["address"].as_str().unwrap_or_default(),
-            r["dev"].as_str().unwrap_or_default(),
+            if r["delivery"] == "ipip" {
+                "(ip-in-ip)"
+            } else {
+                r["dev"].as_str().unwrap_or_default()
+            },
             r["weight"],
-            r["mac"].as_str().unwrap_or("unresolved"),
-            if r["healthy"] == true { "up" } else { "down" },
+            match (r["delivery"].as_str(), r["mac"].as_str()) {
+                (Some("ipip"), _) => "-",
+                (_, Some(mac)) => mac,
+                _ => "unresolved",
+            },
+            match (r["health_checked"] == true, r["healthy"] == true) {
+                (false, _) => "-",
+                (true, true) => "up",
+                (true, false) => "down",
+            },
             r["packets"],
             r["bytes"]
         );
@@ -457,20 +622,21 @@ fn lookup(
     let Some(index) = steering
         .vips
         .iter()
-        .position(|v| v.address == dst && v.protocol == protocol && v.port == dst_port)
+        .find(|v| v.address == dst && v.protocol == protocol && v.port == dst_port)
         .or_else(|| {
             steering
                 .vips
                 .iter()
-                .position(|v| v.address == dst && v.protocol == protocol && v.port == 0)
+                .find(|v| v.address == dst && v.protocol == protocol && v.port == 0)
         })
+        .map(|v| v.slot)
     else {
         bail!(
             "{dst} {protocol} port {dst_port} is no VIP of instance {:?}",
             instance.name
         );
     };
-    let name = |id: u32| steering.nodes.get(id as usize).map(|n| n.name.clone());
+    let name = |id: u32| steering.node_name(id).map(str::to_owned);
     let key = FlowKey {
         src: widen(src),
         dst: widen(dst),
@@ -490,7 +656,7 @@ fn lookup(
         key.protocol,
     );
     let slot = hash % steering.maglev_table_size;
-    let new = name(tables.maglev_entry(index as u32, slot)?);
+    let new = name(tables.maglev_entry(index, slot)?);
     if json {
         println!(
             "{}",

@@ -1,14 +1,17 @@
 //! VIP steering, host side: cache nodes resolved against the namespace,
 //! one Maglev table per VIP, all written into the program's maps.
 
-use std::net::IpAddr;
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use pop_forwarder_common::{
     maglev::{self, PoolNode},
     steering::{
-        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
-        VipKey,
+        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, MAX_CACHE_NODES, MAX_VIPS, NODE_F_IN_USE,
+        NODE_F_IPIP, NODE_F_MAC_VALID, VipKey,
     },
 };
 use serde::{Deserialize, Serialize};
@@ -88,102 +91,474 @@ pub fn resolve_node(node: &Node, links: &[Link], neighbours: &[Neighbour]) -> Re
     Ok(resolved)
 }
 
-/// The VIP's Maglev table: node slots (positions in `nodes`). Nodes whose
-/// health check failed (`healthy[i]` false) take no new flows.
-pub fn maglev_table(nodes: &[Node], vip: &Vip, size: u32, healthy: &[bool]) -> Vec<u32> {
-    let mut pool: Vec<PoolNode> = vip
-        .nodes
-        .iter()
-        .map(|&i| PoolNode {
-            id: i as u32,
-            key: node_key(&nodes[i].name),
-            weight: if healthy.get(i).copied().unwrap_or(true) {
-                nodes[i].weight
-            } else {
-                0
-            },
-        })
-        .collect();
-    let mut table = vec![0u32; size as usize];
-    let mut scratch = vec![(0, 0, 0, 0); pool.len()];
-    maglev::populate(&mut pool, &mut table, &mut scratch);
-    table
+/// DSR nodes whose MAC nobody knows yet: (address, dev).
+pub type Unresolved = Vec<(IpAddr, String)>;
+
+/// The steering part of a config: what `Steering::apply` makes the
+/// tables hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub flow_hash_seed: u32,
+    pub maglev_table_size: u32,
+    pub encap_source_v4: Option<Ipv4Addr>,
+    pub encap_source_v6: Option<Ipv6Addr>,
+    pub nodes: Vec<Node>,
+    pub vips: Vec<Vip>,
 }
 
-/// Writes every node and VIP of `model`, then turns steering on if there is
-/// any VIP.
-pub fn install(
-    tables: &mut Tables,
-    model: &Model,
-    links: &[Link],
-    neighbours: &[Neighbour],
-) -> Result<()> {
-    let mut resolved = Vec::new();
-    for node in &model.nodes {
-        resolved.push(
-            resolve_node(node, links, neighbours).with_context(|| format!("node {}", node.name))?,
-        );
-    }
-    tables.set_steering(model.flow_hash_seed, false)?;
-    if let Some(a) = model.encap_source_v4 {
-        tables.set_encap_source(ENCAP_SOURCE_V4, widen(a.into()))?;
-    }
-    if let Some(a) = model.encap_source_v6 {
-        tables.set_encap_source(ENCAP_SOURCE_V6, widen(a.into()))?;
-    }
-    for (i, node) in resolved.iter().enumerate() {
-        tables.write_node(i as u32, node)?;
-    }
-    for (i, vip) in model.vips.iter().enumerate() {
-        let table = maglev_table(&model.nodes, vip, model.maglev_table_size, &[]);
-        tables
-            .write_vip(i as u32, &vip_key(vip), &table)
-            .with_context(|| format!("VIP {} {} port {}", vip.address, vip.protocol, vip.port))?;
-    }
-    tables.set_steering(model.flow_hash_seed, !model.vips.is_empty())
-}
-
-/// Brings learned node MACs in line with the neighbour table; returns a
-/// line per change and the nodes still unresolved (address, dev).
-pub fn refresh_nodes(
-    tables: &mut Tables,
-    nodes: &[Node],
-    healthy: &[bool],
-    links: &[Link],
-    neighbours: &[Neighbour],
-) -> Result<(Vec<String>, Vec<(IpAddr, String)>)> {
-    let mut changes = Vec::new();
-    let mut unresolved = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        // A node that failed its health check stays out of the node table.
-        if !healthy.get(i).copied().unwrap_or(true) {
-            continue;
+impl Spec {
+    pub fn of(model: &Model) -> Spec {
+        Spec {
+            flow_hash_seed: model.flow_hash_seed,
+            maglev_table_size: model.maglev_table_size,
+            encap_source_v4: model.encap_source_v4,
+            encap_source_v6: model.encap_source_v6,
+            nodes: model.nodes.clone(),
+            vips: model.vips.clone(),
         }
-        let Ok(want) = resolve_node(node, links, neighbours) else {
-            continue;
-        };
-        if want.flags & NODE_F_MAC_VALID == 0 {
-            if node.delivery == Delivery::Dsr {
-                unresolved.push((node.address, node.dev.clone()));
+    }
+}
+
+/// A node in its slot of the node table.
+#[derive(Debug, Clone)]
+pub struct NodeSlot {
+    pub node: Node,
+    /// False while its health check fails: out of the node table and of
+    /// every Maglev table.
+    pub healthy: bool,
+    /// How often it went down or came back.
+    pub health_changes: u64,
+}
+
+/// A VIP in its slot, with the Maglev table the slot holds.
+#[derive(Debug, Clone)]
+struct VipSlot {
+    vip: Vip,
+    table: Vec<u32>,
+}
+
+/// What an `apply` changed, and the health checks to start or stop.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub nodes_added: usize,
+    pub nodes_changed: usize,
+    pub nodes_removed: usize,
+    pub vips_added: usize,
+    pub vips_changed: usize,
+    pub vips_removed: usize,
+    /// Nodes whose health check must (re)start: new, or checked differently.
+    pub check: Vec<String>,
+    /// Nodes whose health check must stop: gone, or no longer checked.
+    pub uncheck: Vec<String>,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cache nodes {} added, {} changed, {} removed; VIPs {} added, {} changed, {} removed",
+            self.nodes_added,
+            self.nodes_changed,
+            self.nodes_removed,
+            self.vips_added,
+            self.vips_changed,
+            self.vips_removed
+        )
+    }
+}
+
+/// The steering tables as the daemon keeps them: nodes and VIPs in stable
+/// slots (a node's slot is its id in the program's node table and
+/// connection table; a VIP's slot picks its Maglev table).
+#[derive(Debug, Default)]
+pub struct Steering {
+    spec: Option<Spec>,
+    nodes: Vec<Option<NodeSlot>>,
+    vips: Vec<Option<VipSlot>>,
+    /// Node slots given up, oldest first. Fresh slots are used before any
+    /// of these, so an idle flow still remembered for a removed node is
+    /// unlikely to meet a new node in its slot.
+    freed: VecDeque<u32>,
+}
+
+impl Steering {
+    /// The spec last applied.
+    pub fn spec(&self) -> Spec {
+        self.spec.clone().unwrap_or(Spec {
+            flow_hash_seed: 0,
+            maglev_table_size: maglev::DEFAULT_TABLE_SIZE,
+            encap_source_v4: None,
+            encap_source_v6: None,
+            nodes: Vec::new(),
+            vips: Vec::new(),
+        })
+    }
+
+    /// The live node called `name`, with its slot.
+    pub fn node(&self, name: &str) -> Option<(u32, &NodeSlot)> {
+        self.nodes.iter().enumerate().find_map(|(i, n)| {
+            n.as_ref()
+                .filter(|n| n.node.name == name)
+                .map(|n| (i as u32, n))
+        })
+    }
+
+    /// Makes the tables hold `spec`, changing only what differs: nodes are
+    /// matched by name and keep their slots (and so their flows), VIPs by
+    /// address, protocol and port. Everything that can fail is checked
+    /// before the first write. Order: new nodes, then the VIP tables that
+    /// use them, then VIPs that went, then nodes that went (no table points
+    /// at them any more; their remembered flows go back to Maglev).
+    pub fn apply(
+        &mut self,
+        tables: &mut Tables,
+        spec: &Spec,
+        links: &[Link],
+        neighbours: &[Neighbour],
+    ) -> Result<Applied> {
+        let size = spec.maglev_table_size;
+        if !(7..=maglev::DEFAULT_TABLE_SIZE).contains(&size) || !maglev::is_prime(size) {
+            bail!(
+                "maglev_table_size: {size} is not a prime from 7 to {}",
+                maglev::DEFAULT_TABLE_SIZE
+            );
+        }
+        if spec.vips.len() > MAX_VIPS as usize {
+            bail!("{} VIPs; at most {MAX_VIPS}", spec.vips.len());
+        }
+        let mut resolved = Vec::new();
+        for (i, node) in spec.nodes.iter().enumerate() {
+            if spec.nodes[..i].iter().any(|n| n.name == node.name) {
+                bail!("cache node {:?} is listed twice", node.name);
+            }
+            let family_source = match node.address {
+                IpAddr::V4(_) => spec.encap_source_v4.is_some(),
+                IpAddr::V6(_) => spec.encap_source_v6.is_some(),
+            };
+            if node.delivery == Delivery::Ipip && !family_source {
+                bail!(
+                    "cache node {}: an ipip node at {} needs an outer source address of its family",
+                    node.name,
+                    node.address
+                );
+            }
+            resolved.push(
+                resolve_node(node, links, neighbours)
+                    .with_context(|| format!("cache node {}", node.name))?,
+            );
+        }
+        for (i, vip) in spec.vips.iter().enumerate() {
+            if spec.vips[..i].iter().any(|v| v.same_service(vip)) {
+                bail!("VIP {vip} is listed twice");
+            }
+            if let Some(name) = vip
+                .nodes
+                .iter()
+                .find(|n| !spec.nodes.iter().any(|m| &&m.name == n))
+            {
+                bail!("VIP {vip}: no cache node is named {name:?}");
             }
         }
-        if tables.node(i as u32)? != want {
-            tables.write_node(i as u32, &want)?;
-            let mac = if want.flags & NODE_F_MAC_VALID != 0 {
-                Mac(want.dst_mac).to_string()
-            } else {
-                "unresolved".into()
-            };
-            changes.push(format!(
-                "cache node {} ({} on {}): mac {mac}",
-                node.name, node.address, node.dev
-            ));
+        let added: Vec<usize> = (0..spec.nodes.len())
+            .filter(|&i| self.node(&spec.nodes[i].name).is_none())
+            .collect();
+        let free = MAX_CACHE_NODES as usize - self.nodes.len() + self.freed.len();
+        if added.len() > free {
+            bail!(
+                "{} new cache nodes but {free} free slots of {MAX_CACHE_NODES} (removed nodes free theirs only after the new ones are in); apply the change in two steps",
+                added.len()
+            );
+        }
+        let mut applied = Applied::default();
+
+        // Nodes: new ones into free slots, changed ones in place.
+        let encap = [
+            (ENCAP_SOURCE_V4, spec.encap_source_v4.map(IpAddr::from)),
+            (ENCAP_SOURCE_V6, spec.encap_source_v6.map(IpAddr::from)),
+        ];
+        for (slot, addr) in encap {
+            if let Some(addr) = addr {
+                tables.set_encap_source(slot, widen(addr))?;
+            }
+        }
+        for (node, want) in spec.nodes.iter().zip(&resolved) {
+            match self.node(&node.name).map(|(slot, n)| (slot, n.clone())) {
+                None => {
+                    let slot = self.allocate_node_slot();
+                    tables.write_node(slot, want)?;
+                    self.nodes[slot as usize] = Some(NodeSlot {
+                        node: node.clone(),
+                        healthy: true,
+                        health_changes: 0,
+                    });
+                    applied.nodes_added += 1;
+                    if node.health.is_some() {
+                        applied.check.push(node.name.clone());
+                    }
+                }
+                Some((slot, old)) if old.node != *node => {
+                    let mut now = old.clone();
+                    now.node = node.clone();
+                    // A node checked differently (or elsewhere) starts over.
+                    if old.node.health != node.health || old.node.address != node.address {
+                        now.healthy = true;
+                        if node.health.is_some() {
+                            applied.check.push(node.name.clone());
+                        } else if old.node.health.is_some() {
+                            applied.uncheck.push(node.name.clone());
+                        }
+                    }
+                    if now.healthy {
+                        tables.write_node(slot, want)?;
+                    }
+                    self.nodes[slot as usize] = Some(now);
+                    applied.nodes_changed += 1;
+                }
+                Some(_) => {}
+            }
+        }
+
+        // VIPs: tables rebuilt from the pools as they are now.
+        let on = !spec.vips.is_empty();
+        tables.set_steering(
+            spec.flow_hash_seed,
+            self.vips.iter().any(Option::is_some) || on,
+        )?;
+        self.spec = Some(spec.clone());
+        for vip in &spec.vips {
+            let table = self.maglev_table(vip, size);
+            let existing = self
+                .vips
+                .iter()
+                .position(|v| v.as_ref().is_some_and(|v| v.vip.same_service(vip)));
+            match existing {
+                Some(slot) => {
+                    let old = self.vips[slot].take().expect("live slot");
+                    if old.table != table {
+                        tables.update_vip(slot as u32, &vip_key(vip), &old.table, &table)?;
+                    }
+                    if old.table != table || old.vip != *vip {
+                        applied.vips_changed += 1;
+                    }
+                    self.vips[slot] = Some(VipSlot {
+                        vip: vip.clone(),
+                        table,
+                    });
+                }
+                None => {
+                    let slot = match self.vips.iter().position(Option::is_none) {
+                        Some(slot) => slot,
+                        None => {
+                            self.vips.push(None);
+                            self.vips.len() - 1
+                        }
+                    };
+                    tables
+                        .write_vip(slot as u32, &vip_key(vip), &table)
+                        .with_context(|| format!("VIP {vip}"))?;
+                    self.vips[slot] = Some(VipSlot {
+                        vip: vip.clone(),
+                        table,
+                    });
+                    applied.vips_added += 1;
+                }
+            }
+        }
+        for slot in &mut self.vips {
+            if slot
+                .as_ref()
+                .is_some_and(|v| !spec.vips.iter().any(|w| w.same_service(&v.vip)))
+            {
+                let gone = slot.take().expect("live slot");
+                tables.remove_vip(&vip_key(&gone.vip))?;
+                applied.vips_removed += 1;
+            }
+        }
+        tables.set_steering(spec.flow_hash_seed, on)?;
+
+        // Nodes that went: nothing points at them now.
+        for slot in 0..self.nodes.len() {
+            let gone = self.nodes[slot]
+                .as_ref()
+                .is_some_and(|n| !spec.nodes.iter().any(|m| m.name == n.node.name));
+            if gone {
+                let old = self.nodes[slot].take().expect("live slot");
+                tables.remove_node(slot as u32)?;
+                self.freed.push_back(slot as u32);
+                applied.nodes_removed += 1;
+                if old.node.health.is_some() {
+                    applied.uncheck.push(old.node.name);
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Records a health change of `name`: a failed node leaves the node
+    /// table (its flows move) and every Maglev table; a recovered one comes
+    /// back. Returns how many VIP tables changed.
+    pub fn set_health(
+        &mut self,
+        tables: &mut Tables,
+        name: &str,
+        healthy: bool,
+        links: &[Link],
+        neighbours: &[Neighbour],
+    ) -> Result<usize> {
+        let (slot, _) = self
+            .node(name)
+            .with_context(|| format!("no cache node is named {name:?}"))?;
+        let entry = self.nodes[slot as usize].as_mut().expect("live slot");
+        entry.healthy = healthy;
+        entry.health_changes += 1;
+        let node = entry.node.clone();
+        if healthy {
+            tables.write_node(slot, &resolve_node(&node, links, neighbours)?)?;
+            self.rebuild_vips(tables)
+        } else {
+            // Tables first, so no new flow is given to the node once it is
+            // out of the node table.
+            let rebuilt = self.rebuild_vips(tables)?;
+            tables.remove_node(slot)?;
+            Ok(rebuilt)
         }
     }
-    Ok((changes, unresolved))
+
+    /// Rebuilds every VIP's Maglev table from the current weights and
+    /// health, writing what changed; returns how many changed.
+    fn rebuild_vips(&mut self, tables: &mut Tables) -> Result<usize> {
+        let size = self.spec().maglev_table_size;
+        let mut changed = 0;
+        for slot in 0..self.vips.len() {
+            let Some(v) = &self.vips[slot] else { continue };
+            let table = self.maglev_table(&v.vip, size);
+            let v = self.vips[slot].as_mut().expect("live slot");
+            if table != v.table {
+                tables.update_vip(slot as u32, &vip_key(&v.vip), &v.table, &table)?;
+                v.table = table;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    /// The VIP's Maglev table over node slots; nodes that failed their
+    /// health check take no new flows (weight 0).
+    fn maglev_table(&self, vip: &Vip, size: u32) -> Vec<u32> {
+        let mut pool: Vec<PoolNode> = vip
+            .nodes
+            .iter()
+            .filter_map(|name| self.node(name))
+            .map(|(slot, n)| PoolNode {
+                id: slot,
+                key: node_key(&n.node.name),
+                weight: if n.healthy { n.node.weight } else { 0 },
+            })
+            .collect();
+        let mut table = vec![0u32; size as usize];
+        let mut scratch = vec![(0, 0, 0, 0); pool.len()];
+        maglev::populate(&mut pool, &mut table, &mut scratch);
+        table
+    }
+
+    fn allocate_node_slot(&mut self) -> u32 {
+        if self.nodes.len() < MAX_CACHE_NODES as usize {
+            self.nodes.push(None);
+            return self.nodes.len() as u32 - 1;
+        }
+        self.freed
+            .pop_front()
+            .expect("apply checked for a free slot")
+    }
+
+    /// Brings learned node MACs in line with the neighbour table; returns a
+    /// line per change and the DSR nodes still unresolved (address, dev).
+    pub fn refresh(
+        &mut self,
+        tables: &mut Tables,
+        links: &[Link],
+        neighbours: &[Neighbour],
+    ) -> Result<(Vec<String>, Unresolved)> {
+        let mut changes = Vec::new();
+        let mut unresolved = Vec::new();
+        for (slot, entry) in self.nodes.iter().enumerate() {
+            // A node that failed its health check stays out of the node table.
+            let Some(NodeSlot {
+                node,
+                healthy: true,
+                ..
+            }) = entry
+            else {
+                continue;
+            };
+            let Ok(want) = resolve_node(node, links, neighbours) else {
+                continue;
+            };
+            if want.flags & NODE_F_MAC_VALID == 0 && node.delivery == Delivery::Dsr {
+                unresolved.push((node.address, node.dev.clone()));
+            }
+            if tables.node(slot as u32)? != want {
+                tables.write_node(slot as u32, &want)?;
+                let mac = if want.flags & NODE_F_MAC_VALID != 0 {
+                    Mac(want.dst_mac).to_string()
+                } else {
+                    "unresolved".into()
+                };
+                changes.push(format!(
+                    "cache node {} ({} on {}): mac {mac}",
+                    node.name, node.address, node.dev
+                ));
+            }
+        }
+        Ok((changes, unresolved))
+    }
+
+    /// What the CLI reads of the steering tables (from the state file).
+    pub fn state(&self) -> SteeringState {
+        let spec = self.spec();
+        SteeringState {
+            flow_hash_seed: spec.flow_hash_seed,
+            maglev_table_size: spec.maglev_table_size,
+            nodes: self
+                .nodes
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, n)| {
+                    let n = n.as_ref()?;
+                    Some(NodeState {
+                        slot: slot as u32,
+                        name: n.node.name.clone(),
+                        address: n.node.address,
+                        delivery: n.node.delivery,
+                        dev: n.node.dev.clone(),
+                        weight: n.node.weight,
+                        health_checked: n.node.health.is_some(),
+                        healthy: n.healthy,
+                        health_changes: n.health_changes,
+                    })
+                })
+                .collect(),
+            vips: self
+                .vips
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, v)| {
+                    let v = v.as_ref()?;
+                    Some(VipState {
+                        slot: slot as u32,
+                        address: v.vip.address,
+                        protocol: v.vip.protocol,
+                        port: v.vip.port,
+                        nodes: v.vip.nodes.clone(),
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
-/// What `run` records of its steering config, for the CLI.
+/// What `run` records of its steering tables, for the CLI: live nodes and
+/// VIPs with their slots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SteeringState {
     pub flow_hash_seed: u32,
@@ -194,14 +569,20 @@ pub struct SteeringState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
+    pub slot: u32,
     pub name: String,
     pub address: IpAddr,
+    pub delivery: Delivery,
     pub dev: String,
     pub weight: u32,
+    pub health_checked: bool,
+    pub healthy: bool,
+    pub health_changes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VipState {
+    pub slot: u32,
     pub address: IpAddr,
     pub protocol: crate::config::Protocol,
     pub port: u16,
@@ -209,34 +590,11 @@ pub struct VipState {
 }
 
 impl SteeringState {
-    pub fn of(model: &Model) -> SteeringState {
-        SteeringState {
-            flow_hash_seed: model.flow_hash_seed,
-            maglev_table_size: model.maglev_table_size,
-            nodes: model
-                .nodes
-                .iter()
-                .map(|n| NodeState {
-                    name: n.name.clone(),
-                    address: n.address,
-                    dev: n.dev.clone(),
-                    weight: n.weight,
-                })
-                .collect(),
-            vips: model
-                .vips
-                .iter()
-                .map(|v| VipState {
-                    address: v.address,
-                    protocol: v.protocol,
-                    port: v.port,
-                    nodes: v
-                        .nodes
-                        .iter()
-                        .map(|&i| model.nodes[i].name.clone())
-                        .collect(),
-                })
-                .collect(),
-        }
+    /// The name of the node in `slot`.
+    pub fn node_name(&self, slot: u32) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.slot == slot)
+            .map(|n| n.name.as_str())
     }
 }

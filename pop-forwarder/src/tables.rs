@@ -1035,44 +1035,89 @@ impl Tables {
     }
 
     /// Writes VIP slot `index`: its Maglev table (node ids), then the VIP
-    /// entry that points the program at it.
+    /// entry that points the program at it; the slot's counters start at 0.
     pub fn write_vip(&mut self, index: u32, key: &VipKey, table: &[u32]) -> Result<()> {
+        self.write_maglev(index, table, None)?;
+        let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        self.vip_stats
+            .set(index, PerCpuValues::try_from(zeros)?, 0)
+            .context("resetting VIP counters")?;
+        self.insert_vip(index, key, table.len())
+    }
+
+    /// Replaces the Maglev table of a VIP in slot `index`, writing only the
+    /// elements that differ from `old` (what the slot holds now). Packets
+    /// meanwhile see each entry old or new, every one a node of the pool.
+    pub fn update_vip(
+        &mut self,
+        index: u32,
+        key: &VipKey,
+        old: &[u32],
+        table: &[u32],
+    ) -> Result<()> {
+        self.write_maglev(index, table, Some(old))?;
+        if old.len() != table.len() {
+            self.insert_vip(index, key, table.len())?;
+        }
+        Ok(())
+    }
+
+    /// Takes a VIP out of the program's VIP table: its packets are routed
+    /// like any others from then on.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        match self.vips.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a VIP"),
+        }
+    }
+
+    fn insert_vip(&mut self, index: u32, key: &VipKey, len: usize) -> Result<()> {
+        self.vips
+            .insert(
+                key,
+                VipInfo {
+                    index,
+                    table_size: len as u32,
+                },
+                0,
+            )
+            .context("writing the VIP")
+    }
+
+    fn write_maglev(&mut self, index: u32, table: &[u32], old: Option<&[u32]>) -> Result<()> {
         if table.is_empty() || table.len() > MAGLEV_STRIDE as usize {
             bail!("a Maglev table must hold 1 to {MAGLEV_STRIDE} entries");
         }
+        let old = old.filter(|o| o.len() == table.len());
         let base = index * MAGLEV_STRIDE;
         // The stride is odd, so a VIP's table starts on either half of an
         // element; write whole elements, keeping the neighbour's half.
         let first = dir24_layout::element_of(base);
         let last = dir24_layout::element_of(base + table.len() as u32 - 1);
+        let ours = |entry: u32| entry >= base && entry < base + table.len() as u32;
         for element in first..=last {
             let lo_entry = element * dir24_layout::ENTRIES_PER_ELEMENT;
-            let old = self.maglev.get(&element, 0).unwrap_or(0);
+            if let Some(old) = old {
+                let same = |entry: u32| {
+                    !ours(entry) || old[(entry - base) as usize] == table[(entry - base) as usize]
+                };
+                if same(lo_entry) && same(lo_entry + 1) {
+                    continue;
+                }
+            }
+            let current = self.maglev.get(&element, 0).unwrap_or(0);
             let half = |entry: u32, shift: u32| -> u64 {
-                if entry >= base && entry < base + table.len() as u32 {
+                if ours(entry) {
                     u64::from(table[(entry - base) as usize]) << shift
                 } else {
-                    old & (0xffff_ffffu64 << shift)
+                    current & (0xffff_ffffu64 << shift)
                 }
             };
             self.maglev
                 .set(element, half(lo_entry, 0) | half(lo_entry + 1, 32), 0)
                 .context("writing a Maglev table")?;
         }
-        let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
-        self.vip_stats
-            .set(index, PerCpuValues::try_from(zeros)?, 0)
-            .context("resetting VIP counters")?;
-        self.vips
-            .insert(
-                key,
-                VipInfo {
-                    index,
-                    table_size: table.len() as u32,
-                },
-                0,
-            )
-            .context("writing the VIP")
+        Ok(())
     }
 
     /// The VIPs as the program sees them.

@@ -553,7 +553,7 @@ impl Capture {
                 )
             };
             // Frames this namespace sends (its replies) are not what arrived.
-            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if n > 0 && from.sll_pkttype != libc::PACKET_OUTGOING {
                 let frame = &buf[..n as usize];
                 if frame.windows(needle.len()).any(|w| w == needle) {
                     got.push(frame.to_vec());

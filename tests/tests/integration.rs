@@ -1100,51 +1100,20 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     for s in &sinks {
         s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
     }
-    let vip: SocketAddr = "192.0.2.10:9999".parse().unwrap();
-    // Sends one datagram on each of `senders` and returns, per sender, the
-    // node (0 or 1) that received it.
-    let round = |senders: &[std::net::UdpSocket], tag: &str| -> Vec<usize> {
-        for (i, s) in senders.iter().enumerate() {
-            s.send_to(format!("{tag}{i:02}").as_bytes(), vip).unwrap();
-        }
-        let mut landed = vec![usize::MAX; senders.len()];
-        let deadline = Instant::now() + WAIT;
-        let mut buf = [0u8; 64];
-        while landed.contains(&usize::MAX) && Instant::now() < deadline {
-            for (node, sink) in sinks.iter().enumerate() {
-                if let Ok(n) = sink.recv(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    if let Some(i) = text.strip_prefix(tag).and_then(|i| i.parse::<usize>().ok()) {
-                        landed[i] = node;
-                    }
-                }
-            }
-        }
-        assert!(
-            !landed.contains(&usize::MAX),
-            "{tag}: lost datagrams: {landed:?}\n{}",
-            fwd.log()
-        );
-        landed
-    };
-    let old: Vec<_> = (0..32)
-        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
-        .collect();
+    let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
+    let old = senders(&lab, 32);
     let before = round(&old, "old");
     assert!(before.contains(&0) && before.contains(&1), "{before:?}");
 
     let out = fwd.cli_ok(&["node", "drain", "cache-1"]).unwrap();
     assert!(
-        out.contains("cache node cache-1 weight 0; 1 VIP tables rebuilt"),
+        out.contains("cache node cache-1 weight 0;") && out.contains("VIPs 0 added, 1 changed"),
         "{out}"
     );
     // Existing flows keep their node, cache-1 included.
     assert_eq!(round(&old, "again"), before);
     // New flows all go to cache-2.
-    let new: Vec<_> = (0..32)
-        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
-        .collect();
-    assert!(round(&new, "new").iter().all(|&n| n == 1));
+    assert!(round(&senders(&lab, 32), "new").iter().all(|&n| n == 1));
     let nodes: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
     assert_eq!(nodes[0]["weight"], 0);
@@ -1156,11 +1125,276 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let err = fwd.cli(&["node", "weight", "cache-1", "5000"]).unwrap();
     assert!(String::from_utf8_lossy(&err.stderr).contains("weight 5000 is not from 0"));
     fwd.cli_ok(&["node", "weight", "cache-1", "1"]).unwrap();
-    let again: Vec<_> = (0..32)
-        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
-        .collect();
     assert!(
-        round(&again, "back").contains(&0),
+        round(&senders(&lab, 32), "back").contains(&0),
         "cache-1 takes new flows again"
     );
+}
+
+/// `n` UDP sockets in namespace a: `n` flows to the VIP.
+fn senders(lab: &Lab, n: usize) -> Vec<std::net::UdpSocket> {
+    (0..n)
+        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
+        .collect()
+}
+
+/// Sends one datagram on each of `senders` to the VIP 192.0.2.10:9999 and
+/// returns, per sender, the index of the sink (cache node) that got it.
+fn landing(
+    fwd: &Forwarder,
+    sinks: &[std::net::UdpSocket],
+    senders: &[std::net::UdpSocket],
+    tag: &str,
+) -> Vec<usize> {
+    let vip: SocketAddr = "192.0.2.10:9999".parse().unwrap();
+    for (i, s) in senders.iter().enumerate() {
+        s.send_to(format!("{tag}{i:02}").as_bytes(), vip).unwrap();
+    }
+    let mut landed = vec![usize::MAX; senders.len()];
+    let deadline = Instant::now() + WAIT;
+    let mut buf = [0u8; 64];
+    while landed.contains(&usize::MAX) && Instant::now() < deadline {
+        for (node, sink) in sinks.iter().enumerate() {
+            if let Ok(n) = sink.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if let Some(i) = text.strip_prefix(tag).and_then(|i| i.parse::<usize>().ok()) {
+                    landed[i] = node;
+                }
+            }
+        }
+    }
+    assert!(
+        !landed.contains(&usize::MAX),
+        "{tag}: lost datagrams: {landed:?}\n{}",
+        fwd.log()
+    );
+    landed
+}
+
+fn json_of(fwd: &Forwarder, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&fwd.cli_ok(args).unwrap()).unwrap()
+}
+
+/// The names (and slots) of the running instance's nodes, and the pools of
+/// its VIPs.
+type Pool = (String, u64, Vec<String>);
+
+fn steering_now(fwd: &Forwarder) -> (Vec<(String, u64)>, Vec<Pool>) {
+    let nodes = json_of(fwd, &["node", "list", "--json"]);
+    let vips = json_of(fwd, &["vip", "list", "--json"]);
+    (
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_owned(),
+                    n["slot"].as_u64().unwrap(),
+                )
+            })
+            .collect(),
+        vips.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["address"].as_str().unwrap().to_owned(),
+                    v["port"].as_u64().unwrap(),
+                    v["nodes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|n| n.as_str().unwrap().to_owned())
+                        .collect(),
+                )
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn nodes_and_vips_added_and_removed_on_a_running_instance() {
+    let lab = Lab::new().unwrap();
+    let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
+    // Start with cache-1 alone: cut cache-2 from the config.
+    let one_node = steering
+        .replace(
+            "[[nodes]]\nname = \"cache-2\"\naddress = \"10.0.6.11\"\ndev = \"r3\"\n",
+            "",
+        )
+        .replace("[\"cache-1\", \"cache-2\"]", "[\"cache-1\"]");
+    assert!(!one_node.contains("cache-2"), "{one_node}");
+    let fwd = Forwarder::start(&lab.router, &lab.config("drop", &one_node)).unwrap();
+    wait_for_node_macs(&fwd);
+    let sinks = [
+        udp_socket(&n1, "192.0.2.10:9999").unwrap(),
+        udp_socket(&n2, "192.0.2.10:9999").unwrap(),
+    ];
+    for s in &sinks {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
+    let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
+    let old = senders(&lab, 32);
+    assert!(round(&old, "one").iter().all(|&n| n == 0));
+
+    // A second node, then a pool of two: old flows stay, new ones spread.
+    let out = fwd
+        .cli_ok(&["node", "add", "cache-2", "10.0.6.11", "--dev", "r3"])
+        .unwrap();
+    assert!(
+        out.contains("cache node cache-2 (10.0.6.11) added"),
+        "{out}"
+    );
+    wait_for_node_macs(&fwd);
+    let out = fwd
+        .cli_ok(&[
+            "vip",
+            "add",
+            "192.0.2.10",
+            "udp",
+            "--nodes",
+            "cache-1,cache-2",
+        ])
+        .unwrap();
+    assert!(out.contains("pool set to [cache-1, cache-2]"), "{out}");
+    assert_eq!(
+        steering_now(&fwd),
+        (
+            vec![("cache-1".into(), 0), ("cache-2".into(), 1)],
+            vec![(
+                "192.0.2.10".into(),
+                0,
+                vec!["cache-1".into(), "cache-2".into()]
+            )]
+        )
+    );
+    assert!(round(&old, "stay").iter().all(|&n| n == 0));
+    let new = round(&senders(&lab, 32), "spread");
+    assert!(new.contains(&0) && new.contains(&1), "{new:?}");
+
+    // A port VIP beside the any-port one, and gone again.
+    fwd.cli_ok(&[
+        "vip",
+        "add",
+        "192.0.2.10",
+        "udp",
+        "9999",
+        "--nodes",
+        "cache-2",
+    ])
+    .unwrap();
+    assert!(round(&senders(&lab, 16), "port").iter().all(|&n| n == 1));
+    let out = fwd
+        .cli_ok(&["vip", "del", "192.0.2.10", "udp", "9999"])
+        .unwrap();
+    assert!(
+        out.contains("VIP 192.0.2.10 udp port 9999 removed"),
+        "{out}"
+    );
+
+    // Removing cache-1 moves its flows, old ones included, to cache-2.
+    let out = fwd.cli_ok(&["node", "del", "cache-1"]).unwrap();
+    assert!(
+        out.contains("cache node cache-1 removed (it was in 1 VIP pools)"),
+        "{out}"
+    );
+    assert!(round(&old, "moved").iter().all(|&n| n == 1));
+    // Added back, it takes a fresh slot, not the one its old flows remember.
+    fwd.cli_ok(&["node", "add", "cache-1", "10.0.5.11", "--dev", "r2"])
+        .unwrap();
+    assert_eq!(
+        steering_now(&fwd).0,
+        vec![("cache-2".into(), 1), ("cache-1".into(), 2)]
+    );
+
+    // Bad commands are refused with the reason and change nothing.
+    let before = steering_now(&fwd);
+    for (args, why) in [
+        (
+            &["node", "add", "cache-2", "10.0.6.12", "--dev", "r3"][..],
+            "a cache node is already named \"cache-2\"",
+        ),
+        (
+            &["node", "add", "cache-3", "10.0.7.11", "--dev", "nosuch0"],
+            "nosuch0",
+        ),
+        (&["node", "add", "cache-3", "10.0.7.11"], "--dev"),
+        (
+            &["node", "add", "cache-3", "10.0.7.11", "--ipip"],
+            "needs encap_source_v4",
+        ),
+        (
+            &[
+                "vip",
+                "add",
+                "192.0.2.11",
+                "tcp",
+                "80",
+                "--nodes",
+                "cache-9",
+            ],
+            "no node is named \"cache-9\"",
+        ),
+        (
+            &["vip", "del", "192.0.2.11", "tcp", "80"],
+            "192.0.2.11 tcp port 80 is no VIP",
+        ),
+        (
+            &["node", "del", "cache-9"],
+            "no cache node is named \"cache-9\"",
+        ),
+    ] {
+        let out = fwd.cli(args).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(why),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert_eq!(steering_now(&fwd), before);
+
+    // The last VIP gone: its packets are routed (no route here: dropped).
+    fwd.cli_ok(&["vip", "del", "192.0.2.10", "udp"]).unwrap();
+    let steered = fwd.counter("steered").unwrap();
+    let gone = senders(&lab, 4);
+    for s in &gone {
+        s.send_to(b"gone", "192.0.2.10:9999").unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fwd.counter("drop_route_miss").unwrap() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "VIP traffic not routed\n{}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fwd.counter("steered").unwrap(), steered);
+
+    // A reload makes the file the truth again: both nodes, one VIP.
+    std::fs::write(&fwd.config, lab.config("drop", &steering)).unwrap();
+    fwd.cli_ok(&["reload"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fwd
+        .log()
+        .lines()
+        .any(|l| l.contains("reloaded") && l.contains("VIPs 1 added"))
+    {
+        assert!(Instant::now() < deadline, "no reload\n{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        steering_now(&fwd),
+        (
+            vec![("cache-2".into(), 1), ("cache-1".into(), 2)],
+            vec![(
+                "192.0.2.10".into(),
+                0,
+                vec!["cache-1".into(), "cache-2".into()]
+            )]
+        )
+    );
+    let back = round(&senders(&lab, 32), "reloaded");
+    assert!(back.contains(&0) && back.contains(&1), "{back:?}");
 }
