@@ -117,8 +117,11 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         return pass(Counter::PassLinkScope);
     }
     // A VIP is looked up before the routes. Fragments after the first carry
-    // no ports (RFC 791: a non-zero offset), and hash by addresses only.
-    let fragment = u16::from_be_bytes(ip.frags) & 0x1fff != 0;
+    // no ports (RFC 791: a non-zero offset); so that every fragment of a
+    // datagram goes to one node, the first (more-fragments set) is read
+    // without its ports too: fragments hash by addresses and match only
+    // any-port VIPs.
+    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
     let flow = steer::Flow {
         family: 4,
         src: widen(ip.src_addr),
@@ -161,6 +164,41 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     verdict
 }
 
+/// The upper-layer protocol of an IPv6 packet behind at most four extension
+/// headers (hop-by-hop, routing, destination options, fragment) and the
+/// offset of its header; no offset behind a fragment header, so that every
+/// fragment of a datagram hashes alike, by addresses. A chain longer than
+/// that, or cut short, leaves an extension header as the protocol, which
+/// no VIP has: such packets are routed.
+#[inline(always)]
+fn upper_layer_v6(ctx: &XdpContext, first: u8) -> (u8, Option<usize>) {
+    const HOP_BY_HOP: u8 = 0;
+    const ROUTING: u8 = 43;
+    const FRAGMENT: u8 = 44;
+    const DEST_OPTS: u8 = 60;
+    let mut next = first;
+    let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut fragment = false;
+    for _ in 0..4 {
+        if !matches!(next, HOP_BY_HOP | ROUTING | FRAGMENT | DEST_OPTS) {
+            break;
+        }
+        let Some(header) = ptr_at::<[u8; 2]>(ctx, offset) else {
+            return (next, None);
+        };
+        // SAFETY: ptr_at checked the two bytes lie inside the packet.
+        let [following, len] = unsafe { *header };
+        if next == FRAGMENT {
+            fragment = true;
+            offset += 8;
+        } else {
+            offset += (usize::from(len) + 1) * 8;
+        }
+        next = following;
+    }
+    (next, (!fragment).then_some(offset))
+}
+
 #[inline(always)]
 fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
@@ -184,14 +222,13 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
         return pass(Counter::PassLinkScope);
     }
-    // Ports only when TCP or UDP follows the fixed header directly; behind
-    // extension headers the flow hashes by addresses and protocol.
+    let (protocol, l4_offset) = upper_layer_v6(ctx, ip.next_hdr);
     let flow = steer::Flow {
         family: 6,
         src: ip.src_addr,
         dst,
-        protocol: ip.next_hdr,
-        l4_offset: Some(EthHdr::LEN + Ipv6Hdr::LEN),
+        protocol,
+        l4_offset,
         frame_len,
         ports: None,
     };

@@ -1010,6 +1010,96 @@ mod steering {
         });
     }
 
+    /// `frame` (IPv6) with `header`, an extension header of type `kind`,
+    /// inserted after the fixed header.
+    fn with_extension_header(frame: &[u8], kind: u8, header: [u8; 8]) -> Vec<u8> {
+        let (fixed, rest) = frame.split_at(14 + 40);
+        let mut out = fixed.to_vec();
+        out[14 + 6] = kind;
+        let payload_len = u16::from_be_bytes([out[18], out[19]]) + 8;
+        out[18..20].copy_from_slice(&payload_len.to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(rest);
+        out
+    }
+
+    #[test]
+    fn fragments_hash_by_addresses_and_extension_headers_are_skipped() {
+        with_program(|p| {
+            setup(p);
+            // Every fragment of an IPv4 datagram, the first (more-fragments,
+            // ports readable) included, goes where the addresses send it.
+            let node = maglev_node(p, 0, "10.0.1.7", "192.0.2.10", PROTO_UDP, 0, 0);
+            // A source port whose full 5-tuple would pick the other node.
+            let sport = (40000..)
+                .find(|&sp| maglev_node(p, 0, "10.0.1.7", "192.0.2.10", PROTO_UDP, sp, 53) != node)
+                .unwrap();
+            let whole = flow("10.0.1.7", "192.0.2.10", false, sport, 53);
+            let mut first = whole.clone();
+            first[14 + 6] = 0x20; // more fragments, offset 0
+            let mut second = whole.clone();
+            second[14 + 6..14 + 8].copy_from_slice(&[0x00, 0x01]); // offset 8
+            second[34..42].copy_from_slice(b"payload!");
+            let mut cases = Vec::new();
+            for (name, frame) in [("first fragment", first), ("second fragment", second)] {
+                let (action, out) = steered(&frame, node);
+                cases.push(Case {
+                    name,
+                    frame,
+                    action,
+                    output: Some(out),
+                    counter: Counter::Steered,
+                });
+            }
+            check(p, cases);
+
+            // IPv6: TCP behind a hop-by-hop header (PadN option) still matches
+            // the port-443 VIP and hashes with its ports.
+            let plain = flow("2001:db8::1", "2001:db8::10", true, 50001, 443);
+            let hop_by_hop = [PROTO_TCP, 0, 1, 4, 0, 0, 0, 0];
+            let node = maglev_node(p, 1, "2001:db8::1", "2001:db8::10", PROTO_TCP, 50001, 443);
+            let frame = with_extension_header(&plain, 0, hop_by_hop);
+            let (action, out) = steered(&frame, node);
+            // A fragment header: ports unknown, so only an any-port VIP
+            // matches; the port-443 VIP does not, and the packet is routed.
+            let fragment =
+                with_extension_header(&plain, 44, [PROTO_TCP, 0, 0x00, 0x01, 0, 0, 0, 7]);
+            check(
+                p,
+                vec![
+                    Case {
+                        name: "tcp behind a hop-by-hop header",
+                        frame,
+                        action,
+                        output: Some(out),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "an IPv6 fragment of a port VIP's flow",
+                        frame: fragment.clone(),
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassRouteMiss,
+                    },
+                ],
+            );
+            p.tables
+                .write_vip(3, &vip("2001:db8::10", PROTO_TCP, 0), &[1; SIZE as usize])
+                .unwrap();
+            let (action, out) = steered(&fragment, 1);
+            check(
+                p,
+                vec![Case {
+                    name: "an IPv6 fragment to an any-port VIP",
+                    frame: fragment,
+                    action,
+                    output: Some(out),
+                    counter: Counter::Steered,
+                }],
+            );
+        });
+    }
+
     #[test]
     fn a_flow_stays_on_its_node_when_the_pool_changes_until_the_node_goes() {
         with_program(|p| {
