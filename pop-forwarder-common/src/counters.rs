@@ -48,10 +48,15 @@ pub enum Counter {
     /// For a VIP whose pool has no node to take it (empty, all drained, or
     /// the node's MAC unknown): to the kernel.
     PassVipNoNode,
+    /// For a VIP's IP-in-IP node, too big for the egress MTU once wrapped,
+    /// with don't-fragment set (always, for IPv6): answered with ICMP
+    /// fragmentation needed / packet too big from the VIP, sent back out of
+    /// the interface it came in on (XDP_TX).
+    IcmpTooBig,
 }
 
 impl Counter {
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -71,6 +76,7 @@ impl Counter {
         Counter::PassNoNextHop,
         Counter::Steered,
         Counter::PassVipNoNode,
+        Counter::IcmpTooBig,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -93,6 +99,7 @@ impl Counter {
             Counter::PassNoNextHop => "pass_no_next_hop",
             Counter::Steered => "steered",
             Counter::PassVipNoNode => "pass_vip_no_node",
+            Counter::IcmpTooBig => "icmp_too_big",
         }
     }
 

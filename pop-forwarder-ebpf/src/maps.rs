@@ -143,6 +143,12 @@ pub fn next_hop_for(next_hop_id: u32, l3_len: usize) -> Result<&'static NextHop,
     Ok(next_hop)
 }
 
+/// The MTU of next hop `next_hop_id` (0 if the slot is free).
+#[inline(always)]
+pub fn next_hop_mtu(next_hop_id: u32) -> u32 {
+    NEXT_HOPS.get(next_hop_id).map_or(0, |nh| nh.mtu)
+}
+
 /// How the frame leaves through `ifindex`: XDP_TX out of the interface it came
 /// in on, or a devmap redirect. bpf_redirect_map only records the target,
 /// so calling it before the packet is rewritten lets a missing egress fall

@@ -5,7 +5,8 @@
 //! (the node holds the VIP itself).
 
 use aya_ebpf::{
-    helpers::bpf_xdp_adjust_head,
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -28,7 +29,8 @@ use pop_forwarder_common::{
 use crate::{
     Verdict,
     maps::{
-        SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for, traffic,
+        SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
+        next_hop_mtu, traffic,
     },
     packet::ptr_at,
     pass,
@@ -256,7 +258,8 @@ const IPPROTO_IPV6: u8 = 41;
 /// IP-in-IP to the node (RFC 2003; IPv6 outer headers per RFC 2473): an
 /// outer header from the configured source to the node's address, routed
 /// like any packet. IPv4 in IPv4, IPv6 in IPv6 and IPv4 in IPv6; a packet
-/// the egress MTU cannot take once wrapped goes to the kernel, counted.
+/// the egress MTU cannot take once wrapped is answered with ICMP (see
+/// `too_big`).
 #[inline(always)]
 fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     let inner_len = flow.frame_len - EthHdr::LEN;
@@ -276,6 +279,10 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     };
     let next_hop = match next_hop_for(next_hop_id, inner_len + outer_len) {
         Ok(nh) => nh,
+        Err(verdict) if verdict.counter == Counter::PassTooBig => {
+            let mtu = next_hop_mtu(next_hop_id).saturating_sub(outer_len as u32);
+            return too_big(ctx, flow.family, mtu);
+        }
         Err(verdict) => return verdict,
     };
     let Some(source) = ENCAP_SOURCES.get(if outer_v4 {
@@ -392,4 +399,159 @@ fn ports(ctx: &XdpContext, flow: &Flow) -> (u16, u16) {
         }
         None => (0, 0),
     }
+}
+
+/// How much of the packet an ICMP error quotes: an IPv4 header with the
+/// longest options and 8 bytes beyond (RFC 792); for IPv6 the fixed header
+/// and 48 bytes (RFC 4443 asks for as much as fits 1280 bytes; this is
+/// enough for any transport header a sender matches errors by).
+const QUOTE_V4: usize = 68;
+const QUOTE_V6: usize = 88;
+/// Whole frames of the answers: Ethernet, IP, ICMP, quote.
+const ANSWER_V4: usize = EthHdr::LEN + 20 + 8 + QUOTE_V4;
+const ANSWER_V6: usize = EthHdr::LEN + 40 + 8 + QUOTE_V6;
+
+/// Answers a packet for a VIP that is too big once wrapped for its node:
+/// ICMP fragmentation needed (IPv4, RFC 1191) or packet too big (ICMPv6,
+/// RFC 4443) giving `mtu`, from the VIP to the client, back out of the
+/// interface the packet came in on, to the MAC it came from. The packet
+/// becomes the answer in place: cut to the quote, then the new headers
+/// grown in front of it. IPv4 without don't-fragment (the sender allows
+/// fragmenting, which XDP cannot do) goes to the kernel, counted.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, family: u8, mtu: u32) -> Verdict {
+    let frame_len = ctx.data_end() - ctx.data();
+    let (quote, grow) = if family == 4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+            return pass(Counter::PassTooBig);
+        };
+        // SAFETY: ptr_at checked the header lies inside the packet.
+        let dont_fragment = u16::from_be_bytes(unsafe { (*ip).frags }) & 0x4000 != 0;
+        if !dont_fragment {
+            return pass(Counter::PassTooBig);
+        }
+        (QUOTE_V4, ANSWER_V4 - EthHdr::LEN - QUOTE_V4)
+    } else {
+        (QUOTE_V6, ANSWER_V6 - EthHdr::LEN - QUOTE_V6)
+    };
+    if frame_len < EthHdr::LEN + quote {
+        return pass(Counter::PassTooBig);
+    }
+    // Cut first: if that fails the packet is still whole for the kernel.
+    let cut = (EthHdr::LEN + quote) as i32 - frame_len as i32;
+    // SAFETY: plain helper calls on this program's context; every pointer
+    // into the packet is derived again below.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, cut) } != 0 {
+        return pass(Counter::PassTooBig);
+    }
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+        return pass(Counter::PassTooBig);
+    }
+    let answered = if family == 4 {
+        answer_v4(ctx, mtu)
+    } else {
+        answer_v6(ctx, mtu)
+    };
+    if answered.is_none() {
+        return pass(Counter::PassTooBig);
+    }
+    Verdict {
+        action: xdp_action::XDP_TX,
+        counter: Counter::IcmpTooBig,
+    }
+}
+
+/// The Ethernet header of an answer: back to where the packet came from.
+/// `old` is the offset of the packet's own Ethernet header in `frame`.
+#[inline(always)]
+fn answer_ethernet(frame: &mut [u8], old: usize, ether_type: u16) {
+    let mut from = [0u8; 6];
+    let mut to = [0u8; 6];
+    from.copy_from_slice(&frame[old + 6..old + 12]);
+    to.copy_from_slice(&frame[old..old + 6]);
+    frame[0..6].copy_from_slice(&from);
+    frame[6..12].copy_from_slice(&to);
+    frame[12..14].copy_from_slice(&ether_type.to_be_bytes());
+}
+
+/// Sums `frame[from..to]` as 16-bit words (RFC 1071), not yet folded.
+#[inline(always)]
+fn sum_words(frame: &[u8], from: usize, to: usize) -> u32 {
+    let mut sum = 0u32;
+    let mut i = from;
+    while i + 1 < to {
+        sum += u32::from(u16::from_be_bytes([frame[i], frame[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// Writes the IPv4 answer. The packet is now 28 grown bytes, its own
+/// Ethernet header (at 28) and the quote (at 42); the answer is Ethernet
+/// (0..14), IPv4 (14..34), ICMP (34..42) and the quote, so the new headers
+/// overwrite the old Ethernet header once its MACs are read.
+#[inline(always)]
+fn answer_v4(ctx: &XdpContext, mtu: u32) -> Option<()> {
+    let frame = ptr_at::<[u8; ANSWER_V4]>(ctx, 0)?;
+    // SAFETY: ptr_at checked the whole answer lies inside the packet.
+    let f = unsafe { &mut *frame };
+    const IP: usize = EthHdr::LEN;
+    const ICMP_AT: usize = IP + 20;
+    const QUOTE: usize = ICMP_AT + 8;
+    answer_ethernet(f, 28, ETH_P_IP);
+    // The quote is the old IP header: its source is the client, its
+    // destination the VIP.
+    let mut client = [0u8; 4];
+    let mut vip = [0u8; 4];
+    client.copy_from_slice(&f[QUOTE + 12..QUOTE + 16]);
+    vip.copy_from_slice(&f[QUOTE + 16..QUOTE + 20]);
+    let total = ((ANSWER_V4 - EthHdr::LEN) as u16).to_be_bytes();
+    let header = [
+        0x45, 0, total[0], total[1], 0, 0, 0, 0, 64, ICMP, 0, 0, vip[0], vip[1], vip[2], vip[3],
+        client[0], client[1], client[2], client[3],
+    ];
+    f[IP..IP + 20].copy_from_slice(&header);
+    let check = (!checksum::fold(sum_words(f, IP, IP + 20))).to_be_bytes();
+    f[IP + 10..IP + 12].copy_from_slice(&check);
+    // Type 3 code 4: fragmentation needed and DF set; next-hop MTU.
+    let mtu = (mtu.min(0xffff) as u16).to_be_bytes();
+    f[ICMP_AT..QUOTE].copy_from_slice(&[3, 4, 0, 0, 0, 0, mtu[0], mtu[1]]);
+    let check = (!checksum::fold(sum_words(f, ICMP_AT, ANSWER_V4))).to_be_bytes();
+    f[ICMP_AT + 2..ICMP_AT + 4].copy_from_slice(&check);
+    Some(())
+}
+
+/// As answer_v4 for IPv6: 48 new bytes, the old Ethernet header at 48, the
+/// quote at 62.
+#[inline(always)]
+fn answer_v6(ctx: &XdpContext, mtu: u32) -> Option<()> {
+    let frame = ptr_at::<[u8; ANSWER_V6]>(ctx, 0)?;
+    // SAFETY: ptr_at checked the whole answer lies inside the packet.
+    let f = unsafe { &mut *frame };
+    const IP: usize = EthHdr::LEN;
+    const ICMP_AT: usize = IP + 40;
+    const QUOTE: usize = ICMP_AT + 8;
+    const ICMP_LEN: usize = ANSWER_V6 - ICMP_AT;
+    answer_ethernet(f, 48, ETH_P_IPV6);
+    let mut client = [0u8; 16];
+    let mut vip = [0u8; 16];
+    client.copy_from_slice(&f[QUOTE + 8..QUOTE + 24]);
+    vip.copy_from_slice(&f[QUOTE + 24..QUOTE + 40]);
+    let len = (ICMP_LEN as u16).to_be_bytes();
+    f[IP..IP + 8].copy_from_slice(&[0x60, 0, 0, 0, len[0], len[1], ICMPV6, 64]);
+    f[IP + 8..IP + 24].copy_from_slice(&vip);
+    f[IP + 24..IP + 40].copy_from_slice(&client);
+    // Type 2: packet too big; the MTU as 32 bits.
+    let mtu = mtu.to_be_bytes();
+    f[ICMP_AT..QUOTE].copy_from_slice(&[2, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]]);
+    // Checksum over the pseudo-header (addresses, length, next header) and
+    // the message.
+    let sum = sum_words(f, IP + 8, IP + 40)
+        + ICMP_LEN as u32
+        + u32::from(ICMPV6)
+        + sum_words(f, ICMP_AT, ANSWER_V6);
+    let check = (!checksum::fold(sum)).to_be_bytes();
+    f[ICMP_AT + 2..ICMP_AT + 4].copy_from_slice(&check);
+    Some(())
 }

@@ -1085,6 +1085,54 @@ nodes = ["cache-c"]
         assert!(checksum::ipv4_header_valid(&inner[..20]));
     }
     assert!(fwd.counter("steered").unwrap() >= 5);
+
+    // A full-size datagram (1500 bytes of IP, don't-fragment: Linux's
+    // default path-MTU discovery) is 1520 once wrapped. The client gets
+    // ICMP fragmentation needed from the VIP, and its kernel learns the
+    // path MTU of 1480.
+    let answers = Capture::new(&lab.a, "a0").unwrap();
+    let client = udp_socket(&lab.a, "0.0.0.0:0").unwrap();
+    let mut datagram = vec![b'.'; 1472];
+    datagram[..6].copy_from_slice(b"toobig");
+    client.send_to(&datagram, "192.0.2.40:9999").unwrap();
+    // The answer leaves by XDP_TX. A veth kicks its peer's NAPI after
+    // XDP_TX only if the peer runs XDP itself (veth_xdp_flush), so here
+    // the answer waits in a0's ring until a frame for a0 arrives through
+    // that NAPI: one the router's kernel sends from r0 with TSO off
+    // (veth_skb_is_eligible_for_gro). NICs transmit XDP_TX frames at once.
+    std::thread::sleep(Duration::from_millis(200));
+    lab.router
+        .run("ethtool", &["-K", "r0", "tx", "off", "tso", "off"])
+        .unwrap();
+    udp_socket(&lab.router, "0.0.0.0:0")
+        .unwrap()
+        .send_to(b"kick", "10.0.1.2:9")
+        .unwrap();
+    let icmp = answers.frames_containing(b"toobig", 1, WAIT);
+    assert_eq!(icmp.len(), 1, "no ICMP answer\n{}", fwd.log());
+    let f = &icmp[0];
+    assert_eq!(f[6..12], lab.router.mac("r0").unwrap(), "from the router");
+    assert_eq!(f[14 + 9], 1, "ICMP");
+    assert_eq!(f[14 + 12..14 + 16], [192, 0, 2, 40], "from the VIP");
+    assert_eq!(f[14 + 16..14 + 20], [10, 0, 1, 2], "to the client");
+    assert!(checksum::ipv4_header_valid(&f[14..34]));
+    assert_eq!(f[34..36], [3, 4], "fragmentation needed");
+    assert_eq!(u16::from_be_bytes([f[40], f[41]]), 1480, "next-hop MTU");
+    assert_eq!(
+        checksum::fold(checksum::sum(&f[34..])),
+        0xffff,
+        "ICMP checksum"
+    );
+    assert_eq!(fwd.counter("icmp_too_big").unwrap(), 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let route = lab.a.ip(&["route", "get", "192.0.2.40"]).unwrap();
+        if route.contains("mtu 1480") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "client's route: {route}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -1229,8 +1229,69 @@ mod steering {
         out
     }
 
+    /// The answer to a VIP packet too big once wrapped: ICMP fragmentation
+    /// needed (IPv4) or packet too big (IPv6) giving `mtu`, from the VIP to
+    /// the client, back to the MAC the packet came from, quoting the first
+    /// 68 (IPv4) or 88 (IPv6) bytes of the packet. Built by etherparse,
+    /// which computes the checksums itself.
+    fn too_big_answer(frame: &[u8], mtu: u32) -> Vec<u8> {
+        use etherparse::{Icmpv6Type, IpNumber, Ipv4Header, PacketBuilder, icmpv4};
+        let eth = PacketBuilder::ethernet2(IN.dst, IN.src);
+        let ip = &frame[14..];
+        let mut out = Vec::new();
+        if ip[0] >> 4 == 4 {
+            let (client, vip) = (
+                <[u8; 4]>::try_from(&ip[12..16]).unwrap(),
+                <[u8; 4]>::try_from(&ip[16..20]).unwrap(),
+            );
+            let mut header = Ipv4Header::new(0, 64, IpNumber::ICMP, vip, client).unwrap();
+            header.dont_fragment = false;
+            eth.ip(etherparse::IpHeaders::Ipv4(header, Default::default()))
+                .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                        next_hop_mtu: mtu as u16,
+                    },
+                ))
+                .write(&mut out, &ip[..68])
+                .unwrap();
+        } else {
+            let (client, vip) = (
+                <[u8; 16]>::try_from(&ip[8..24]).unwrap(),
+                <[u8; 16]>::try_from(&ip[24..40]).unwrap(),
+            );
+            eth.ipv6(vip, client, 64)
+                .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+                .write(&mut out, &ip[..88])
+                .unwrap();
+        }
+        out
+    }
+
+    /// A UDP frame of `ip_len` bytes of IP from 10.0.1.2 (or 2001:db8::1)
+    /// to `vip`, don't-fragment set (IPv4).
+    fn big_udp(vip: &str, ip_len: usize) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2(IN.src, IN.dst);
+        let mut out = Vec::new();
+        match vip.parse::<std::net::IpAddr>().unwrap() {
+            std::net::IpAddr::V4(v) => b
+                .ipv4([10, 0, 1, 2], v.octets(), 64)
+                .udp(40000, 53)
+                .write(&mut out, &vec![7u8; ip_len - 28]),
+            std::net::IpAddr::V6(v) => b
+                .ipv6(
+                    "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+                    v.octets(),
+                    64,
+                )
+                .udp(40000, 53)
+                .write(&mut out, &vec![7u8; ip_len - 48]),
+        }
+        .unwrap();
+        out
+    }
+
     #[test]
-    fn ip_in_ip_wraps_the_packet_with_exact_outer_headers_or_hands_it_on_when_too_big() {
+    fn ip_in_ip_wraps_the_packet_with_exact_outer_headers_or_answers_icmp_when_too_big() {
         with_program(|p| {
             setup(p);
             let ipip = |addr: &str| {
@@ -1272,14 +1333,16 @@ mod steering {
             let v6in6 = flow("2001:db8::1", "2001:db8::30", false, 40000, 53);
             let v4in6 = flow("10.0.1.2", "192.0.2.31", false, 40000, 53);
             // 88 bytes of IP fit the MTU of 100; wrapped, 108 do not.
-            let big = {
-                let b = etherparse::PacketBuilder::ethernet2(IN.src, IN.dst)
-                    .ipv4([10, 0, 1, 2], [192, 0, 2, 32], 64)
-                    .udp(40000, 53);
-                let mut out = Vec::new();
-                b.write(&mut out, &[0u8; 60]).unwrap();
-                out
-            };
+            let big = big_udp("192.0.2.32", 88);
+            // Without don't-fragment (header checksum mended).
+            let mut may_fragment = big.clone();
+            may_fragment[14 + 6] = 0;
+            may_fragment[24..26].fill(0);
+            let c = pop_forwarder_common::checksum::ipv4_header(&may_fragment[14..34]);
+            may_fragment[24..26].copy_from_slice(&c.to_be_bytes());
+            // 1480 bytes of IP fit the veth's 1500; wrapped in IPv6, not.
+            let big_v6 = big_udp("2001:db8::30", 1480);
+            let big_v4in6 = big_udp("192.0.2.31", 1480);
             check(
                 p,
                 vec![
@@ -1305,11 +1368,32 @@ mod steering {
                         counter: Counter::Steered,
                     },
                     Case {
-                        name: "too big once wrapped",
-                        frame: big,
+                        name: "too big once wrapped: ICMP fragmentation needed, MTU 80",
+                        frame: big.clone(),
+                        action: XDP_TX,
+                        output: Some(too_big_answer(&big, 80)),
+                        counter: Counter::IcmpTooBig,
+                    },
+                    Case {
+                        name: "too big, fragmenting allowed: to the kernel",
+                        frame: may_fragment,
                         action: XDP_PASS,
                         output: None,
                         counter: Counter::PassTooBig,
+                    },
+                    Case {
+                        name: "IPv6 too big once wrapped: packet too big, MTU 1460",
+                        frame: big_v6.clone(),
+                        action: XDP_TX,
+                        output: Some(too_big_answer(&big_v6, 1460)),
+                        counter: Counter::IcmpTooBig,
+                    },
+                    Case {
+                        name: "IPv4 too big once wrapped in IPv6: MTU 1460",
+                        frame: big_v4in6.clone(),
+                        action: XDP_TX,
+                        output: Some(too_big_answer(&big_v4in6, 1460)),
+                        counter: Counter::IcmpTooBig,
                     },
                 ],
             );
