@@ -19,7 +19,7 @@ use pop_forwarder_common::{Counter, LOCAL_NEXT_HOP, NextHop, checksum};
 
 use crate::{
     maps::{count, egress, lookup_route_v4, lookup_route_v6, next_hop_for, route_miss, traffic},
-    packet::ptr_at,
+    packet::{copy_bytes, ptr_at, widen},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -121,18 +121,20 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     // datagram goes to one node, the first (more-fragments set) is read
     // without its ports too: fragments hash by addresses and match only
     // any-port VIPs.
-    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
-    let flow = steer::Flow {
-        family: 4,
-        src: widen(ip.src_addr),
-        dst: widen(dst),
-        protocol: ip.proto,
-        l4_offset: (!fragment).then_some(EthHdr::LEN + header_len),
-        frame_len,
-        ports: None,
-    };
-    if let Some(verdict) = steer::steer(ctx, eth, &flow) {
-        return verdict;
+    if steer::enabled() {
+        let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
+        let flow = steer::Flow {
+            family: 4,
+            src: widen(ip.src_addr),
+            dst: widen(dst),
+            protocol: ip.proto,
+            l4_offset: (!fragment).then_some(EthHdr::LEN + header_len),
+            frame_len,
+            ports: None,
+        };
+        if let Some(verdict) = steer::steer(ctx, eth, &flow) {
+            return verdict;
+        }
     }
     // One lookup answers both "is it ours?" (this box's addresses are /32
     // routes to LOCAL_NEXT_HOP) and "where to?".
@@ -222,18 +224,20 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
         return pass(Counter::PassLinkScope);
     }
-    let (protocol, l4_offset) = upper_layer_v6(ctx, ip.next_hdr);
-    let flow = steer::Flow {
-        family: 6,
-        src: ip.src_addr,
-        dst,
-        protocol,
-        l4_offset,
-        frame_len,
-        ports: None,
-    };
-    if let Some(verdict) = steer::steer(ctx, eth, &flow) {
-        return verdict;
+    if steer::enabled() {
+        let (protocol, l4_offset) = upper_layer_v6(ctx, ip.next_hdr);
+        let flow = steer::Flow {
+            family: 6,
+            src: ip.src_addr,
+            dst,
+            protocol,
+            l4_offset,
+            frame_len,
+            ports: None,
+        };
+        if let Some(verdict) = steer::steer(ctx, eth, &flow) {
+            return verdict;
+        }
     }
     let route = lookup_route_v6(dst);
     if route == Some(LOCAL_NEXT_HOP) {
@@ -261,12 +265,6 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
 }
 
 /// An IPv4 address in the 16-byte form flows and VIPs use.
-#[inline(always)]
-fn widen(a: [u8; 4]) -> [u8; 16] {
-    let mut w = [0u8; 16];
-    w[..4].copy_from_slice(&a);
-    w
-}
 
 #[inline(always)]
 fn is_link_local_v6(addr: &[u8; 16]) -> bool {
@@ -279,8 +277,8 @@ fn is_link_local_v6(addr: &[u8; 16]) -> bool {
 fn rewrite_l2(eth: *mut EthHdr, next_hop: &NextHop, next_hop_id: u32, frame_len: usize) {
     // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
     unsafe {
-        (*eth).dst_addr = next_hop.dst_mac;
-        (*eth).src_addr = next_hop.src_mac;
+        copy_bytes(&mut (*eth).dst_addr, &next_hop.dst_mac);
+        copy_bytes(&mut (*eth).src_addr, &next_hop.src_mac);
     }
     traffic(next_hop_id, frame_len as u64);
 }

@@ -16,3 +16,30 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     }
     Some((start + offset) as *mut T)
 }
+
+/// `dst = *src` for the MACs and addresses the program writes into the
+/// packet, one byte at a time. A plain array assignment between two
+/// pointers that may alias compiles to a call of the byte-loop `memmove`
+/// bpf-linker links in: a BPF-to-BPF call and a loop on every packet.
+#[inline(always)]
+pub fn copy_bytes<const N: usize>(dst: &mut [u8; N], src: &[u8; N]) {
+    let mut i = 0;
+    while i < N {
+        dst[i] = src[i];
+        i += 1;
+    }
+}
+
+/// An IPv4 address in the 16-byte form flows and VIPs use. Built from two
+/// words: zeroing a byte array compiles to a call of the byte-loop
+/// `memset`.
+#[inline(always)]
+pub fn widen(a: [u8; 4]) -> [u8; 16] {
+    let words = [
+        u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]),
+        0u64,
+    ];
+    // SAFETY: [u64; 2] and [u8; 16] have the same size, and every bit
+    // pattern is a valid [u8; 16]; from_ne_bytes keeps the byte order.
+    unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+}

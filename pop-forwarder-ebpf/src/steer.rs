@@ -32,7 +32,7 @@ use crate::{
         SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
         next_hop_mtu, traffic,
     },
-    packet::ptr_at,
+    packet::{copy_bytes, ptr_at, widen},
     pass,
 };
 
@@ -74,12 +74,15 @@ pub struct Flow {
     pub ports: Option<(u16, u16)>,
 }
 
+/// Whether any VIP is configured: without, the packet path builds no flow.
+#[inline(always)]
+pub fn enabled() -> bool {
+    SETTINGS.get(settings::STEERING_ON) == Some(&1)
+}
+
 /// The verdict for a VIP's packet, or None if the destination is no VIP.
 #[inline(always)]
 pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict> {
-    if SETTINGS.get(settings::STEERING_ON) != Some(&1) {
-        return None;
-    }
     // An ICMP error about a VIP flow (a router on the way back to the
     // client answering the node's reply) belongs to that flow's node.
     let embedded;
@@ -163,8 +166,8 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
     };
     // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
     unsafe {
-        (*eth).dst_addr = node.dst_mac;
-        (*eth).src_addr = node.src_mac;
+        copy_bytes(&mut (*eth).dst_addr, &node.dst_mac);
+        copy_bytes(&mut (*eth).src_addr, &node.src_mac);
     }
     add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
     add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
@@ -243,13 +246,6 @@ fn icmp_error_flow(ctx: &XdpContext, flow: &Flow) -> Option<Flow> {
     })
 }
 
-#[inline(always)]
-fn widen(a: [u8; 4]) -> [u8; 16] {
-    let mut w = [0u8; 16];
-    w[..4].copy_from_slice(&a);
-    w
-}
-
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_IPIP: u8 = 4;
@@ -310,8 +306,8 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     };
     // SAFETY: ptr_at checked the header lies inside the packet.
     unsafe {
-        (*eth).dst_addr = next_hop.dst_mac;
-        (*eth).src_addr = next_hop.src_mac;
+        copy_bytes(&mut (*eth).dst_addr, &next_hop.dst_mac);
+        copy_bytes(&mut (*eth).src_addr, &next_hop.src_mac);
         (*eth).ether_type = if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 }.to_be();
     }
     let inner_protocol = if flow.family == 4 {
@@ -367,8 +363,8 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
             (*ip).payload_len = (inner_len as u16).to_be_bytes();
             (*ip).next_hdr = inner_protocol;
             (*ip).hop_limit = 64;
-            (*ip).src_addr = source;
-            (*ip).dst_addr = node.addr;
+            copy_bytes(&mut (*ip).src_addr, &source);
+            copy_bytes(&mut (*ip).dst_addr, &node.addr);
         }
     }
     traffic(next_hop_id, (flow.frame_len + outer_len) as u64);
