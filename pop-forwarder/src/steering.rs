@@ -413,7 +413,11 @@ impl Steering {
         entry.health_changes += 1;
         let node = entry.node.clone();
         if healthy {
-            tables.write_node(slot, &resolve_node(&node, links, neighbours)?)?;
+            // A node whose interface went meanwhile is written by a later
+            // refresh, once it resolves; until then it takes no packets.
+            if let Ok(resolved) = resolve_node(&node, links, neighbours) {
+                tables.write_node(slot, &resolved)?;
+            }
             self.rebuild_vips(tables)
         } else {
             // Tables first, so no new flow is given to the node once it is
@@ -427,7 +431,10 @@ impl Steering {
     /// Rebuilds every VIP's Maglev table from the current weights and
     /// health, writing what changed; returns how many changed.
     fn rebuild_vips(&mut self, tables: &mut Tables) -> Result<usize> {
-        let size = self.spec().maglev_table_size;
+        let size = self
+            .spec
+            .as_ref()
+            .map_or(maglev::DEFAULT_TABLE_SIZE, |s| s.maglev_table_size);
         let mut changed = 0;
         for slot in 0..self.vips.len() {
             let Some(v) = &self.vips[slot] else { continue };

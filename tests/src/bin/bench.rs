@@ -39,6 +39,8 @@ use serde::Serialize;
 use tests::{Lab, Netns};
 
 const DESTINATIONS: usize = 4096;
+/// Routes the diagnostic "hot" path draws its destinations from.
+const HOT_ROUTES: usize = 4;
 /// The VIP of the steering path (odd: the generator's destinations set the
 /// lowest bit).
 const VIP_ADDRESS: &str = "198.18.0.11";
@@ -521,13 +523,18 @@ fn main() -> Result<()> {
 
     println!("== setting up every path (each in a lab of its own)");
     let mut scenarios = Vec::new();
+    // `hot`: the destinations come from the first HOT_ROUTES routes only,
+    // so the table's few lines and pages they touch stay cached: the
+    // program's cost without its memory misses.
     let mut add = |name: String,
                    routes: &[Prefix],
                    bench: Bench,
                    router: Router,
-                   throughput: bool|
+                   throughput: bool,
+                   hot: bool|
      -> Result<()> {
-        let generator = Generator::new(&bench.flows(routes)?)?;
+        let from = if hot { &routes[..HOT_ROUTES] } else { routes };
+        let generator = Generator::new(&bench.flows(from)?)?;
         let family = if routes[0].addr.is_ipv4() {
             "IPv4"
         } else {
@@ -574,6 +581,7 @@ fn main() -> Result<()> {
                 bench,
                 Router::Linux,
                 true,
+                false,
             )?;
         }
     }
@@ -588,29 +596,37 @@ fn main() -> Result<()> {
             bench,
             Router::Redirect(redirect),
             true,
+            false,
         )?;
     }
     if wanted("pop") {
         let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
-        let cases: [(&Vec<Prefix>, Ipv4Lookup, bool); 8] = [
-            (&v4_small, Ipv4Lookup::Dir24, true),
-            (&v4_mid, Ipv4Lookup::Dir24, false),
-            (&v4_full, Ipv4Lookup::Dir24, true),
-            (&v4_small, Ipv4Lookup::Trie, true),
-            (&v4_mid, Ipv4Lookup::Trie, false),
-            (&v4_full, Ipv4Lookup::Trie, true),
-            (&v6_small, Ipv4Lookup::Dir24, true),
-            (&v6_full, Ipv4Lookup::Dir24, false),
+        // (routes, lookup, throughput measured, destinations hot)
+        let cases: [(&Vec<Prefix>, Ipv4Lookup, bool, bool); 9] = [
+            (&v4_small, Ipv4Lookup::Dir24, true, false),
+            (&v4_mid, Ipv4Lookup::Dir24, false, false),
+            (&v4_full, Ipv4Lookup::Dir24, true, false),
+            (&v4_full, Ipv4Lookup::Dir24, false, true),
+            (&v4_small, Ipv4Lookup::Trie, true, false),
+            (&v4_mid, Ipv4Lookup::Trie, false, false),
+            (&v4_full, Ipv4Lookup::Trie, true, false),
+            (&v6_small, Ipv4Lookup::Dir24, true, false),
+            (&v6_full, Ipv4Lookup::Dir24, false, false),
         ];
-        for (routes, lookup, throughput) in cases {
-            if quick && routes.len() == v4_mid.len() && routes.len() == full_v4 && !throughput {
+        for (routes, lookup, throughput, hot) in cases {
+            if quick
+                && routes.len() == v4_mid.len()
+                && routes.len() == full_v4
+                && !throughput
+                && !hot
+            {
                 continue; // --quick: the mid table is the full one
             }
             let bench = Bench::new(settings.frame_len)?;
             let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
             let fwd = Forwarder::load(&bench.lab, routes, lookup, false)?;
             let v4 = routes[0].addr.is_ipv4();
-            if v4 && routes.len() == full_v4 {
+            if v4 && routes.len() == full_v4 && !hot {
                 // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
                 // and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8)
                 // this forwarder added, and its DIR-24-8 arrays.
@@ -634,12 +650,19 @@ fn main() -> Result<()> {
                     fwd.load_seconds
                 );
             }
-            let name = if v4 {
-                format!("pop-forwarder ipv4 {lookup}")
-            } else {
-                "pop-forwarder ipv6".to_owned()
+            let name = match (v4, hot) {
+                (true, false) => format!("pop-forwarder ipv4 {lookup}"),
+                (true, true) => format!("pop-forwarder ipv4 {lookup}, {HOT_ROUTES} hot routes"),
+                (false, _) => "pop-forwarder ipv6".to_owned(),
             };
-            add(name, routes, bench, Router::Pop(Box::new(fwd)), throughput)?;
+            add(
+                name,
+                routes,
+                bench,
+                Router::Pop(Box::new(fwd)),
+                throughput,
+                hot,
+            )?;
         }
         // The VIP path: 1,000 routes, and one VIP over 16 nodes; the
         // generator's 16 sources x 64 ports make 1,024 flows to it.
@@ -655,6 +678,7 @@ fn main() -> Result<()> {
             bench,
             Router::Pop(Box::new(fwd)),
             true,
+            false,
         )?;
     }
 
