@@ -88,11 +88,17 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
     let names: Vec<String> = model.nodes.iter().map(|n| n.name.clone()).collect();
     start_checks(&mut running, &names, &[]);
     // The first refresh asks the kernel to resolve gateways and nodes
-    // without a MAC; a second one soon after picks up what it resolved,
-    // rather than a whole refresh interval later.
-    for _ in 0..2 {
+    // without a MAC; quick ones after it pick up what the kernel resolved
+    // (IPv6 neighbour discovery can take a second) rather than a whole
+    // refresh interval later: every 200 ms while any gateway is unresolved,
+    // for at most 3 s.
+    for round in 0..15 {
         if let Err(e) = refresh(&mut running) {
             warn!("refreshing interfaces and neighbours: {e:#}");
+        }
+        let unresolved = running.tables.unresolved_gateways().map_or(0, |g| g.len());
+        if round > 0 && unresolved == 0 {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
