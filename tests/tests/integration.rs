@@ -777,15 +777,7 @@ fn vip_flows_spread_over_cache_nodes_and_each_stays_on_one() {
     let (n1, n2, steering) = two_cache_nodes(&lab, "", "weight = 3");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
     wait_for_node_macs(&fwd);
-    let sockets = [
-        udp_socket(&n1, "192.0.2.10:9999").unwrap(),
-        udp_socket(&n2, "192.0.2.10:9999").unwrap(),
-    ];
-    // Polled in turn: a short timeout, so an idle node does not hold up
-    // reading the other.
-    for s in &sockets {
-        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
-    }
+    let sockets = vip_sinks(&n1, &n2);
 
     // 128 flows (one source port each), PER_FLOW datagrams each; 256 in
     // all fit the nodes' default socket buffers, read after sending.
@@ -1141,13 +1133,7 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
     wait_for_node_macs(&fwd);
-    let sinks = [
-        udp_socket(&n1, "192.0.2.10:9999").unwrap(),
-        udp_socket(&n2, "192.0.2.10:9999").unwrap(),
-    ];
-    for s in &sinks {
-        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
-    }
+    let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
     let old = senders(&lab, 32);
     let before = round(&old, "old");
@@ -1177,6 +1163,19 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
         round(&senders(&lab, 32), "back").contains(&0),
         "cache-1 takes new flows again"
     );
+}
+
+/// A socket on the VIP 192.0.2.10:9999 in each node, polled in turn: a
+/// short timeout, so an idle node does not hold up reading the other.
+fn vip_sinks(n1: &tests::Netns, n2: &tests::Netns) -> [std::net::UdpSocket; 2] {
+    let sinks = [
+        udp_socket(n1, "192.0.2.10:9999").unwrap(),
+        udp_socket(n2, "192.0.2.10:9999").unwrap(),
+    ];
+    for s in &sinks {
+        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
+    sinks
 }
 
 /// `n` UDP sockets in namespace a: `n` flows to the VIP.
@@ -1275,13 +1274,7 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     assert!(!one_node.contains("cache-2"), "{one_node}");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &one_node)).unwrap();
     wait_for_node_macs(&fwd);
-    let sinks = [
-        udp_socket(&n1, "192.0.2.10:9999").unwrap(),
-        udp_socket(&n2, "192.0.2.10:9999").unwrap(),
-    ];
-    for s in &sinks {
-        s.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
-    }
+    let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
     let old = senders(&lab, 32);
     assert!(round(&old, "one").iter().all(|&n| n == 0));
