@@ -662,20 +662,22 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
     ] {
         std::fs::write(&fwd.config, config).unwrap();
         fwd.cli_ok(&["reload"]).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !fwd.log().contains(why) {
-            assert!(
-                Instant::now() < deadline,
-                "no refusal mentioning {why:?}: {}",
-                fwd.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_log(&fwd, why, Duration::from_secs(10));
         assert_eq!(prefixes(&fwd), ["10.0.3.0/24", "fd00:2::/64"]);
     }
     assert!(fwd.log().contains("refused, tables unchanged"));
     let status = fwd.stop().unwrap();
     assert!(status.success());
+}
+
+/// Waits until the daemon's log contains `needle`, failing the test with
+/// the log after `timeout`.
+fn wait_for_log(fwd: &Forwarder, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !fwd.log().contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} in {}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until the daemon has every cache node's MAC (it has the kernel
@@ -892,15 +894,7 @@ fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let deadline = Instant::now() + WAIT;
-    while !fwd.log().contains("cache node cache-1 is down") {
-        assert!(
-            Instant::now() < deadline,
-            "no health log line: {}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&fwd, "cache node cache-1 is down", WAIT);
     let nodes: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
     assert_eq!(nodes[0]["healthy"], false);
@@ -930,15 +924,7 @@ fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let deadline = Instant::now() + WAIT;
-    while !fwd.log().contains("cache node cache-1 is up") {
-        assert!(
-            Instant::now() < deadline,
-            "no health log line: {}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_log(&fwd, "cache node cache-1 is up", WAIT);
 }
 
 #[test]
@@ -997,13 +983,7 @@ nodes = ["cache-1"]
         })
     };
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", steering)).unwrap();
-    let wait_log = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !fwd.log().contains(needle) {
-            assert!(Instant::now() < deadline, "no {needle:?} in {}", fwd.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let wait_log = |needle: &str| wait_for_log(&fwd, needle, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(400));
     assert!(
         !fwd.log().contains("is down"),
