@@ -242,7 +242,7 @@ fn control_command(running: &mut Running, line: &str) -> Result<String> {
             format!("VIP {gone} removed")
         }
     };
-    let applied = apply_steering(running, &spec)?;
+    let applied = apply_steering(running, &spec, &kernel::links()?, &kernel::neighbours()?)?;
     let message = format!("{message}; {applied}");
     info!("{message}");
     Ok(message)
@@ -258,13 +258,16 @@ fn spec_node<'a>(nodes: &'a mut [Node], name: &str) -> Result<&'a mut Node> {
 /// Applies a steering spec (validated and resolved first: refused whole),
 /// starts and stops health checks to match, and records the result in the
 /// state file.
-fn apply_steering(running: &mut Running, spec: &steering::Spec) -> Result<steering::Applied> {
-    let links = kernel::links()?;
-    let neighbours = kernel::neighbours()?;
+fn apply_steering(
+    running: &mut Running,
+    spec: &steering::Spec,
+    links: &[kernel::Link],
+    neighbours: &[kernel::Neighbour],
+) -> Result<steering::Applied> {
     let _lock = running.instance.lock()?;
     let applied = running
         .steering
-        .apply(&mut running.tables, spec, &links, &neighbours)?;
+        .apply(&mut running.tables, spec, links, neighbours)?;
     start_checks(running, &applied.check, &applied.uncheck);
     write_steering_state(running)?;
     Ok(applied)
@@ -343,12 +346,7 @@ fn start(
         });
     }
     let neighbours = kernel::neighbours()?;
-    let mut routes = Vec::new();
-    for (i, route) in model.routes.iter().enumerate() {
-        let nh = resolve_next_hop(route, &links, &neighbours)
-            .with_context(|| format!("routes[{i}] ({})", route.prefix))?;
-        routes.push((route.prefix, nh));
-    }
+    let routes = resolve_routes(model, &links, &neighbours)?;
     for node in &model.nodes {
         steering::resolve_node(node, &links, &neighbours)
             .with_context(|| format!("nodes ({})", node.name))?;
@@ -544,15 +542,10 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
-    let mut routes = Vec::new();
-    for (i, route) in model.routes.iter().enumerate() {
-        let nh = resolve_next_hop(route, &links, &neighbours)
-            .with_context(|| format!("routes[{i}] ({})", route.prefix))?;
-        routes.push((route.prefix, nh));
-    }
+    let routes = resolve_routes(&model, &links, &neighbours)?;
     // Steering is checked whole before its first write, routes were
     // resolved above: from here on only a failing map write can stop it.
-    let applied = apply_steering(running, &steering::Spec::of(&model))?;
+    let applied = apply_steering(running, &steering::Spec::of(&model), &links, &neighbours)?;
     let _lock = running.instance.lock()?;
     let (added, changed, deleted) = running.tables.apply_routes(&routes)?;
     running.tables.set_route_miss(model.route_miss)?;
@@ -560,6 +553,25 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
         "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied}",
         model.route_miss
     ))
+}
+
+/// Every route of `model` with its next hop resolved against the namespace,
+/// the first one that does not resolve named in the error.
+fn resolve_routes(
+    model: &Model,
+    links: &[kernel::Link],
+    neighbours: &[kernel::Neighbour],
+) -> Result<Vec<(crate::config::Prefix, pop_forwarder_common::NextHop)>> {
+    model
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, route)| {
+            resolve_next_hop(route, links, neighbours)
+                .map(|nh| (route.prefix, nh))
+                .with_context(|| format!("routes[{i}] ({})", route.prefix))
+        })
+        .collect()
 }
 
 /// Takes a node that failed its health check out of its VIPs' Maglev tables
