@@ -41,6 +41,10 @@ use tests::{Lab, Netns};
 const DESTINATIONS: usize = 4096;
 /// Routes the diagnostic "hot" path draws its destinations from.
 const HOT_ROUTES: usize = 4;
+/// Routes of the full table the diagnostic "small-table traffic" path draws
+/// its destinations from: as many as the small table has, and (same seed)
+/// the very same routes, so it sends the small table's traffic.
+const SMALL_TABLE: usize = 1_000;
 /// The VIP of the steering path (odd: the generator's destinations set the
 /// lowest bit).
 const VIP_ADDRESS: &str = "198.18.0.11";
@@ -73,6 +77,33 @@ struct Cost {
     prefixes: usize,
     ns_per_packet: f64,
     packets: u64,
+    /// ns/packet of each round.
+    runs: Vec<f64>,
+}
+
+/// A ratio between two paths, taken round by round (the paths run
+/// interleaved, so each round's pair saw the same machine): the median and
+/// the spread of the per-round ratios.
+#[derive(Serialize, Clone, Copy)]
+struct Ratio {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Ratio {
+    fn paired(a: &[f64], b: &[f64]) -> Option<Ratio> {
+        if a.is_empty() || a.len() != b.len() {
+            return None;
+        }
+        let mut r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        let median = median(&mut r);
+        Some(Ratio {
+            median,
+            min: r[0],
+            max: r[r.len() - 1],
+        })
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -81,7 +112,7 @@ struct Report {
     throughput: Vec<Throughput>,
     cost: Vec<Cost>,
     control_plane: BTreeMap<String, f64>,
-    ratios: BTreeMap<String, f64>,
+    ratios: BTreeMap<String, Ratio>,
     targets: Vec<(String, bool)>,
 }
 
@@ -370,7 +401,8 @@ struct Scenario {
     /// Measure delivered pps (besides ns/packet for XDP paths).
     throughput: bool,
     runs: Vec<(u64, u64, f64)>,
-    cost: (u64, u64),
+    /// (ns, packets) the program ran, per round.
+    cost: Vec<(u64, u64)>,
 }
 
 impl Scenario {
@@ -523,17 +555,18 @@ fn main() -> Result<()> {
 
     println!("== setting up every path (each in a lab of its own)");
     let mut scenarios = Vec::new();
-    // `hot`: the destinations come from the first HOT_ROUTES routes only,
-    // so the table's few lines and pages they touch stay cached: the
-    // program's cost without its memory misses.
+    // `from`: the destinations come from the first `from` routes only. With
+    // HOT_ROUTES the table's few lines and pages they touch stay cached: the
+    // program's cost without its memory misses. With SMALL_TABLE, the full
+    // table gets the small table's traffic: what the table's size costs.
     let mut add = |name: String,
                    routes: &[Prefix],
                    bench: Bench,
                    router: Router,
                    throughput: bool,
-                   hot: bool|
+                   from: Option<usize>|
      -> Result<()> {
-        let from = if hot { &routes[..HOT_ROUTES] } else { routes };
+        let from = &routes[..from.unwrap_or(routes.len()).min(routes.len())];
         let generator = Generator::new(&bench.flows(from)?)?;
         let family = if routes[0].addr.is_ipv4() {
             "IPv4"
@@ -554,7 +587,7 @@ fn main() -> Result<()> {
             generator,
             throughput,
             runs: Vec::new(),
-            cost: (0, 0),
+            cost: Vec::new(),
         });
         Ok(())
     };
@@ -581,7 +614,7 @@ fn main() -> Result<()> {
                 bench,
                 Router::Linux,
                 true,
-                false,
+                None,
             )?;
         }
     }
@@ -596,29 +629,31 @@ fn main() -> Result<()> {
             bench,
             Router::Redirect(redirect),
             true,
-            false,
+            None,
         )?;
     }
     if wanted("pop") {
         let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
-        // (routes, lookup, throughput measured, destinations hot)
-        let cases: [(&Vec<Prefix>, Ipv4Lookup, bool, bool); 9] = [
-            (&v4_small, Ipv4Lookup::Dir24, true, false),
-            (&v4_mid, Ipv4Lookup::Dir24, false, false),
-            (&v4_full, Ipv4Lookup::Dir24, true, false),
-            (&v4_full, Ipv4Lookup::Dir24, false, true),
-            (&v4_small, Ipv4Lookup::Trie, true, false),
-            (&v4_mid, Ipv4Lookup::Trie, false, false),
-            (&v4_full, Ipv4Lookup::Trie, true, false),
-            (&v6_small, Ipv4Lookup::Dir24, true, false),
-            (&v6_full, Ipv4Lookup::Dir24, false, false),
+        // (routes, lookup, throughput measured, destinations from the
+        // first so many routes)
+        let cases: [(&Vec<Prefix>, Ipv4Lookup, bool, Option<usize>); 10] = [
+            (&v4_small, Ipv4Lookup::Dir24, true, None),
+            (&v4_mid, Ipv4Lookup::Dir24, false, None),
+            (&v4_full, Ipv4Lookup::Dir24, true, None),
+            (&v4_full, Ipv4Lookup::Dir24, false, Some(SMALL_TABLE)),
+            (&v4_full, Ipv4Lookup::Dir24, false, Some(HOT_ROUTES)),
+            (&v4_small, Ipv4Lookup::Trie, true, None),
+            (&v4_mid, Ipv4Lookup::Trie, false, None),
+            (&v4_full, Ipv4Lookup::Trie, true, None),
+            (&v6_small, Ipv4Lookup::Dir24, true, None),
+            (&v6_full, Ipv4Lookup::Dir24, false, None),
         ];
-        for (routes, lookup, throughput, hot) in cases {
+        for (routes, lookup, throughput, from) in cases {
             if quick
                 && routes.len() == v4_mid.len()
                 && routes.len() == full_v4
                 && !throughput
-                && !hot
+                && from.is_none()
             {
                 continue; // --quick: the mid table is the full one
             }
@@ -626,7 +661,7 @@ fn main() -> Result<()> {
             let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
             let fwd = Forwarder::load(&bench.lab, routes, lookup, false)?;
             let v4 = routes[0].addr.is_ipv4();
-            if v4 && routes.len() == full_v4 && !hot {
+            if v4 && routes.len() == full_v4 && from.is_none() {
                 // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
                 // and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8)
                 // this forwarder added, and its DIR-24-8 arrays.
@@ -650,9 +685,12 @@ fn main() -> Result<()> {
                     fwd.load_seconds
                 );
             }
-            let name = match (v4, hot) {
-                (true, false) => format!("pop-forwarder ipv4 {lookup}"),
-                (true, true) => format!("pop-forwarder ipv4 {lookup}, {HOT_ROUTES} hot routes"),
+            let name = match (v4, from) {
+                (true, None) => format!("pop-forwarder ipv4 {lookup}"),
+                (true, Some(HOT_ROUTES)) => {
+                    format!("pop-forwarder ipv4 {lookup}, {HOT_ROUTES} hot routes")
+                }
+                (true, Some(n)) => format!("pop-forwarder ipv4 {lookup}, traffic of {n} routes"),
                 (false, _) => "pop-forwarder ipv6".to_owned(),
             };
             add(
@@ -661,7 +699,7 @@ fn main() -> Result<()> {
                 bench,
                 Router::Pop(Box::new(fwd)),
                 throughput,
-                hot,
+                from,
             )?;
         }
         // The VIP path: 1,000 routes, and one VIP over 16 nodes; the
@@ -678,7 +716,7 @@ fn main() -> Result<()> {
             bench,
             Router::Pop(Box::new(fwd)),
             true,
-            false,
+            None,
         )?;
     }
 
@@ -708,8 +746,10 @@ fn main() -> Result<()> {
             let before = prog.info()?;
             s.bench.run_once(&s.generator, settings.run_time)?;
             let after = s.program()?.context("program")?.info()?;
-            s.cost.0 += (after.run_time() - before.run_time()).as_nanos() as u64;
-            s.cost.1 += after.run_count() - before.run_count();
+            s.cost.push((
+                (after.run_time() - before.run_time()).as_nanos() as u64,
+                after.run_count() - before.run_count(),
+            ));
         }
     }
     drop(stats);
@@ -743,12 +783,18 @@ fn main() -> Result<()> {
             );
             report.throughput.push(t);
         }
-        if s.cost.1 > 0 {
+        let (ns, packets) = s.cost.iter().fold((0, 0), |a, r| (a.0 + r.0, a.1 + r.1));
+        if packets > 0 {
             let c = Cost {
                 name: s.name.clone(),
                 prefixes: s.prefixes,
-                ns_per_packet: s.cost.0 as f64 / s.cost.1 as f64,
-                packets: s.cost.1,
+                ns_per_packet: ns as f64 / packets as f64,
+                packets,
+                runs: s
+                    .cost
+                    .iter()
+                    .map(|r| r.0 as f64 / r.1.max(1) as f64)
+                    .collect(),
             };
             println!(
                 "  {:<34} {:>7} prefixes  {:>6.1} ns/packet over {} packets",
@@ -769,37 +815,66 @@ fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput
 }
 
 fn summarise(report: &mut Report, full_v4: usize) {
-    let pps = |name: &str, n: usize| find(report, name, n).map(|t| t.delivered_pps);
+    // Per-round figures: delivered pps, and ns/packet.
+    let pps = |name: &str, n: usize| find(report, name, n).map(|t| t.runs.as_slice());
     let ceiling = report
         .throughput
         .iter()
         .find(|t| t.name == "bare redirect")
-        .map(|t| t.delivered_pps);
+        .map(|t| t.runs.as_slice());
+    let cost = |name: &str, n: usize| {
+        report
+            .cost
+            .iter()
+            .find(|c| c.name == name && c.prefixes == n)
+            .map(|c| c.runs.as_slice())
+    };
     let mut ratios = BTreeMap::new();
+    let mut insert = |key: String, a: Option<&[f64]>, b: Option<&[f64]>| {
+        if let Some(r) = a.zip(b).and_then(|(a, b)| Ratio::paired(a, b)) {
+            ratios.insert(key, r);
+        }
+    };
+    insert(
+        "bare_redirect_vs_linux".into(),
+        ceiling,
+        pps("linux ipv4", 1_000),
+    );
     for lookup in [Ipv4Lookup::Dir24, Ipv4Lookup::Trie] {
         let name = format!("pop-forwarder ipv4 {lookup}");
         for (label, n) in [("1k", 1_000), ("full", full_v4)] {
-            if let (Some(p), Some(l)) = (pps(&name, n), pps("linux ipv4", n)) {
-                ratios.insert(format!("ipv4_{lookup}_{label}_vs_linux"), p / l);
-            }
-            if let (Some(p), Some(c)) = (pps(&name, n), ceiling) {
-                ratios.insert(format!("ipv4_{lookup}_{label}_vs_ceiling"), p / c);
-            }
+            insert(
+                format!("ipv4_{lookup}_{label}_vs_linux"),
+                pps(&name, n),
+                pps("linux ipv4", n),
+            );
+            insert(
+                format!("ipv4_{lookup}_{label}_vs_ceiling"),
+                pps(&name, n),
+                ceiling,
+            );
         }
-        let cost = |n: usize| {
-            report
-                .cost
-                .iter()
-                .find(|c| c.name == name && c.prefixes == n)
-                .map(|c| c.ns_per_packet)
-        };
-        if let (Some(big), Some(small)) = (cost(full_v4), cost(1_000)) {
-            ratios.insert(format!("ipv4_{lookup}_cost_full_vs_1k"), big / small);
-        }
+        insert(
+            format!("ipv4_{lookup}_cost_full_vs_1k"),
+            cost(&name, full_v4),
+            cost(&name, 1_000),
+        );
     }
-    if let (Some(p), Some(l)) = (pps("pop-forwarder ipv6", 1_000), pps("linux ipv6", 1_000)) {
-        ratios.insert("ipv6_1k_vs_linux".into(), p / l);
-    }
+    // Diagnostic, not a target: the full table against the small one with
+    // the very same traffic, so only the table's size differs.
+    insert(
+        "ipv4_dir-24-8_cost_full_vs_1k_same_traffic".into(),
+        cost(
+            &format!("pop-forwarder ipv4 dir-24-8, traffic of {SMALL_TABLE} routes"),
+            full_v4,
+        ),
+        cost("pop-forwarder ipv4 dir-24-8", SMALL_TABLE),
+    );
+    insert(
+        "ipv6_1k_vs_linux".into(),
+        pps("pop-forwarder ipv6", 1_000),
+        pps("linux ipv6", 1_000),
+    );
     // The targets are checked on the default IPv4 lookup, DIR-24-8.
     let mut targets = Vec::new();
     for (key, want, what) in [
@@ -824,14 +899,18 @@ fn summarise(report: &mut Report, full_v4: usize) {
             ">= 0.9x the bare-redirect ceiling, full table",
         ),
     ] {
-        if let Some(v) = ratios.get(key) {
-            targets.push((format!("routing {what}: {v:.2}x"), *v >= want));
+        if let Some(r) = ratios.get(key) {
+            let v = r.median;
+            targets.push((format!("routing {what}: {v:.2}x"), v >= want));
         }
     }
-    if let Some(v) = ratios.get("ipv4_dir-24-8_cost_full_vs_1k") {
+    if let Some(v) = ratios
+        .get("ipv4_dir-24-8_cost_full_vs_1k")
+        .map(|r| r.median)
+    {
         targets.push((
             format!("route-path cost at {full_v4} prefixes <= 1.5x its cost at 1k: {v:.2}x"),
-            *v <= 1.5,
+            v <= 1.5,
         ));
     }
     if let Some(s) = report
@@ -883,9 +962,16 @@ fn write_report(report: &Report, out_dir: &PathBuf) -> Result<()> {
             c.name, c.prefixes, c.ns_per_packet
         )?;
     }
-    writeln!(md, "\n| ratio | value |\n| --- | ---: |")?;
-    for (k, v) in &report.ratios {
-        writeln!(md, "| {k} | {v:.2} |")?;
+    writeln!(
+        md,
+        "\n| ratio (per round, paired) | median | min | max |\n| --- | ---: | ---: | ---: |"
+    )?;
+    for (k, r) in &report.ratios {
+        writeln!(
+            md,
+            "| {k} | {:.2} | {:.2} | {:.2} |",
+            r.median, r.min, r.max
+        )?;
     }
     writeln!(md, "\n| control plane | value |\n| --- | ---: |")?;
     for (k, v) in &report.control_plane {
