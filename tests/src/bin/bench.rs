@@ -461,6 +461,11 @@ fn main() -> Result<()> {
     let v4_small = routes_v4(1_000, SEED);
     let v4_mid = routes_v4(100_000, SEED);
     let v4_full = routes_v4(full_v4, SEED);
+    // The `traffic of SMALL_TABLE routes` row rests on this.
+    anyhow::ensure!(
+        v4_full[..SMALL_TABLE] == v4_small[..] && v4_mid[..SMALL_TABLE] == v4_small[..],
+        "the small IPv4 table is not the first {SMALL_TABLE} routes of the larger ones"
+    );
     let v6_small = routes_v6(1_000, SEED);
     let v6_full = routes_v6(full_v6, SEED);
     let family = |routes: &[Prefix]| {
