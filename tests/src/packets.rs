@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use etherparse::PacketBuilder;
+use etherparse::{PacketBuilder, PacketBuilderStep, UdpHeader};
 use pop_forwarder_common::checksum;
 
 pub const ETH_LEN: usize = 14;
@@ -16,21 +16,26 @@ pub struct Eth {
 
 /// An Ethernet + IPv4 + UDP frame.
 pub fn udp_v4(eth: Eth, src: Ipv4Addr, dst: Ipv4Addr, ttl: u8, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(eth.src, eth.dst)
-        .ipv4(src.octets(), dst.octets(), ttl)
-        .udp(40000, 9999);
-    let mut out = Vec::with_capacity(builder.size(payload.len()));
-    builder
-        .write(&mut out, payload)
-        .expect("building a test packet");
-    out
+    udp_frame(
+        PacketBuilder::ethernet2(eth.src, eth.dst)
+            .ipv4(src.octets(), dst.octets(), ttl)
+            .udp(40000, 9999),
+        payload,
+    )
 }
 
 /// An Ethernet + IPv6 + UDP frame.
 pub fn udp_v6(eth: Eth, src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(eth.src, eth.dst)
-        .ipv6(src.octets(), dst.octets(), hop_limit)
-        .udp(40000, 9999);
+    udp_frame(
+        PacketBuilder::ethernet2(eth.src, eth.dst)
+            .ipv6(src.octets(), dst.octets(), hop_limit)
+            .udp(40000, 9999),
+        payload,
+    )
+}
+
+/// The frame a UDP packet builder makes around `payload`.
+fn udp_frame(builder: PacketBuilderStep<UdpHeader>, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(builder.size(payload.len()));
     builder
         .write(&mut out, payload)
@@ -101,13 +106,12 @@ pub fn flow_frame(
         _ => panic!("mixed address families"),
     };
     let payload = b"pop-forwarder flow";
-    let mut out = Vec::new();
-    if tcp {
-        let b = ip.tcp(sport, dport, 1, 65535);
-        b.write(&mut out, payload).expect("building a test packet");
-    } else {
-        let b = ip.udp(sport, dport);
-        b.write(&mut out, payload).expect("building a test packet");
+    if !tcp {
+        return udp_frame(ip.udp(sport, dport), payload);
     }
+    let mut out = Vec::new();
+    ip.tcp(sport, dport, 1, 65535)
+        .write(&mut out, payload)
+        .expect("building a test packet");
     out
 }
