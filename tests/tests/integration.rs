@@ -478,23 +478,29 @@ fn generate_sends_line_rate_traffic_through_the_forwarder() {
         .unwrap()
         .unwrap();
     let r0 = mac_str(lab.router.mac("r0").unwrap());
-    let out = lab
-        .a
-        .command(tests::binary().to_str().unwrap())
-        .args([
-            "generate",
-            "--dev",
-            "a0",
-            "--dst-mac",
-            &r0,
-            "--src",
-            "10.0.1.2",
-            "--dst",
-            "10.0.2.100",
-        ])
-        .args(["--dst-count", "16", "--src-ports", "8", "--seconds", "1"])
-        .output()
-        .unwrap();
+    // `pop-forwarder generate` from a0 to `dst`, with `more` arguments.
+    let generate = |dst: &str, more: &[&str]| {
+        lab.a
+            .command(tests::binary().to_str().unwrap())
+            .args([
+                "generate",
+                "--dev",
+                "a0",
+                "--dst-mac",
+                &r0,
+                "--src",
+                "10.0.1.2",
+                "--dst",
+                dst,
+            ])
+            .args(more)
+            .output()
+            .unwrap()
+    };
+    let out = generate(
+        "10.0.2.100",
+        &["--dst-count", "16", "--src-ports", "8", "--seconds", "1"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -523,45 +529,13 @@ fn generate_sends_line_rate_traffic_through_the_forwarder() {
         "sent {sent}, forwarded {forwarded}, delivered {delivered}"
     );
 
-    let bad = lab
-        .a
-        .command(tests::binary().to_str().unwrap())
-        .args([
-            "generate",
-            "--dev",
-            "a0",
-            "--dst-mac",
-            &r0,
-            "--src",
-            "10.0.1.2",
-            "--dst",
-            "fd00:2::2",
-        ])
-        .output()
-        .unwrap();
+    let bad = generate("fd00:2::2", &[]);
     assert!(!bad.status.success());
     assert!(
         String::from_utf8_lossy(&bad.stderr)
             .contains("--dst: fd00:2::2 is not of the address family")
     );
-    let bad = lab
-        .a
-        .command(tests::binary().to_str().unwrap())
-        .args([
-            "generate",
-            "--dev",
-            "a0",
-            "--dst-mac",
-            &r0,
-            "--src",
-            "10.0.1.2",
-            "--dst",
-            "10.0.2.2",
-            "--size",
-            "20",
-        ])
-        .output()
-        .unwrap();
+    let bad = generate("10.0.2.2", &["--size", "20"]);
     assert!(
         String::from_utf8_lossy(&bad.stderr)
             .contains("--size: 20 bytes is not between 64 and 1514")
