@@ -85,41 +85,31 @@ fn main() -> Result<()> {
             require_root()?;
             let env = setup()?;
             build(&env, true)?;
-            cargo(
-                &env,
-                &[
-                    "run",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "tests",
-                    "--bin",
-                    "lab",
-                    "--",
-                    &seconds.to_string(),
-                ],
-            )
+            run_tests_bin(&env, "lab", &[&seconds.to_string()])
         }
         Task::Bench { quick } => {
             require_root()?;
             let env = setup()?;
             build(&env, true)?;
-            let mut args = vec![
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "tests",
-                "--bin",
-                "bench",
-                "--",
-            ];
-            if quick {
-                args.push("--quick");
-            }
-            cargo(&env, &args)
+            run_tests_bin(&env, "bench", if quick { &["--quick"] } else { &[] })
         }
     }
+}
+
+/// Runs one of the tests crate's binaries (the lab, the bench), released.
+fn run_tests_bin(env: &BuildEnv, bin: &str, args: &[&str]) -> Result<()> {
+    let mut all = vec![
+        "run",
+        "--release",
+        "--quiet",
+        "-p",
+        "tests",
+        "--bin",
+        bin,
+        "--",
+    ];
+    all.extend_from_slice(args);
+    cargo(env, &all)
 }
 
 /// The environment cargo runs with: bpf-linker on PATH.
