@@ -14,6 +14,14 @@ pub mod steering;
 
 pub use counters::Counter;
 
+/// The layout of the pinned maps: their names, types, key and value
+/// layouts, sizes and the meaning of every entry. A daemon (or a new build
+/// of the program) adopts an instance's pinned maps only if they carry this
+/// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
+/// makes maps written by one build unreadable, or wrongly read, by another;
+/// `map_layout_is_pinned_down` in this crate's tests fails until you do.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
 pub mod map_names {
@@ -160,7 +168,10 @@ pub mod settings {
     /// 1 when any VIP is configured: without one, routed packets skip the
     /// VIP lookup.
     pub const STEERING_ON: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The `MAP_LAYOUT_VERSION` of the build that created the maps: a new
+    /// daemon adopts pinned maps only when it is its own.
+    pub const LAYOUT_VERSION: u32 = 4;
+    pub const COUNT: u32 = 5;
 
     pub const IPV4_DIR24: u32 = 0;
     pub const IPV4_TRIE: u32 = 1;
@@ -174,4 +185,56 @@ mod user {
     unsafe impl aya::Pod for super::RouteTarget {}
     unsafe impl aya::Pod for super::RouteKeyV4 {}
     unsafe impl aya::Pod for super::TrafficCounter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    /// Everything the pinned maps' layout is made of that this crate
+    /// defines: key and value sizes, table sizes, slot counts. A build that
+    /// changes any of it must bump `MAP_LAYOUT_VERSION`, or a new daemon
+    /// would adopt maps it reads wrongly; this test fails until the number
+    /// and the record below change together.
+    #[test]
+    fn map_layout_is_pinned_down() {
+        let layout = [
+            size_of::<NextHop>() as u32,
+            size_of::<RouteKeyV4>() as u32,
+            size_of::<RouteTarget>() as u32,
+            size_of::<TrafficCounter>() as u32,
+            size_of::<steering::VipKey>() as u32,
+            size_of::<steering::VipInfo>() as u32,
+            size_of::<steering::CacheNode>() as u32,
+            size_of::<steering::FlowKey>() as u32,
+            MAX_ROUTES_V4,
+            MAX_ROUTES_V6,
+            MAX_NEXT_HOPS,
+            MAX_LOCAL_ADDRS,
+            MAX_EGRESS_PORTS,
+            Counter::COUNT as u32,
+            settings::COUNT,
+            dir24::TBL24_ENTRIES,
+            dir24::TBL8_ENTRIES,
+            dir24::ENTRIES_PER_ELEMENT,
+            steering::MAX_VIPS,
+            steering::MAX_CACHE_NODES,
+            steering::MAGLEV_STRIDE,
+            steering::MAX_FLOWS,
+            map_names::ALL.len() as u32,
+        ];
+        assert_eq!(
+            (MAP_LAYOUT_VERSION, layout),
+            (
+                1,
+                [
+                    44, 8, 8, 16, 20, 8, 40, 40, 1048576, 262144, 4096, 4096, 256, 18, 5, 16777216,
+                    2097152, 2, 64, 1024, 65537, 262144, 19,
+                ]
+            ),
+            "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"
+        );
+    }
 }

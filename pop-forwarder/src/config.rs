@@ -39,6 +39,8 @@ pub struct Config {
     /// Service addresses and their pools.
     #[serde(default)]
     pub vips: Vec<VipConfig>,
+    /// A group whose members may use the control socket besides root.
+    pub control_group: Option<String>,
 }
 
 fn default_table_size() -> u32 {
@@ -46,7 +48,7 @@ fn default_table_size() -> u32 {
 }
 
 /// A cache node as the config file (and `node add`) gives it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub name: String,
@@ -122,7 +124,7 @@ fn default_fall() -> u32 {
 }
 
 /// A VIP as the config file (and `vip add`) gives it.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
     pub address: String,
@@ -526,6 +528,9 @@ pub struct Model {
     /// Sorted by name: a node's slot in the node table is its position here.
     pub nodes: Vec<Node>,
     pub vips: Vec<Vip>,
+    /// Members of this group may use the control socket too (the group must
+    /// exist when `run` starts).
+    pub control_group: Option<String>,
 }
 
 impl Model {
@@ -565,23 +570,21 @@ impl Model {
             routes.push(route);
         }
         // One gateway on one interface is one next hop: two static MACs for
-        // it would make the table depend on the order of the routes.
+        // it would make the table depend on the order of the routes. One
+        // pass, remembering the first static MAC of each gateway.
+        let mut macs: std::collections::HashMap<(IpAddr, &str), (Mac, Prefix)> =
+            std::collections::HashMap::new();
         for (i, a) in routes.iter().enumerate() {
-            for b in &routes[..i] {
-                if a.via == b.via
-                    && a.dev == b.dev
-                    && a.mac.is_some()
-                    && b.mac.is_some()
-                    && a.mac != b.mac
-                {
-                    bail!(
-                        "routes[{i}].mac: gateway {} on {} already has MAC {} from the route to {}",
-                        a.via,
-                        a.dev,
-                        b.mac.unwrap_or(Mac([0; 6])),
-                        b.prefix
-                    );
-                }
+            let Some(mac) = a.mac else { continue };
+            let (first, from) = *macs
+                .entry((a.via, a.dev.as_str()))
+                .or_insert((mac, a.prefix));
+            if first != mac {
+                bail!(
+                    "routes[{i}].mac: gateway {} on {} already has MAC {first} from the route to {from}",
+                    a.via,
+                    a.dev
+                );
             }
         }
         Ok(Model {
@@ -595,6 +598,7 @@ impl Model {
             encap_source_v6: config.encap_source_v6,
             nodes,
             vips,
+            control_group: config.control_group,
         })
     }
 }

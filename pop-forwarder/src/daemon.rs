@@ -10,14 +10,16 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::{
     Xdp,
     links::{FdLink, PinnedLink},
+    xdp::XdpLink,
 };
 use log::{info, warn};
-use pop_forwarder_common::{PROGRAM_NAME, map_names};
+use pop_forwarder_common::{MAP_LAYOUT_VERSION, PROGRAM_NAME, map_names};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     EBPF_OBJECT,
-    config::{Ipv4Lookup, Model, Node, NodeConfig, Vip, VipConfig, XdpMode},
+    config::{Ipv4Lookup, Model, Node, Prefix, Route, Vip, XdpMode},
+    control,
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
     kernel, steering,
@@ -26,15 +28,18 @@ use crate::{
 
 /// How often the daemon re-reads interfaces, addresses and neighbours.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// The quicker refresh right after start, while gateways are unresolved.
+const QUICK_REFRESH: Duration = Duration::from_millis(200);
+const QUICK_REFRESH_FOR: Duration = Duration::from_secs(3);
 
-/// A loaded and attached forwarder. Dropping it without `shutdown` leaves the
-/// pins (and so forwarding) in place, as a crash would.
+/// A loaded forwarder: its maps (pinned), its program (attached through
+/// pinned links) and the daemon's view of them. Dropping it leaves the pins,
+/// and so forwarding, in place: that is what a stop, or a crash, does.
 struct Running {
     instance: Instance,
-    // Kept so the program and its maps live as long as the daemon.
-    _ebpf: aya::Ebpf,
+    // Kept so that this daemon's program and log buffer live as long as it.
+    ebpf: aya::Ebpf,
     tables: Tables,
-    links: Vec<PinnedLink>,
     /// Gateways the kernel was asked to resolve (once each).
     requested_neighbours: std::collections::HashSet<(std::net::IpAddr, u32)>,
     /// Cache nodes and VIPs in their slots.
@@ -60,12 +65,41 @@ pub enum BpfLogLevel {
 }
 
 pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Signals first: from here on SIGTERM, SIGINT and SIGHUP are queued for
+    // the loop below, never fatal, whatever start-up is doing.
+    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
     let model = Model::from_file(config_path)?;
+    let access = control::Access {
+        group: model
+            .control_group
+            .as_deref()
+            .map(control::group_id)
+            .transpose()?,
+    };
+    // The lock before anything of the instance is looked at: a second `run`
+    // of a running instance stops here, having touched nothing.
+    let _lock = instance.lock(access.group)?;
+    let control_path = instance.control_path();
+    let listener = control::bind(&control_path, access)?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut running = start(instance, &model, config_path, bpf_log, health_tx)?;
+    let (mut running, adopted) = match start(instance, &model, config_path, bpf_log, health_tx) {
+        Ok(started) => started,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
     info!(
-        "instance {:?}: forwarding on {} with {} routes (IPv4 lookup: {}); maps pinned at {}",
+        "instance {:?}: {} on {} with {} routes (IPv4 lookup: {}); maps pinned at {}",
         instance.name,
+        if adopted {
+            "adopted the pinned data plane (program swapped in place, no packet lost)"
+        } else {
+            "forwarding"
+        },
         model
             .interfaces
             .iter()
@@ -76,108 +110,112 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
         model.ipv4_lookup,
         instance.pin_dir().display()
     );
-
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
-    let control_path = instance.control_path();
-    let _ = std::fs::remove_file(&control_path);
-    let control = tokio::net::UnixListener::bind(&control_path)
-        .with_context(|| format!("creating the control socket {}", control_path.display()))?;
-    let names: Vec<String> = model.nodes.iter().map(|n| n.name.clone()).collect();
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
+    let server = tokio::spawn(control::serve(listener, access, requests_tx));
+    let names: Vec<String> = running
+        .steering
+        .nodes()
+        .map(|(_, n)| n.node.name.clone())
+        .collect();
     start_checks(&mut running, &names, &[]);
     // The first refresh asks the kernel to resolve gateways and nodes
     // without a MAC; quick ones after it pick up what the kernel resolved
     // (IPv6 neighbour discovery can take a second) rather than a whole
-    // refresh interval later: every 200 ms while any gateway is unresolved,
-    // for at most 3 s.
-    for round in 0..15 {
-        if let Err(e) = refresh(&mut running) {
-            warn!("refreshing interfaces and neighbours: {e:#}");
-        }
-        let unresolved = running.tables.unresolved_gateways().map_or(0, |g| g.len());
-        if round > 0 && unresolved == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let mut tick = tokio::time::interval(REFRESH_INTERVAL);
-    loop {
+    // refresh interval later: every 200 ms while any gateway is
+    // unresolved, for at most 3 s.
+    let quick_until = tokio::time::Instant::now() + QUICK_REFRESH_FOR;
+    let mut tick = tokio::time::interval(QUICK_REFRESH);
+    let mut quick = true;
+    let detach = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
-            Ok((stream, _)) = control.accept() => {
-                if let Err(e) = serve_control(&mut running, stream).await {
-                    warn!("control socket: {e:#}");
+            _ = sigterm.recv() => break false,
+            _ = sigint.recv() => break false,
+            Some((command, reply)) = requests.recv() => {
+                if command == control::Command::Detach {
+                    let _ = reply.send(Ok(format!("instance {:?}: detaching", instance.name)));
+                    break true;
                 }
+                let result = control_command(&mut running, config_path, command);
+                if let Err(e) = &result {
+                    warn!("control request refused, tables unchanged: {e:#}");
+                }
+                let _ = reply.send(result);
             }
             Some(event) = health_rx.recv() => {
                 if let Err(e) = apply_health(&mut running, event.clone()) {
                     warn!("applying a health change of node {}: {e:#}", event.node);
                 }
             }
-            _ = sighup.recv() => match reload(&mut running, config_path) {
-                Ok(summary) => info!("reloaded {}: {summary}", config_path.display()),
-                Err(e) => warn!("reload of {} refused, tables unchanged: {e:#}", config_path.display()),
-            },
+            _ = sighup.recv() => {
+                if let Err(e) = reload(&mut running, config_path) {
+                    warn!("{e:#}");
+                }
+            }
             _ = tick.tick() => {
                 if let Err(e) = refresh(&mut running) {
                     warn!("refreshing interfaces and neighbours: {e:#}");
                 }
+                let unresolved = running.tables.unresolved_gateways().map_or(0, |g| g.len());
+                if quick && (unresolved == 0 || tokio::time::Instant::now() >= quick_until) {
+                    quick = false;
+                    tick = tokio::time::interval_at(
+                        tokio::time::Instant::now() + REFRESH_INTERVAL,
+                        REFRESH_INTERVAL,
+                    );
+                }
             }
         }
-    }
-    let _ = std::fs::remove_file(&control_path);
-    shutdown(running)
-}
-
-/// One command on the control socket: a JSON line in, a JSON line out.
-/// `{"node_weight": {"name": N, "weight": W}}` sets a node's weight (0
-/// drains it: no new flows, its existing flows stay) and rebuilds the
-/// Maglev tables of its VIPs.
-async fn serve_control(running: &mut Running, stream: tokio::net::UnixStream) -> Result<()> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read);
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-        .await
-        .context("no command within 5 s")??;
-    let reply = match control_command(running, &line) {
-        Ok(message) => serde_json::json!({ "ok": message }),
-        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
     };
-    write.write_all(format!("{reply}\n").as_bytes()).await?;
-    Ok(())
+    if detach {
+        // Let the connection that asked hear its answer before the
+        // socket goes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.abort();
+    let _ = std::fs::remove_file(&control_path);
+    if detach {
+        shutdown_and_detach(running)
+    } else {
+        stop(running);
+        Ok(())
+    }
 }
 
-/// The control socket's commands, one JSON object per line, e.g.
-/// `{"node_weight": {"name": "cache-a", "weight": 0}}`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-enum Command {
-    /// Sets a node's weight (0 drains it: no new flows, its existing flows
-    /// stay).
-    NodeWeight { name: String, weight: u32 },
-    /// Adds a cache node (in no VIP's pool yet).
-    NodeAdd(NodeConfig),
-    /// Removes a node from every pool, then from the node table.
-    NodeDel { name: String },
-    /// Adds a VIP, or sets the pool of an existing one.
-    VipAdd(VipConfig),
-    /// Removes a VIP: its packets are routed like any others.
-    VipDel {
-        address: std::net::IpAddr,
-        protocol: crate::config::Protocol,
-        port: u16,
-    },
-}
-
-fn control_command(running: &mut Running, line: &str) -> Result<String> {
-    let command: Command = serde_json::from_str(line.trim()).context("not a command")?;
+/// Carries out one control request; an error means nothing changed.
+fn control_command(
+    running: &mut Running,
+    config_path: &Path,
+    command: control::Command,
+) -> Result<String> {
+    use control::Command;
     let mut spec = running.steering.spec();
     let message = match command {
+        Command::Detach => unreachable!("handled by the loop"),
+        Command::Reload => return reload(running, config_path),
+        Command::RouteAdd {
+            prefix,
+            via,
+            dev,
+            mac,
+        } => {
+            let route = Route::parse(&prefix, &via, &dev, mac.as_deref())?;
+            let links = kernel::links()?;
+            let nh = resolve_next_hop(&route, &links, &kernel::neighbours()?)?;
+            let id = running.tables.add_route(route.prefix, &nh)?;
+            let message = format!(
+                "added {} via {} dev {} (next hop {id})",
+                route.prefix, route.via, route.dev
+            );
+            info!("{message}");
+            return Ok(message);
+        }
+        Command::RouteDel { prefix } => {
+            let prefix: Prefix = prefix.parse()?;
+            running.tables.del_route(prefix)?;
+            let message = format!("deleted {prefix}");
+            info!("{message}");
+            return Ok(message);
+        }
         Command::NodeWeight { name, weight } => {
             if weight > 1000 {
                 bail!("weight {weight} is not from 0 (drained) to 1000");
@@ -264,7 +302,6 @@ fn apply_steering(
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
 ) -> Result<steering::Applied> {
-    let _lock = running.instance.lock()?;
     let applied = running
         .steering
         .apply(&mut running.tables, spec, links, neighbours)?;
@@ -294,6 +331,7 @@ fn start_checks(running: &mut Running, check: &[String], uncheck: &[String]) {
             name,
             slot.node.address,
             health,
+            slot.healthy,
             id,
             running.health_events.clone(),
         );
@@ -310,34 +348,34 @@ fn write_steering_state(running: &Running) -> Result<()> {
 }
 
 /// Validates everything that can be validated before touching the kernel,
-/// then loads, pins, fills and attaches; on any failure undoes what it did.
+/// then either creates the data plane (loads, pins, fills, attaches) or, if
+/// the instance's pins exist (a daemon stopped, crashed or was upgraded),
+/// adopts it: the pinned maps are reused by this daemon's program, which is
+/// swapped in atomically on each pinned link (no moment without XDP), and
+/// the config's difference is applied. Returns whether it adopted. A failed
+/// creation removes what it made; a failed adoption leaves the pinned data
+/// plane forwarding as it was.
 fn start(
     instance: &Instance,
     model: &Model,
     config_path: &Path,
     bpf_log: BpfLogLevel,
     health_events: UnboundedSender<HealthEvent>,
-) -> Result<Running> {
-    if let Some(pid) = instance.daemon_pid() {
-        bail!(
-            "instance {:?} is already running (pid {pid})",
-            instance.name
-        );
-    }
-    if instance.exists() {
-        bail!(
-            "instance {:?} left pins at {} (its daemon is gone); run `pop-forwarder --instance {} detach` first",
-            instance.name,
-            instance.pin_dir().display(),
-            instance.name
-        );
-    }
+) -> Result<(Running, bool)> {
     let links = kernel::links()?;
+    let neighbours = kernel::neighbours()?;
+    let routes = resolve_routes(model, &links, &neighbours)?;
+    for node in &model.nodes {
+        steering::resolve_node(node, &links, &neighbours)
+            .with_context(|| format!("nodes ({})", node.name))?;
+    }
     let mut attach_to = Vec::new();
     for (i, (name, mode)) in model.interfaces.iter().enumerate() {
         let link = kernel::link(&links, name).with_context(|| format!("interfaces[{i}].name"))?;
-        if link.xdp_attached {
-            bail!("interfaces[{i}].name: {name:?} already has an XDP program attached");
+        if link.xdp_attached && !instance.link_pin(name).exists() {
+            bail!(
+                "interfaces[{i}].name: {name:?} already has an XDP program attached (not this instance's)"
+            );
         }
         attach_to.push(AttachedInterface {
             name: name.clone(),
@@ -345,16 +383,29 @@ fn start(
             mode: *mode,
         });
     }
-    let neighbours = kernel::neighbours()?;
-    let routes = resolve_routes(model, &links, &neighbours)?;
-    for node in &model.nodes {
-        steering::resolve_node(node, &links, &neighbours)
-            .with_context(|| format!("nodes ({})", node.name))?;
+    instance::ensure_bpffs()?;
+    let adopting = instance.prepare_pin_dir()?;
+    let previous = if adopting {
+        Some(adoptable(instance, model)?)
+    } else {
+        None
+    };
+    for (i, iface) in attach_to.iter().enumerate() {
+        if let Some(was) = previous
+            .as_ref()
+            .and_then(|p| p.interfaces.iter().find(|a| a.name == iface.name))
+            && instance.link_pin(&iface.name).exists()
+            && was.mode != iface.mode
+        {
+            bail!(
+                "interfaces[{i}].mode: {:?} is attached in {} mode; changing the mode needs `detach`, then `run`",
+                iface.name,
+                was.mode
+            );
+        }
     }
     warn_if_kernel_forwarding_off();
 
-    instance::ensure_bpffs()?;
-    let _lock = instance.lock()?;
     let level = bpf_log as u8;
     let mut loader = aya::EbpfLoader::new();
     loader.override_global(aya_log::LEVEL, &level, true);
@@ -364,85 +415,157 @@ fn start(
             .map_max_entries(map_names::IPV4_TBL24, 1)
             .map_max_entries(map_names::IPV4_TBL8, 1);
     }
-    let mut ebpf = loader.load(EBPF_OBJECT).context("loading the XDP object")?;
-    let pin_dir = instance.pin_dir();
-    std::fs::create_dir_all(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
-    // The interfaces and neighbours read while validating serve the fill too.
-    let mut steering = steering::Steering::default();
-    match fill_and_attach(
-        instance,
-        &mut ebpf,
-        model,
-        &attach_to,
-        &routes,
-        &mut steering,
-        (&links, &neighbours),
-    ) {
-        Ok((tables, links)) => {
-            instance.write_state(&State {
-                pid: std::process::id(),
-                config: config_path
-                    .canonicalize()
-                    .unwrap_or_else(|_| config_path.to_owned()),
-                interfaces: attach_to,
-                steering: steering.state(),
-                started_unix: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-            })?;
-            Ok(Running {
-                instance: instance.clone(),
-                _ebpf: ebpf,
-                tables,
-                links,
-                local_conflicts: Vec::new(),
-                steering,
-                checkers: HashMap::new(),
-                next_checker: 0,
-                health_events,
-                requested_neighbours: Default::default(),
-            })
+    // Every table is pinned by name: created and pinned on the first start,
+    // reused from its pin on every later one.
+    let pins: Vec<_> = map_names::ALL
+        .iter()
+        .map(|name| (*name, instance.pin_dir().join(name)))
+        .collect();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let loaded = loader.load(EBPF_OBJECT).context("loading the XDP object");
+    let result = loaded.and_then(|mut ebpf| {
+        fill_and_attach(
+            instance,
+            &mut ebpf,
+            model,
+            &attach_to,
+            &routes,
+            previous.as_ref(),
+            (&links, &neighbours),
+        )
+        .map(|(tables, steering)| (ebpf, tables, steering))
+    });
+    let (ebpf, tables, steering) = match result {
+        Ok(done) => done,
+        Err(e) if adopting => {
+            return Err(e.context(
+                "adopting the pinned data plane failed; it still forwards as before (fix the cause and run again, or `detach`)",
+            ));
         }
         Err(e) => {
-            // Links attached so far are dropped with the error's stack frame
-            // (detaching them); the pins go here.
+            // Links attached so far were dropped with the error (detaching
+            // them); the pins go here.
             if let Err(cleanup) = instance.remove_pins() {
                 warn!("cleaning up after a failed start: {cleanup:#}");
             }
-            Err(e)
+            return Err(e);
+        }
+    };
+    // Interfaces the old config had and this one has not.
+    if let Some(previous) = &previous {
+        for gone in previous
+            .interfaces
+            .iter()
+            .filter(|a| !attach_to.iter().any(|b| b.name == a.name))
+        {
+            match std::fs::remove_file(instance.link_pin(&gone.name)) {
+                Ok(()) => info!("detached from {} (no longer in the config)", gone.name),
+                Err(e) => warn!("detaching from {}: {e}", gone.name),
+            }
         }
     }
+    let running = Running {
+        instance: instance.clone(),
+        ebpf,
+        tables,
+        local_conflicts: Vec::new(),
+        steering,
+        checkers: HashMap::new(),
+        next_checker: 0,
+        health_events,
+        requested_neighbours: Default::default(),
+    };
+    instance.write_state(&State {
+        pid: std::process::id(),
+        config: config_path
+            .canonicalize()
+            .unwrap_or_else(|_| config_path.to_owned()),
+        interfaces: attach_to,
+        steering: running.steering.state(),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })?;
+    Ok((running, adopting))
 }
 
+/// Checks that the instance's pins can be adopted by this build, before
+/// anything is loaded: every map pinned, the same map layout, the same IPv4
+/// lookup. Returns what the previous daemon recorded.
+fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
+    let dir = instance.pin_dir();
+    let how = format!(
+        "to start over, `pop-forwarder --instance {} detach` (forwarding stops until the next `run`)",
+        instance.name
+    );
+    if let Some(missing) = map_names::ALL.iter().find(|n| !dir.join(n).exists()) {
+        bail!(
+            "{} holds no map {missing}: these pins are not a whole instance; {how}",
+            dir.display()
+        );
+    }
+    let pinned = Tables::from_pins(&dir)?;
+    let version = pinned.layout_version()?;
+    if version != MAP_LAYOUT_VERSION {
+        bail!(
+            "the maps pinned at {} have layout version {version}, this build needs {MAP_LAYOUT_VERSION}: it cannot adopt them. Migrate by running this build as another --instance on other interfaces, or {how}",
+            dir.display()
+        );
+    }
+    if pinned.ipv4_lookup() != model.ipv4_lookup {
+        bail!(
+            "ipv4_lookup: the pinned tables use {}, the config asks for {}; changing it needs a fresh start: {how}",
+            pinned.ipv4_lookup(),
+            model.ipv4_lookup
+        );
+    }
+    let state = instance.read_state();
+    if state.is_none() && !pinned.vips()?.is_empty() {
+        bail!(
+            "{} is gone, so the pinned VIPs' cache nodes cannot be named: {how}",
+            instance.state_path().display()
+        );
+    }
+    Ok(state.unwrap_or_else(|| State {
+        pid: 0,
+        config: Default::default(),
+        interfaces: Vec::new(),
+        started_unix: 0,
+        steering: Default::default(),
+    }))
+}
+
+/// Fills the tables (new ones, or adopted ones to bring to the config),
+/// then loads the program and attaches it: a fresh attachment pinned, or an
+/// atomic swap on the pinned link.
 fn fill_and_attach(
     instance: &Instance,
     ebpf: &mut aya::Ebpf,
     model: &Model,
     attach_to: &[AttachedInterface],
     routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
-    steering: &mut steering::Steering,
+    previous: Option<&State>,
     (links, neighbours): (&[kernel::Link], &[kernel::Neighbour]),
-) -> Result<(Tables, Vec<PinnedLink>)> {
-    // The tables the CLI acts on; the program's own globals and log ring
-    // buffer stay private to this process.
-    for name in map_names::ALL {
-        let map = ebpf
-            .map(name)
-            .with_context(|| format!("map {name} missing from the object"))?;
-        let path = instance.pin_dir().join(name);
-        map.pin(&path)
-            .with_context(|| format!("pinning map {name} at {}", path.display()))?;
-    }
+) -> Result<(Tables, steering::Steering)> {
     let mut tables = Tables::from_ebpf(ebpf)?;
     forward_bpf_logs(ebpf)?;
+    let mut steering = match previous {
+        Some(state) => steering::Steering::adopt(&tables, &state.steering)?,
+        None => {
+            tables.set_layout_version()?;
+            tables.set_ipv4_lookup(model.ipv4_lookup)?;
+            steering::Steering::default()
+        }
+    };
     tables.set_route_miss(model.route_miss)?;
-    tables.set_ipv4_lookup(model.ipv4_lookup)?;
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
     }
     let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
     tables.sync_local_addrs(&addrs)?;
-    tables.add_routes(routes)?;
+    tables.apply_routes(routes)?;
     steering.apply(&mut tables, &steering::Spec::of(model), links, neighbours)?;
 
     let program: &mut Xdp = ebpf
@@ -453,8 +576,18 @@ fn fill_and_attach(
     program
         .load()
         .context("loading the XDP program into the kernel (verifier)")?;
-    let mut pinned = Vec::new();
     for iface in attach_to {
+        let path = instance.link_pin(&iface.name);
+        if path.exists() {
+            let pinned = PinnedLink::from_pin(&path)
+                .with_context(|| format!("opening the pinned link {}", path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .with_context(|| format!("{} is not an XDP link", path.display()))?;
+            program.attach_to_link(link).with_context(|| {
+                format!("swapping the program on {} (bpf_link_update)", iface.name)
+            })?;
+            continue;
+        }
         let mode = match iface.mode {
             XdpMode::Native => aya::programs::XdpMode::Driver,
             XdpMode::Skb => aya::programs::XdpMode::Skb,
@@ -465,14 +598,12 @@ fn fill_and_attach(
         let link = program.take_link(id)?;
         let fd_link =
             FdLink::try_from(link).context("XDP attachment is not a bpf_link (kernel < 5.9?)")?;
-        let path = instance.link_pin(&iface.name);
-        pinned.push(
-            fd_link
-                .pin(&path)
-                .with_context(|| format!("pinning link at {}", path.display()))?,
-        );
+        // The pin holds the attachment from here on; this handle may go.
+        fd_link
+            .pin(&path)
+            .with_context(|| format!("pinning link at {}", path.display()))?;
     }
-    Ok((tables, pinned))
+    Ok((tables, steering))
 }
 
 /// Relays the program's aya-log records to this process's logger, under the
@@ -515,12 +646,28 @@ fn forward_bpf_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// Re-reads the config and applies it (SIGHUP, `reload`), logging and
+/// returning what changed, or why it was refused.
+fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
+    match apply_config(running, config_path) {
+        Ok(summary) => {
+            let message = format!("reloaded {}: {summary}", config_path.display());
+            info!("{message}");
+            Ok(message)
+        }
+        Err(e) => Err(e.context(format!(
+            "reload of {} refused, tables unchanged",
+            config_path.display()
+        ))),
+    }
+}
+
 /// Applies a changed config without detaching: routes, the route-miss
 /// policy, cache nodes and VIPs. Interfaces and the IPv4 lookup are fixed
 /// for the daemon's life; a config that changes them is refused whole, as
 /// is one that does not validate or resolve. Routes, nodes and VIPs added
 /// with the CLI and not in the file go: on reload the file is the truth.
-fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
+fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     let model = Model::from_file(config_path)?;
     let state = running
         .instance
@@ -532,11 +679,11 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
         .map(|i| (i.name.clone(), i.mode))
         .collect();
     if model.interfaces != attached {
-        bail!("interfaces changed; attaching and detaching need a restart (`detach`, then `run`)");
+        bail!("interfaces changed; attaching and detaching need a restart of the daemon");
     }
     if model.ipv4_lookup != running.tables.ipv4_lookup() {
         bail!(
-            "ipv4_lookup changed to {}; that needs a restart",
+            "ipv4_lookup changed to {}; that needs `detach`, then `run`",
             model.ipv4_lookup
         );
     }
@@ -546,7 +693,6 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
     // Steering is checked whole before its first write, routes were
     // resolved above: from here on only a failing map write can stop it.
     let applied = apply_steering(running, &steering::Spec::of(&model), &links, &neighbours)?;
-    let _lock = running.instance.lock()?;
     let (added, changed, deleted) = running.tables.apply_routes(&routes)?;
     running.tables.set_route_miss(model.route_miss)?;
     Ok(format!(
@@ -582,7 +728,6 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
-    let _lock = running.instance.lock()?;
     let rebuilt = running.steering.set_health(
         &mut running.tables,
         &event.node,
@@ -607,7 +752,6 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
 }
 
 fn refresh(running: &mut Running) -> Result<()> {
-    let _lock = running.instance.lock()?;
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
@@ -660,31 +804,36 @@ fn refresh(running: &mut Running) -> Result<()> {
     Ok(())
 }
 
-fn shutdown(running: Running) -> Result<()> {
+/// A stop (SIGTERM, SIGINT): the daemon goes, the data plane stays. The
+/// program keeps forwarding through its pinned links on the pinned tables,
+/// which the next `run` adopts.
+fn stop(running: Running) {
+    for (_, task) in running.checkers.values() {
+        task.abort();
+    }
+    info!(
+        "instance {:?}: daemon stopped; XDP stays attached and forwarding on the pinned tables at {} (the next `run` adopts them; `detach` removes them)",
+        running.instance.name,
+        running.instance.pin_dir().display()
+    );
+}
+
+/// `detach`: the one way the data plane is removed.
+fn shutdown_and_detach(running: Running) -> Result<()> {
     let Running {
         instance,
-        _ebpf,
+        ebpf,
         tables,
-        links,
-        local_conflicts: _,
-        steering: _,
         checkers,
-        next_checker: _,
-        health_events: _,
-        requested_neighbours: _,
+        ..
     } = running;
     for (_, task) in checkers.into_values() {
         task.abort();
     }
     drop(tables);
-    for link in links {
-        match link.unpin() {
-            // Dropping the last reference to the link detaches the program.
-            Ok(fd_link) => drop(fd_link),
-            Err(e) => warn!("unpinning a link: {e}"),
-        }
-    }
-    drop(_ebpf);
+    // This process's handles to the links go with the program; removing
+    // the pins then drops the links' last references, which detaches.
+    drop(ebpf);
     instance.remove_pins()?;
     instance.remove_state();
     info!("instance {:?}: detached and unpinned", instance.name);

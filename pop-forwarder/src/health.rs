@@ -29,20 +29,22 @@ pub struct HealthEvent {
     pub detail: String,
 }
 
-/// Starts checker `checker` of node `name` at `address`. The node starts
-/// healthy: a node that is down at start leaves after `fall` checks. Abort
-/// the handle to stop it.
+/// Starts checker `checker` of node `name` at `address`, from the state the
+/// daemon has for it (`healthy`: a new node starts healthy and leaves after
+/// `fall` failed checks; a node adopted from a previous daemon keeps its
+/// state). Abort the handle to stop it.
 pub fn spawn(
     name: &str,
     address: IpAddr,
     check: HealthConfig,
+    healthy: bool,
     checker: u64,
     events: UnboundedSender<HealthEvent>,
 ) -> AbortHandle {
     let target = SocketAddr::new(address, check.port);
     let name = name.to_owned();
     tokio::spawn(async move {
-        let (mut healthy, mut streak) = (true, 0u32);
+        let (mut healthy, mut streak) = (healthy, 0u32);
         let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms));
         loop {
             tick.tick().await;

@@ -1,10 +1,19 @@
 //! Where a running instance keeps its state, so that other processes can
-//! find it: pinned maps and links in bpffs, and a pid, lock and state file
-//! under /run.
+//! find it: pinned maps and links in bpffs, and a lock, state file and
+//! control socket under /run. Both places are root-only: what is found
+//! there is adopted by the next daemon, so a directory another user could
+//! have written is refused, not trusted.
 
 use std::{
     fs::{self, File},
-    os::fd::AsRawFd,
+    io::Write as _,
+    os::{
+        fd::AsRawFd,
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
+        },
+    },
     path::{Path, PathBuf},
 };
 
@@ -79,6 +88,10 @@ impl Instance {
         self.run_file("sock")
     }
 
+    pub fn lock_path(&self) -> PathBuf {
+        self.run_file("lock")
+    }
+
     pub fn exists(&self) -> bool {
         self.pin_dir().exists()
     }
@@ -96,26 +109,61 @@ impl Instance {
         Ok(())
     }
 
-    /// Serialises table writers (daemon and CLI) of this instance. Held until
-    /// the returned file is dropped.
-    pub fn lock(&self) -> Result<File> {
-        fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
-        let path = self.run_file("lock");
-        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
+    /// Takes the instance's lock, which its daemon holds for its whole life
+    /// (and `detach` while it removes the pins of an instance whose daemon
+    /// is gone): two processes never own one instance. Fails, naming the
+    /// holder, if another process has it. A process that only probes the
+    /// lock (`daemon_pid`) holds it for microseconds, so the attempt is
+    /// repeated for a second before giving up.
+    pub fn lock(&self, group: Option<u32>) -> Result<InstanceLock> {
+        prepare_run_dir(group)?;
+        let path = self.lock_path();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        for attempt in 0.. {
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+            if attempt == 50 {
+                let holder =
+                    read_pid(&path).map_or("another process".into(), |p| format!("pid {p}"));
+                bail!(
+                    "instance {:?} is already owned by {holder} (it holds {}); stop it first, or pick another --instance",
+                    self.name,
+                    path.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Ok(file)
+        file.set_len(0)
+            .and_then(|()| (&file).write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .with_context(|| format!("writing the pid into {}", path.display()))?;
+        Ok(InstanceLock { _file: file })
     }
 
     pub fn write_state(&self, state: &State) -> Result<()> {
-        fs::create_dir_all(RUN_DIR).with_context(|| format!("creating {RUN_DIR}"))?;
         let path = self.state_path();
         // Written aside and renamed over: a reader never sees half a file.
         let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(state)?)
+        let _ = fs::remove_file(&tmp);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(&serde_json::to_vec_pretty(state)?))
             .with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, &path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
@@ -129,14 +177,21 @@ impl Instance {
         let _ = fs::remove_file(self.state_path());
     }
 
-    /// The daemon's pid, if the state file names one that is alive.
+    /// The pid of the daemon that owns this instance, if one does: liveness
+    /// is the lock its daemon holds, never a process list.
     pub fn daemon_pid(&self) -> Option<u32> {
-        let state = self.read_state()?;
-        let cmdline = fs::read(format!("/proc/{}/cmdline", state.pid)).ok()?;
-        // A pid is reused after a crash; only trust one running our binary.
-        String::from_utf8_lossy(&cmdline)
-            .contains("pop-forwarder")
-            .then_some(state.pid)
+        let path = self.lock_path();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .ok()?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            // Nobody holds it: no daemon. Closing the file releases it.
+            return None;
+        }
+        read_pid(&path)
     }
 
     /// Removes every pin of this instance: links (which detaches XDP where no
@@ -153,10 +208,101 @@ impl Instance {
         fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         Ok(())
     }
+
+    /// Makes the instance's pin directory (and its parent) root-only, or
+    /// refuses one that another user could have written: a map or link
+    /// planted there would be adopted as the instance's own. Returns whether
+    /// the instance already had pins.
+    pub fn prepare_pin_dir(&self) -> Result<bool> {
+        let dir = self.pin_dir();
+        let parent = dir.parent().expect("the pin dir has a parent");
+        secure_dir(parent, 0o700, None)?;
+        let existed = dir.exists();
+        secure_dir(&dir, 0o700, None)?;
+        Ok(existed && fs::read_dir(&dir)?.next().is_some())
+    }
+}
+
+/// Held by the daemon for its whole life: see `Instance::lock`.
+pub struct InstanceLock {
+    _file: File,
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// /run/pop-forwarder: root's, mode 0700, or 0710 with `group` (the config's
+/// `control_group`, whose members may then reach the control socket).
+pub fn prepare_run_dir(group: Option<u32>) -> Result<()> {
+    secure_dir(
+        Path::new(RUN_DIR),
+        if group.is_some() { 0o710 } else { 0o700 },
+        group,
+    )
+}
+
+/// Creates `dir` with `mode`, or checks an existing one: a real directory
+/// (not a link), owned by this (root) user, writable by nobody else; its
+/// mode (and group) is then set to what is asked. Anything else is refused
+/// with a message saying what is wrong, never trusted or repaired.
+pub fn secure_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<()> {
+    let meta = match fs::symlink_metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .mode(mode)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+            fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.file_type().is_dir() {
+        bail!(
+            "{} is not a directory (a symbolic link or a file?); refusing to use it: remove it and start again",
+            dir.display()
+        );
+    }
+    if meta.uid() != me {
+        bail!(
+            "{} is owned by uid {}, not by uid {me} (this process); refusing to trust it: remove it, or `chown {me} {}`",
+            dir.display(),
+            meta.uid(),
+            dir.display()
+        );
+    }
+    if meta.mode() & 0o022 != 0 || meta.mode() & 0o007 != 0 && mode & 0o007 == 0 {
+        bail!(
+            "{} has mode {:o}: other users may {} it; refusing to trust what it holds: `chmod {:o} {}` (or remove it) and start again",
+            dir.display(),
+            meta.mode() & 0o7777,
+            if meta.mode() & 0o022 != 0 {
+                "write to"
+            } else {
+                "look into"
+            },
+            mode,
+            dir.display()
+        );
+    }
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .with_context(|| format!("{} has a NUL byte", dir.display()))?;
+    // SAFETY: chmod/chown on a NUL-terminated path.
+    if unsafe { libc::chmod(path.as_ptr(), mode) } != 0
+        || unsafe { libc::chown(path.as_ptr(), u32::MAX, group.unwrap_or(u32::MAX)) } != 0
+    {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setting the mode of {}", dir.display()));
+    }
+    Ok(())
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there, as systemd does
-/// at boot; a fresh machine of this kind has the directory but no mount.
+/// at boot (root-only, mode 0700); a fresh machine of this kind has the
+/// directory but no mount.
 pub fn ensure_bpffs() -> Result<()> {
     let path = std::ffi::CString::new(BPFFS).expect("no NUL in a constant");
     // SAFETY: statfs into a zeroed struct we own.
@@ -173,7 +319,7 @@ pub fn ensure_bpffs() -> Result<()> {
             path.as_ptr(),
             fstype.as_ptr(),
             0,
-            std::ptr::null(),
+            c"mode=0700".as_ptr().cast(),
         )
     } != 0
     {

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod health;
 pub mod instance;

@@ -5,11 +5,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use pop_forwarder::{
-    config::{Model, Prefix, Route},
+    config::{Model, VipConfig},
+    control::{self, Command as ControlCommand},
     daemon::{self, BpfLogLevel},
     instance::Instance,
     kernel,
-    tables::{Tables, resolve_next_hop},
+    tables::Tables,
 };
 
 /// XDP forwarder for PoP edge servers: longest-prefix-match routing and
@@ -33,8 +34,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to the config's interfaces, fill the tables and forward until
-    /// Ctrl-C or SIGTERM, then detach.
+    /// Run the instance's daemon: attach to the config's interfaces and fill
+    /// the tables, or adopt the instance's pinned data plane (restart,
+    /// upgrade), then keep it current. Ctrl-C or SIGTERM stop the daemon and
+    /// leave XDP forwarding; `detach` removes it.
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -84,12 +87,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Have the daemon re-read its config file (SIGHUP) and apply changed
-    /// routes, route-miss policy, cache nodes and VIPs without detaching;
-    /// the daemon logs what it changed, or why it refused.
+    /// Have the daemon re-read its config file and apply changed routes,
+    /// route-miss policy, cache nodes and VIPs without detaching; prints what
+    /// changed, or fails with why the file was refused (nothing changed).
     Reload,
-    /// Stop the instance's daemon (or, if it died, remove what it left
-    /// attached and pinned).
+    /// Remove the data plane: the daemon detaches XDP, unpins the tables and
+    /// exits (with no daemon, the pins are removed here). The one command
+    /// that stops forwarding.
     Detach,
     /// Send UDP test traffic out of DEV at the rate this machine allows, the
     /// way pktgen does: an XDP program run in BPF_PROG_TEST_RUN's live-frames
@@ -158,35 +162,36 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Route(cmd) => route(&instance, cmd),
         Command::Vip(VipCommand::List { json }) => vip_list(&instance, json),
-        Command::Vip(VipCommand::Add { vip, nodes }) => control(
+        Command::Vip(VipCommand::Add { vip, nodes }) => send(
             &instance,
-            serde_json::json!({ "vip_add": {
-                "address": vip.address, "protocol": vip.protocol, "port": vip.port, "nodes": nodes,
-            }}),
+            ControlCommand::VipAdd(VipConfig {
+                address: vip.address.to_string(),
+                protocol: vip.protocol.into(),
+                port: vip.port,
+                nodes,
+            }),
         ),
-        Command::Vip(VipCommand::Del { vip }) => control(
+        Command::Vip(VipCommand::Del { vip }) => send(
             &instance,
-            serde_json::json!({ "vip_del": {
-                "address": vip.address, "protocol": vip.protocol, "port": vip.port,
-            }}),
+            ControlCommand::VipDel {
+                address: vip.address,
+                protocol: vip.protocol.into(),
+                port: vip.port,
+            },
         ),
         Command::Node(NodeCommand::List { json }) => node_list(&instance, json),
         Command::Node(NodeCommand::Add(args)) => {
-            let config = args.into_config()?;
-            control(&instance, serde_json::json!({ "node_add": config }))
+            send(&instance, ControlCommand::NodeAdd(args.into_config()?))
         }
-        Command::Node(NodeCommand::Del { name }) => control(
-            &instance,
-            serde_json::json!({ "node_del": { "name": name } }),
-        ),
-        Command::Node(NodeCommand::Drain { name }) => control(
-            &instance,
-            serde_json::json!({ "node_weight": { "name": name, "weight": 0 } }),
-        ),
-        Command::Node(NodeCommand::Weight { name, weight }) => control(
-            &instance,
-            serde_json::json!({ "node_weight": { "name": name, "weight": weight } }),
-        ),
+        Command::Node(NodeCommand::Del { name }) => {
+            send(&instance, ControlCommand::NodeDel { name })
+        }
+        Command::Node(NodeCommand::Drain { name }) => {
+            send(&instance, ControlCommand::NodeWeight { name, weight: 0 })
+        }
+        Command::Node(NodeCommand::Weight { name, weight }) => {
+            send(&instance, ControlCommand::NodeWeight { name, weight })
+        }
         Command::Lookup {
             src,
             dst,
@@ -198,18 +203,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Stats { json } => stats(&instance, json),
         Command::Status { json } => status(&instance, json),
         Command::Detach => detach(&instance),
-        Command::Reload => {
-            let pid = instance
-                .daemon_pid()
-                .with_context(|| format!("instance {:?} has no running daemon", instance.name))?;
-            // SAFETY: kill(2) on a pid verified to run pop-forwarder.
-            if unsafe { libc::kill(pid as i32, libc::SIGHUP) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .context(format!("signalling pid {pid}"));
-            }
-            println!("asked pid {pid} to reload its config; its log says what changed");
-            Ok(())
-        }
+        Command::Reload => send(&instance, ControlCommand::Reload),
         Command::Generate(args) => generate(args),
     }
 }
@@ -456,11 +450,19 @@ enum NodeCommand {
     Weight { name: String, weight: u32 },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum LookupProtocol {
     Tcp,
     Udp,
+}
+
+impl From<LookupProtocol> for pop_forwarder::config::Protocol {
+    fn from(p: LookupProtocol) -> Self {
+        match p {
+            LookupProtocol::Tcp => pop_forwarder::config::Protocol::Tcp,
+            LookupProtocol::Udp => pop_forwarder::config::Protocol::Udp,
+        }
+    }
 }
 
 /// The steering config the daemon started with, and its tables.
@@ -473,30 +475,10 @@ fn open_steering(instance: &Instance) -> Result<(Tables, pop_forwarder::steering
 }
 
 /// Sends one command to the daemon over its control socket and prints its
-/// answer.
-fn control(instance: &Instance, command: serde_json::Value) -> Result<()> {
-    use std::io::{BufRead as _, Write as _};
-    instance
-        .daemon_pid()
-        .with_context(|| format!("instance {:?} has no running daemon", instance.name))?;
-    let path = instance.control_path();
-    let mut stream = std::os::unix::net::UnixStream::connect(&path)
-        .with_context(|| format!("connecting to {}", path.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(format!("{command}\n").as_bytes())?;
-    let mut reply = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut reply)
-        .context("reading the daemon's reply")?;
-    let reply: serde_json::Value = serde_json::from_str(&reply).context("the daemon's reply")?;
-    match (reply["ok"].as_str(), reply["error"].as_str()) {
-        (Some(message), _) => {
-            println!("{message}");
-            Ok(())
-        }
-        (_, Some(error)) => bail!("{error}"),
-        _ => bail!("unexpected reply {reply}"),
-    }
+/// answer; a refusal is this command's error.
+fn send(instance: &Instance, command: ControlCommand) -> Result<()> {
+    println!("{}", control::request(instance, command)?);
+    Ok(())
 }
 
 fn vip_list(instance: &Instance, json: bool) -> Result<()> {
@@ -684,25 +666,16 @@ fn route(instance: &Instance, cmd: RouteCommand) -> Result<()> {
             via,
             dev,
             mac,
-        } => {
-            let route = Route::parse(&prefix, &via, &dev, mac.as_deref())?;
-            let links = kernel::links()?;
-            let nh = resolve_next_hop(&route, &links, &kernel::neighbours()?)?;
-            let mut tables = open(instance)?;
-            let _lock = instance.lock()?;
-            let id = tables.add_route(route.prefix, &nh)?;
-            println!(
-                "added {} via {} dev {} (next hop {id})",
-                route.prefix, route.via, route.dev
-            );
-        }
-        RouteCommand::Del { prefix } => {
-            let prefix: Prefix = prefix.parse()?;
-            let mut tables = open(instance)?;
-            let _lock = instance.lock()?;
-            tables.del_route(prefix)?;
-            println!("deleted {prefix}");
-        }
+        } => send(
+            instance,
+            ControlCommand::RouteAdd {
+                prefix,
+                via,
+                dev,
+                mac,
+            },
+        )?,
+        RouteCommand::Del { prefix } => send(instance, ControlCommand::RouteDel { prefix })?,
         RouteCommand::List { json } => {
             let routes = open(instance)?.routes(&kernel::links()?)?;
             if json {
@@ -757,7 +730,11 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
     instance.require()?;
     let tables = Tables::from_pins(&instance.pin_dir())?;
     let state = instance.read_state();
-    let pid = instance.daemon_pid();
+    // Running: a daemon holds the instance and has recorded itself, which
+    // it does once its program is attached (or swapped in) and the tables
+    // are filled.
+    let owner = instance.daemon_pid();
+    let pid = owner.filter(|p| state.as_ref().is_some_and(|s| s.pid == *p));
     let (v4, v6) = tables.route_counts();
     let links = kernel::links()?;
     let interfaces: Vec<_> = state
@@ -770,7 +747,7 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         .collect();
     let report = serde_json::json!({
         "instance": instance.name,
-        "daemon_pid": pid,
+        "daemon_pid": owner,
         "running": pid.is_some(),
         "pin_dir": instance.pin_dir(),
         "config": state.as_ref().map(|s| &s.config),
@@ -784,10 +761,14 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    match pid {
-        Some(pid) => println!("instance {}: running (pid {pid})", instance.name),
-        None => println!(
-            "instance {}: daemon NOT running; pins left at {}",
+    match (pid, owner) {
+        (Some(pid), _) => println!("instance {}: running (pid {pid})", instance.name),
+        (None, Some(pid)) => println!(
+            "instance {}: daemon (pid {pid}) starting; not yet forwarding its config",
+            instance.name
+        ),
+        (None, None) => println!(
+            "instance {}: no daemon; the data plane pinned at {} forwards on its last tables (`run` adopts it, `detach` removes it)",
             instance.name,
             instance.pin_dir().display()
         ),
@@ -822,14 +803,11 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
 
 fn detach(instance: &Instance) -> Result<()> {
     if let Some(pid) = instance.daemon_pid() {
-        // SAFETY: kill(2) on a pid we just verified runs pop-forwarder.
-        if unsafe { libc::kill(pid as i32, libc::SIGTERM) } != 0 {
-            return Err(std::io::Error::last_os_error()).context(format!("signalling pid {pid}"));
-        }
+        control::request(instance, ControlCommand::Detach)?;
         for _ in 0..100 {
-            if !instance.exists() {
+            if !instance.exists() && instance.daemon_pid().is_none() {
                 println!(
-                    "instance {}: daemon (pid {pid}) stopped and detached",
+                    "instance {}: daemon (pid {pid}) detached and stopped",
                     instance.name
                 );
                 return Ok(());
@@ -839,6 +817,9 @@ fn detach(instance: &Instance) -> Result<()> {
         bail!("daemon pid {pid} did not detach within 10 s");
     }
     instance.require()?;
+    // No daemon: take the instance, so that none starts and adopts the pins
+    // while they are being removed.
+    let _lock = instance.lock(None)?;
     instance.remove_pins()?;
     instance.remove_state();
     println!(

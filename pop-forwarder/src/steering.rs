@@ -182,6 +182,97 @@ pub struct Steering {
 }
 
 impl Steering {
+    /// The steering tables a previous daemon left, as its state file
+    /// records them (names, slots, health) and the maps hold them (the
+    /// Maglev tables are read back, so the next `apply` writes exactly what
+    /// differs from what the program sees).
+    pub fn adopt(tables: &Tables, state: &SteeringState) -> Result<Steering> {
+        let mut steering = Steering::default();
+        for n in &state.nodes {
+            if n.slot >= MAX_CACHE_NODES {
+                bail!(
+                    "the state file puts node {:?} in slot {}, past the node table",
+                    n.name,
+                    n.slot
+                );
+            }
+            let slot = n.slot as usize;
+            if steering.nodes.len() <= slot {
+                steering.nodes.resize(slot + 1, None);
+            }
+            let mac = n
+                .mac
+                .as_deref()
+                .map(str::parse::<Mac>)
+                .transpose()
+                .with_context(|| format!("the state file's MAC of node {:?}", n.name))?;
+            steering.nodes[slot] = Some(NodeSlot {
+                node: Node {
+                    name: n.name.clone(),
+                    address: n.address,
+                    dev: n.dev.clone(),
+                    mac,
+                    weight: n.weight,
+                    health: n.health.clone(),
+                    delivery: n.delivery,
+                },
+                healthy: n.healthy,
+                health_changes: n.health_changes,
+            });
+        }
+        steering.freed = (0..steering.nodes.len() as u32)
+            .filter(|&s| steering.nodes[s as usize].is_none())
+            .collect();
+        for v in &state.vips {
+            if v.slot >= MAX_VIPS {
+                bail!(
+                    "the state file puts a VIP in slot {}, past the VIP table",
+                    v.slot
+                );
+            }
+            let slot = v.slot as usize;
+            if steering.vips.len() <= slot {
+                steering.vips.resize(slot + 1, None);
+            }
+            steering.vips[slot] = Some(VipSlot {
+                vip: Vip {
+                    address: v.address,
+                    protocol: v.protocol,
+                    port: v.port,
+                    nodes: v.nodes.clone(),
+                },
+                table: tables.maglev_table(v.slot, state.maglev_table_size)?,
+            });
+        }
+        steering.spec = Some(Spec {
+            flow_hash_seed: state.flow_hash_seed,
+            maglev_table_size: state.maglev_table_size,
+            encap_source_v4: None,
+            encap_source_v6: None,
+            nodes: steering
+                .nodes
+                .iter()
+                .flatten()
+                .map(|n| n.node.clone())
+                .collect(),
+            vips: steering
+                .vips
+                .iter()
+                .flatten()
+                .map(|v| v.vip.clone())
+                .collect(),
+        });
+        Ok(steering)
+    }
+
+    /// Every live node with its slot.
+    pub fn nodes(&self) -> impl Iterator<Item = (u32, &NodeSlot)> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.as_ref().map(|n| (i as u32, n)))
+    }
+
     /// The spec last applied.
     pub fn spec(&self) -> Spec {
         self.spec.clone().unwrap_or(Spec {
@@ -540,6 +631,8 @@ impl Steering {
                         dev: n.node.dev.clone(),
                         weight: n.node.weight,
                         health_checked: n.node.health.is_some(),
+                        health: n.node.health.clone(),
+                        mac: n.node.mac.map(|m| m.to_string()),
                         healthy: n.healthy,
                         health_changes: n.health_changes,
                     })
@@ -585,6 +678,12 @@ pub struct NodeState {
     pub health_checked: bool,
     pub healthy: bool,
     pub health_changes: u64,
+    /// The node's health check and static MAC, as configured: what a new
+    /// daemon needs to adopt the node as it is.
+    #[serde(default)]
+    pub health: Option<crate::config::HealthConfig>,
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

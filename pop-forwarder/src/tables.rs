@@ -18,8 +18,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAX_NEXT_HOPS, NH_F_IN_USE, NH_F_MAC_STATIC,
-    NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
+    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION, MAX_NEXT_HOPS, NH_F_IN_USE,
+    NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self as dir24_layout, Dir24, Dir24Error},
     map_names as names, settings,
     steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
@@ -315,6 +315,22 @@ impl Tables {
 
     pub fn ipv4_lookup(&self) -> Ipv4Lookup {
         self.ipv4_lookup
+    }
+
+    /// Records that these maps have this build's layout: written once, when
+    /// a daemon creates them.
+    pub fn set_layout_version(&mut self) -> Result<()> {
+        self.settings
+            .set(settings::LAYOUT_VERSION, MAP_LAYOUT_VERSION, 0)
+            .context("writing the map layout version")
+    }
+
+    /// The `MAP_LAYOUT_VERSION` of the build that created these maps (0:
+    /// a build from before versions were recorded).
+    pub fn layout_version(&self) -> Result<u32> {
+        self.settings
+            .get(&settings::LAYOUT_VERSION, 0)
+            .context("reading the map layout version")
     }
 
     /// The DIR-24-8 tables, if the program uses them.
@@ -1132,6 +1148,27 @@ impl Tables {
     }
 
     /// Entry `slot` of VIP slot `index`'s Maglev table.
+    /// The first `size` entries of VIP slot `index`'s Maglev table, as the
+    /// program reads them.
+    pub fn maglev_table(&self, index: u32, size: u32) -> Result<Vec<u32>> {
+        let first = index * MAGLEV_STRIDE;
+        let mut table = Vec::with_capacity(size as usize);
+        let mut element = None;
+        for at in first..first + size {
+            let e = dir24_layout::element_of(at);
+            let value = match element {
+                Some((i, v)) if i == e => v,
+                _ => {
+                    let v = self.maglev.get(&e, 0).context("reading a Maglev table")?;
+                    element = Some((e, v));
+                    v
+                }
+            };
+            table.push(dir24_layout::entry_in(value, at));
+        }
+        Ok(table)
+    }
+
     pub fn maglev_entry(&self, index: u32, slot: u32) -> Result<u32> {
         let at = index * MAGLEV_STRIDE + slot;
         let element = self.maglev.get(&dir24_layout::element_of(at), 0)?;

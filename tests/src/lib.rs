@@ -373,8 +373,13 @@ impl Forwarder {
             .with_context(|| format!("no counter {name}"))
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon runs").id()
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

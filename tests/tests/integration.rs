@@ -61,7 +61,7 @@ fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
 
 #[test]
 fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
-    let (lab, fwd) = routed_lab(&[]);
+    let (lab, mut fwd) = routed_lab(&[]);
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
     let capture = Capture::new(&lab.c, "c0").unwrap();
 
@@ -99,7 +99,19 @@ fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
     assert!(fwd.counter("forwarded").unwrap() >= COUNT as u64);
     let status = fwd.stop().unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
+    // A stop leaves the data plane: attached, pinned, reported as such.
+    assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    assert!(fwd.has_pins());
+    let status = fwd.cli_ok(&["status"]).unwrap();
+    assert!(
+        status.contains("no daemon; the data plane pinned at"),
+        "{status}"
+    );
+    // `detach` is what removes it.
+    let out = fwd.cli_ok(&["detach"]).unwrap();
+    assert!(out.contains("removed its pins"), "{out}");
     assert!(!lab.router.has_xdp("r0").unwrap() && !lab.router.has_xdp("r1").unwrap());
+    assert!(!fwd.has_pins());
 }
 
 #[test]
@@ -399,7 +411,7 @@ fn cli_errors_name_the_problem() {
 #[test]
 fn detach_from_another_process_stops_the_daemon_and_unpins() {
     let lab = Lab::new().unwrap();
-    let fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
+    let mut fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
     assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
     let status: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
@@ -407,7 +419,7 @@ fn detach_from_another_process_stops_the_daemon_and_unpins() {
     assert_eq!(status["interfaces"].as_array().unwrap().len(), 2);
 
     let out = fwd.cli_ok(&["detach"]).unwrap();
-    assert!(out.contains("stopped and detached"), "{out}");
+    assert!(out.contains("detached and stopped"), "{out}");
     assert!(!lab.router.has_xdp("r0").unwrap() && !lab.router.has_xdp("r1").unwrap());
     assert!(!fwd.has_pins());
     let status = fwd.stop().unwrap();
@@ -552,6 +564,7 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
         &lab.config("drop", &format!("{ROUTE_TO_C}\n{v6_route}")),
     )
     .unwrap();
+    let mut fwd = fwd;
     let prefixes = |fwd: &Forwarder| -> Vec<String> {
         let list: serde_json::Value =
             serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
@@ -596,14 +609,13 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
         lab.config("drop", &format!("{new_route}\n{v6_route}")),
     )
     .unwrap();
+    // `reload` answers with what the daemon changed.
     let out = fwd.cli_ok(&["reload"]).unwrap();
-    assert!(out.contains("asked pid"), "{out}");
-    wait_for(&fwd, &["10.0.3.0/24", "fd00:2::/64"]);
     assert!(
-        fwd.log().contains("1 routes added, 0 changed, 2 deleted"),
-        "{}",
-        fwd.log()
+        out.contains("1 routes added, 0 changed, 2 deleted"),
+        "{out}"
     );
+    assert_eq!(prefixes(&fwd), ["10.0.3.0/24", "fd00:2::/64"]);
     assert!(
         lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap(),
         "still attached"
@@ -635,11 +647,27 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
         ),
     ] {
         std::fs::write(&fwd.config, config).unwrap();
-        fwd.cli_ok(&["reload"]).unwrap();
-        wait_for_log(&fwd, why, Duration::from_secs(10));
+        // Refused: the command fails with the daemon's reason.
+        let out = fwd.cli(&["reload"]).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "reload of a bad file succeeded");
+        assert!(
+            err.contains(why) && err.contains("refused, tables unchanged"),
+            "{err}"
+        );
         assert_eq!(prefixes(&fwd), ["10.0.3.0/24", "fd00:2::/64"]);
     }
-    assert!(fwd.log().contains("refused, tables unchanged"));
+    // SIGHUP does the same, answering in the log.
+    std::fs::write(&fwd.config, lab.config("drop", &new_route)).unwrap();
+    let pid = fwd.pid();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    wait_for_log(
+        &fwd,
+        "0 routes added, 0 changed, 1 deleted",
+        Duration::from_secs(10),
+    );
+    wait_for(&fwd, &["10.0.3.0/24"]);
     let status = fwd.stop().unwrap();
     assert!(status.success());
 }

@@ -154,7 +154,7 @@ fn main() -> Result<()> {
             samples.len()
         );
     }
-    let status = fwd.stop()?;
-    println!("== forwarder stopped ({status}); namespaces removed");
+    print!("== {}", fwd.cli_ok(&["detach"])?);
+    println!("== namespaces removed");
     Ok(())
 }
