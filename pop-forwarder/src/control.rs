@@ -286,23 +286,44 @@ async fn read_line(read: tokio::net::unix::OwnedReadHalf) -> Result<Vec<u8>> {
 /// Sends `command` to the instance's daemon and returns its answer; a
 /// refusal comes back as an error with the daemon's reason.
 pub fn request(instance: &Instance, command: Command) -> Result<String> {
-    instance
-        .daemon_pid()
-        .with_context(|| format!("instance {:?} has no running daemon", instance.name))?;
     let path = instance.control_path();
-    let mut stream = std::os::unix::net::UnixStream::connect(&path)
-        .with_context(|| format!("connecting to {}", path.display()))?;
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+            "permission denied: {} is root's (or the config's control_group's)",
+            path.display()
+        ),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            bail!(
+                "instance {:?} has no running daemon (nothing listens on {})",
+                instance.name,
+                path.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("connecting to {}", path.display())),
+    };
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     let request = Request {
         version: PROTOCOL_VERSION,
         command,
     };
-    stream.write_all((serde_json::to_string(&request)? + "\n").as_bytes())?;
+    // A daemon that refuses the peer answers before reading the request, so
+    // the write may fail (EPIPE) with the answer waiting: read it anyway.
+    let sent = stream.write_all((serde_json::to_string(&request)? + "\n").as_bytes());
     let mut line = String::new();
-    std::io::BufReader::new((&stream).take(MAX_REQUEST_BYTES as u64))
-        .read_line(&mut line)
-        .context("reading the daemon's reply")?;
+    let read =
+        std::io::BufReader::new((&stream).take(MAX_REQUEST_BYTES as u64)).read_line(&mut line);
+    if line.is_empty() {
+        sent.context("sending the request")?;
+        read.context("reading the daemon's reply")?;
+        bail!("the daemon closed the connection without a reply");
+    }
     let reply: Reply = serde_json::from_str(&line)
         .with_context(|| format!("the daemon's reply {:?}", line.trim()))?;
     match reply.result {

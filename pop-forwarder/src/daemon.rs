@@ -64,7 +64,21 @@ pub enum BpfLogLevel {
     Trace = 5,
 }
 
-pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) -> Result<()> {
+/// What to run: the instance, its config, the program's log level, and the
+/// XDP object (None: the one built into this binary).
+pub struct RunOptions<'a> {
+    pub instance: &'a Instance,
+    pub config: &'a Path,
+    pub bpf_log: BpfLogLevel,
+    pub xdp_object: Option<&'a Path>,
+}
+
+pub async fn run(options: RunOptions<'_>) -> Result<()> {
+    let RunOptions {
+        instance,
+        config: config_path,
+        ..
+    } = options;
     use tokio::signal::unix::{SignalKind, signal};
     // Signals first: from here on SIGTERM, SIGINT and SIGHUP are queued for
     // the loop below, never fatal, whatever start-up is doing.
@@ -85,7 +99,7 @@ pub async fn run(instance: &Instance, config_path: &Path, bpf_log: BpfLogLevel) 
     let control_path = instance.control_path();
     let listener = control::bind(&control_path, access)?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (mut running, adopted) = match start(instance, &model, config_path, bpf_log, health_tx) {
+    let (mut running, adopted) = match start(&options, &model, health_tx) {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
@@ -347,6 +361,8 @@ fn write_steering_state(running: &Running) -> Result<()> {
     Ok(())
 }
 
+const STILL_FORWARDS: &str = "adopting the pinned data plane failed; it still forwards as before (fix the cause and run again, or `detach`)";
+
 /// Validates everything that can be validated before touching the kernel,
 /// then either creates the data plane (loads, pins, fills, attaches) or, if
 /// the instance's pins exist (a daemon stopped, crashed or was upgraded),
@@ -356,12 +372,12 @@ fn write_steering_state(running: &Running) -> Result<()> {
 /// creation removes what it made; a failed adoption leaves the pinned data
 /// plane forwarding as it was.
 fn start(
-    instance: &Instance,
+    options: &RunOptions<'_>,
     model: &Model,
-    config_path: &Path,
-    bpf_log: BpfLogLevel,
     health_events: UnboundedSender<HealthEvent>,
 ) -> Result<(Running, bool)> {
+    let instance = options.instance;
+    let config_path = options.config;
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
     let routes = resolve_routes(model, &links, &neighbours)?;
@@ -386,7 +402,7 @@ fn start(
     instance::ensure_bpffs()?;
     let adopting = instance.prepare_pin_dir()?;
     let previous = if adopting {
-        Some(adoptable(instance, model)?)
+        Some(adoptable(instance, model).context(STILL_FORWARDS)?)
     } else {
         None
     };
@@ -397,16 +413,17 @@ fn start(
             && instance.link_pin(&iface.name).exists()
             && was.mode != iface.mode
         {
-            bail!(
+            return Err(anyhow::anyhow!(
                 "interfaces[{i}].mode: {:?} is attached in {} mode; changing the mode needs `detach`, then `run`",
                 iface.name,
                 was.mode
-            );
+            )
+            .context(STILL_FORWARDS));
         }
     }
     warn_if_kernel_forwarding_off();
 
-    let level = bpf_log as u8;
+    let level = options.bpf_log as u8;
     let mut loader = aya::EbpfLoader::new();
     loader.override_global(aya_log::LEVEL, &level, true);
     if model.ipv4_lookup == Ipv4Lookup::Trie {
@@ -424,7 +441,14 @@ fn start(
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
-    let loaded = loader.load(EBPF_OBJECT).context("loading the XDP object");
+    let loaded = match options.xdp_object {
+        None => loader.load(EBPF_OBJECT),
+        Some(path) => loader.load_file(path),
+    }
+    .with_context(|| match options.xdp_object {
+        None => "loading the XDP object".to_owned(),
+        Some(path) => format!("loading the XDP object {}", path.display()),
+    });
     let result = loaded.and_then(|mut ebpf| {
         fill_and_attach(
             instance,
@@ -439,11 +463,7 @@ fn start(
     });
     let (ebpf, tables, steering) = match result {
         Ok(done) => done,
-        Err(e) if adopting => {
-            return Err(e.context(
-                "adopting the pinned data plane failed; it still forwards as before (fix the cause and run again, or `detach`)",
-            ));
-        }
+        Err(e) if adopting => return Err(e.context(STILL_FORWARDS)),
         Err(e) => {
             // Links attached so far were dropped with the error (detaching
             // them); the pins go here.
@@ -576,16 +596,35 @@ fn fill_and_attach(
     program
         .load()
         .context("loading the XDP program into the kernel (verifier)")?;
+    let tag = program
+        .info()
+        .context("reading the loaded program's tag")?
+        .tag();
     for iface in attach_to {
         let path = instance.link_pin(&iface.name);
         if path.exists() {
             let pinned = PinnedLink::from_pin(&path)
                 .with_context(|| format!("opening the pinned link {}", path.display()))?;
-            let link = XdpLink::try_from(FdLink::from(pinned))
+            let fd_link = FdLink::from(pinned);
+            let was = fd_link
+                .info()
+                .ok()
+                .and_then(|info| program_tag(info.program_id()));
+            let link = XdpLink::try_from(fd_link)
                 .with_context(|| format!("{} is not an XDP link", path.display()))?;
             program.attach_to_link(link).with_context(|| {
                 format!("swapping the program on {} (bpf_link_update)", iface.name)
             })?;
+            info!(
+                "{}: program {tag:016x} swapped in on the pinned link, replacing {} ({})",
+                iface.name,
+                was.map_or("?".into(), |t| format!("{t:016x}")),
+                match was {
+                    Some(t) if t == tag => "the same build",
+                    Some(_) => "a different build",
+                    None => "unknown",
+                }
+            );
             continue;
         }
         let mode = match iface.mode {
@@ -604,6 +643,14 @@ fn fill_and_attach(
             .with_context(|| format!("pinning link at {}", path.display()))?;
     }
     Ok((tables, steering))
+}
+
+/// The kernel's tag (a hash of the instructions) of loaded program `id`.
+fn program_tag(id: u32) -> Option<u64> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .map(|p| p.tag())
 }
 
 /// Relays the program's aya-log records to this process's logger, under the

@@ -25,7 +25,9 @@ use crate::config::XdpMode;
 /// bpffs mount point; pins live in `BPFFS/pop-forwarder/<instance>/`.
 pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-const RUN_DIR: &str = "/run/pop-forwarder";
+/// Where instances keep their lock, state file and control socket, unless
+/// `--run-dir` (POP_FORWARDER_RUN_DIR) says otherwise.
+pub const RUN_DIR: &str = "/run/pop-forwarder";
 
 /// What `run` records about itself for `status` and `detach`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,10 +51,12 @@ pub struct AttachedInterface {
 #[derive(Debug, Clone)]
 pub struct Instance {
     pub name: String,
+    /// The run directory (default `RUN_DIR`).
+    pub run_dir: PathBuf,
 }
 
 impl Instance {
-    pub fn new(name: &str) -> Result<Instance> {
+    pub fn new(name: &str, run_dir: &Path) -> Result<Instance> {
         if name.is_empty()
             || name.len() > 64
             || !name
@@ -61,8 +65,12 @@ impl Instance {
         {
             bail!("--instance: {name:?} must be 1 to 64 letters, digits, '-' or '_'");
         }
+        if !run_dir.is_absolute() {
+            bail!("--run-dir: {} is not an absolute path", run_dir.display());
+        }
         Ok(Instance {
             name: name.to_owned(),
+            run_dir: run_dir.to_owned(),
         })
     }
 
@@ -75,7 +83,7 @@ impl Instance {
     }
 
     fn run_file(&self, ext: &str) -> PathBuf {
-        Path::new(RUN_DIR).join(format!("{}.{ext}", self.name))
+        self.run_dir.join(format!("{}.{ext}", self.name))
     }
 
     pub fn state_path(&self) -> PathBuf {
@@ -116,7 +124,7 @@ impl Instance {
     /// lock (`daemon_pid`) holds it for microseconds, so the attempt is
     /// repeated for a second before giving up.
     pub fn lock(&self, group: Option<u32>) -> Result<InstanceLock> {
-        prepare_run_dir(group)?;
+        self.prepare_run_dir(group)?;
         let path = self.lock_path();
         let file = fs::OpenOptions::new()
             .read(true)
@@ -209,6 +217,17 @@ impl Instance {
         Ok(())
     }
 
+    /// The run directory: root's, mode 0700, or 0710 with `group` (the
+    /// config's `control_group`, whose members may then reach the control
+    /// socket).
+    pub fn prepare_run_dir(&self, group: Option<u32>) -> Result<()> {
+        secure_dir(
+            &self.run_dir,
+            if group.is_some() { 0o710 } else { 0o700 },
+            group,
+        )
+    }
+
     /// Makes the instance's pin directory (and its parent) root-only, or
     /// refuses one that another user could have written: a map or link
     /// planted there would be adopted as the instance's own. Returns whether
@@ -230,16 +249,6 @@ pub struct InstanceLock {
 
 fn read_pid(path: &Path) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// /run/pop-forwarder: root's, mode 0700, or 0710 with `group` (the config's
-/// `control_group`, whose members may then reach the control socket).
-pub fn prepare_run_dir(group: Option<u32>) -> Result<()> {
-    secure_dir(
-        Path::new(RUN_DIR),
-        if group.is_some() { 0o710 } else { 0o700 },
-        group,
-    )
 }
 
 /// Creates `dir` with `mode`, or checks an existing one: a real directory

@@ -28,6 +28,14 @@ struct Cli {
         env = "POP_FORWARDER_INSTANCE"
     )]
     instance: String,
+    /// Where instances keep their lock, state file and control socket.
+    #[arg(
+        long,
+        global = true,
+        default_value = pop_forwarder::instance::RUN_DIR,
+        env = "POP_FORWARDER_RUN_DIR"
+    )]
+    run_dir: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +53,11 @@ enum Command {
         /// drops are `debug`); they are logged under the target `bpf`.
         #[arg(long, value_enum, default_value = "warn")]
         bpf_log_level: BpfLogLevel,
+        /// Load the XDP program from this object file instead of the one
+        /// built into this binary (a new build of the program, tried on a
+        /// running instance: it is swapped in on the pinned links).
+        #[arg(long)]
+        xdp_object: Option<PathBuf>,
     },
     /// Validate a config file without touching the kernel.
     Check {
@@ -140,16 +153,22 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<()> {
-    let instance = Instance::new(&cli.instance)?;
+    let instance = Instance::new(&cli.instance, &cli.run_dir)?;
     match cli.command {
         Command::Run {
             config,
             bpf_log_level,
+            xdp_object,
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
-            .block_on(daemon::run(&instance, &config, bpf_log_level)),
+            .block_on(daemon::run(daemon::RunOptions {
+                instance: &instance,
+                config: &config,
+                bpf_log: bpf_log_level,
+                xdp_object: xdp_object.as_deref(),
+            })),
         Command::Check { config } => {
             let model = Model::from_file(&config)?;
             println!(

@@ -255,6 +255,8 @@ pub struct Forwarder {
     pub config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// The instance's run directory (lock, state, control socket).
+    pub run_dir: PathBuf,
 }
 
 impl Forwarder {
@@ -266,26 +268,8 @@ impl Forwarder {
     /// Like `start`, with more arguments for `run`.
     pub fn start_with(ns: &Netns, config: &str, run_args: &[&str]) -> Result<Forwarder> {
         let mut fwd = Forwarder::spawn_with(ns, config, run_args)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = fwd.child.as_mut().unwrap().try_wait()? {
-                bail!("pop-forwarder run exited with {status}: {}", fwd.log());
-            }
-            // Running means attached: the daemon records its pid only after
-            // the last interface is attached.
-            let running = fwd.cli(&["status", "--json"]).is_ok_and(|o| {
-                o.status.success()
-                    && serde_json::from_slice::<serde_json::Value>(&o.stdout)
-                        .is_ok_and(|v| v["running"] == true)
-            });
-            if running {
-                return Ok(fwd);
-            }
-            if Instant::now() > deadline {
-                bail!("pop-forwarder did not come up in 20 s: {}", fwd.log());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        fwd.wait_running(Duration::from_secs(20))?;
+        Ok(fwd)
     }
 
     /// Starts `pop-forwarder run` on `config` without waiting for anything.
@@ -294,28 +278,102 @@ impl Forwarder {
     }
 
     fn spawn_with(ns: &Netns, config: &str, run_args: &[&str]) -> Result<Forwarder> {
+        Forwarder::spawn_in(ns, config, run_args, "/run/pop-forwarder".as_ref())
+    }
+
+    /// Like `start_with`, the instance keeping its lock, state and socket in
+    /// `run_dir` (`--run-dir`) rather than the default.
+    pub fn start_in(
+        ns: &Netns,
+        config: &str,
+        run_args: &[&str],
+        run_dir: &std::path::Path,
+    ) -> Result<Forwarder> {
+        let mut fwd = Forwarder::spawn_in(ns, config, run_args, run_dir)?;
+        fwd.wait_running(Duration::from_secs(20))?;
+        Ok(fwd)
+    }
+
+    fn spawn_in(
+        ns: &Netns,
+        config: &str,
+        run_args: &[&str],
+        run_dir: &std::path::Path,
+    ) -> Result<Forwarder> {
         let instance = unique("");
         let dir = std::env::temp_dir().join(&instance);
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("pop.toml");
         std::fs::write(&config_path, config)?;
-        let log = dir.join("daemon.log");
-        let child = ns
-            .command(binary().to_str().context("binary path")?)
-            .args(["--instance", &instance, "run", "--config"])
-            .arg(&config_path)
-            .args(run_args)
-            .stdout(Stdio::null())
-            .stderr(File::create(&log)?)
-            .spawn()
-            .context("spawning pop-forwarder run")?;
-        Ok(Forwarder {
+        let mut fwd = Forwarder {
             instance,
             ns_path: ns.path(),
             config: config_path,
-            child: Some(child),
-            log,
-        })
+            child: None,
+            log: dir.join("daemon.log"),
+            run_dir: run_dir.to_owned(),
+        };
+        fwd.spawn_daemon(ns, run_args)?;
+        Ok(fwd)
+    }
+
+    /// Starts `run` for this instance (its log appended to the same file).
+    fn spawn_daemon(&mut self, ns: &Netns, run_args: &[&str]) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = ns
+            .command(binary().to_str().context("binary path")?)
+            .args(["--instance", &self.instance, "--run-dir"])
+            .arg(&self.run_dir)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .args(run_args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning pop-forwarder run")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Runs a new daemon for this instance, which must have none now (a
+    /// restart after `stop`, or an upgrade), and waits until it has adopted
+    /// the data plane and reports itself running.
+    pub fn run_again(&mut self, ns: &Netns, run_args: &[&str]) -> Result<()> {
+        anyhow::ensure!(self.child.is_none(), "the daemon still runs");
+        self.spawn_daemon(ns, run_args)?;
+        self.wait_running(Duration::from_secs(20))
+    }
+
+    /// Waits until `status` says this process's daemon runs.
+    fn wait_running(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().context("no daemon")?;
+            if let Some(status) = child.try_wait()? {
+                bail!("pop-forwarder run exited with {status}: {}", self.log());
+            }
+            let pid = child.id();
+            // Running means attached: the daemon records its pid only after
+            // the last interface is attached (or its program swapped in).
+            let running = self.cli(&["status", "--json"]).is_ok_and(|o| {
+                o.status.success()
+                    && serde_json::from_slice::<serde_json::Value>(&o.stdout)
+                        .is_ok_and(|v| v["running"] == true && v["daemon_pid"] == pid)
+            });
+            if running {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "pop-forwarder did not come up in {timeout:?}: {}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits up to `timeout` for the daemon to exit by itself.
@@ -347,7 +405,8 @@ impl Forwarder {
         Ok(Command::new("nsenter")
             .arg(format!("--net={}", self.ns_path))
             .arg(binary())
-            .args(["--instance", &self.instance])
+            .args(["--instance", &self.instance, "--run-dir"])
+            .arg(&self.run_dir)
             .args(args)
             .output()?)
     }
@@ -411,9 +470,9 @@ impl Drop for Forwarder {
         }
         // Whatever the daemon left (it may have been killed): remove pins.
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/pop-forwarder/{}", self.instance));
-        let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.json", self.instance));
-        let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.lock", self.instance));
-        let _ = std::fs::remove_file(format!("/run/pop-forwarder/{}.sock", self.instance));
+        for ext in ["json", "lock", "sock"] {
+            let _ = std::fs::remove_file(self.run_dir.join(format!("{}.{ext}", self.instance)));
+        }
     }
 }
 
@@ -478,6 +537,112 @@ pub fn receive(sock: &std::net::UdpSocket, want: usize, timeout: Duration) -> Ve
         }
     }
     got
+}
+
+/// A steady stream of UDP datagrams, each carrying its sequence number,
+/// sent from a namespace at a fixed rate until `finish`.
+pub struct Stream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: std::thread::JoinHandle<Result<u64>>,
+}
+
+impl Stream {
+    /// Sends `rate` datagrams a second (in bursts each millisecond) from
+    /// `ns` to `dst`, for at most `limit`.
+    pub fn start(
+        ns: &Netns,
+        dst: std::net::SocketAddr,
+        rate: u32,
+        limit: Duration,
+    ) -> Result<Stream> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = File::open(ns.path()).with_context(|| format!("opening {}", ns.path()))?;
+        let flag = stop.clone();
+        let sender = std::thread::spawn(move || -> Result<u64> {
+            // SAFETY: setns on a thread of our own with a namespace fd we own.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            let sock =
+                std::net::UdpSocket::bind(if dst.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while !flag.load(Ordering::Relaxed) && start.elapsed() < limit {
+                // Catch up to where the rate says we should be.
+                let due = (start.elapsed().as_secs_f64() * f64::from(rate)) as u64;
+                while sent < due {
+                    sock.send_to(&sent.to_be_bytes(), dst)?;
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(sent)
+        });
+        Ok(Stream { stop, sender })
+    }
+
+    /// Stops sending; returns how many datagrams went out.
+    pub fn finish(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the sender panicked"))?
+    }
+}
+
+/// Counts the datagrams of a `Stream` arriving at a socket, on a thread of
+/// its own, until `finish`: how many distinct sequence numbers arrived, and
+/// how many arrived twice.
+pub struct Sink {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl Sink {
+    pub fn start(sock: std::net::UdpSocket) -> Result<Sink> {
+        // Room for a second of a fast stream while the reader sleeps.
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt with a c_int option value we own.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut seen = std::collections::HashSet::new();
+            let mut twice = 0u64;
+            let mut buf = [0u8; 64];
+            loop {
+                match sock.recv_from(&mut buf) {
+                    Ok((8, _)) => {
+                        let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes"));
+                        if !seen.insert(seq) {
+                            twice += 1;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Nothing for 50 ms: done if asked to stop.
+                    Err(_) if flag.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+            (seen.len() as u64, twice)
+        });
+        Ok(Sink { stop, reader })
+    }
+
+    /// Waits for the stream's tail, then returns (distinct, duplicates).
+    pub fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.reader.join().expect("the sink's reader panicked")
+    }
 }
 
 /// A packet socket capturing every frame received on `ifname` in `ns`.
@@ -572,4 +737,48 @@ impl Capture {
 /// Parses "addr" into an IpAddr, for brevity in tests.
 pub fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
+}
+
+/// The `upgrade-test` build of the XDP program (see tests/build.rs): differs
+/// from the shipped one, for `run --xdp-object`.
+pub const UPGRADE_OBJECT: &str = concat!(env!("OUT_DIR"), "/pop-forwarder");
+
+pub fn mac_str(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Gives the router a permanent neighbour entry for c (10.0.2.2), as the
+/// kernel would after resolving it.
+pub fn neighbour_c_v4(lab: &Lab) {
+    let c_mac = mac_str(lab.c.mac("c0").unwrap());
+    lab.router
+        .ip(&[
+            "neigh",
+            "replace",
+            "10.0.2.2",
+            "lladdr",
+            &c_mac,
+            "dev",
+            "r1",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+}
+
+/// The route most tests forward on: 10.0.2.0/24 via c.
+pub const ROUTE_TO_C: &str =
+    "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
+
+/// A lab whose forwarder (run with `run_args`) routes 10.0.2.0/24 to c,
+/// with c's MAC already in the router's neighbour table.
+pub fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd =
+        Forwarder::start_with(&lab.router, &lab.config("pass", ROUTE_TO_C), run_args).unwrap();
+    (lab, fwd)
 }

@@ -12,52 +12,13 @@ use std::{
 
 use pop_forwarder_common::checksum;
 use tests::{
-    Capture, Forwarder, Lab,
+    Capture, Forwarder, Lab, ROUTE_TO_C, mac_str, neighbour_c_v4,
     packets::{Eth, udp_v4},
-    receive, send_udp, udp_socket,
+    receive, routed_lab, send_udp, udp_socket,
 };
 
 const COUNT: usize = 20;
 const WAIT: Duration = Duration::from_secs(3);
-
-fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Gives the router a permanent neighbour entry for c (10.0.2.2), as the
-/// kernel would after resolving it.
-fn neighbour_c_v4(lab: &Lab) {
-    let c_mac = mac_str(lab.c.mac("c0").unwrap());
-    lab.router
-        .ip(&[
-            "neigh",
-            "replace",
-            "10.0.2.2",
-            "lladdr",
-            &c_mac,
-            "dev",
-            "r1",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-}
-
-/// The route most tests forward on: 10.0.2.0/24 via c.
-const ROUTE_TO_C: &str = "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
-
-/// A lab whose forwarder (run with `run_args`) routes 10.0.2.0/24 to c,
-/// with c's MAC already in the router's neighbour table.
-fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
-    let lab = Lab::new().unwrap();
-    neighbour_c_v4(&lab);
-    let fwd =
-        Forwarder::start_with(&lab.router, &lab.config("pass", ROUTE_TO_C), run_args).unwrap();
-    (lab, fwd)
-}
 
 #[test]
 fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {

@@ -1,0 +1,420 @@
+//! The control plane an operator can trust: hitless restarts and upgrades,
+//! the control socket as a security boundary, one owner per instance, and
+//! directories nobody else could have written.
+
+use std::{
+    io::{BufRead as _, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use tests::{
+    Forwarder, Lab, ROUTE_TO_C, Sink, Stream, neighbour_c_v4, receive, routed_lab, send_udp,
+    udp_socket, unique,
+};
+
+/// Everything the CLI shows of an instance's tables: routes, VIPs, nodes.
+fn tables(fwd: &Forwarder) -> String {
+    ["route", "vip", "node"]
+        .iter()
+        .map(|what| fwd.cli_ok(&[what, "list", "--json"]).unwrap())
+        .collect()
+}
+
+/// Sends `line` to the control socket as it is and returns the reply line.
+fn raw_request(socket: &Path, line: Vec<u8>) -> String {
+    let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // The daemon may answer and close before reading all of a large request.
+    let sending = std::thread::spawn(move || {
+        let _ = writer.write_all(&line);
+    });
+    let mut reply = String::new();
+    let _ = std::io::BufReader::new(&stream).read_line(&mut reply);
+    let _ = sending.join();
+    reply
+}
+
+/// Forwarding still works: datagrams from a reach c.
+fn forwards(lab: &Lab, tag: &str) -> bool {
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, tag, 10).unwrap();
+    receive(&sink, 10, Duration::from_secs(3)).len() == 10
+}
+/// Steady traffic, 50,000 datagrams a second, crosses the forwarder while
+/// the control plane does what operators do to a live PoP: routes added and
+/// deleted in a loop (one of them cutting up the very /24 the traffic is
+/// for), a reload that changes other routes, a reload refused, a restart
+/// of the daemon, an upgrade to a different build of the XDP program and a
+/// downgrade back. Kernel forwarding is off in the router namespace, so a
+/// moment without XDP, or a packet handed to the kernel, would be a loss;
+/// every datagram must arrive, once, at the one socket it was sent to.
+#[test]
+fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
+    let (lab, mut fwd) = routed_lab(&[]);
+    let sink = Sink::start(udp_socket(&lab.c, "10.0.2.2:9999").unwrap()).unwrap();
+    let stream = Stream::start(
+        &lab.a,
+        "10.0.2.2:9999".parse().unwrap(),
+        50_000,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    for _ in 0..5 {
+        for prefix in ["10.0.2.128/25", "10.0.9.0/24"] {
+            fwd.cli_ok(&["route", "add", prefix, "--via", "10.0.2.2", "--dev", "r1"])
+                .unwrap();
+        }
+        for prefix in ["10.0.2.128/25", "10.0.9.0/24"] {
+            fwd.cli_ok(&["route", "del", prefix]).unwrap();
+        }
+    }
+
+    let other = "[[routes]]\nprefix = \"10.0.7.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
+    let good = lab.config("pass", &format!("{ROUTE_TO_C}\n{other}"));
+    std::fs::write(&fwd.config, &good).unwrap();
+    let out = fwd.cli_ok(&["reload"]).unwrap();
+    assert!(
+        out.contains("1 routes added, 0 changed, 0 deleted"),
+        "{out}"
+    );
+    std::fs::write(&fwd.config, good.replace("10.0.7.0/24", "10.0.7.1/24")).unwrap();
+    assert!(!fwd.cli(&["reload"]).unwrap().status.success());
+    std::fs::write(&fwd.config, &good).unwrap();
+
+    // Restart: the daemon goes, XDP forwards alone, a new daemon adopts.
+    fwd.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert_eq!(
+        fwd.log().matches("(the same build)").count(),
+        2,
+        "{}",
+        fwd.log()
+    );
+    // Upgrade to another build of the program, then back.
+    fwd.stop().unwrap();
+    fwd.run_again(&lab.router, &["--xdp-object", tests::UPGRADE_OBJECT])
+        .unwrap();
+    fwd.stop().unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert_eq!(
+        fwd.log().matches("(a different build)").count(),
+        4,
+        "{}",
+        fwd.log()
+    );
+    assert!(fwd.log().contains("adopted the pinned data plane"));
+
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = stream.finish().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (arrived, twice) = sink.finish();
+    eprintln!("{sent} datagrams sent, {arrived} arrived, {twice} twice");
+    assert!(sent > 50_000, "the stream ran for {sent} datagrams only");
+    assert_eq!(
+        (arrived, twice),
+        (sent, 0),
+        "{} of {sent} datagrams lost\n{}",
+        sent - arrived,
+        fwd.log()
+    );
+    // The adopted counters carried on: the data plane counted them all.
+    assert!(fwd.counter("forwarded").unwrap() >= sent);
+    assert_eq!(fwd.counter("pass_no_neighbour").unwrap(), 0);
+    assert_eq!(
+        fwd.cli_ok(&["route", "list", "--json"])
+            .unwrap()
+            .matches("\"prefix\"")
+            .count(),
+        2
+    );
+}
+
+/// A copy of the pop-forwarder binary that any user may run (the build's
+/// own directory need not be), in a directory removed on drop.
+struct PublicBinary(PathBuf);
+
+impl PublicBinary {
+    fn new() -> PublicBinary {
+        let dir = std::env::temp_dir().join(unique("bin"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("pop-forwarder");
+        std::fs::copy(tests::binary(), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        PublicBinary(bin)
+    }
+
+    /// Runs the CLI against `fwd` as another user: `ids` are setpriv's
+    /// options (--reuid, --regid, groups).
+    fn run_as(&self, ids: &[&str], fwd: &Forwarder, args: &[&str]) -> std::process::Output {
+        Command::new("setpriv")
+            .args(ids)
+            .arg(&self.0)
+            .args(["--instance", &fwd.instance, "--run-dir"])
+            .arg(&fwd.run_dir)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for PublicBinary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+    }
+}
+
+/// A run directory of this test's own, removed on drop.
+struct RunDir(PathBuf);
+
+impl RunDir {
+    fn new() -> RunDir {
+        RunDir(std::env::temp_dir().join(unique("run")))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The socket admits root and, with `control_group`, that group's members;
+/// the directory's and socket's modes keep everyone else out, and a socket
+/// made reachable by mistake still refuses them (SO_PEERCRED).
+#[test]
+fn the_control_socket_admits_root_and_the_control_group_only() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let run_dir = RunDir::new();
+    let config = format!(
+        "control_group = \"nogroup\"\n{}",
+        lab.config("pass", ROUTE_TO_C)
+    );
+    let fwd = Forwarder::start_in(&lab.router, &config, &[], &run_dir.0).unwrap();
+    let socket = run_dir.0.join(format!("{}.sock", fwd.instance));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&run_dir.0), 0o710);
+    assert_eq!(mode(&socket), 0o660);
+    let bin = PublicBinary::new();
+    let add = [
+        "route",
+        "add",
+        "10.0.9.0/24",
+        "--via",
+        "10.0.2.2",
+        "--dev",
+        "r1",
+    ];
+    let before = tables(&fwd);
+
+    // Another user, not in the group: the directory keeps it out.
+    let out = bin.run_as(
+        &["--reuid=65533", "--regid=65533", "--clear-groups"],
+        &fwd,
+        &add,
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied"),
+        "{out:?}"
+    );
+    // The same user, with the socket opened to all by mistake and the group
+    // as a supplementary one (so it can reach the socket): the daemon reads
+    // its credentials and refuses it.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = bin.run_as(
+        &["--reuid=65533", "--regid=65533", "--groups=65534"],
+        &fwd,
+        &add,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("permission denied: uid 65533"), "{err}");
+    assert!(fwd.log().contains("refused uid 65533"), "{}", fwd.log());
+    assert_eq!(tables(&fwd), before, "a refused request changed the tables");
+
+    // A member of the control group (its primary group) is served.
+    let out = bin.run_as(
+        &["--reuid=65532", "--regid=65534", "--clear-groups"],
+        &fwd,
+        &add,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(tables(&fwd).contains("10.0.9.0/24"));
+}
+
+/// Malformed, unknown, oversized, wrongly versioned and slow requests get a
+/// clear answer and change nothing; an idle client holds up no one.
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let (_lab, fwd) = routed_lab(&[]);
+    let socket = fwd.run_dir.join(format!("{}.sock", fwd.instance));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(&fwd.run_dir), 0o700);
+    let before = tables(&fwd);
+
+    // An idle client, connected and silent, while others are served.
+    let idle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut oversized = br#"{"version":1,"command":{"route_del":{"prefix":""#.to_vec();
+    oversized.extend(std::iter::repeat_n(b'1', 2 << 20));
+    oversized.extend(b"\"}}}\n");
+    for (line, why) in [
+        (b"not json\n".to_vec(), "not a request"),
+        (b"{}\n".to_vec(), "not a request"),
+        (
+            br#"{"version":1,"command":"format_disk"}"#.to_vec(),
+            "not a request",
+        ),
+        (
+            br#"{"version":1,"command":{"route_del":{"prefix":"10.0.2.0/24","force":true}}}"#
+                .to_vec(),
+            "not a request",
+        ),
+        (
+            br#"{"version":7,"command":{"route_del":{"prefix":"10.0.2.0/24"}}}"#.to_vec(),
+            "protocol version 7",
+        ),
+        (
+            br#"{"version":1,"command":{"route_del":{"prefix":"10.0.2.1/24"}}}"#.to_vec(),
+            "host bits",
+        ),
+        (oversized, "larger than 1048576 bytes"),
+    ] {
+        let mut line = line;
+        if !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let reply = raw_request(&socket, line);
+        assert!(
+            reply.starts_with(r#"{"version":1,"result":{"error":"#) && reply.contains(why),
+            "{why}: {reply}"
+        );
+    }
+    // Served while the idle client still holds its connection.
+    let started = std::time::Instant::now();
+    fwd.cli_ok(&[
+        "route",
+        "add",
+        "10.0.9.0/24",
+        "--via",
+        "10.0.2.2",
+        "--dev",
+        "r1",
+    ])
+    .unwrap();
+    fwd.cli_ok(&["route", "del", "10.0.9.0/24"]).unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(idle);
+    assert_eq!(tables(&fwd), before, "a refused request changed the tables");
+}
+
+/// One instance, one daemon: a second `run` fails at the lock, before it
+/// looks at anything, and the first keeps its pins and keeps forwarding.
+#[test]
+fn a_second_run_of_an_instance_fails_and_leaves_the_first_forwarding() {
+    let (lab, fwd) = routed_lab(&[]);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", fwd.ns_path))
+        .arg(tests::binary())
+        .args(["--instance", &fwd.instance, "run", "--config"])
+        .arg(&fwd.config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is already owned by pid"), "{err}");
+    assert!(fwd.has_pins());
+    assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    let status: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(status["running"], true);
+    assert!(forwards(&lab, "first"));
+}
+
+/// Directories another user could have written are refused, not trusted:
+/// what is pinned there would be adopted as the instance's own.
+#[test]
+fn pin_and_run_directories_others_could_write_are_refused() {
+    let lab = Lab::new().unwrap();
+    let config = lab.config("pass", "");
+    // A pin directory someone made world-readable and -writable.
+    let instance = unique("");
+    let pins = PathBuf::from(format!("/sys/fs/bpf/pop-forwarder/{instance}"));
+    std::fs::create_dir_all(&pins).unwrap();
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let config_path = std::env::temp_dir().join(format!("{instance}.toml"));
+    std::fs::write(&config_path, &config).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", lab.router.path()))
+        .arg(tests::binary())
+        .args(["--instance", &instance, "run", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir(&pins);
+    let _ = std::fs::remove_file(format!("/run/pop-forwarder/{instance}.lock"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("has mode 777") && err.contains("refusing to trust"),
+        "{err}"
+    );
+    assert!(!lab.router.has_xdp("r0").unwrap());
+
+    // A run directory owned by another user.
+    let run_dir = RunDir::new();
+    std::fs::create_dir(&run_dir.0).unwrap();
+    std::os::unix::fs::chown(&run_dir.0, Some(65533), Some(65533)).unwrap();
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", lab.router.path()))
+        .arg(tests::binary())
+        .args(["--instance", &unique(""), "--run-dir"])
+        .arg(&run_dir.0)
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config_path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("is owned by uid 65533"), "{err}");
+    assert!(!lab.router.has_xdp("r0").unwrap());
+}
+
+/// Maps pinned by a build with another layout are not adopted: `run` says
+/// so and how to migrate, and the pinned data plane keeps forwarding.
+#[test]
+fn a_build_with_another_map_layout_is_refused_and_forwarding_goes_on() {
+    let (lab, mut fwd) = routed_lab(&[]);
+    fwd.stop().unwrap();
+    let settings = format!(
+        "/sys/fs/bpf/pop-forwarder/{}/{}",
+        fwd.instance,
+        pop_forwarder_common::map_names::SETTINGS
+    );
+    let mut map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(
+        aya::maps::MapData::from_pin(&settings).unwrap(),
+    ))
+    .unwrap();
+    map.set(pop_forwarder_common::settings::LAYOUT_VERSION, 999, 0)
+        .unwrap();
+    let err = fwd.run_again(&lab.router, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("have layout version 999, this build needs")
+            && err.contains("still forwards as before"),
+        "{err}"
+    );
+    assert!(fwd.has_pins());
+    assert!(forwards(&lab, "old layout"));
+}
