@@ -252,6 +252,21 @@ impl Dir24<'_> {
         }
     }
 
+    /// How many tbl8 groups are allocated.
+    pub fn groups_in_use(&self) -> u32 {
+        let groups = self.tbl8.len() as u32 / TBL8_GROUP_SIZE;
+        (0..groups)
+            .filter(|g| self.tbl8[(g * TBL8_GROUP_SIZE) as usize] & EXT != 0)
+            .count() as u32
+    }
+
+    /// Whether adding `addr/len` would take a tbl8 group: it is longer
+    /// than /24 and its /24 has no group yet. (Prefixes in one /24 share
+    /// its group: count each /24 once.)
+    pub fn needs_group(&self, addr: u32, len: u32) -> bool {
+        len > 24 && self.tbl24[tbl24_index(addr) as usize] & EXT == 0
+    }
+
     fn free_group(&self) -> Option<u32> {
         let groups = self.tbl8.len() as u32 / TBL8_GROUP_SIZE;
         (0..groups).find(|g| self.tbl8[(g * TBL8_GROUP_SIZE) as usize] & EXT == 0)
@@ -264,6 +279,32 @@ mod tests {
     use std::{vec, vec::Vec};
 
     use super::*;
+
+    #[test]
+    fn groups_are_counted_and_foreseen() {
+        let mut t24 = vec![0u32; TBL24_ENTRIES as usize];
+        let mut t8 = vec![0u32; (4 * TBL8_GROUP_SIZE) as usize];
+        let mut dir = Dir24 {
+            tbl24: &mut t24,
+            tbl8: &mut t8,
+        };
+        let a = 0x0a00_0100; // 10.0.1.0
+        assert_eq!(dir.groups_in_use(), 0);
+        assert!(!dir.needs_group(a, 24));
+        assert!(dir.needs_group(a | 0x80, 25));
+        dir.add(a | 0x80, 25, 1).unwrap();
+        assert_eq!(dir.groups_in_use(), 1);
+        // Its /24 has a group now; another /24 would take a second.
+        assert!(!dir.needs_group(a | 0x40, 26));
+        assert!(dir.needs_group(a + 0x100, 32));
+        for i in 1..4 {
+            dir.add(a + (i << 8), 32, 1).unwrap();
+        }
+        assert_eq!(dir.groups_in_use(), 4);
+        assert_eq!(dir.add(a + (9 << 8), 32, 1), Err(Dir24Error::Tbl8Full));
+        dir.remove(a | 0x80, 25, None).unwrap();
+        assert_eq!(dir.groups_in_use(), 3);
+    }
 
     /// The reference: a list of prefixes, longest match by scanning.
     #[derive(Default)]

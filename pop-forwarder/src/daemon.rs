@@ -48,6 +48,8 @@ struct Running {
     checkers: HashMap<String, (u64, tokio::task::AbortHandle)>,
     next_checker: u64,
     health_events: UnboundedSender<HealthEvent>,
+    /// Health changes whose table writes failed, to try again.
+    pending_health: Vec<HealthEvent>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
 }
@@ -156,9 +158,9 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 let _ = reply.send(result);
             }
             Some(event) = health_rx.recv() => {
-                if let Err(e) = apply_health(&mut running, event.clone()) {
-                    warn!("applying a health change of node {}: {e:#}", event.node);
-                }
+                // A newer state of a node replaces one still waiting.
+                running.pending_health.retain(|p| p.node != event.node);
+                apply_health_or_retry(&mut running, event);
             }
             _ = sighup.recv() => {
                 if let Err(e) = reload(&mut running, config_path) {
@@ -166,6 +168,9 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 }
             }
             _ = tick.tick() => {
+                for event in std::mem::take(&mut running.pending_health) {
+                    apply_health_or_retry(&mut running, event);
+                }
                 if let Err(e) = refresh(&mut running) {
                     warn!("refreshing interfaces and neighbours: {e:#}");
                 }
@@ -195,17 +200,63 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     }
 }
 
-/// Carries out one control request; an error means nothing changed.
+/// Carries out one control request as one transaction: an error means
+/// nothing changed.
 fn control_command(
     running: &mut Running,
     config_path: &Path,
     command: control::Command,
 ) -> Result<String> {
+    if command == control::Command::Reload {
+        return reload(running, config_path);
+    }
+    let (message, applied) = transaction(running, |running| change(running, command))?;
+    if let Some(applied) = applied {
+        steering_applied(running, &applied)?;
+    }
+    info!("{message}");
+    Ok(message)
+}
+
+/// Runs `change` as one transaction: every table write it makes is
+/// journaled, and if it fails they are taken back, newest first, and the
+/// daemon's view of the steering tables is restored, so that a refused
+/// change leaves every table as it was.
+fn transaction<T>(
+    running: &mut Running,
+    change: impl FnOnce(&mut Running) -> Result<T>,
+) -> Result<T> {
+    let steering = running.steering.clone();
+    running.tables.begin();
+    match change(running) {
+        Ok(done) => {
+            running.tables.commit();
+            Ok(done)
+        }
+        Err(e) => {
+            let failed = running.tables.rollback();
+            running.steering = steering;
+            Err(if failed == 0 {
+                e.context("every table write of the change was taken back")
+            } else {
+                e.context(format!(
+                    "{failed} table writes of the change could not be taken back (logged): the tables may be neither as they were nor as asked"
+                ))
+            })
+        }
+    }
+}
+
+/// One control request's change of the tables; with the steering changes
+/// it made, whose health checks start once it is committed.
+fn change(
+    running: &mut Running,
+    command: control::Command,
+) -> Result<(String, Option<steering::Applied>)> {
     use control::Command;
     let mut spec = running.steering.spec();
     let message = match command {
-        Command::Detach => unreachable!("handled by the loop"),
-        Command::Reload => return reload(running, config_path),
+        Command::Detach | Command::Reload => unreachable!("handled by the caller"),
         Command::RouteAdd {
             prefix,
             via,
@@ -220,15 +271,12 @@ fn control_command(
                 "added {} via {} dev {} (next hop {id})",
                 route.prefix, route.via, route.dev
             );
-            info!("{message}");
-            return Ok(message);
+            return Ok((message, None));
         }
         Command::RouteDel { prefix } => {
             let prefix: Prefix = prefix.parse()?;
             running.tables.del_route(prefix)?;
-            let message = format!("deleted {prefix}");
-            info!("{message}");
-            return Ok(message);
+            return Ok((format!("deleted {prefix}"), None));
         }
         Command::NodeWeight { name, weight } => {
             if weight > 1000 {
@@ -294,10 +342,13 @@ fn control_command(
             format!("VIP {gone} removed")
         }
     };
-    let applied = apply_steering(running, &spec, &kernel::links()?, &kernel::neighbours()?)?;
-    let message = format!("{message}; {applied}");
-    info!("{message}");
-    Ok(message)
+    let applied = running.steering.apply(
+        &mut running.tables,
+        &spec,
+        &kernel::links()?,
+        &kernel::neighbours()?,
+    )?;
+    Ok((format!("{message}; {applied}"), Some(applied)))
 }
 
 fn spec_node<'a>(nodes: &'a mut [Node], name: &str) -> Result<&'a mut Node> {
@@ -307,21 +358,11 @@ fn spec_node<'a>(nodes: &'a mut [Node], name: &str) -> Result<&'a mut Node> {
         .with_context(|| format!("no cache node is named {name:?}"))
 }
 
-/// Applies a steering spec (validated and resolved first: refused whole),
-/// starts and stops health checks to match, and records the result in the
-/// state file.
-fn apply_steering(
-    running: &mut Running,
-    spec: &steering::Spec,
-    links: &[kernel::Link],
-    neighbours: &[kernel::Neighbour],
-) -> Result<steering::Applied> {
-    let applied = running
-        .steering
-        .apply(&mut running.tables, spec, links, neighbours)?;
+/// After a committed steering change: starts and stops health checks to
+/// match, and records the result in the state file.
+fn steering_applied(running: &mut Running, applied: &steering::Applied) -> Result<()> {
     start_checks(running, &applied.check, &applied.uncheck);
-    write_steering_state(running)?;
-    Ok(applied)
+    write_steering_state(running)
 }
 
 /// Starts (or restarts) the health checks of the nodes in `check` and
@@ -495,6 +536,7 @@ fn start(
         checkers: HashMap::new(),
         next_checker: 0,
         health_events,
+        pending_health: Vec::new(),
         requested_neighbours: Default::default(),
     };
     instance.write_state(&State {
@@ -571,31 +613,32 @@ fn fill_and_attach(
 ) -> Result<(Tables, steering::Steering)> {
     let mut tables = Tables::from_ebpf(ebpf)?;
     forward_bpf_logs(ebpf)?;
-    let mut steering = match previous {
-        Some(state) => steering::Steering::adopt(&tables, &state.steering)?,
-        None => {
-            tables.set_layout_version()?;
-            tables.set_ipv4_lookup(model.ipv4_lookup)?;
-            steering::Steering::default()
+    // Adopted tables are changed in one transaction, taken back if anything
+    // fails before the new program is in: the pinned data plane then goes on
+    // exactly as it was.
+    if previous.is_some() {
+        tables.begin();
+    }
+    let filled = fill(
+        &mut tables,
+        model,
+        attach_to,
+        routes,
+        previous,
+        links,
+        neighbours,
+    )
+    .and_then(|steering| load_program(ebpf).map(|()| steering));
+    let steering = match filled {
+        Ok(steering) => steering,
+        Err(e) => {
+            if tables.rollback() > 0 {
+                warn!("some writes to the adopted tables could not be taken back (logged)");
+            }
+            return Err(e);
         }
     };
-    tables.set_route_miss(model.route_miss)?;
-    for iface in attach_to {
-        tables.add_egress(iface.ifindex)?;
-    }
-    let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
-    tables.sync_local_addrs(&addrs)?;
-    tables.apply_routes(routes)?;
-    steering.apply(&mut tables, &steering::Spec::of(model), links, neighbours)?;
-
-    let program: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .context("the object has no XDP program")?
-        .try_into()
-        .context("the program is not XDP")?;
-    program
-        .load()
-        .context("loading the XDP program into the kernel (verifier)")?;
+    let program = xdp_program(ebpf)?;
     let tag = program
         .info()
         .context("reading the loaded program's tag")?
@@ -642,7 +685,52 @@ fn fill_and_attach(
             .pin(&path)
             .with_context(|| format!("pinning link at {}", path.display()))?;
     }
+    tables.commit();
     Ok((tables, steering))
+}
+
+/// Brings the tables to the config: new ones, or adopted ones (whose
+/// steering slots the previous daemon recorded).
+fn fill(
+    tables: &mut Tables,
+    model: &Model,
+    attach_to: &[AttachedInterface],
+    routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
+    previous: Option<&State>,
+    links: &[kernel::Link],
+    neighbours: &[kernel::Neighbour],
+) -> Result<steering::Steering> {
+    let mut steering = match previous {
+        Some(state) => steering::Steering::adopt(tables, &state.steering)?,
+        None => {
+            tables.set_layout_version()?;
+            tables.set_ipv4_lookup(model.ipv4_lookup)?;
+            steering::Steering::default()
+        }
+    };
+    tables.set_route_miss(model.route_miss)?;
+    for iface in attach_to {
+        tables.add_egress(iface.ifindex)?;
+    }
+    let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
+    tables.sync_local_addrs(&addrs)?;
+    tables.apply_routes(routes)?;
+    steering.apply(tables, &steering::Spec::of(model), links, neighbours)?;
+    Ok(steering)
+}
+
+fn xdp_program(ebpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .context("the object has no XDP program")?
+        .try_into()
+        .context("the program is not XDP")
+}
+
+/// Loads the program into the kernel (the verifier runs here).
+fn load_program(ebpf: &mut aya::Ebpf) -> Result<()> {
+    xdp_program(ebpf)?
+        .load()
+        .context("loading the XDP program into the kernel (verifier)")
 }
 
 /// The kernel's tag (a hash of the instructions) of loaded program `id`.
@@ -738,10 +826,21 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     let neighbours = kernel::neighbours()?;
     let routes = resolve_routes(&model, &links, &neighbours)?;
     // Steering is checked whole before its first write, routes were
-    // resolved above: from here on only a failing map write can stop it.
-    let applied = apply_steering(running, &steering::Spec::of(&model), &links, &neighbours)?;
-    let (added, changed, deleted) = running.tables.apply_routes(&routes)?;
-    running.tables.set_route_miss(model.route_miss)?;
+    // resolved above and are checked for room before theirs: from here on
+    // only a failing write can stop it, and then the transaction takes
+    // every write back.
+    let (applied, (added, changed, deleted)) = transaction(running, |running| {
+        let applied = running.steering.apply(
+            &mut running.tables,
+            &steering::Spec::of(&model),
+            &links,
+            &neighbours,
+        )?;
+        let routes = running.tables.apply_routes(&routes)?;
+        running.tables.set_route_miss(model.route_miss)?;
+        Ok((applied, routes))
+    })?;
+    steering_applied(running, &applied)?;
     Ok(format!(
         "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied}",
         model.route_miss
@@ -767,6 +866,21 @@ fn resolve_routes(
         .collect()
 }
 
+/// Applies a health change; one that fails (taken back whole) waits for
+/// the next refresh tick and is tried again, until it is applied or a newer
+/// state of the node replaces it: never lost.
+fn apply_health_or_retry(running: &mut Running, event: HealthEvent) {
+    if let Err(e) = apply_health(running, event.clone()) {
+        warn!(
+            "applying a health change of node {} ({}): {e:#}; trying again in {} s",
+            event.node,
+            if event.healthy { "up" } else { "down" },
+            REFRESH_INTERVAL.as_secs()
+        );
+        running.pending_health.push(event);
+    }
+}
+
 /// Takes a node that failed its health check out of its VIPs' Maglev tables
 /// and out of the node table (so its flows move too), or puts it back.
 fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
@@ -775,13 +889,15 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
-    let rebuilt = running.steering.set_health(
-        &mut running.tables,
-        &event.node,
-        event.healthy,
-        &links,
-        &neighbours,
-    )?;
+    let rebuilt = transaction(running, |running| {
+        running.steering.set_health(
+            &mut running.tables,
+            &event.node,
+            event.healthy,
+            &links,
+            &neighbours,
+        )
+    })?;
     // The state file first: the log line is what watchers wait for.
     write_steering_state(running)?;
     if event.healthy {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod failpoint;
 pub mod health;
 pub mod instance;
 pub mod kernel;

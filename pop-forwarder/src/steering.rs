@@ -170,7 +170,7 @@ impl std::fmt::Display for Applied {
 /// The steering tables as the daemon keeps them: nodes and VIPs in stable
 /// slots (a node's slot is its id in the program's node table and
 /// connection table; a VIP's slot picks its Maglev table).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Steering {
     spec: Option<Spec>,
     nodes: Vec<Option<NodeSlot>>,

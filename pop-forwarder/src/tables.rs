@@ -18,9 +18,10 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION, MAX_NEXT_HOPS, NH_F_IN_USE,
-    NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
-    dir24::{self as dir24_layout, Dir24, Dir24Error},
+    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION, MAX_NEXT_HOPS, MAX_ROUTES_V4,
+    MAX_ROUTES_V6, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget,
+    TrafficCounter,
+    dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
     map_names as names, settings,
     steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
 };
@@ -62,6 +63,34 @@ pub struct Tables {
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
     encap_sources: Array<MapData, [u8; 16]>,
+    /// How to take back the writes of the change under way (`begin`), newest
+    /// last; None when no change is open.
+    journal: Option<Vec<Undo>>,
+}
+
+/// How to take back one write of a change. Tables the program writes
+/// itself (counters, the connection table) are not journaled: a change that
+/// resets a slot's counters leaves them reset when it is taken back.
+#[derive(Debug, Clone)]
+enum Undo {
+    /// A route was inserted: remove it.
+    RouteAdded(Prefix),
+    /// A route pointed at this target: point it back (exact in DIR-24-8
+    /// too: the same entries are overwritten again).
+    RouteReplaced(Prefix, RouteTarget),
+    /// A route was removed: insert it again (in DIR-24-8 a /24 cut up by
+    /// longer prefixes may come back in another tbl8 group, with the same
+    /// lookups).
+    RouteRemoved(Prefix, RouteTarget),
+    NextHop(u32, NextHop),
+    /// An interface was added to the egress devmap: remove it.
+    Egress(u32),
+    Setting(u32, u32),
+    Local(IpAddr, bool),
+    Node(u32, CacheNode),
+    Maglev(u32, u64),
+    Vip(VipKey, Option<VipInfo>),
+    Encap(u32, [u8; 16]),
 }
 
 /// A BPF array map of u64 pairs mapped into this process as u32 entries
@@ -294,7 +323,87 @@ impl Tables {
             vip_stats: open!(names::VIP_STATS),
             node_stats: open!(names::NODE_STATS),
             encap_sources: open!(names::ENCAP_SOURCES),
+            journal: None,
         })
+    }
+
+    /// Opens a change: from here every table write is journaled, so that
+    /// `rollback` can take the change back whole.
+    pub fn begin(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// Closes the change: its writes stay.
+    pub fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Takes back every write since `begin`, newest first, and closes the
+    /// change. Returns the undo steps that failed (each is also logged):
+    /// none, normally.
+    pub fn rollback(&mut self) -> usize {
+        let Some(journal) = self.journal.take() else {
+            return 0;
+        };
+        let mut failed = 0;
+        for undo in journal.into_iter().rev() {
+            if let Err(e) = self.undo(&undo) {
+                log::error!("taking back a table write ({undo:?}): {e:#}");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    fn undo(&mut self, undo: &Undo) -> Result<()> {
+        match *undo {
+            Undo::RouteAdded(prefix) => self.remove_route(prefix),
+            Undo::RouteReplaced(prefix, target) => self.write_route(prefix, target),
+            Undo::RouteRemoved(prefix, target) => self.insert_route(prefix, target.next_hop),
+            Undo::NextHop(id, nh) => Ok(self.next_hops.set(id, nh, 0)?),
+            Undo::Egress(ifindex) => Ok(self.egress.remove(ifindex)?),
+            Undo::Setting(index, value) => Ok(self.settings.set(index, value, 0)?),
+            Undo::Local(addr, present) => match (addr, present) {
+                (IpAddr::V4(a), true) => Ok(self.local_v4.insert(a.octets(), 1, 0)?),
+                (IpAddr::V6(a), true) => Ok(self.local_v6.insert(a.octets(), 1, 0)?),
+                (IpAddr::V4(a), false) => Ok(self.local_v4.remove(&a.octets())?),
+                (IpAddr::V6(a), false) => Ok(self.local_v6.remove(&a.octets())?),
+            },
+            Undo::Node(id, node) => Ok(self.cache_nodes.set(id, node, 0)?),
+            Undo::Maglev(element, value) => Ok(self.maglev.set(element, value, 0)?),
+            Undo::Vip(key, Some(info)) => Ok(self.vips.insert(key, info, 0)?),
+            Undo::Vip(key, None) => Ok(self.vips.remove(&key)?),
+            Undo::Encap(slot, addr) => Ok(self.encap_sources.set(slot, addr, 0)?),
+        }
+    }
+
+    /// Records how to take back a write about to be made, if a change is
+    /// open. `kind` names the write for failure injection (`failpoint`).
+    fn journal(&mut self, kind: &'static str, undo: impl FnOnce(&Self) -> Undo) -> Result<()> {
+        self.failpoint(kind)?;
+        let undo = self.journal.is_some().then(|| undo(self));
+        if let (Some(undo), Some(journal)) = (undo, &mut self.journal) {
+            journal.push(undo);
+        }
+        Ok(())
+    }
+
+    /// Fails here if the tests asked for it (`failpoint`), inside a change.
+    fn failpoint(&self, kind: &'static str) -> Result<()> {
+        match self.journal {
+            Some(_) => crate::failpoint::hit(kind),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes one slot of SETTINGS, journaled.
+    fn set_setting(&mut self, index: u32, value: u32, what: &str) -> Result<()> {
+        self.journal("setting", |t| {
+            Undo::Setting(index, t.settings.get(&index, 0).unwrap_or(0))
+        })?;
+        self.settings
+            .set(index, value, 0)
+            .with_context(|| format!("writing {what}"))
     }
 
     /// How the program looks IPv4 up. Set once, before any IPv4 route.
@@ -306,9 +415,7 @@ impl Tables {
             Ipv4Lookup::Dir24 => settings::IPV4_DIR24,
             Ipv4Lookup::Trie => settings::IPV4_TRIE,
         };
-        self.settings
-            .set(settings::IPV4_LOOKUP, value, 0)
-            .context("writing the IPv4 lookup setting")?;
+        self.set_setting(settings::IPV4_LOOKUP, value, "the IPv4 lookup setting")?;
         self.ipv4_lookup = lookup;
         Ok(())
     }
@@ -320,9 +427,11 @@ impl Tables {
     /// Records that these maps have this build's layout: written once, when
     /// a daemon creates them.
     pub fn set_layout_version(&mut self) -> Result<()> {
-        self.settings
-            .set(settings::LAYOUT_VERSION, MAP_LAYOUT_VERSION, 0)
-            .context("writing the map layout version")
+        self.set_setting(
+            settings::LAYOUT_VERSION,
+            MAP_LAYOUT_VERSION,
+            "the map layout version",
+        )
     }
 
     /// The `MAP_LAYOUT_VERSION` of the build that created these maps (0:
@@ -353,9 +462,7 @@ impl Tables {
 
     pub fn set_route_miss(&mut self, policy: RouteMissPolicy) -> Result<()> {
         let value = u32::from(policy == RouteMissPolicy::Drop);
-        self.settings
-            .set(settings::ROUTE_MISS_DROP, value, 0)
-            .context("writing the route-miss policy")
+        self.set_setting(settings::ROUTE_MISS_DROP, value, "the route-miss policy")
     }
 
     pub fn route_miss(&self) -> Result<RouteMissPolicy> {
@@ -370,6 +477,7 @@ impl Tables {
         if self.egress.get(ifindex, 0).is_ok() {
             return Ok(());
         }
+        self.journal("egress", |_| Undo::Egress(ifindex))?;
         self.egress
             .insert(ifindex, ifindex, None, 0)
             .map_err(|e| anyhow!("adding interface index {ifindex} to the egress devmap: {e}"))
@@ -428,6 +536,12 @@ impl Tables {
     }
 
     fn write_next_hop(&mut self, id: u32, nh: &NextHop) -> Result<()> {
+        self.journal("next-hop", |t| {
+            Undo::NextHop(
+                id,
+                t.next_hops.get(&id, 0).unwrap_or(NextHop::default_free()),
+            )
+        })?;
         self.next_hops
             .set(id, nh, 0)
             .with_context(|| format!("writing next hop {id}"))
@@ -459,6 +573,7 @@ impl Tables {
     }
 
     fn insert_route(&mut self, prefix: Prefix, next_hop: u32) -> Result<()> {
+        self.failpoint("route")?;
         let target = RouteTarget {
             next_hop,
             prefix_len: prefix.len.into(),
@@ -488,7 +603,26 @@ impl Tables {
             let _ = self.routes_v4.remove(&key_v4(prefix.len, a));
             return Err(e).with_context(|| format!("inserting the route to {prefix}"));
         }
+        if let Some(journal) = &mut self.journal {
+            journal.push(Undo::RouteAdded(prefix));
+        }
         Ok(())
+    }
+
+    /// Points the existing route to `prefix` at `target`: the record, then
+    /// the structure the program reads.
+    fn write_route(&mut self, prefix: Prefix, target: RouteTarget) -> Result<()> {
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                self.routes_v4.insert(key_v4(prefix.len, a), target, 0)?;
+                self.index_v4(a, prefix.len, target)
+            }
+            IpAddr::V6(a) => {
+                Ok(self
+                    .routes_v6
+                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)?)
+            }
+        }
     }
 
     /// Adds an IPv4 route to the structure the program reads.
@@ -509,6 +643,8 @@ impl Tables {
     /// Removes exactly `prefix`. For IPv4 its addresses then belong to the
     /// longest remaining prefix that covers them, found in the record.
     fn remove_route(&mut self, prefix: Prefix) -> Result<()> {
+        self.failpoint("route")?;
+        let old = self.longest_match(prefix)?;
         let removed = match prefix.addr {
             IpAddr::V4(a) => self.routes_v4.remove(&key_v4(prefix.len, a)),
             IpAddr::V6(a) => self
@@ -538,6 +674,9 @@ impl Tables {
                         .map_err(dir24_error)?;
                 }
             }
+        }
+        if let (Some(journal), Some(old)) = (&mut self.journal, old) {
+            journal.push(Undo::RouteRemoved(prefix, old));
         }
         Ok(())
     }
@@ -602,7 +741,11 @@ impl Tables {
             }
         }
         let mut inserted = Vec::with_capacity(routes.len());
-        if let Err(e) = self.insert_routes(routes, &targets, &mut inserted) {
+        let result = self.insert_routes(routes, &targets, &mut inserted);
+        if let Some(journal) = &mut self.journal {
+            journal.extend(inserted.iter().map(|p| Undo::RouteAdded(*p)));
+        }
+        if let Err(e) = result {
             for prefix in inserted.iter().rev() {
                 let _ = self.remove_route(*prefix);
             }
@@ -646,6 +789,7 @@ impl Tables {
         inserted: &mut Vec<Prefix>,
     ) -> Result<()> {
         const CHUNK: usize = 1 << 16;
+        self.failpoint("route")?;
         let (v4, v6): (Vec<usize>, Vec<usize>) =
             (0..routes.len()).partition(|&i| routes[i].0.addr.is_ipv4());
         for chunk in v4.chunks(CHUNK) {
@@ -868,6 +1012,7 @@ impl Tables {
             .filter(|p| !wanted.contains(p))
             .copied()
             .collect();
+        self.check_room(&new, &changed)?;
         self.add_routes(&new)?;
         for (prefix, nh) in &changed {
             self.replace_route(*prefix, nh)?;
@@ -876,6 +1021,64 @@ impl Tables {
             self.del_route(*prefix)?;
         }
         Ok((new.len(), changed.len(), gone.len()))
+    }
+
+    /// Refuses a change of the operator routes that would not fit, before
+    /// its first write: new next hops beyond the free slots, routes beyond
+    /// the tables' sizes, /24s cut up by longer prefixes beyond the free
+    /// tbl8 groups. Routes that go are not counted as room: they are deleted
+    /// last, once everything new is in place.
+    fn check_room(
+        &mut self,
+        new: &[(Prefix, NextHop)],
+        changed: &[(Prefix, NextHop)],
+    ) -> Result<()> {
+        let table = self.next_hop_table()?;
+        let gateways: HashSet<GatewayKey> = new
+            .iter()
+            .chain(changed)
+            .map(|(_, nh)| gateway_key(nh))
+            .filter(|k| !table.by_gateway.contains_key(k))
+            .collect();
+        let free = table.slots.iter().filter(|nh| !nh.is_in_use()).count();
+        if gateways.len() > free {
+            bail!(
+                "the change needs {} new next hops; the next-hop table has {free} free of {MAX_NEXT_HOPS}",
+                gateways.len()
+            );
+        }
+        let new_v4: Vec<(u32, u32)> = new
+            .iter()
+            .filter_map(|(p, _)| match p.addr {
+                IpAddr::V4(a) => Some((u32::from(a), u32::from(p.len))),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let locals = self.local_addrs();
+        let local_v4 = locals.iter().filter(|a| a.is_ipv4()).count();
+        let (op_v4, op_v6) = self.route_counts();
+        let v4 = op_v4 + local_v4 + new_v4.len();
+        let v6 = op_v6 + (locals.len() - local_v4) + (new.len() - new_v4.len());
+        for (family, n, max) in [("IPv4", v4, MAX_ROUTES_V4), ("IPv6", v6, MAX_ROUTES_V6)] {
+            if n > max as usize {
+                bail!("the change makes {n} {family} routes; the table holds {max}");
+            }
+        }
+        if let Some(dir) = self.dir24()? {
+            let cut: HashSet<u32> = new_v4
+                .iter()
+                .filter(|(a, len)| dir.needs_group(*a, *len))
+                .map(|(a, _)| dir24_layout::tbl24_index(*a))
+                .collect();
+            let free = TBL8_GROUPS - dir.groups_in_use();
+            if cut.len() as u32 > free {
+                bail!(
+                    "the change cuts up {} more /24s with longer prefixes, each taking a DIR-24-8 tbl8 group; {free} of {TBL8_GROUPS} are free",
+                    cut.len()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Points the existing route to `prefix` at `next_hop`, overwriting it
@@ -899,16 +1102,17 @@ impl Tables {
             next_hop: id,
             prefix_len: prefix.len.into(),
         };
-        match prefix.addr {
-            IpAddr::V4(a) => {
-                self.routes_v4.insert(key_v4(prefix.len, a), target, 0)?;
-                self.index_v4(a, prefix.len, target)?;
-            }
-            IpAddr::V6(a) => {
-                self.routes_v6
-                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)?
-            }
+        self.failpoint("route")?;
+        if let (Some(journal), Some(old)) = (&mut self.journal, old) {
+            journal.push(Undo::RouteReplaced(
+                prefix,
+                RouteTarget {
+                    next_hop: old,
+                    prefix_len: prefix.len.into(),
+                },
+            ));
         }
+        self.write_route(prefix, target)?;
         if let Some(old) = old
             && old != id
             && !self.next_hop_ids_in_use().contains(&old)
@@ -998,12 +1202,8 @@ impl Tables {
     /// Makes the local-address sets exactly `addrs`.
     /// Seeds the flow hash and turns the VIP lookup on or off.
     pub fn set_steering(&mut self, seed: u32, on: bool) -> Result<()> {
-        self.settings
-            .set(settings::FLOW_HASH_SEED, seed, 0)
-            .context("writing the flow-hash seed")?;
-        self.settings
-            .set(settings::STEERING_ON, u32::from(on), 0)
-            .context("turning steering on or off")
+        self.set_setting(settings::FLOW_HASH_SEED, seed, "the flow-hash seed")?;
+        self.set_setting(settings::STEERING_ON, u32::from(on), "steering on or off")
     }
 
     pub fn flow_hash_seed(&self) -> Result<u32> {
@@ -1024,6 +1224,7 @@ impl Tables {
         if node.flags & pop_forwarder_common::steering::NODE_F_IPIP == 0 {
             self.add_egress(node.ifindex)?;
         }
+        self.journal_node(id)?;
         self.cache_nodes
             .set(id, node, 0)
             .with_context(|| format!("writing cache node {id}"))
@@ -1032,6 +1233,9 @@ impl Tables {
     /// Writes an IP-in-IP outer source address (slot ENCAP_SOURCE_V4 or
     /// ENCAP_SOURCE_V6).
     pub fn set_encap_source(&mut self, slot: u32, addr: [u8; 16]) -> Result<()> {
+        self.journal("encap", |t| {
+            Undo::Encap(slot, t.encap_sources.get(&slot, 0).unwrap_or([0; 16]))
+        })?;
         self.encap_sources
             .set(slot, addr, 0)
             .context("writing an encapsulation source")
@@ -1041,9 +1245,21 @@ impl Tables {
     /// Maglev table.
     pub fn remove_node(&mut self, id: u32) -> Result<()> {
         let free: CacheNode = bytemuck::Zeroable::zeroed();
+        self.journal_node(id)?;
         self.cache_nodes
             .set(id, free, 0)
             .with_context(|| format!("removing cache node {id}"))
+    }
+
+    fn journal_node(&mut self, id: u32) -> Result<()> {
+        self.journal("node", |t| {
+            Undo::Node(
+                id,
+                t.cache_nodes
+                    .get(&id, 0)
+                    .unwrap_or(bytemuck::Zeroable::zeroed()),
+            )
+        })
     }
 
     pub fn node(&self, id: u32) -> Result<CacheNode> {
@@ -1081,13 +1297,20 @@ impl Tables {
     /// Takes a VIP out of the program's VIP table: its packets are routed
     /// like any others from then on.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.journal_vip(key)?;
         match self.vips.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("removing a VIP"),
         }
     }
 
+    fn journal_vip(&mut self, key: &VipKey) -> Result<()> {
+        let key = *key;
+        self.journal("vip", |t| Undo::Vip(key, t.vips.get(&key, 0).ok()))
+    }
+
     fn insert_vip(&mut self, index: u32, key: &VipKey, len: usize) -> Result<()> {
+        self.journal_vip(key)?;
         self.vips
             .insert(
                 key,
@@ -1122,6 +1345,7 @@ impl Tables {
                 }
             }
             let current = self.maglev.get(&element, 0).unwrap_or(0);
+            self.journal("maglev", |_| Undo::Maglev(element, current))?;
             let half = |entry: u32, shift: u32| -> u64 {
                 if ours(entry) {
                     u64::from(table[(entry - base) as usize]) << shift
@@ -1237,6 +1461,7 @@ impl Tables {
                 }
                 Err(e) => return Err(e).with_context(|| format!("making {addr} local")),
             }
+            self.journal("local", |_| Undo::Local(*addr, false))?;
             match addr {
                 IpAddr::V4(a) => self.local_v4.insert(a.octets(), 1, 0),
                 IpAddr::V6(a) => self.local_v6.insert(a.octets(), 1, 0),
@@ -1246,6 +1471,7 @@ impl Tables {
         for addr in have.difference(&want) {
             self.remove_route(host_prefix(*addr))
                 .with_context(|| format!("removing local address {addr}"))?;
+            self.journal("local", |_| Undo::Local(*addr, true))?;
             match addr {
                 IpAddr::V4(a) => self.local_v4.remove(&a.octets()),
                 IpAddr::V6(a) => self.local_v6.remove(&a.octets()),

@@ -257,6 +257,8 @@ pub struct Forwarder {
     log: PathBuf,
     /// The instance's run directory (lock, state, control socket).
     pub run_dir: PathBuf,
+    /// Environment for the daemon (e.g. POP_FORWARDER_FAILPOINT).
+    env: Vec<(String, String)>,
 }
 
 impl Forwarder {
@@ -278,7 +280,7 @@ impl Forwarder {
     }
 
     fn spawn_with(ns: &Netns, config: &str, run_args: &[&str]) -> Result<Forwarder> {
-        Forwarder::spawn_in(ns, config, run_args, "/run/pop-forwarder".as_ref())
+        Forwarder::spawn_in(ns, config, run_args, "/run/pop-forwarder".as_ref(), &[])
     }
 
     /// Like `start_with`, the instance keeping its lock, state and socket in
@@ -289,7 +291,7 @@ impl Forwarder {
         run_args: &[&str],
         run_dir: &std::path::Path,
     ) -> Result<Forwarder> {
-        let mut fwd = Forwarder::spawn_in(ns, config, run_args, run_dir)?;
+        let mut fwd = Forwarder::spawn_in(ns, config, run_args, run_dir, &[])?;
         fwd.wait_running(Duration::from_secs(20))?;
         Ok(fwd)
     }
@@ -299,6 +301,7 @@ impl Forwarder {
         config: &str,
         run_args: &[&str],
         run_dir: &std::path::Path,
+        env: &[(&str, &str)],
     ) -> Result<Forwarder> {
         let instance = unique("");
         let dir = std::env::temp_dir().join(&instance);
@@ -312,6 +315,10 @@ impl Forwarder {
             child: None,
             log: dir.join("daemon.log"),
             run_dir: run_dir.to_owned(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         fwd.spawn_daemon(ns, run_args)?;
         Ok(fwd)
@@ -330,12 +337,20 @@ impl Forwarder {
             .args(["run", "--config"])
             .arg(&self.config)
             .args(run_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("spawning pop-forwarder run")?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Like `start`, with `env` in the daemon's environment.
+    pub fn start_with_env(ns: &Netns, config: &str, env: &[(&str, &str)]) -> Result<Forwarder> {
+        let mut fwd = Forwarder::spawn_in(ns, config, &[], "/run/pop-forwarder".as_ref(), env)?;
+        fwd.wait_running(Duration::from_secs(20))?;
+        Ok(fwd)
     }
 
     /// Runs a new daemon for this instance, which must have none now (a
@@ -781,4 +796,129 @@ pub fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
     let fwd =
         Forwarder::start_with(&lab.router, &lab.config("pass", ROUTE_TO_C), run_args).unwrap();
     (lab, fwd)
+}
+
+/// Maps the data plane writes itself (counters, the connection table): left
+/// out of `dump_tables`, since traffic (a neighbour solicitation, say) may
+/// move them while a test compares.
+pub const DATA_PLANE_WRITTEN: [&str; 5] = [
+    pop_forwarder_common::map_names::COUNTERS,
+    pop_forwarder_common::map_names::NEXT_HOP_STATS,
+    pop_forwarder_common::map_names::VIP_STATS,
+    pop_forwarder_common::map_names::NODE_STATS,
+    pop_forwarder_common::map_names::FLOWS,
+];
+
+/// Every entry of every table an instance pinned, the control plane's
+/// (all but `DATA_PLANE_WRITTEN`), as bytes: arrays in index order, other
+/// maps as (key, value) records sorted. Two dumps are equal when the tables
+/// hold exactly the same.
+pub fn dump_tables(instance: &str) -> Vec<(&'static str, Vec<u8>)> {
+    pop_forwarder_common::map_names::ALL
+        .iter()
+        .filter(|name| !DATA_PLANE_WRITTEN.contains(name))
+        .map(|name| {
+            let path = format!("/sys/fs/bpf/pop-forwarder/{instance}/{name}");
+            let map = aya::maps::MapData::from_pin(&path).expect("a pinned map");
+            (*name, dump_map(&map))
+        })
+        .collect()
+}
+
+fn dump_map(map: &aya::maps::MapData) -> Vec<u8> {
+    use std::os::fd::AsFd as _;
+    let info = map.info().expect("map info");
+    let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
+    let fd = map.fd().as_fd().as_raw_fd();
+    let array = matches!(info.map_type(), Ok(aya::maps::MapType::Array));
+    let mut records: Vec<Vec<u8>> = Vec::new();
+    if array {
+        // Batches of elements, index order.
+        let mut out = Vec::with_capacity(info.max_entries() as usize * value_size);
+        let chunk = 1usize << 16;
+        let mut keys = vec![0u8; chunk * key_size];
+        let mut values = vec![0u8; chunk * value_size];
+        let mut in_batch = 0u64;
+        let mut out_batch = 0u64;
+        let mut first = true;
+        loop {
+            let mut attr = [0u64; 7];
+            attr[0] = if first {
+                0
+            } else {
+                &in_batch as *const u64 as u64
+            };
+            attr[1] = &mut out_batch as *mut u64 as u64;
+            attr[2] = keys.as_mut_ptr() as u64;
+            attr[3] = values.as_mut_ptr() as u64;
+            attr[4] = chunk as u64 | ((fd as u64) << 32);
+            // SAFETY: BPF_MAP_LOOKUP_BATCH (24) with buffers sized for
+            // `chunk` keys and values that outlive the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    24,
+                    attr.as_mut_ptr(),
+                    std::mem::size_of_val(&attr),
+                )
+            };
+            let count = (attr[4] & 0xffff_ffff) as usize;
+            out.extend_from_slice(&values[..count * value_size]);
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT),
+                    "dumping an array: {e}"
+                );
+                break;
+            }
+            in_batch = out_batch;
+            first = false;
+        }
+        return out;
+    }
+    // Other maps: walk the keys.
+    let mut key = vec![0u8; key_size];
+    let mut next = vec![0u8; key_size];
+    let mut value = vec![0u8; value_size];
+    let mut have = false;
+    loop {
+        let mut attr = [0u64; 4];
+        attr[0] = fd as u64;
+        attr[1] = if have { key.as_ptr() as u64 } else { 0 };
+        attr[2] = next.as_mut_ptr() as u64;
+        // SAFETY: BPF_MAP_GET_NEXT_KEY (4) with key buffers of the map's size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                4,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        key.copy_from_slice(&next);
+        have = true;
+        let mut attr = [0u64; 4];
+        attr[0] = fd as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_mut_ptr() as u64;
+        // SAFETY: BPF_MAP_LOOKUP_ELEM (1) with buffers of the map's sizes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                1,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if rc == 0 {
+            records.push([key.as_slice(), value.as_slice()].concat());
+        }
+    }
+    records.sort();
+    records.concat()
 }

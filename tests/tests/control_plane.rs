@@ -418,3 +418,184 @@ fn a_build_with_another_map_layout_is_refused_and_forwarding_goes_on() {
     assert!(fwd.has_pins());
     assert!(forwards(&lab, "old layout"));
 }
+
+/// The tables once the router's own addresses have settled: its IPv6
+/// link-local addresses finish duplicate address detection a second or two
+/// after the links come up, and the daemon's refresh then adds them as
+/// local routes, a change of the tables no test made.
+fn settled_tables(lab: &Lab, fwd: &Forwarder) -> Vec<(&'static str, Vec<u8>)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab
+        .router
+        .ip(&["-6", "addr", "show", "tentative"])
+        .unwrap()
+        .trim()
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "DAD never ended");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One refresh (every second) to pick them up.
+    std::thread::sleep(Duration::from_millis(1500));
+    tests::dump_tables(&fwd.instance)
+}
+
+/// Fails unless every table of `fwd` holds what `before` does, naming the
+/// tables that differ.
+fn same_tables(fwd: &Forwarder, before: &[(&'static str, Vec<u8>)], after: &str) {
+    let now = tests::dump_tables(&fwd.instance);
+    let differ: Vec<_> = now
+        .iter()
+        .zip(before)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.0)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "after {after}, these tables changed: {differ:?}"
+    );
+}
+
+/// Steering for the transaction tests: node n1 (c, by direct server
+/// return) serving two VIPs, and `extra` appended.
+fn steering_config(lab: &Lab, extra: &str) -> String {
+    format!(
+        "{}\n[[nodes]]\nname = \"n1\"\naddress = \"10.0.2.2\"\ndev = \"r1\"\n\n\
+         [[vips]]\naddress = \"192.0.2.10\"\nprotocol = \"udp\"\nnodes = [\"n1\"]\n\n\
+         [[vips]]\naddress = \"192.0.2.11\"\nprotocol = \"udp\"\nnodes = [\"n1\"]\n\n{extra}",
+        lab.config("pass", ROUTE_TO_C)
+    )
+}
+
+/// A change the tables have no room for is refused before its first write:
+/// a reload cutting up more /24s with longer prefixes than DIR-24-8 has
+/// tbl8 groups leaves every table byte for byte as it was.
+#[test]
+fn a_reload_without_room_is_refused_before_any_write() {
+    let (lab, fwd) = routed_lab(&[]);
+    let before = settled_tables(&lab, &fwd);
+    let mut routes = String::from(ROUTE_TO_C);
+    // 8,193 /32s, each in a /24 of its own: one more than there are groups.
+    for i in 0..8193u32 {
+        routes.push_str(&format!(
+            "[[routes]]\nprefix = \"10.{}.{}.1/32\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+            100 + i / 256,
+            i % 256
+        ));
+    }
+    std::fs::write(&fwd.config, lab.config("pass", &routes)).unwrap();
+    let out = fwd.cli(&["reload"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cuts up 8193 more /24s") && err.contains("of 8192 are free"),
+        "{err}"
+    );
+    same_tables(&fwd, &before, "the tables changed");
+    assert!(forwards(&lab, "after a refused reload"));
+}
+
+/// A change whose write fails half-way is taken back whole: a `node drain`
+/// whose second Maglev write fails, then a reload (new node, a pool
+/// changed, a VIP removed, new routes) whose first route write fails after
+/// all its steering writes are done. Each leaves every table byte for byte
+/// as it was, answers why, and the same change goes through once the
+/// failure is gone.
+#[test]
+fn a_change_whose_write_fails_is_taken_back_whole() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd = Forwarder::start_with_env(
+        &lab.router,
+        &steering_config(&lab, ""),
+        &[("POP_FORWARDER_FAILPOINT", "maglev:2,route:1")],
+    )
+    .unwrap();
+    let before = settled_tables(&lab, &fwd);
+    let listed = tables(&fwd);
+
+    // Draining n1 empties both VIPs' tables: the first Maglev write
+    // changes what the program reads, the second fails.
+    let out = fwd.cli(&["node", "drain", "n1"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("injected failure of maglev write 2") && err.contains("taken back"),
+        "{err}"
+    );
+    same_tables(&fwd, &before, "a failed node drain");
+    assert_eq!(tables(&fwd), listed);
+
+    let changed = steering_config(
+        &lab,
+        "[[nodes]]\nname = \"n2\"\naddress = \"10.0.2.3\"\ndev = \"r1\"\nmac = \"02:00:00:00:00:03\"\n\n\
+         [[routes]]\nprefix = \"10.0.7.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n",
+    )
+    .replace("nodes = [\"n1\"]\n\n[[vips]]\naddress = \"192.0.2.11\"\nprotocol = \"udp\"\nnodes = [\"n1\"]\n", "nodes = [\"n1\", \"n2\"]\n");
+    assert!(changed.contains("[\"n1\", \"n2\"]") && !changed.contains("192.0.2.11"));
+    std::fs::write(&fwd.config, &changed).unwrap();
+    let out = fwd.cli(&["reload"]).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("injected failure of route write 1") && err.contains("taken back"),
+        "{err}"
+    );
+    same_tables(&fwd, &before, "the reload left writes behind");
+    assert_eq!(tables(&fwd), listed);
+    assert!(forwards(&lab, "after a failed reload"));
+
+    // Both failures were one-off: the same changes now go through.
+    let out = fwd.cli_ok(&["reload"]).unwrap();
+    assert!(
+        out.contains("1 routes added")
+            && out.contains("cache nodes 1 added")
+            && out.contains("1 removed"),
+        "{out}"
+    );
+    assert!(tests::dump_tables(&fwd.instance) != before);
+    fwd.cli_ok(&["node", "drain", "n1"]).unwrap();
+}
+
+/// A health change whose write fails is taken back, kept, and applied on a
+/// later tick: a node that fails its check leaves the node table even
+/// though the first attempt to take it out failed.
+#[test]
+fn a_health_change_whose_write_fails_is_retried_until_applied() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    // Nothing listens on c's port 9: the check fails at once.
+    let config = steering_config(&lab, "").replace(
+        "dev = \"r1\"\n\n[[vips]]",
+        "dev = \"r1\"\nhealth = { kind = \"tcp\", port = 9, interval_ms = 100, timeout_ms = 50, rise = 1, fall = 1 }\n\n[[vips]]",
+    );
+    assert!(config.contains("health = "));
+    let fwd = Forwarder::start_with_env(
+        &lab.router,
+        &config,
+        &[("POP_FORWARDER_FAILPOINT", "node:1")],
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !fwd.log().contains("cache node n1 is down") {
+        assert!(std::time::Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = fwd.log();
+    let failed = log
+        .find("applying a health change of node n1 (down)")
+        .expect("the first attempt failed");
+    assert!(
+        log[failed..].contains("injected failure of node write 1"),
+        "{log}"
+    );
+    assert!(log.find("cache node n1 is down").unwrap() > failed);
+    let nodes: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(nodes[0]["healthy"], false, "{nodes}");
+    assert_eq!(
+        nodes[0]["mac"],
+        serde_json::Value::Null,
+        "out of the node table"
+    );
+}
