@@ -24,6 +24,10 @@ pub struct Config {
     /// Static routes.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// More static routes, one per line (`PREFIX via GATEWAY dev IFACE [mac
+    /// MAC]`), for tables too large for TOML to parse quickly; relative to
+    /// the config file's directory.
+    pub routes_file: Option<std::path::PathBuf>,
     /// Seed of the flow hash; the same on every forwarder of a PoP.
     #[serde(default)]
     pub flow_hash_seed: u32,
@@ -478,6 +482,19 @@ pub struct Route {
 }
 
 impl Route {
+    /// A route in the words of `route add`: `PREFIX via GATEWAY dev IFACE
+    /// [mac MAC]` (a line of a `routes_file`).
+    pub fn parse_line(line: &str) -> Result<Route> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words[..] {
+            [prefix, "via", via, "dev", dev] => Route::parse(prefix, via, dev, None),
+            [prefix, "via", via, "dev", dev, "mac", mac] => {
+                Route::parse(prefix, via, dev, Some(mac))
+            }
+            _ => bail!("{line:?} is not `PREFIX via GATEWAY dev IFACE [mac MAC]`"),
+        }
+    }
+
     /// Validates one route given as strings (from the file or the CLI).
     pub fn parse(prefix: &str, via: &str, dev: &str, mac: Option<&str>) -> Result<Route> {
         let prefix: Prefix = prefix.parse().context("prefix")?;
@@ -537,15 +554,35 @@ impl Model {
     pub fn from_file(path: &Path) -> Result<Model> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        Model::from_toml(&text).with_context(|| format!("config file {}", path.display()))
+        let base = path.parent().unwrap_or(Path::new("."));
+        Model::from_toml_in(&text, base).with_context(|| format!("config file {}", path.display()))
     }
 
+    /// A config given as text; a `routes_file` is looked for relative to
+    /// the working directory.
     pub fn from_toml(text: &str) -> Result<Model> {
-        let config: Config = toml::from_str(text)?;
-        Model::validate(config)
+        Model::from_toml_in(text, Path::new("."))
     }
 
-    fn validate(config: Config) -> Result<Model> {
+    /// A config given as text, a relative `routes_file` being in `base`.
+    pub fn from_toml_in(text: &str, base: &Path) -> Result<Model> {
+        let config: Config = toml::from_str(text)?;
+        let routes_file = match &config.routes_file {
+            None => None,
+            Some(file) => {
+                let path = base.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("routes_file: reading {}", path.display()))?;
+                Some((path, text))
+            }
+        };
+        Model::validate(
+            config,
+            routes_file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        )
+    }
+
+    fn validate(config: Config, routes_file: Option<(&Path, &str)>) -> Result<Model> {
         let (nodes, vips) = validate_steering(&config)?;
         if config.interfaces.is_empty() {
             bail!("interfaces: at least one interface is needed");
@@ -559,8 +596,11 @@ impl Model {
             }
             interfaces.push((iface.name, iface.mode));
         }
-        let mut prefixes = HashSet::new();
-        let mut routes = Vec::new();
+        // Sized for the routes to come (a routes file's lines are about 40
+        // bytes): a set that grows by rehashing costs a quarter of the time.
+        let expected = config.routes.len() + routes_file.map_or(0, |(_, t)| t.len() / 40);
+        let mut prefixes = HashSet::with_capacity(expected);
+        let mut routes = Vec::with_capacity(expected);
         for (i, r) in config.routes.iter().enumerate() {
             let route = Route::parse(&r.prefix, &r.via, &r.dev, r.mac.as_deref())
                 .with_context(|| format!("routes[{i}] ({})", r.prefix))?;
@@ -568,6 +608,20 @@ impl Model {
                 bail!("routes[{i}].prefix: {} is listed twice", route.prefix);
             }
             routes.push(route);
+        }
+        if let Some((path, text)) = routes_file {
+            for (n, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or_default().trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let at = || format!("routes_file {}:{}", path.display(), n + 1);
+                let route = Route::parse_line(line).with_context(at)?;
+                if !prefixes.insert(route.prefix) {
+                    bail!("{}: {} is listed twice", at(), route.prefix);
+                }
+                routes.push(route);
+            }
         }
         // One gateway on one interface is one next hop: two static MACs for
         // it would make the table depend on the order of the routes. One
@@ -677,6 +731,63 @@ mac = "02:00:00:00:00:03"
 
     fn err(text: &str) -> String {
         format!("{:#}", Model::from_toml(text).unwrap_err())
+    }
+
+    /// A config file naming a routes file, both in a directory of their own.
+    fn with_routes_file(lines: &str) -> Result<Model> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "pf-routes-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("routes.txt"), lines).unwrap();
+        let config = dir.join("pop.toml");
+        std::fs::write(&config, format!("routes_file = \"routes.txt\"\n{GOOD}")).unwrap();
+        let model = Model::from_file(&config);
+        std::fs::remove_dir_all(&dir).unwrap();
+        model
+    }
+
+    #[test]
+    fn a_routes_file_adds_routes_line_by_line() {
+        let m = with_routes_file(
+            "# static table\n\n198.51.100.0/24 via 10.0.2.2 dev r1\n\
+             2001:db8::/32   via fd00:2::2 dev r1 mac 02:00:00:00:00:03  # peer\n",
+        )
+        .unwrap();
+        assert_eq!(m.routes.len(), 4);
+        assert_eq!(m.routes[2].prefix.to_string(), "198.51.100.0/24");
+        assert_eq!(m.routes[3].mac, Some(Mac([2, 0, 0, 0, 0, 3])));
+        for (lines, needle) in [
+            (
+                "198.51.100.0/24 via 10.0.2.2\n",
+                "routes.txt:1: \"198.51.100.0/24 via 10.0.2.2\" is not `PREFIX via GATEWAY dev IFACE [mac MAC]`",
+            ),
+            (
+                "\n198.51.100.1/24 via 10.0.2.2 dev r1\n",
+                "routes.txt:2: prefix: \"198.51.100.1/24\" has host bits set",
+            ),
+            (
+                "10.0.3.0/24 via 10.0.2.2 dev r1\n",
+                "routes.txt:1: 10.0.3.0/24 is listed twice",
+            ),
+            (
+                "198.51.100.0/24 via fd00::1 dev r1\n",
+                "routes.txt:1: via: gateway fd00::1 is not of the same address family",
+            ),
+        ] {
+            let e = format!("{:#}", with_routes_file(lines).unwrap_err());
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+        }
+        let e = err(&format!(
+            "routes_file = \"/nonexistent/routes.txt\"\n{GOOD}"
+        ));
+        assert!(
+            e.contains("routes_file: reading /nonexistent/routes.txt"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -210,10 +210,11 @@ fn control_command(
     if command == control::Command::Reload {
         return reload(running, config_path);
     }
-    let (message, applied) = transaction(running, |running| change(running, command))?;
+    let ((message, applied), writes) = transaction(running, |running| change(running, command))?;
     if let Some(applied) = applied {
         steering_applied(running, &applied)?;
     }
+    let message = format!("{message} ({writes} table writes)");
     info!("{message}");
     Ok(message)
 }
@@ -221,18 +222,16 @@ fn control_command(
 /// Runs `change` as one transaction: every table write it makes is
 /// journaled, and if it fails they are taken back, newest first, and the
 /// daemon's view of the steering tables is restored, so that a refused
-/// change leaves every table as it was.
+/// change leaves every table as it was. Returns what `change` did and how
+/// many table writes it took.
 fn transaction<T>(
     running: &mut Running,
     change: impl FnOnce(&mut Running) -> Result<T>,
-) -> Result<T> {
+) -> Result<(T, usize)> {
     let steering = running.steering.clone();
     running.tables.begin();
     match change(running) {
-        Ok(done) => {
-            running.tables.commit();
-            Ok(done)
-        }
+        Ok(done) => Ok((done, running.tables.commit())),
         Err(e) => {
             let failed = running.tables.rollback();
             running.steering = steering;
@@ -829,7 +828,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     // resolved above and are checked for room before theirs: from here on
     // only a failing write can stop it, and then the transaction takes
     // every write back.
-    let (applied, (added, changed, deleted)) = transaction(running, |running| {
+    let ((applied, (added, changed, deleted)), writes) = transaction(running, |running| {
         let applied = running.steering.apply(
             &mut running.tables,
             &steering::Spec::of(&model),
@@ -842,7 +841,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     })?;
     steering_applied(running, &applied)?;
     Ok(format!(
-        "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied}",
+        "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied} ({writes} table writes)",
         model.route_miss
     ))
 }
@@ -889,7 +888,7 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
-    let rebuilt = transaction(running, |running| {
+    let (rebuilt, _) = transaction(running, |running| {
         running.steering.set_health(
             &mut running.tables,
             &event.node,

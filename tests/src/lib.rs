@@ -362,23 +362,23 @@ impl Forwarder {
         self.wait_running(Duration::from_secs(20))
     }
 
-    /// Waits until `status` says this process's daemon runs.
+    /// Waits until this process's daemon runs: it records its pid in the
+    /// instance's state file once its program is attached (or swapped in)
+    /// and its tables are filled. (Read directly: `status` counts every
+    /// route, which takes a second with a million.)
     fn wait_running(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        let state = self.run_dir.join(format!("{}.json", self.instance));
         loop {
             let child = self.child.as_mut().context("no daemon")?;
             if let Some(status) = child.try_wait()? {
                 bail!("pop-forwarder run exited with {status}: {}", self.log());
             }
             let pid = child.id();
-            // Running means attached: the daemon records its pid only after
-            // the last interface is attached (or its program swapped in).
-            let running = self.cli(&["status", "--json"]).is_ok_and(|o| {
-                o.status.success()
-                    && serde_json::from_slice::<serde_json::Value>(&o.stdout)
-                        .is_ok_and(|v| v["running"] == true && v["daemon_pid"] == pid)
+            let recorded = std::fs::read(&state).ok().is_some_and(|s| {
+                serde_json::from_slice::<serde_json::Value>(&s).is_ok_and(|v| v["pid"] == pid)
             });
-            if running {
+            if recorded {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -387,7 +387,7 @@ impl Forwarder {
                     self.log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -827,6 +827,69 @@ fn applying_a_route_set_adds_changes_and_deletes_in_place() {
     });
 }
 
+/// A change costs in proportion to its routes: applying one that adds,
+/// repoints and deletes thousands of routes walks the route tables a
+/// constant number of times (a walk per route, as deletions once took,
+/// makes large reloads quadratic), and leaves exactly the routes asked for.
+#[test]
+fn a_large_route_change_walks_the_tables_a_constant_number_of_times() {
+    with_program(|p| {
+        let veth = p.veth;
+        let gateways: Vec<NextHop> = (0..4)
+            .map(|i| next_hop(veth, &format!("10.255.1.{}", i + 1), None, 1500))
+            .collect();
+        let route = |i: u32, gw: usize| -> (Prefix, NextHop) {
+            let addr = std::net::Ipv4Addr::from(0x6400_0000 + (i << 8));
+            (format!("{addr}/24").parse().unwrap(), gateways[gw])
+        };
+        let first: Vec<_> = (0..2000).map(|i| route(i, i as usize % 4)).collect();
+        p.tables.apply_routes(&first).unwrap();
+        // Keep 500, repoint 500, delete 1,000, add 1,000.
+        let second: Vec<_> = (0..500)
+            .map(|i| route(i, i as usize % 4))
+            .chain((500..1000).map(|i| route(i, (i as usize + 1) % 4)))
+            .chain((2000..3000).map(|i| route(i, 0)))
+            .collect();
+        let scans = p.tables.route_table_scans();
+        let (added, changed, deleted) = p.tables.apply_routes(&second).unwrap();
+        assert_eq!((added, changed, deleted), (1000, 500, 1000));
+        let walks = p.tables.route_table_scans() - scans;
+        assert!(
+            walks <= 2,
+            "{walks} walks over the route tables for one change"
+        );
+        let links = pop_forwarder::kernel::links().unwrap();
+        let mut have: Vec<(String, String)> = p
+            .tables
+            .routes(&links)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.prefix, r.via))
+            .collect();
+        let mut want: Vec<(String, String)> = second
+            .iter()
+            .map(|(pfx, nh)| {
+                (
+                    pfx.to_string(),
+                    pop_forwarder::tables::gateway_addr(nh).to_string(),
+                )
+            })
+            .collect();
+        have.sort();
+        want.sort();
+        assert_eq!(have, want);
+        // Every gateway still in use kept its slot; none leaked.
+        let in_use = p
+            .tables
+            .next_hop_slots()
+            .unwrap()
+            .iter()
+            .filter(|nh| nh.is_in_use())
+            .count();
+        assert_eq!(in_use, 4);
+    });
+}
+
 mod steering {
     use pop_forwarder::steering::{family, widen};
     use pop_forwarder_common::{

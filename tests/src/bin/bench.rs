@@ -596,6 +596,15 @@ fn main() -> Result<()> {
         });
         Ok(())
     };
+    // The daemon with large static tables (a routes file): validating,
+    // starting, reloading a file that changes one route, and restarting
+    // (adopting the pinned tables), each timed once, before the forwarding
+    // rounds so that their tables are gone by then.
+    if wanted("daemon") {
+        for count in [100_000, full_v4] {
+            daemon_rows(&mut report, &v4_full[..count])?;
+        }
+    }
     if wanted("linux") {
         for routes in [&v4_small, &v4_full, &v6_small] {
             let bench = Bench::new(settings.frame_len)?;
@@ -811,6 +820,117 @@ fn main() -> Result<()> {
     let _ = full_v6;
     summarise(&mut report, full_v4);
     write_report(&report, &out_dir)
+}
+
+/// Control-plane rows for one table size: `check`, `run` until it
+/// forwards, a `reload` of a file that changes one route (time and table
+/// writes), a restart that adopts the pinned tables, and the daemon's peak
+/// memory.
+fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
+    let n = routes.len();
+    let lab = Lab::new()?;
+    tests::neighbour_c_v4(&lab);
+    let dir = std::env::temp_dir().join(tests::unique("bench"));
+    std::fs::create_dir_all(&dir)?;
+    let cleanup = Cleanup(dir.clone());
+    let routes_file = dir.join("routes.txt");
+    let write_routes = |routes: &mut dyn Iterator<Item = &Prefix>| -> Result<()> {
+        let mut text = String::with_capacity(n * 40);
+        for p in routes {
+            writeln!(text, "{p} via 10.0.2.2 dev r1")?;
+        }
+        std::fs::write(&routes_file, text)?;
+        Ok(())
+    };
+    write_routes(&mut routes.iter())?;
+    let config = format!(
+        "routes_file = \"{}\"\n{}",
+        routes_file.display(),
+        lab.config("pass", "")
+    );
+    let config_path = dir.join("pop.toml");
+    std::fs::write(&config_path, &config)?;
+    let mut row = |name: String, value: f64| {
+        println!("== {name}: {value:.2}");
+        report.control_plane.insert(name, value);
+    };
+
+    let start = Instant::now();
+    let out = std::process::Command::new(tests::binary())
+        .args(["check", "--config"])
+        .arg(&config_path)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    row(
+        format!("daemon_check_{n}_v4_routes_s"),
+        start.elapsed().as_secs_f64(),
+    );
+
+    let start = Instant::now();
+    let mut fwd = tests::Forwarder::start(&lab.router, &config)?;
+    row(
+        format!("daemon_start_{n}_v4_routes_s"),
+        start.elapsed().as_secs_f64(),
+    );
+
+    // One route gone, another in its place.
+    let other: Prefix = "198.18.77.0/24".parse()?;
+    write_routes(&mut routes[1..].iter().chain([&other]))?;
+    let start = Instant::now();
+    let out = fwd.cli_ok(&["reload"])?;
+    row(
+        format!("daemon_reload_{n}_one_route_changed_s"),
+        start.elapsed().as_secs_f64(),
+    );
+    anyhow::ensure!(
+        out.contains("1 routes added, 0 changed, 1 deleted"),
+        "reload: {out}"
+    );
+    let writes: f64 = out
+        .rsplit_once('(')
+        .and_then(|(_, w)| w.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .with_context(|| format!("no table writes in {out:?}"))?;
+    row(
+        format!("daemon_reload_{n}_one_route_changed_table_writes"),
+        writes,
+    );
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", fwd.pid()))?;
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM")?;
+    row(
+        format!("daemon_peak_rss_{n}_v4_routes_mib"),
+        peak_kib / 1024.0,
+    );
+
+    fwd.stop()?;
+    let start = Instant::now();
+    fwd.run_again(&lab.router, &[])?;
+    row(
+        format!("daemon_restart_adopting_{n}_v4_routes_s"),
+        start.elapsed().as_secs_f64(),
+    );
+    fwd.cli_ok(&["detach"])?;
+    drop(cleanup);
+    Ok(())
+}
+
+/// Removes a directory on drop.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput> {
