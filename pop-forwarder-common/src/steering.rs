@@ -39,6 +39,27 @@ pub struct VipInfo {
     pub table_size: u32,
 }
 
+impl VipKey {
+    /// The same service on every port: the VIP a packet falls back to when
+    /// no VIP names its own port.
+    pub const fn any_port(self) -> VipKey {
+        VipKey { port: 0, ..self }
+    }
+}
+
+impl VipInfo {
+    /// Where in MAGLEV the node for a new flow of hash `hash` is.
+    #[inline(always)]
+    pub const fn maglev_position(&self, hash: u32) -> u32 {
+        let size = if self.table_size == 0 {
+            1
+        } else {
+            self.table_size
+        };
+        self.index * MAGLEV_STRIDE + hash % size
+    }
+}
+
 /// The node slot is allocated.
 pub const NODE_F_IN_USE: u32 = 1 << 0;
 /// The node's MAC is known.

@@ -20,9 +20,9 @@ use pop_forwarder_common::{
     maglev::{self, NO_NODE},
     settings,
     steering::{
-        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowKey, MAGLEV_ENTRIES, MAGLEV_STRIDE,
-        MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
-        PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
+        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowKey, MAGLEV_ENTRIES, MAX_CACHE_NODES,
+        MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP,
+        VipInfo, VipKey,
     },
 };
 
@@ -94,7 +94,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
         None => flow,
     };
     let (src_port, dst_port) = ports(ctx, flow);
-    let mut key = VipKey {
+    let key = VipKey {
         addr: flow.dst,
         port: dst_port,
         protocol: flow.protocol,
@@ -103,10 +103,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
     // SAFETY: map values are only copied out.
     let vip = match unsafe { VIPS.get(&key) } {
         Some(vip) => *vip,
-        None => {
-            key.port = 0;
-            *unsafe { VIPS.get(&key) }?
-        }
+        None => *unsafe { VIPS.get(&key.any_port()) }?,
     };
     let flow_key = FlowKey {
         src: flow.src,
@@ -133,7 +130,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
                 dst_port,
                 flow.protocol,
             );
-            let slot = vip.index * MAGLEV_STRIDE + hash % vip.table_size.max(1);
+            let slot = vip.maglev_position(hash);
             let Some(pair) = MAGLEV.get(dir24::element_of(slot)) else {
                 return Some(pass(Counter::PassVipNoNode));
             };

@@ -21,7 +21,7 @@ use pop_forwarder_common::{
     bench::{self as names, GEN_HEADER_LEN, GEN_MAX_DSTS, GenConfig},
 };
 
-use crate::config::{Mac, Prefix};
+use crate::net::{Mac, Prefix};
 
 pub static GEN_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-gen"));
 pub static SINK_OBJECT: &[u8] =

@@ -4,10 +4,12 @@
 //! config is refused whole, with the field and value named, before anything
 //! is loaded or attached.
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
+
+pub use crate::net::{Mac, Prefix};
 
 /// A whole config file, as written.
 #[derive(Debug, Deserialize)]
@@ -373,101 +375,6 @@ impl fmt::Display for XdpMode {
             XdpMode::Native => "native",
             XdpMode::Skb => "skb",
         })
-    }
-}
-
-/// An IP prefix whose host bits are zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Prefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl FromStr for Prefix {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let (addr, len) = s
-            .split_once('/')
-            .with_context(|| format!("{s:?} is not a prefix (expected ADDRESS/LENGTH)"))?;
-        let addr: IpAddr = addr
-            .parse()
-            .with_context(|| format!("{addr:?} in {s:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len: u8 = match len.parse() {
-            Ok(len) if len <= max => len,
-            _ => bail!("prefix length {len:?} in {s:?} is not a number from 0 to {max}"),
-        };
-        let prefix = Prefix { addr, len };
-        let network = prefix.network();
-        if network != addr {
-            bail!("{s:?} has host bits set; the prefix is {network}/{len}");
-        }
-        Ok(prefix)
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl Prefix {
-    /// The address with the bits past the prefix length cleared.
-    pub fn network(&self) -> IpAddr {
-        match self.addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                IpAddr::V4((u32::from(a) & mask).into())
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                IpAddr::V6((u128::from(a) & mask).into())
-            }
-        }
-    }
-}
-
-/// A MAC address written as six colon-separated hex bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Mac(pub [u8; 6]);
-
-impl FromStr for Mac {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let mut mac = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut mac {
-            let part = parts.next().unwrap_or("");
-            *byte = match u8::from_str_radix(part, 16) {
-                Ok(b) if part.len() == 2 => b,
-                _ => {
-                    bail!("{s:?} is not a MAC address (expected six hex bytes, aa:bb:cc:dd:ee:ff)")
-                }
-            };
-        }
-        if parts.next().is_some() {
-            bail!("{s:?} is not a MAC address (expected six hex bytes, aa:bb:cc:dd:ee:ff)");
-        }
-        if mac == [0; 6] || mac[0] & 1 == 1 {
-            bail!("{s:?} is not a unicast MAC address");
-        }
-        Ok(Mac(mac))
-    }
-}
-
-impl fmt::Display for Mac {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
     }
 }
 

@@ -18,11 +18,13 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     EBPF_OBJECT,
-    config::{Ipv4Lookup, Model, Node, Prefix, Route, Vip, XdpMode},
+    config::{Ipv4Lookup, Model, Node, Route, Vip, XdpMode},
     control,
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
-    kernel, steering,
+    kernel,
+    net::Prefix,
+    steering,
     tables::{Tables, resolve_next_hop},
 };
 
@@ -606,7 +608,7 @@ fn fill_and_attach(
     ebpf: &mut aya::Ebpf,
     model: &Model,
     attach_to: &[AttachedInterface],
-    routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
+    routes: &[(Prefix, pop_forwarder_common::NextHop)],
     previous: Option<&State>,
     (links, neighbours): (&[kernel::Link], &[kernel::Neighbour]),
 ) -> Result<(Tables, steering::Steering)> {
@@ -694,7 +696,7 @@ fn fill(
     tables: &mut Tables,
     model: &Model,
     attach_to: &[AttachedInterface],
-    routes: &[(crate::config::Prefix, pop_forwarder_common::NextHop)],
+    routes: &[(Prefix, pop_forwarder_common::NextHop)],
     previous: Option<&State>,
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
@@ -852,7 +854,7 @@ fn resolve_routes(
     model: &Model,
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
-) -> Result<Vec<(crate::config::Prefix, pop_forwarder_common::NextHop)>> {
+) -> Result<Vec<(Prefix, pop_forwarder_common::NextHop)>> {
     model
         .routes
         .iter()

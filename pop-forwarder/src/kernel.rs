@@ -10,7 +10,7 @@ use std::{net::IpAddr, process::Command};
 use anyhow::{Context as _, Result, bail};
 use serde::Deserialize;
 
-use crate::config::Mac;
+use crate::net::Mac;
 
 /// One network interface.
 #[derive(Debug, Clone)]

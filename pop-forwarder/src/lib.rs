@@ -10,6 +10,8 @@ pub mod failpoint;
 pub mod health;
 pub mod instance;
 pub mod kernel;
+pub mod net;
+pub mod plan;
 pub mod steering;
 pub mod tables;
 

@@ -262,7 +262,7 @@ struct GenerateArgs {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    use pop_forwarder::{bench, config::Mac};
+    use pop_forwarder::{bench, net::Mac};
     let links = kernel::links()?;
     let dev = kernel::link(&links, &args.dev).context("--dev")?;
     let src_mac = match &args.src_mac {
@@ -556,7 +556,7 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
         let s = node_stats[n.slot as usize];
         let node = tables.node(n.slot)?;
         let mac = (node.flags & pop_forwarder_common::steering::NODE_F_MAC_VALID != 0)
-            .then(|| pop_forwarder::config::Mac(node.dst_mac).to_string());
+            .then(|| pop_forwarder::net::Mac(node.dst_mac).to_string());
         rows.push(serde_json::json!({
             "name": n.name, "slot": n.slot, "address": n.address, "delivery": n.delivery,
             "dev": n.dev, "weight": n.weight, "mac": mac,
@@ -611,33 +611,12 @@ fn lookup(
     json: bool,
 ) -> Result<()> {
     use pop_forwarder::steering::{family, widen};
-    use pop_forwarder_common::{maglev, steering::FlowKey};
+    use pop_forwarder_common::steering::FlowKey;
     if src.is_ipv4() != dst.is_ipv4() {
         bail!("--src {src} and --dst {dst} are of different address families");
     }
     let (tables, steering) = open_steering(instance)?;
-    let protocol = match protocol {
-        LookupProtocol::Tcp => pop_forwarder::config::Protocol::Tcp,
-        LookupProtocol::Udp => pop_forwarder::config::Protocol::Udp,
-    };
-    let Some(index) = steering
-        .vips
-        .iter()
-        .find(|v| v.address == dst && v.protocol == protocol && v.port == dst_port)
-        .or_else(|| {
-            steering
-                .vips
-                .iter()
-                .find(|v| v.address == dst && v.protocol == protocol && v.port == 0)
-        })
-        .map(|v| v.slot)
-    else {
-        bail!(
-            "{dst} {protocol} port {dst_port} is no VIP of instance {:?}",
-            instance.name
-        );
-    };
-    let name = |id: u32| steering.node_name(id).map(str::to_owned);
+    let protocol = pop_forwarder::config::Protocol::from(protocol);
     let key = FlowKey {
         src: widen(src),
         dst: widen(dst),
@@ -647,17 +626,17 @@ fn lookup(
         family: family(dst),
         pad: [0; 2],
     };
-    let existing = tables.flow_node(&key)?.and_then(name);
-    let hash = maglev::flow_hash(
-        u64::from(tables.flow_hash_seed()?),
-        &key.src,
-        &key.dst,
-        src_port,
-        dst_port,
-        key.protocol,
-    );
-    let slot = hash % steering.maglev_table_size;
-    let new = name(tables.maglev_entry(index, slot)?);
+    // The program's own tables, read as it reads them.
+    let Some(found) = tables.lookup_flow(&key)? else {
+        bail!(
+            "{dst} {protocol} port {dst_port} is no VIP of instance {:?}",
+            instance.name
+        );
+    };
+    let name = |id: u32| steering.node_name(id).map(str::to_owned);
+    let (index, slot) = (found.vip, found.maglev_slot);
+    let existing = found.existing.and_then(name);
+    let new = name(found.new);
     if json {
         println!(
             "{}",

@@ -17,8 +17,9 @@ use pop_forwarder_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Delivery, Mac, Model, Node, Vip},
+    config::{Delivery, Model, Node, Vip},
     kernel::{self, Link, Neighbour},
+    net::Mac,
     tables::Tables,
 };
 

@@ -27,9 +27,24 @@ use pop_forwarder_common::{
 };
 
 use crate::{
-    config::{Ipv4Lookup, Mac, Prefix, Route, RouteMissPolicy},
+    config::{Ipv4Lookup, Route, RouteMissPolicy},
     kernel::{self, Link, Neighbour},
+    net::{Mac, Prefix},
+    plan::{GatewayKey, RoutePlan, gateway_key, plan_routes},
 };
+
+/// Where a flow to a VIP goes (`Tables::lookup_flow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLookup {
+    /// The VIP's slot.
+    pub vip: u32,
+    /// The node slot the connection table pins the flow to, if it does.
+    pub existing: Option<u32>,
+    /// The node slot a new flow gets (its VIP's Maglev table).
+    pub new: u32,
+    /// The entry of the Maglev table that says so.
+    pub maglev_slot: u32,
+}
 
 pub struct Tables {
     /// IPv4 routes by exact prefix: the record every writer consults.
@@ -241,21 +256,6 @@ pub fn resolve_next_hop(
         nh.flags |= NH_F_MAC_VALID;
     }
     Ok(nh)
-}
-
-/// Whether a route already at `have` needs changing to reach `want`: a
-/// different gateway or interface, or a different static MAC (a learned MAC
-/// is the kernel's to change, not the config's).
-fn same_next_hop(have: &NextHop, want: &NextHop) -> bool {
-    let static_mac = |nh: &NextHop| (nh.flags & NH_F_MAC_STATIC != 0).then_some(nh.dst_mac);
-    gateway_key(have) == gateway_key(want) && static_mac(have) == static_mac(want)
-}
-
-/// One gateway on one interface is one next hop.
-type GatewayKey = (u32, u32, [u8; 16]);
-
-fn gateway_key(nh: &NextHop) -> GatewayKey {
-    (nh.ifindex, nh.family, nh.gateway)
 }
 
 /// The next-hop table as read once, indexed by gateway, so that a batch of
@@ -1036,26 +1036,7 @@ impl Tables {
                 (p, (id, nh))
             })
             .collect();
-        let wanted: HashSet<Prefix> = desired.iter().map(|(p, _)| *p).collect();
-        let new: Vec<(Prefix, NextHop)> = desired
-            .iter()
-            .filter(|(p, _)| !current.contains_key(p))
-            .copied()
-            .collect();
-        let changed: Vec<(Prefix, NextHop)> = desired
-            .iter()
-            .filter(|(p, nh)| {
-                current
-                    .get(p)
-                    .is_some_and(|(_, have)| !same_next_hop(have, nh))
-            })
-            .copied()
-            .collect();
-        let gone: Vec<Prefix> = current
-            .keys()
-            .filter(|p| !wanted.contains(p))
-            .copied()
-            .collect();
+        let RoutePlan { new, changed, gone } = plan_routes(&current, desired);
         let locals = self.local_addrs();
         let v4 = ops.iter().filter(|(p, _)| p.addr.is_ipv4()).count();
         self.check_room(&new, &changed, &table, (v4, ops.len() - v4), &locals)?;
@@ -1481,6 +1462,41 @@ impl Tables {
         let at = index * MAGLEV_STRIDE + slot;
         let element = self.maglev.get(&dir24_layout::element_of(at), 0)?;
         Ok(dir24_layout::entry_in(element, at))
+    }
+
+    /// What the program does with a new or known flow to a VIP, read from
+    /// the tables it reads, the way it reads them (the common crate's VIP
+    /// key order, flow hash and Maglev position): None if no VIP takes it.
+    pub fn lookup_flow(&self, flow: &FlowKey) -> Result<Option<FlowLookup>> {
+        let key = VipKey {
+            addr: flow.dst,
+            port: flow.dst_port,
+            protocol: flow.protocol,
+            family: flow.family,
+        };
+        let vip = match self.vips.get(&key, 0) {
+            Ok(vip) => vip,
+            Err(_) => match self.vips.get(&key.any_port(), 0) {
+                Ok(vip) => vip,
+                Err(_) => return Ok(None),
+            },
+        };
+        let hash = pop_forwarder_common::maglev::flow_hash(
+            u64::from(self.flow_hash_seed()?),
+            &flow.src,
+            &flow.dst,
+            flow.src_port,
+            flow.dst_port,
+            flow.protocol,
+        );
+        let position = vip.maglev_position(hash);
+        let element = self.maglev.get(&dir24_layout::element_of(position), 0)?;
+        Ok(Some(FlowLookup {
+            vip: vip.index,
+            existing: self.flow_node(flow)?,
+            new: dir24_layout::entry_in(element, position),
+            maglev_slot: position - vip.index * MAGLEV_STRIDE,
+        }))
     }
 
     /// The node a known flow is pinned to.

@@ -18,7 +18,8 @@ use aya::{
 };
 use pop_forwarder::{
     EBPF_OBJECT,
-    config::{Ipv4Lookup, Prefix, RouteMissPolicy},
+    config::{Ipv4Lookup, RouteMissPolicy},
+    net::Prefix,
     tables::Tables,
 };
 use pop_forwarder_common::{

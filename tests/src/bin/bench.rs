@@ -27,7 +27,8 @@ use pop_forwarder::{
         BareRedirect, BpfStats, FlowSpec, Generator, Sink, destinations, map_memlock, routes_v4,
         routes_v6,
     },
-    config::{Ipv4Lookup, Mac, Prefix, RouteMissPolicy},
+    config::{Ipv4Lookup, RouteMissPolicy},
+    net::{Mac, Prefix},
     tables::Tables,
 };
 use pop_forwarder_common::{
