@@ -23,9 +23,9 @@ use crate::{
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
     kernel,
+    maps::{Tables, resolve_next_hop},
     net::Prefix,
     steering,
-    tables::{Tables, resolve_next_hop},
 };
 
 /// How often the daemon re-reads interfaces, addresses and neighbours.

@@ -10,10 +10,10 @@ pub mod failpoint;
 pub mod health;
 pub mod instance;
 pub mod kernel;
+pub mod maps;
 pub mod net;
 pub mod plan;
 pub mod steering;
-pub mod tables;
 
 /// The compiled XDP program, built by build.rs and embedded so that the
 /// binary alone is enough on a server.

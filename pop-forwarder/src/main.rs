@@ -10,7 +10,7 @@ use pop_forwarder::{
     daemon::{self, BpfLogLevel},
     instance::Instance,
     kernel,
-    tables::Tables,
+    maps::Tables,
 };
 
 /// XDP forwarder for PoP edge servers: longest-prefix-match routing and

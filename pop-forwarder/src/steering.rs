@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{Delivery, Model, Node, Vip},
     kernel::{self, Link, Neighbour},
+    maps::Tables,
     net::Mac,
-    tables::Tables,
 };
 
 /// A node's stable identity for Maglev: a hash of its name (FNV-1a, then

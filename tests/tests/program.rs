@@ -19,8 +19,8 @@ use aya::{
 use pop_forwarder::{
     EBPF_OBJECT,
     config::{Ipv4Lookup, RouteMissPolicy},
+    maps::Tables,
     net::Prefix,
-    tables::Tables,
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
@@ -872,7 +872,7 @@ fn a_large_route_change_walks_the_tables_a_constant_number_of_times() {
             .map(|(pfx, nh)| {
                 (
                     pfx.to_string(),
-                    pop_forwarder::tables::gateway_addr(nh).to_string(),
+                    pop_forwarder::maps::gateway_addr(nh).to_string(),
                 )
             })
             .collect();

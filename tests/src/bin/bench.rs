@@ -28,8 +28,8 @@ use pop_forwarder::{
         routes_v6,
     },
     config::{Ipv4Lookup, RouteMissPolicy},
+    maps::Tables,
     net::{Mac, Prefix},
-    tables::Tables,
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, PROGRAM_NAME,

@@ -1,0 +1,387 @@
+//! Typed access to the program's maps, from the loader (the maps of a freshly
+//! loaded object) or from another process (the maps pinned in bpffs).
+//!
+//! Writers order their updates so that the program never sees a route whose
+//! next hop is not fully written: next hop first, then the route; route
+//! removed first, then the next hop.
+//!
+//! One concern a file: this one opens the maps and keeps the journal that
+//! makes a change a transaction (and the settings); `routes`, `next_hops`,
+//! `steering` and `stats` write and read their tables; `sys` holds the
+//! syscalls aya lacks (batched lookups and updates, mmap). The imports below
+//! serve them all (`use super::*`).
+
+use crate::{
+    config::{Ipv4Lookup, Route, RouteMissPolicy},
+    kernel::{self, Link, Neighbour},
+    net::{Mac, Prefix},
+    plan::{GatewayKey, RoutePlan, gateway_key, plan_routes},
+};
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::maps::{
+    Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuValues,
+    lpm_trie::{Key, LpmTrie},
+};
+use pop_forwarder_common::{
+    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION, MAX_NEXT_HOPS, MAX_ROUTES_V4,
+    MAX_ROUTES_V6, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget,
+    TrafficCounter,
+    dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
+    map_names as names, settings,
+    steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
+};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    os::fd::AsFd as _,
+    path::Path,
+};
+
+mod next_hops;
+mod routes;
+mod stats;
+mod steering;
+mod sys;
+
+use next_hops::NextHopTable;
+pub use next_hops::{gateway_addr, resolve_next_hop};
+pub use routes::RouteEntry;
+pub use stats::{NextHopStats, Stats};
+pub use steering::FlowLookup;
+use sys::{Mmap, lookup_all, update_batch};
+
+pub struct Tables {
+    /// IPv4 routes by exact prefix: the record every writer consults.
+    routes_v4: HashMap<MapData, RouteKeyV4, RouteTarget>,
+    /// The IPv4 lookup trie, filled only when the program reads it.
+    trie_v4: LpmTrie<MapData, [u8; 4], RouteTarget>,
+    /// IPv6 routes: record and lookup in one.
+    routes_v6: LpmTrie<MapData, [u8; 16], RouteTarget>,
+    /// Second descriptors of the route maps, for batch updates.
+    routes_v4_fd: std::os::fd::OwnedFd,
+    trie_v4_fd: std::os::fd::OwnedFd,
+    routes_v6_fd: std::os::fd::OwnedFd,
+    /// What the program reads for IPv4 (SETTINGS, read once: it is set
+    /// before the first route and never changes).
+    ipv4_lookup: Ipv4Lookup,
+    next_hops: Array<MapData, NextHop>,
+    next_hop_stats: PerCpuArray<MapData, TrafficCounter>,
+    local_v4: HashMap<MapData, [u8; 4], u8>,
+    local_v6: HashMap<MapData, [u8; 16], u8>,
+    egress: DevMapHash<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    settings: Array<MapData, u32>,
+    tbl24: MapData,
+    tbl8: MapData,
+    /// The DIR-24-8 tables mapped into this process, once needed.
+    dir24: Option<(Mmap, Mmap)>,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    maglev: Array<MapData, u64>,
+    cache_nodes: Array<MapData, CacheNode>,
+    flows: HashMap<MapData, FlowKey, u32>,
+    vip_stats: PerCpuArray<MapData, TrafficCounter>,
+    node_stats: PerCpuArray<MapData, TrafficCounter>,
+    encap_sources: Array<MapData, [u8; 16]>,
+    /// How to take back the writes of the change under way (`begin`), newest
+    /// last; None when no change is open.
+    journal: Option<Vec<Undo>>,
+    /// Walks over a whole route table so far (`route_table_scans`).
+    scans: std::cell::Cell<u64>,
+}
+
+/// How to take back one write of a change. Tables the program writes
+/// itself (counters, the connection table) are not journaled: a change that
+/// resets a slot's counters leaves them reset when it is taken back.
+#[derive(Debug, Clone)]
+enum Undo {
+    /// A route was inserted: remove it.
+    RouteAdded(Prefix),
+    /// A route pointed at this target: point it back (exact in DIR-24-8
+    /// too: the same entries are overwritten again).
+    RouteReplaced(Prefix, RouteTarget),
+    /// A route was removed: insert it again (in DIR-24-8 a /24 cut up by
+    /// longer prefixes may come back in another tbl8 group, with the same
+    /// lookups).
+    RouteRemoved(Prefix, RouteTarget),
+    NextHop(u32, NextHop),
+    /// An interface was added to the egress devmap: remove it.
+    Egress(u32),
+    Setting(u32, u32),
+    Local(IpAddr, bool),
+    Node(u32, CacheNode),
+    Maglev(u32, u64),
+    Vip(VipKey, Option<VipInfo>),
+    Encap(u32, [u8; 16]),
+}
+
+fn typed<T>(map: Map, name: &str) -> Result<T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+/// BPF_NOEXIST from linux/bpf.h: create only.
+const BPF_NOEXIST: u64 = 1;
+
+fn os_error(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// A map with a duplicate of its descriptor.
+fn with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
+    let fd = match &map.0 {
+        Map::LpmTrie(data) | Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned(),
+        _ => bail!("map {} is not an LPM trie or a hash", map.1),
+    }
+    .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
+    Ok((map, fd))
+}
+
+/// The MapData of an array map (the DIR-24-8 tables are mmapped, not
+/// accessed element by element).
+fn array_data(map: (Map, String)) -> Result<MapData> {
+    match map.0 {
+        Map::Array(data) => Ok(data),
+        _ => bail!("map {} is not an array", map.1),
+    }
+}
+
+fn ifname(links: &[Link], ifindex: u32) -> String {
+    links
+        .iter()
+        .find(|l| l.ifindex == ifindex)
+        .map_or_else(|| format!("ifindex {ifindex}"), |l| l.name.clone())
+}
+
+trait FreeSlot {
+    fn default_free() -> Self;
+}
+
+impl FreeSlot for NextHop {
+    fn default_free() -> NextHop {
+        bytemuck::Zeroable::zeroed()
+    }
+}
+
+impl Tables {
+    /// Takes the maps out of a loaded object (the loader, the program tests).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Tables> {
+        Tables::open(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the object"))
+        })
+    }
+
+    /// Opens the maps an instance pinned in `dir`.
+    pub fn from_pins(dir: &Path) -> Result<Tables> {
+        Tables::open(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+        })
+    }
+
+    fn open(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Tables> {
+        let mut take = |name: &str| get(name).map(|m| (m, name.to_owned()));
+        macro_rules! open {
+            ($name:expr) => {{
+                let (map, name) = take($name)?;
+                typed(map, &name)?
+            }};
+        }
+        let (v4, routes_v4_fd) = with_fd(take(names::ROUTES_V4)?)?;
+        let (trie4, trie_v4_fd) = with_fd(take(names::ROUTES_V4_TRIE)?)?;
+        let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
+        let settings: Array<MapData, u32> = open!(names::SETTINGS);
+        let ipv4_lookup = match settings.get(&settings::IPV4_LOOKUP, 0)? {
+            settings::IPV4_TRIE => Ipv4Lookup::Trie,
+            _ => Ipv4Lookup::Dir24,
+        };
+        Ok(Tables {
+            routes_v4: typed(v4.0, &v4.1)?,
+            trie_v4: typed(trie4.0, &trie4.1)?,
+            routes_v6: typed(v6.0, &v6.1)?,
+            routes_v4_fd,
+            trie_v4_fd,
+            routes_v6_fd,
+            ipv4_lookup,
+            next_hops: open!(names::NEXT_HOPS),
+            next_hop_stats: open!(names::NEXT_HOP_STATS),
+            local_v4: open!(names::LOCAL_V4),
+            local_v6: open!(names::LOCAL_V6),
+            egress: open!(names::EGRESS_PORTS),
+            counters: open!(names::COUNTERS),
+            settings,
+            tbl24: array_data(take(names::IPV4_TBL24)?)?,
+            tbl8: array_data(take(names::IPV4_TBL8)?)?,
+            dir24: None,
+            vips: open!(names::VIPS),
+            maglev: open!(names::MAGLEV),
+            cache_nodes: open!(names::CACHE_NODES),
+            flows: open!(names::FLOWS),
+            vip_stats: open!(names::VIP_STATS),
+            node_stats: open!(names::NODE_STATS),
+            encap_sources: open!(names::ENCAP_SOURCES),
+            journal: None,
+            scans: std::cell::Cell::new(0),
+        })
+    }
+
+    /// How many times this handle walked over a whole route table: a change
+    /// must cost a constant number of walks, whatever its size (a walk per
+    /// route would make big changes quadratic). For the tests.
+    pub fn route_table_scans(&self) -> u64 {
+        self.scans.get()
+    }
+
+    fn scanned(&self) {
+        self.scans.set(self.scans.get() + 1);
+    }
+
+    /// Opens a change: from here every table write is journaled, so that
+    /// `rollback` can take the change back whole.
+    pub fn begin(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// Closes the change: its writes stay. Returns how many table writes it
+    /// made.
+    pub fn commit(&mut self) -> usize {
+        self.journal.take().map_or(0, |j| j.len())
+    }
+
+    /// Takes back every write since `begin`, newest first, and closes the
+    /// change. Returns the undo steps that failed (each is also logged):
+    /// none, normally.
+    pub fn rollback(&mut self) -> usize {
+        let Some(journal) = self.journal.take() else {
+            return 0;
+        };
+        let mut failed = 0;
+        for undo in journal.into_iter().rev() {
+            if let Err(e) = self.undo(&undo) {
+                log::error!("taking back a table write ({undo:?}): {e:#}");
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    fn undo(&mut self, undo: &Undo) -> Result<()> {
+        match *undo {
+            Undo::RouteAdded(prefix) => self.remove_route(prefix),
+            Undo::RouteReplaced(prefix, target) => self.write_route(prefix, target),
+            Undo::RouteRemoved(prefix, target) => self.insert_route(prefix, target.next_hop),
+            Undo::NextHop(id, nh) => Ok(self.next_hops.set(id, nh, 0)?),
+            Undo::Egress(ifindex) => Ok(self.egress.remove(ifindex)?),
+            Undo::Setting(index, value) => Ok(self.settings.set(index, value, 0)?),
+            Undo::Local(addr, present) => match (addr, present) {
+                (IpAddr::V4(a), true) => Ok(self.local_v4.insert(a.octets(), 1, 0)?),
+                (IpAddr::V6(a), true) => Ok(self.local_v6.insert(a.octets(), 1, 0)?),
+                (IpAddr::V4(a), false) => Ok(self.local_v4.remove(&a.octets())?),
+                (IpAddr::V6(a), false) => Ok(self.local_v6.remove(&a.octets())?),
+            },
+            Undo::Node(id, node) => Ok(self.cache_nodes.set(id, node, 0)?),
+            Undo::Maglev(element, value) => Ok(self.maglev.set(element, value, 0)?),
+            Undo::Vip(key, Some(info)) => Ok(self.vips.insert(key, info, 0)?),
+            Undo::Vip(key, None) => Ok(self.vips.remove(&key)?),
+            Undo::Encap(slot, addr) => Ok(self.encap_sources.set(slot, addr, 0)?),
+        }
+    }
+
+    /// Records how to take back a write about to be made, if a change is
+    /// open. `kind` names the write for failure injection (`failpoint`).
+    fn journal(&mut self, kind: &'static str, undo: impl FnOnce(&Self) -> Undo) -> Result<()> {
+        self.failpoint(kind)?;
+        let undo = self.journal.is_some().then(|| undo(self));
+        if let (Some(undo), Some(journal)) = (undo, &mut self.journal) {
+            journal.push(undo);
+        }
+        Ok(())
+    }
+
+    /// Fails here if the tests asked for it (`failpoint`), inside a change.
+    fn failpoint(&self, kind: &'static str) -> Result<()> {
+        match self.journal {
+            Some(_) => crate::failpoint::hit(kind),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes one slot of SETTINGS, journaled.
+    /// (A value already there is not written again.)
+    fn set_setting(&mut self, index: u32, value: u32, what: &str) -> Result<()> {
+        let old = self.settings.get(&index, 0).unwrap_or(0);
+        if old == value {
+            return Ok(());
+        }
+        self.journal("setting", |_| Undo::Setting(index, old))?;
+        self.settings
+            .set(index, value, 0)
+            .with_context(|| format!("writing {what}"))
+    }
+
+    /// How the program looks IPv4 up. Set once, before any IPv4 route.
+    pub fn set_ipv4_lookup(&mut self, lookup: Ipv4Lookup) -> Result<()> {
+        if self.routes_v4.keys().next().is_some() {
+            bail!("the IPv4 lookup can only be chosen while there are no IPv4 routes");
+        }
+        let value = match lookup {
+            Ipv4Lookup::Dir24 => settings::IPV4_DIR24,
+            Ipv4Lookup::Trie => settings::IPV4_TRIE,
+        };
+        self.set_setting(settings::IPV4_LOOKUP, value, "the IPv4 lookup setting")?;
+        self.ipv4_lookup = lookup;
+        Ok(())
+    }
+
+    pub fn ipv4_lookup(&self) -> Ipv4Lookup {
+        self.ipv4_lookup
+    }
+
+    /// Records that these maps have this build's layout: written once, when
+    /// a daemon creates them.
+    pub fn set_layout_version(&mut self) -> Result<()> {
+        self.set_setting(
+            settings::LAYOUT_VERSION,
+            MAP_LAYOUT_VERSION,
+            "the map layout version",
+        )
+    }
+
+    /// The `MAP_LAYOUT_VERSION` of the build that created these maps (0:
+    /// a build from before versions were recorded).
+    pub fn layout_version(&self) -> Result<u32> {
+        self.settings
+            .get(&settings::LAYOUT_VERSION, 0)
+            .context("reading the map layout version")
+    }
+
+    pub fn set_route_miss(&mut self, policy: RouteMissPolicy) -> Result<()> {
+        let value = u32::from(policy == RouteMissPolicy::Drop);
+        self.set_setting(settings::ROUTE_MISS_DROP, value, "the route-miss policy")
+    }
+
+    pub fn route_miss(&self) -> Result<RouteMissPolicy> {
+        Ok(match self.settings.get(&settings::ROUTE_MISS_DROP, 0)? {
+            1 => RouteMissPolicy::Drop,
+            _ => RouteMissPolicy::Pass,
+        })
+    }
+
+    /// Allows redirects to `ifindex`.
+    pub fn add_egress(&mut self, ifindex: u32) -> Result<()> {
+        if self.egress.get(ifindex, 0).is_ok() {
+            return Ok(());
+        }
+        self.journal("egress", |_| Undo::Egress(ifindex))?;
+        self.egress
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| anyhow!("adding interface index {ifindex} to the egress devmap: {e}"))
+    }
+}

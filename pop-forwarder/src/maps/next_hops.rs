@@ -1,0 +1,263 @@
+//! The next-hop table: one slot per gateway on an interface, shared by
+//! every route through it; learned MACs, MTUs and source MACs kept current.
+
+use super::*;
+
+pub(super) fn gateway_bytes(addr: IpAddr) -> ([u8; 16], u32) {
+    let mut gw = [0u8; 16];
+    match addr {
+        IpAddr::V4(a) => {
+            gw[..4].copy_from_slice(&a.octets());
+            (gw, AF_INET)
+        }
+        IpAddr::V6(a) => (a.octets(), AF_INET6),
+    }
+}
+
+pub fn gateway_addr(nh: &NextHop) -> IpAddr {
+    if nh.family == AF_INET {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&nh.gateway[..4]);
+        IpAddr::from(a)
+    } else {
+        IpAddr::from(nh.gateway)
+    }
+}
+
+/// The next hop a route needs, resolved against this namespace's interfaces
+/// and neighbours: egress index, MTU and source MAC from the interface; the
+/// destination MAC from the route or, failing that, the neighbour table.
+pub fn resolve_next_hop(
+    route: &Route,
+    links: &[Link],
+    neighbours: &[Neighbour],
+) -> Result<NextHop> {
+    let link = kernel::link(links, &route.dev).context("dev")?;
+    let src_mac = link
+        .mac
+        .with_context(|| format!("dev: interface {:?} has no Ethernet address", route.dev))?;
+    let (gateway, family) = gateway_bytes(route.via);
+    let mut nh = NextHop {
+        ifindex: link.ifindex,
+        mtu: link.mtu,
+        flags: NH_F_IN_USE,
+        dst_mac: [0; 6],
+        src_mac: src_mac.0,
+        gateway,
+        family,
+    };
+    if let Some(mac) = route.mac {
+        nh.dst_mac = mac.0;
+        nh.flags |= NH_F_MAC_VALID | NH_F_MAC_STATIC;
+    } else if let Some(n) = neighbours
+        .iter()
+        .find(|n| n.addr == route.via && n.ifname == route.dev)
+    {
+        nh.dst_mac = n.mac.0;
+        nh.flags |= NH_F_MAC_VALID;
+    }
+    Ok(nh)
+}
+
+/// The next-hop table as read once, indexed by gateway, so that a batch of
+/// routes costs a hash lookup per route rather than a scan of the table.
+pub(super) struct NextHopTable {
+    pub(super) slots: Vec<NextHop>,
+    pub(super) by_gateway: std::collections::HashMap<GatewayKey, u32>,
+}
+
+impl Tables {
+    /// Every slot of the next-hop table, free ones too.
+    pub fn next_hop_slots(&self) -> Result<Vec<NextHop>> {
+        (0..MAX_NEXT_HOPS)
+            .map(|i| {
+                self.next_hops
+                    .get(&i, 0)
+                    .context("reading the next-hop table")
+            })
+            .collect()
+    }
+
+    /// The id of the next hop for `want`'s gateway and interface, allocating
+    /// a slot if there is none. Returns whether the slot is new.
+    pub(super) fn find_or_add_next_hop(
+        &mut self,
+        table: &mut NextHopTable,
+        want: &NextHop,
+    ) -> Result<(u32, bool)> {
+        if let Some(&id) = table.by_gateway.get(&gateway_key(want)) {
+            let have = table.slots[id as usize];
+            let want_static = want.flags & NH_F_MAC_STATIC != 0;
+            let have_static = have.flags & NH_F_MAC_STATIC != 0;
+            if want_static && have_static && have.dst_mac != want.dst_mac {
+                bail!(
+                    "mac: gateway {} already has MAC {} (next hop {id})",
+                    gateway_addr(&have),
+                    Mac(have.dst_mac)
+                );
+            }
+            if want_static && !have_static {
+                self.write_next_hop(id, want)?;
+                table.slots[id as usize] = *want;
+            }
+            return Ok((id, false));
+        }
+        let id = table
+            .slots
+            .iter()
+            .position(|nh| !nh.is_in_use())
+            .with_context(|| format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)"))?
+            as u32;
+        self.add_egress(want.ifindex)?;
+        let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        self.next_hop_stats
+            .set(id, PerCpuValues::try_from(zeros)?, 0)
+            .context("resetting next-hop counters")?;
+        self.write_next_hop(id, want)?;
+        table.slots[id as usize] = *want;
+        table.by_gateway.insert(gateway_key(want), id);
+        Ok((id, true))
+    }
+
+    pub(super) fn write_next_hop(&mut self, id: u32, nh: &NextHop) -> Result<()> {
+        self.journal("next-hop", |t| {
+            Undo::NextHop(
+                id,
+                t.next_hops.get(&id, 0).unwrap_or(NextHop::default_free()),
+            )
+        })?;
+        self.next_hops
+            .set(id, nh, 0)
+            .with_context(|| format!("writing next hop {id}"))
+    }
+
+    pub(super) fn next_hop_table(&self) -> Result<NextHopTable> {
+        let slots = self.next_hop_slots()?;
+        let by_gateway = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, nh)| nh.is_in_use())
+            .map(|(id, nh)| (gateway_key(nh), id as u32))
+            .collect();
+        Ok(NextHopTable { slots, by_gateway })
+    }
+
+    pub(super) fn free_next_hops(&mut self, ids: &[u32]) {
+        for id in ids {
+            let _ = self.free_next_hop(*id);
+        }
+    }
+
+    pub(super) fn free_next_hop(&mut self, id: u32) -> Result<()> {
+        self.write_next_hop(id, &NextHop::default_free())
+    }
+
+    /// Next-hop ids that operator routes point at (local routes do not).
+    pub(super) fn next_hop_ids_in_use(&self) -> HashSet<u32> {
+        self.scanned();
+        let v4 = self
+            .routes_v4_all()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, t)| t.next_hop);
+        let v6 = self
+            .routes_v6
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, t)| t.next_hop);
+        v4.chain(v6).collect()
+    }
+
+    /// One route fewer uses next hop `id`; frees it when none does.
+    pub(super) fn release_next_hop(
+        &mut self,
+        id: u32,
+        uses: &mut std::collections::HashMap<u32, usize>,
+        table: &mut NextHopTable,
+    ) -> Result<()> {
+        let Some(n) = uses.get_mut(&id) else {
+            return Ok(());
+        };
+        *n -= 1;
+        if *n == 0 && id != LOCAL_NEXT_HOP {
+            uses.remove(&id);
+            self.free_next_hop(id)?;
+            if let Some(slot) = table.slots.get_mut(id as usize) {
+                table.by_gateway.remove(&gateway_key(slot));
+                *slot = NextHop::default_free();
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings learned next-hop MACs, egress MTUs and source MACs in line with
+    /// the kernel. Returns a line per change, for the log.
+    pub fn refresh_next_hops(
+        &mut self,
+        links: &[Link],
+        neighbours: &[Neighbour],
+    ) -> Result<Vec<String>> {
+        let mut changes = Vec::new();
+        for (id, nh) in self.next_hop_slots()?.into_iter().enumerate() {
+            if !nh.is_in_use() {
+                continue;
+            }
+            let Some(link) = links.iter().find(|l| l.ifindex == nh.ifindex) else {
+                continue;
+            };
+            let mut next = nh;
+            next.mtu = link.mtu;
+            if let Some(mac) = link.mac {
+                next.src_mac = mac.0;
+            }
+            if nh.flags & NH_F_MAC_STATIC == 0 {
+                let gw = gateway_addr(&nh);
+                match neighbours
+                    .iter()
+                    .find(|n| n.addr == gw && n.ifname == link.name)
+                {
+                    Some(n) => {
+                        next.dst_mac = n.mac.0;
+                        next.flags |= NH_F_MAC_VALID;
+                    }
+                    None => {
+                        next.dst_mac = [0; 6];
+                        next.flags &= !NH_F_MAC_VALID;
+                    }
+                }
+            }
+            if next != nh {
+                // Re-read under the caller's lock: the slot must still be the
+                // same next hop, not one freed and reused meanwhile.
+                let current = self.next_hops.get(&(id as u32), 0)?;
+                if current != nh {
+                    continue;
+                }
+                self.write_next_hop(id as u32, &next)?;
+                changes.push(format!(
+                    "next hop {id} ({} on {}): mac {} mtu {}",
+                    gateway_addr(&nh),
+                    link.name,
+                    if next.mac_valid() {
+                        Mac(next.dst_mac).to_string()
+                    } else {
+                        "unresolved".into()
+                    },
+                    next.mtu
+                ));
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Gateways (and their interface index) of next hops that still wait for
+    /// a MAC from the neighbour table.
+    pub fn unresolved_gateways(&self) -> Result<Vec<(IpAddr, u32)>> {
+        Ok(self
+            .next_hop_slots()?
+            .iter()
+            .filter(|nh| nh.is_in_use() && !nh.mac_valid() && nh.flags & NH_F_MAC_STATIC == 0)
+            .map(|nh| (gateway_addr(nh), nh.ifindex))
+            .collect())
+    }
+}

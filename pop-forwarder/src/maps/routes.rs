@@ -1,0 +1,718 @@
+//! Routes: the IPv4 record and the structure the program reads (DIR-24-8
+//! or the LPM trie), the IPv6 trie, and this box's own addresses as /32
+//! and /128 routes. A change is planned (`plan`), checked for room, then
+//! written, new next hop before the route that uses it.
+
+use super::*;
+
+/// A route as the tables hold it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteEntry {
+    pub prefix: String,
+    pub next_hop: u32,
+    pub via: String,
+    pub dev: String,
+    /// None while the neighbour is unresolved.
+    pub mac: Option<String>,
+    pub mac_static: bool,
+}
+
+pub(super) fn refuse_local(locals: &HashSet<IpAddr>, prefix: Prefix) -> Result<()> {
+    if prefix == host_prefix(prefix.addr) && locals.contains(&prefix.addr) {
+        bail!("{prefix} is one of this box's own addresses; its packets always go to the kernel");
+    }
+    Ok(())
+}
+
+/// The error for the route a batch update stopped at.
+pub(super) fn batch_error(prefix: Prefix, e: std::io::Error) -> anyhow::Error {
+    anyhow::Error::new(e).context(format!("inserting routes (stopped at {prefix})"))
+}
+
+/// The record key of an IPv4 prefix.
+pub(super) fn key_v4(len: u8, a: std::net::Ipv4Addr) -> RouteKeyV4 {
+    RouteKeyV4 {
+        prefix_len: len.into(),
+        addr: a.octets(),
+    }
+}
+
+/// The /32 or /128 of one address.
+pub(super) fn host_prefix(addr: IpAddr) -> Prefix {
+    Prefix {
+        addr,
+        len: if addr.is_ipv4() { 32 } else { 128 },
+    }
+}
+
+pub(super) fn dir24_error(e: Dir24Error) -> anyhow::Error {
+    match e {
+        Dir24Error::Tbl8Full => anyhow!(
+            "the IPv4 table has no free tbl8 group: at most {} distinct /24s may hold prefixes longer than /24",
+            pop_forwarder_common::dir24::TBL8_GROUPS
+        ),
+        Dir24Error::NextHopTooLarge => anyhow!("next-hop id does not fit the IPv4 table"),
+        Dir24Error::BadLength => anyhow!("prefix length over 32"),
+    }
+}
+
+impl Tables {
+    /// The DIR-24-8 tables, if the program uses them.
+    pub(super) fn dir24(&mut self) -> Result<Option<Dir24<'_>>> {
+        if self.ipv4_lookup != Ipv4Lookup::Dir24 {
+            return Ok(None);
+        }
+        if self.dir24.is_none() {
+            self.dir24 = Some((
+                Mmap::new(&self.tbl24, names::IPV4_TBL24)?,
+                Mmap::new(&self.tbl8, names::IPV4_TBL8)?,
+            ));
+        }
+        let (t24, t8) = self.dir24.as_mut().expect("mapped above");
+        Ok(Some(Dir24 {
+            tbl24: t24.slice(),
+            tbl8: t8.slice(),
+        }))
+    }
+
+    /// Installs `prefix` -> `next_hop`. Fails if the prefix is already routed.
+    pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
+        self.refuse_local(prefix)?;
+        let mut table = self.next_hop_table()?;
+        let (id, new) = self.find_or_add_next_hop(&mut table, next_hop)?;
+        if let Err(e) = self.insert_route(prefix, id) {
+            if new {
+                self.free_next_hop(id)?;
+            }
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    pub(super) fn insert_route(&mut self, prefix: Prefix, next_hop: u32) -> Result<()> {
+        self.failpoint("route")?;
+        let target = RouteTarget {
+            next_hop,
+            prefix_len: prefix.len.into(),
+        };
+        // BPF_NOEXIST: the record (and the IPv6 trie) refuse an exact
+        // duplicate prefix.
+        let inserted = match prefix.addr {
+            IpAddr::V4(a) => self
+                .routes_v4
+                .insert(key_v4(prefix.len, a), target, BPF_NOEXIST),
+            IpAddr::V6(a) => self.routes_v6.insert(
+                &Key::new(prefix.len.into(), a.octets()),
+                target,
+                BPF_NOEXIST,
+            ),
+        };
+        match inserted {
+            Ok(()) => {}
+            Err(e) if os_error(&e) == Some(libc::EEXIST) => {
+                bail!("a route to {prefix} already exists; delete it first")
+            }
+            Err(e) => return Err(e).with_context(|| format!("inserting the route to {prefix}")),
+        }
+        if let IpAddr::V4(a) = prefix.addr
+            && let Err(e) = self.index_v4(a, prefix.len, target)
+        {
+            let _ = self.routes_v4.remove(&key_v4(prefix.len, a));
+            return Err(e).with_context(|| format!("inserting the route to {prefix}"));
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.push(Undo::RouteAdded(prefix));
+        }
+        Ok(())
+    }
+
+    /// Points the existing route to `prefix` at `target`: the record, then
+    /// the structure the program reads.
+    pub(super) fn write_route(&mut self, prefix: Prefix, target: RouteTarget) -> Result<()> {
+        match prefix.addr {
+            IpAddr::V4(a) => {
+                self.routes_v4.insert(key_v4(prefix.len, a), target, 0)?;
+                self.index_v4(a, prefix.len, target)
+            }
+            IpAddr::V6(a) => {
+                Ok(self
+                    .routes_v6
+                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)?)
+            }
+        }
+    }
+
+    /// Adds an IPv4 route to the structure the program reads.
+    pub(super) fn index_v4(
+        &mut self,
+        a: std::net::Ipv4Addr,
+        len: u8,
+        target: RouteTarget,
+    ) -> Result<()> {
+        match self.ipv4_lookup {
+            Ipv4Lookup::Trie => self
+                .trie_v4
+                .insert(&Key::new(len.into(), a.octets()), target, 0)
+                .map_err(Into::into),
+            Ipv4Lookup::Dir24 => {
+                let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                dir.add(u32::from(a), len.into(), target.next_hop)
+                    .map_err(dir24_error)
+            }
+        }
+    }
+
+    /// Removes exactly `prefix`. For IPv4 its addresses then belong to the
+    /// longest remaining prefix that covers them, found in the record.
+    pub(super) fn remove_route(&mut self, prefix: Prefix) -> Result<()> {
+        self.failpoint("route")?;
+        let old = self.longest_match(prefix)?;
+        let removed = match prefix.addr {
+            IpAddr::V4(a) => self.routes_v4.remove(&key_v4(prefix.len, a)),
+            IpAddr::V6(a) => self
+                .routes_v6
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e)
+                if matches!(e, aya::maps::MapError::KeyNotFound)
+                    || os_error(&e) == Some(libc::ENOENT) =>
+            {
+                bail!("there is no route to {prefix}")
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing the route to {prefix}")),
+        }
+        if let IpAddr::V4(a) = prefix.addr {
+            match self.ipv4_lookup {
+                Ipv4Lookup::Trie => self
+                    .trie_v4
+                    .remove(&Key::new(prefix.len.into(), a.octets()))
+                    .with_context(|| format!("removing the route to {prefix} from the trie"))?,
+                Ipv4Lookup::Dir24 => {
+                    let covering = self.covering_v4(a, prefix.len)?;
+                    let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                    dir.remove(u32::from(a), prefix.len.into(), covering)
+                        .map_err(dir24_error)?;
+                }
+            }
+        }
+        if let (Some(journal), Some(old)) = (&mut self.journal, old) {
+            journal.push(Undo::RouteRemoved(prefix, old));
+        }
+        Ok(())
+    }
+
+    /// The longest IPv4 route shorter than `len` covering `a`, as (next hop,
+    /// length): at most `len` exact lookups in the record.
+    pub(super) fn covering_v4(&self, a: std::net::Ipv4Addr, len: u8) -> Result<Option<(u32, u32)>> {
+        for shorter in (0..len).rev() {
+            let net = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(shorter)).unwrap_or(0);
+            match self.routes_v4.get(&key_v4(shorter, net.into()), 0) {
+                Ok(t) => return Ok(Some((t.next_hop, t.prefix_len))),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) if os_error(&e) == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e).context("looking up a covering route"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Local addresses are the daemon's to route: refuses `prefix` if it is
+    /// exactly one of them.
+    pub(super) fn refuse_local(&self, prefix: Prefix) -> Result<()> {
+        refuse_local(&self.local_addrs(), prefix)
+    }
+
+    /// Installs a whole set of routes; on any failure, removes what it added
+    /// (routes, then the next hops it allocated) so the tables are as they
+    /// were. The tries are written with BPF_MAP_UPDATE_BATCH, a syscall per
+    /// chunk rather than per route.
+    pub fn add_routes(&mut self, routes: &[(Prefix, NextHop)]) -> Result<()> {
+        // A batch update cannot refuse an existing key (elem_flags takes only
+        // BPF_F_LOCK), so duplicates are found first: against what the
+        // tries hold (few entries when a daemon starts) and within the batch.
+        let mut present = self.prefixes()?;
+        let mut table = self.next_hop_table()?;
+        self.insert_new_routes(routes, &mut present, &mut table)
+            .map(drop)
+    }
+
+    /// `add_routes` given what the tries hold (`present`, which it extends)
+    /// and the next-hop table as read: returns each route's next-hop id.
+    pub(super) fn insert_new_routes(
+        &mut self,
+        routes: &[(Prefix, NextHop)],
+        present: &mut HashSet<Prefix>,
+        table: &mut NextHopTable,
+    ) -> Result<Vec<u32>> {
+        let locals = self.local_addrs();
+        let mut new_next_hops = Vec::new();
+        let mut targets = Vec::with_capacity(routes.len());
+        for (prefix, nh) in routes {
+            let found = refuse_local(&locals, *prefix)
+                .and_then(|()| match present.insert(*prefix) {
+                    true => Ok(()),
+                    false => Err(anyhow!(
+                        "a route to {prefix} already exists; delete it first"
+                    )),
+                })
+                .and_then(|()| self.find_or_add_next_hop(table, nh));
+            match found {
+                Ok((id, new)) => {
+                    if new {
+                        new_next_hops.push(id);
+                    }
+                    targets.push(RouteTarget {
+                        next_hop: id,
+                        prefix_len: prefix.len.into(),
+                    });
+                }
+                Err(e) => {
+                    self.free_next_hops(&new_next_hops);
+                    return Err(e);
+                }
+            }
+        }
+        let mut inserted = Vec::with_capacity(routes.len());
+        let result = self.insert_routes(routes, &targets, &mut inserted);
+        if let Some(journal) = &mut self.journal {
+            journal.extend(inserted.iter().map(|p| Undo::RouteAdded(*p)));
+        }
+        if let Err(e) = result {
+            for prefix in inserted.iter().rev() {
+                let _ = self.remove_route(*prefix);
+            }
+            self.free_next_hops(&new_next_hops);
+            return Err(e);
+        }
+        Ok(targets.iter().map(|t| t.next_hop).collect())
+    }
+
+    /// Every prefix in the tries, local ones included.
+    pub(super) fn prefixes(&self) -> Result<HashSet<Prefix>> {
+        self.scanned();
+        let v4 = self.routes_v4_all()?.into_iter().map(|(k, _)| {
+            Ok(Prefix {
+                addr: IpAddr::from(k.addr),
+                len: k.prefix_len as u8,
+            })
+        });
+        let v6 = self.routes_v6.keys().map(|k| {
+            k.map(|k| Prefix {
+                addr: IpAddr::from(k.data()),
+                len: k.prefix_len() as u8,
+            })
+        });
+        v4.chain(v6)
+            .collect::<Result<_, _>>()
+            .context("reading the route tables")
+    }
+
+    /// Writes `routes` into the tries in batches, then (IPv4) into DIR-24-8;
+    /// records every prefix written in `inserted`.
+    pub(super) fn insert_routes(
+        &mut self,
+        routes: &[(Prefix, NextHop)],
+        targets: &[RouteTarget],
+        inserted: &mut Vec<Prefix>,
+    ) -> Result<()> {
+        const CHUNK: usize = 1 << 16;
+        self.failpoint("route")?;
+        let (v4, v6): (Vec<usize>, Vec<usize>) =
+            (0..routes.len()).partition(|&i| routes[i].0.addr.is_ipv4());
+        for chunk in v4.chunks(CHUNK) {
+            let v4_of = |i: usize| match routes[i].0.addr {
+                IpAddr::V4(a) => (a, routes[i].0.len),
+                IpAddr::V6(_) => unreachable!("partitioned by family"),
+            };
+            let keys: Vec<RouteKeyV4> = chunk
+                .iter()
+                .map(|&i| {
+                    let (a, len) = v4_of(i);
+                    key_v4(len, a)
+                })
+                .collect();
+            let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
+            let result = update_batch(self.routes_v4_fd.as_fd(), &keys, &values);
+            let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
+            inserted.extend(chunk[..done].iter().map(|&i| routes[i].0));
+            // Then the structure the program reads.
+            match self.ipv4_lookup {
+                Ipv4Lookup::Trie => {
+                    let keys: Vec<Key<[u8; 4]>> = chunk[..done]
+                        .iter()
+                        .map(|&i| {
+                            let (a, len) = v4_of(i);
+                            Key::new(len.into(), a.octets())
+                        })
+                        .collect();
+                    if let Err((n, e)) =
+                        update_batch(self.trie_v4_fd.as_fd(), &keys, &values[..done])
+                    {
+                        return Err(batch_error(
+                            routes[chunk[n.min(done.saturating_sub(1))]].0,
+                            e,
+                        ));
+                    }
+                }
+                Ipv4Lookup::Dir24 => {
+                    let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                    for &i in &chunk[..done] {
+                        let (a, len) = v4_of(i);
+                        dir.add(u32::from(a), len.into(), targets[i].next_hop)
+                            .map_err(dir24_error)
+                            .with_context(|| format!("inserting the route to {}", routes[i].0))?;
+                    }
+                }
+            }
+            if let Err((n, e)) = result {
+                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]].0, e));
+            }
+        }
+        for chunk in v6.chunks(CHUNK) {
+            let keys: Vec<Key<[u8; 16]>> = chunk
+                .iter()
+                .map(|&i| match routes[i].0.addr {
+                    IpAddr::V6(a) => Key::new(routes[i].0.len.into(), a.octets()),
+                    IpAddr::V4(_) => unreachable!("partitioned by family"),
+                })
+                .collect();
+            let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
+            let result = update_batch(self.routes_v6_fd.as_fd(), &keys, &values);
+            let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
+            inserted.extend(chunk[..done].iter().map(|&i| routes[i].0));
+            if let Err((n, e)) = result {
+                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]].0, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next-hop id the longest prefix covering `prefix` points at.
+    /// The route for `prefix`: exact for IPv4 (the record); the longest
+    /// match covering it for IPv6 (the trie), which is `prefix` itself when
+    /// it is routed.
+    pub(super) fn longest_match(&self, prefix: Prefix) -> Result<Option<RouteTarget>> {
+        let got = match prefix.addr {
+            IpAddr::V4(a) => self.routes_v4.get(&key_v4(prefix.len, a), 0),
+            IpAddr::V6(a) => self
+                .routes_v6
+                .get(&Key::new(prefix.len.into(), a.octets()), 0),
+        };
+        match got {
+            Ok(t) => Ok(Some(t)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) if os_error(&e) == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e).context("looking up a route"),
+        }
+    }
+
+    /// Removes the route to exactly `prefix`, and its next hop if no other
+    /// route uses it.
+    pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
+        self.refuse_local(prefix)?;
+        // If the exact prefix is routed, this is its next hop; if it is not,
+        // the removal below says so.
+        let id = self.longest_match(prefix)?.map(|t| t.next_hop);
+        self.remove_route(prefix)?;
+        if let Some(id) = id
+            && !self.next_hop_ids_in_use().contains(&id)
+        {
+            self.free_next_hop(id)?;
+        }
+        Ok(())
+    }
+
+    /// The IPv4 record, whole: batched, a syscall per 16,384 routes.
+    pub(super) fn routes_v4_all(&self) -> Result<Vec<(RouteKeyV4, RouteTarget)>> {
+        lookup_all(self.routes_v4_fd.as_fd()).context("reading IPv4 routes")
+    }
+
+    /// Operator routes (local addresses left out) and their next-hop ids,
+    /// IPv4 first, each family in address order.
+    pub(super) fn operator_routes(&self) -> Result<Vec<(Prefix, u32)>> {
+        self.scanned();
+        let mut v4 = self.routes_v4_all()?;
+        v4.sort_by_key(|(k, _)| (k.addr, k.prefix_len));
+        let mut v6: Vec<_> = self
+            .routes_v6
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading IPv6 routes")?;
+        v6.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
+        let v4 = v4.into_iter().map(|(k, t)| {
+            (
+                Prefix {
+                    addr: IpAddr::from(k.addr),
+                    len: k.prefix_len as u8,
+                },
+                t.next_hop,
+            )
+        });
+        let v6 = v6.into_iter().map(|(k, t)| {
+            (
+                Prefix {
+                    addr: IpAddr::from(k.data()),
+                    len: k.prefix_len() as u8,
+                },
+                t.next_hop,
+            )
+        });
+        Ok(v4
+            .chain(v6)
+            .filter(|(_, id)| *id != LOCAL_NEXT_HOP)
+            .collect())
+    }
+
+    /// Every operator route, IPv4 first, with its next hop described.
+    pub fn routes(&self, links: &[Link]) -> Result<Vec<RouteEntry>> {
+        let slots = self.next_hop_slots()?;
+        Ok(self
+            .operator_routes()?
+            .into_iter()
+            .map(|(prefix, id)| {
+                let nh = slots
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or(NextHop::default_free());
+                RouteEntry {
+                    prefix: prefix.to_string(),
+                    next_hop: id,
+                    via: gateway_addr(&nh).to_string(),
+                    dev: ifname(links, nh.ifindex),
+                    mac: nh.mac_valid().then(|| Mac(nh.dst_mac).to_string()),
+                    mac_static: nh.flags & NH_F_MAC_STATIC != 0,
+                }
+            })
+            .collect())
+    }
+
+    /// Makes the operator routes exactly `desired` (a reloaded config):
+    /// adds the new prefixes first, as one batch that is undone whole if it
+    /// fails; then points changed prefixes at their new next hops in place
+    /// (no moment without a route); then deletes the prefixes no longer
+    /// wanted. Returns (added, changed, deleted).
+    pub fn apply_routes(&mut self, desired: &[(Prefix, NextHop)]) -> Result<(usize, usize, usize)> {
+        // One walk over the routes and one read of the next-hop table serve
+        // the whole change: it costs in proportion to its routes, never to
+        // routes times routes.
+        let ops = self.operator_routes()?;
+        let mut table = self.next_hop_table()?;
+        let mut uses: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+        for (_, id) in &ops {
+            *uses.entry(*id).or_default() += 1;
+        }
+        let current: std::collections::HashMap<Prefix, (u32, NextHop)> = ops
+            .iter()
+            .map(|&(p, id)| {
+                let nh = table
+                    .slots
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or(NextHop::default_free());
+                (p, (id, nh))
+            })
+            .collect();
+        let RoutePlan { new, changed, gone } = plan_routes(&current, desired);
+        let locals = self.local_addrs();
+        let v4 = ops.iter().filter(|(p, _)| p.addr.is_ipv4()).count();
+        self.check_room(&new, &changed, &table, (v4, ops.len() - v4), &locals)?;
+        let mut present: HashSet<Prefix> = current
+            .keys()
+            .copied()
+            .chain(locals.iter().map(|a| host_prefix(*a)))
+            .collect();
+        for id in self.insert_new_routes(&new, &mut present, &mut table)? {
+            *uses.entry(id).or_default() += 1;
+        }
+        for (prefix, nh) in &changed {
+            let old = current[prefix].0;
+            let id = self.repoint_route(*prefix, old, nh, &mut table)?;
+            if id != old {
+                *uses.entry(id).or_default() += 1;
+                self.release_next_hop(old, &mut uses, &mut table)?;
+            }
+        }
+        for prefix in &gone {
+            self.remove_route(*prefix)?;
+            self.release_next_hop(current[prefix].0, &mut uses, &mut table)?;
+        }
+        Ok((new.len(), changed.len(), gone.len()))
+    }
+
+    /// Refuses a change of the operator routes that would not fit, before
+    /// its first write: new next hops beyond the free slots, routes beyond
+    /// the tables' sizes, /24s cut up by longer prefixes beyond the free
+    /// tbl8 groups. Routes that go are not counted as room: they are deleted
+    /// last, once everything new is in place.
+    pub(super) fn check_room(
+        &mut self,
+        new: &[(Prefix, NextHop)],
+        changed: &[(Prefix, NextHop)],
+        table: &NextHopTable,
+        (op_v4, op_v6): (usize, usize),
+        locals: &HashSet<IpAddr>,
+    ) -> Result<()> {
+        let gateways: HashSet<GatewayKey> = new
+            .iter()
+            .chain(changed)
+            .map(|(_, nh)| gateway_key(nh))
+            .filter(|k| !table.by_gateway.contains_key(k))
+            .collect();
+        let free = table.slots.iter().filter(|nh| !nh.is_in_use()).count();
+        if gateways.len() > free {
+            bail!(
+                "the change needs {} new next hops; the next-hop table has {free} free of {MAX_NEXT_HOPS}",
+                gateways.len()
+            );
+        }
+        let new_v4: Vec<(u32, u32)> = new
+            .iter()
+            .filter_map(|(p, _)| match p.addr {
+                IpAddr::V4(a) => Some((u32::from(a), u32::from(p.len))),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let local_v4 = locals.iter().filter(|a| a.is_ipv4()).count();
+        let v4 = op_v4 + local_v4 + new_v4.len();
+        let v6 = op_v6 + (locals.len() - local_v4) + (new.len() - new_v4.len());
+        for (family, n, max) in [("IPv4", v4, MAX_ROUTES_V4), ("IPv6", v6, MAX_ROUTES_V6)] {
+            if n > max as usize {
+                bail!("the change makes {n} {family} routes; the table holds {max}");
+            }
+        }
+        if let Some(dir) = self.dir24()? {
+            let cut: HashSet<u32> = new_v4
+                .iter()
+                .filter(|(a, len)| dir.needs_group(*a, *len))
+                .map(|(a, _)| dir24_layout::tbl24_index(*a))
+                .collect();
+            let free = TBL8_GROUPS - dir.groups_in_use();
+            if cut.len() as u32 > free {
+                bail!(
+                    "the change cuts up {} more /24s with longer prefixes, each taking a DIR-24-8 tbl8 group; {free} of {TBL8_GROUPS} are free",
+                    cut.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Points the existing route to `prefix`, now through next hop `old`,
+    /// at `next_hop`, overwriting it where the program reads it (no moment
+    /// without a route). Returns the next-hop id it now uses; the caller
+    /// releases `old` if that differs.
+    pub(super) fn repoint_route(
+        &mut self,
+        prefix: Prefix,
+        old: u32,
+        next_hop: &NextHop,
+        table: &mut NextHopTable,
+    ) -> Result<u32> {
+        // Same gateway, new static MAC: the next hop itself changes, for
+        // every route through it (a config gives a gateway one MAC).
+        if table
+            .slots
+            .get(old as usize)
+            .is_some_and(|have| gateway_key(have) == gateway_key(next_hop))
+        {
+            self.write_next_hop(old, next_hop)?;
+            table.slots[old as usize] = *next_hop;
+            return Ok(old);
+        }
+        let (id, _) = self.find_or_add_next_hop(table, next_hop)?;
+        let target = RouteTarget {
+            next_hop: id,
+            prefix_len: prefix.len.into(),
+        };
+        self.failpoint("route")?;
+        if let Some(journal) = &mut self.journal {
+            journal.push(Undo::RouteReplaced(
+                prefix,
+                RouteTarget {
+                    next_hop: old,
+                    prefix_len: prefix.len.into(),
+                },
+            ));
+        }
+        self.write_route(prefix, target)?;
+        Ok(id)
+    }
+
+    /// Operator routes per family (local addresses not counted).
+    pub fn route_counts(&self) -> (usize, usize) {
+        self.scanned();
+        let operator = |t: RouteTarget| t.next_hop != LOCAL_NEXT_HOP;
+        (
+            self.routes_v4_all()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, t)| operator(*t))
+                .count(),
+            self.routes_v6
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, t)| operator(*t))
+                .count(),
+        )
+    }
+
+    /// Makes this box's addresses exactly `addrs`: each is a /32 or /128
+    /// route to LOCAL_NEXT_HOP (so the program's one route lookup also says
+    /// "ours"), recorded in the LOCAL maps. Returns the addresses that could
+    /// not be made local because an operator route to exactly that /32 or
+    /// /128 exists.
+    pub fn sync_local_addrs(&mut self, addrs: &[IpAddr]) -> Result<Vec<IpAddr>> {
+        let want: HashSet<IpAddr> = addrs.iter().copied().collect();
+        let have = self.local_addrs();
+        let mut conflicts = Vec::new();
+        for addr in want.difference(&have) {
+            let prefix = host_prefix(*addr);
+            match self.insert_route(prefix, LOCAL_NEXT_HOP) {
+                Ok(()) => {}
+                Err(_)
+                    if self
+                        .longest_match(prefix)?
+                        .is_some_and(|t| t.prefix_len == u32::from(prefix.len)) =>
+                {
+                    conflicts.push(*addr);
+                    continue;
+                }
+                Err(e) => return Err(e).with_context(|| format!("making {addr} local")),
+            }
+            self.journal("local", |_| Undo::Local(*addr, false))?;
+            match addr {
+                IpAddr::V4(a) => self.local_v4.insert(a.octets(), 1, 0),
+                IpAddr::V6(a) => self.local_v6.insert(a.octets(), 1, 0),
+            }
+            .with_context(|| format!("recording local address {addr}"))?;
+        }
+        for addr in have.difference(&want) {
+            self.remove_route(host_prefix(*addr))
+                .with_context(|| format!("removing local address {addr}"))?;
+            self.journal("local", |_| Undo::Local(*addr, true))?;
+            match addr {
+                IpAddr::V4(a) => self.local_v4.remove(&a.octets()),
+                IpAddr::V6(a) => self.local_v6.remove(&a.octets()),
+            }
+            .with_context(|| format!("forgetting local address {addr}"))?;
+        }
+        Ok(conflicts)
+    }
+
+    /// This box's addresses as the tables know them.
+    pub fn local_addrs(&self) -> HashSet<IpAddr> {
+        let v4 = self
+            .local_v4
+            .keys()
+            .filter_map(Result::ok)
+            .map(IpAddr::from);
+        let v6 = self
+            .local_v6
+            .keys()
+            .filter_map(Result::ok)
+            .map(IpAddr::from);
+        v4.chain(v6).collect()
+    }
+}

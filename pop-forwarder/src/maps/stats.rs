@@ -1,0 +1,73 @@
+//! What the data plane counted: outcomes, and traffic per next hop, VIP
+//! and cache node (per-CPU, summed here).
+
+use super::*;
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub counters: BTreeMap<&'static str, u64>,
+    pub next_hops: Vec<NextHopStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NextHopStats {
+    pub id: u32,
+    pub via: String,
+    pub dev: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Tables {
+    /// Packets and bytes per VIP slot and per node, summed over CPUs.
+    pub fn steering_stats(
+        &self,
+        vips: u32,
+        nodes: u32,
+    ) -> Result<(Vec<TrafficCounter>, Vec<TrafficCounter>)> {
+        let sum = |v: PerCpuValues<TrafficCounter>| TrafficCounter {
+            packets: v.iter().map(|t| t.packets).sum(),
+            bytes: v.iter().map(|t| t.bytes).sum(),
+        };
+        let v = (0..vips)
+            .map(|i| self.vip_stats.get(&i, 0).map(sum))
+            .collect::<Result<_, _>>()?;
+        let n = (0..nodes)
+            .map(|i| self.node_stats.get(&i, 0).map(sum))
+            .collect::<Result<_, _>>()?;
+        Ok((v, n))
+    }
+
+    pub fn stats(&self, links: &[Link]) -> Result<Stats> {
+        let mut counters = BTreeMap::new();
+        for c in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&c.index(), 0)
+                .with_context(|| format!("reading counter {}", c.name()))?;
+            counters.insert(c.name(), per_cpu.iter().sum());
+        }
+        let mut next_hops = Vec::new();
+        for (id, nh) in self.next_hop_slots()?.into_iter().enumerate() {
+            if !nh.is_in_use() {
+                continue;
+            }
+            let per_cpu = self
+                .next_hop_stats
+                .get(&(id as u32), 0)
+                .context("reading next-hop counters")?;
+            next_hops.push(NextHopStats {
+                id: id as u32,
+                via: gateway_addr(&nh).to_string(),
+                dev: ifname(links, nh.ifindex),
+                packets: per_cpu.iter().map(|t| t.packets).sum(),
+                bytes: per_cpu.iter().map(|t| t.bytes).sum(),
+            });
+        }
+        Ok(Stats {
+            counters,
+            next_hops,
+        })
+    }
+}

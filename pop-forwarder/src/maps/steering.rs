@@ -1,0 +1,270 @@
+//! VIP steering's tables: cache nodes, VIPs, their Maglev tables, the
+//! connection table, and the outer sources of IP-in-IP.
+
+use super::*;
+
+/// Where a flow to a VIP goes (`Tables::lookup_flow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowLookup {
+    /// The VIP's slot.
+    pub vip: u32,
+    /// The node slot the connection table pins the flow to, if it does.
+    pub existing: Option<u32>,
+    /// The node slot a new flow gets (its VIP's Maglev table).
+    pub new: u32,
+    /// The entry of the Maglev table that says so.
+    pub maglev_slot: u32,
+}
+
+impl Tables {
+    /// Makes the local-address sets exactly `addrs`.
+    /// Seeds the flow hash and turns the VIP lookup on or off.
+    pub fn set_steering(&mut self, seed: u32, on: bool) -> Result<()> {
+        self.set_setting(settings::FLOW_HASH_SEED, seed, "the flow-hash seed")?;
+        self.set_setting(settings::STEERING_ON, u32::from(on), "steering on or off")
+    }
+
+    pub fn flow_hash_seed(&self) -> Result<u32> {
+        Ok(self.settings.get(&settings::FLOW_HASH_SEED, 0)?)
+    }
+
+    /// Writes cache node `id`, resetting its counters if the slot was free.
+    pub fn write_node(&mut self, id: u32, node: &CacheNode) -> Result<()> {
+        let was_in_use = self.cache_nodes.get(&id, 0).is_ok_and(|n| n.flags != 0);
+        if !was_in_use {
+            let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+            self.node_stats
+                .set(id, PerCpuValues::try_from(zeros)?, 0)
+                .context("resetting node counters")?;
+        }
+        // IP-in-IP nodes leave by their route's next hop, which has its own
+        // egress entry.
+        if node.flags & pop_forwarder_common::steering::NODE_F_IPIP == 0 {
+            self.add_egress(node.ifindex)?;
+        }
+        self.journal_node(id)?;
+        self.cache_nodes
+            .set(id, node, 0)
+            .with_context(|| format!("writing cache node {id}"))
+    }
+
+    /// Writes an IP-in-IP outer source address (slot ENCAP_SOURCE_V4 or
+    /// ENCAP_SOURCE_V6).
+    pub fn set_encap_source(&mut self, slot: u32, addr: [u8; 16]) -> Result<()> {
+        let old = self.encap_sources.get(&slot, 0).unwrap_or([0; 16]);
+        if old == addr {
+            return Ok(());
+        }
+        self.journal("encap", |_| Undo::Encap(slot, old))?;
+        self.encap_sources
+            .set(slot, addr, 0)
+            .context("writing an encapsulation source")
+    }
+
+    /// Frees node slot `id`: flows pinned to it go back to their VIP's
+    /// Maglev table.
+    pub fn remove_node(&mut self, id: u32) -> Result<()> {
+        let free: CacheNode = bytemuck::Zeroable::zeroed();
+        self.journal_node(id)?;
+        self.cache_nodes
+            .set(id, free, 0)
+            .with_context(|| format!("removing cache node {id}"))
+    }
+
+    pub(super) fn journal_node(&mut self, id: u32) -> Result<()> {
+        self.journal("node", |t| {
+            Undo::Node(
+                id,
+                t.cache_nodes
+                    .get(&id, 0)
+                    .unwrap_or(bytemuck::Zeroable::zeroed()),
+            )
+        })
+    }
+
+    pub fn node(&self, id: u32) -> Result<CacheNode> {
+        Ok(self.cache_nodes.get(&id, 0)?)
+    }
+
+    /// Writes VIP slot `index`: its Maglev table (node ids), then the VIP
+    /// entry that points the program at it; the slot's counters start at 0.
+    pub fn write_vip(&mut self, index: u32, key: &VipKey, table: &[u32]) -> Result<()> {
+        self.write_maglev(index, table, None)?;
+        let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        self.vip_stats
+            .set(index, PerCpuValues::try_from(zeros)?, 0)
+            .context("resetting VIP counters")?;
+        self.insert_vip(index, key, table.len())
+    }
+
+    /// Replaces the Maglev table of a VIP in slot `index`, writing only the
+    /// elements that differ from `old` (what the slot holds now). Packets
+    /// meanwhile see each entry old or new, every one a node of the pool.
+    pub fn update_vip(
+        &mut self,
+        index: u32,
+        key: &VipKey,
+        old: &[u32],
+        table: &[u32],
+    ) -> Result<()> {
+        self.write_maglev(index, table, Some(old))?;
+        if old.len() != table.len() {
+            self.insert_vip(index, key, table.len())?;
+        }
+        Ok(())
+    }
+
+    /// Takes a VIP out of the program's VIP table: its packets are routed
+    /// like any others from then on.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.journal_vip(key)?;
+        match self.vips.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a VIP"),
+        }
+    }
+
+    pub(super) fn journal_vip(&mut self, key: &VipKey) -> Result<()> {
+        let key = *key;
+        self.journal("vip", |t| Undo::Vip(key, t.vips.get(&key, 0).ok()))
+    }
+
+    pub(super) fn insert_vip(&mut self, index: u32, key: &VipKey, len: usize) -> Result<()> {
+        self.journal_vip(key)?;
+        self.vips
+            .insert(
+                key,
+                VipInfo {
+                    index,
+                    table_size: len as u32,
+                },
+                0,
+            )
+            .context("writing the VIP")
+    }
+
+    pub(super) fn write_maglev(
+        &mut self,
+        index: u32,
+        table: &[u32],
+        old: Option<&[u32]>,
+    ) -> Result<()> {
+        if table.is_empty() || table.len() > MAGLEV_STRIDE as usize {
+            bail!("a Maglev table must hold 1 to {MAGLEV_STRIDE} entries");
+        }
+        let old = old.filter(|o| o.len() == table.len());
+        let base = index * MAGLEV_STRIDE;
+        // The stride is odd, so a VIP's table starts on either half of an
+        // element; write whole elements, keeping the neighbour's half.
+        let first = dir24_layout::element_of(base);
+        let last = dir24_layout::element_of(base + table.len() as u32 - 1);
+        let ours = |entry: u32| entry >= base && entry < base + table.len() as u32;
+        for element in first..=last {
+            let lo_entry = element * dir24_layout::ENTRIES_PER_ELEMENT;
+            if let Some(old) = old {
+                let same = |entry: u32| {
+                    !ours(entry) || old[(entry - base) as usize] == table[(entry - base) as usize]
+                };
+                if same(lo_entry) && same(lo_entry + 1) {
+                    continue;
+                }
+            }
+            let current = self.maglev.get(&element, 0).unwrap_or(0);
+            self.journal("maglev", |_| Undo::Maglev(element, current))?;
+            let half = |entry: u32, shift: u32| -> u64 {
+                if ours(entry) {
+                    u64::from(table[(entry - base) as usize]) << shift
+                } else {
+                    current & (0xffff_ffffu64 << shift)
+                }
+            };
+            self.maglev
+                .set(element, half(lo_entry, 0) | half(lo_entry + 1, 32), 0)
+                .context("writing a Maglev table")?;
+        }
+        Ok(())
+    }
+
+    /// The VIPs as the program sees them.
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipInfo)>> {
+        let mut v: Vec<_> = self
+            .vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading VIPs")?;
+        v.sort_by_key(|(_, info)| info.index);
+        Ok(v)
+    }
+
+    /// Entry `slot` of VIP slot `index`'s Maglev table.
+    /// The first `size` entries of VIP slot `index`'s Maglev table, as the
+    /// program reads them.
+    pub fn maglev_table(&self, index: u32, size: u32) -> Result<Vec<u32>> {
+        let first = index * MAGLEV_STRIDE;
+        let mut table = Vec::with_capacity(size as usize);
+        let mut element = None;
+        for at in first..first + size {
+            let e = dir24_layout::element_of(at);
+            let value = match element {
+                Some((i, v)) if i == e => v,
+                _ => {
+                    let v = self.maglev.get(&e, 0).context("reading a Maglev table")?;
+                    element = Some((e, v));
+                    v
+                }
+            };
+            table.push(dir24_layout::entry_in(value, at));
+        }
+        Ok(table)
+    }
+
+    pub fn maglev_entry(&self, index: u32, slot: u32) -> Result<u32> {
+        let at = index * MAGLEV_STRIDE + slot;
+        let element = self.maglev.get(&dir24_layout::element_of(at), 0)?;
+        Ok(dir24_layout::entry_in(element, at))
+    }
+
+    /// What the program does with a new or known flow to a VIP, read from
+    /// the tables it reads, the way it reads them (the common crate's VIP
+    /// key order, flow hash and Maglev position): None if no VIP takes it.
+    pub fn lookup_flow(&self, flow: &FlowKey) -> Result<Option<FlowLookup>> {
+        let key = VipKey {
+            addr: flow.dst,
+            port: flow.dst_port,
+            protocol: flow.protocol,
+            family: flow.family,
+        };
+        let vip = match self.vips.get(&key, 0) {
+            Ok(vip) => vip,
+            Err(_) => match self.vips.get(&key.any_port(), 0) {
+                Ok(vip) => vip,
+                Err(_) => return Ok(None),
+            },
+        };
+        let hash = pop_forwarder_common::maglev::flow_hash(
+            u64::from(self.flow_hash_seed()?),
+            &flow.src,
+            &flow.dst,
+            flow.src_port,
+            flow.dst_port,
+            flow.protocol,
+        );
+        let position = vip.maglev_position(hash);
+        let element = self.maglev.get(&dir24_layout::element_of(position), 0)?;
+        Ok(Some(FlowLookup {
+            vip: vip.index,
+            existing: self.flow_node(flow)?,
+            new: dir24_layout::entry_in(element, position),
+            maglev_slot: position - vip.index * MAGLEV_STRIDE,
+        }))
+    }
+
+    /// The node a known flow is pinned to.
+    pub fn flow_node(&self, key: &FlowKey) -> Result<Option<u32>> {
+        match self.flows.get(key, 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading the connection table"),
+        }
+    }
+}

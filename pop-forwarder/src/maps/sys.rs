@@ -1,0 +1,172 @@
+//! The raw syscalls and mappings aya 0.14 lacks: batched updates and
+//! lookups (BPF_MAP_UPDATE_BATCH, BPF_MAP_LOOKUP_BATCH) and BPF array maps
+//! mapped into this process (the DIR-24-8 tables).
+
+use super::*;
+
+/// A BPF array map of u64 pairs mapped into this process as u32 entries
+/// (BPF_F_MMAPABLE; see dir24::ENTRIES_PER_ELEMENT).
+pub(super) struct Mmap {
+    ptr: *mut u32,
+    entries: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value.
+unsafe impl Send for Mmap {}
+
+impl Mmap {
+    pub(super) fn new(map: &MapData, name: &str) -> Result<Mmap> {
+        use std::os::fd::AsRawFd as _;
+        let info = map.info().with_context(|| format!("map {name}"))?;
+        if info.value_size() != 8 {
+            bail!(
+                "map {name} holds {}-byte values, not u32 pairs",
+                info.value_size()
+            );
+        }
+        let entries =
+            info.max_entries() as usize * pop_forwarder_common::dir24::ENTRIES_PER_ELEMENT as usize;
+        let len = entries * 4;
+        // SAFETY: mmap of a BPF map fd we hold; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mmapping map {name}"));
+        }
+        Ok(Mmap {
+            ptr: ptr.cast(),
+            entries,
+        })
+    }
+
+    pub(super) fn slice(&mut self) -> &mut [u32] {
+        // SAFETY: the mapping holds `entries` u32s and lives as long as self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.entries) }
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.entries * 4) };
+    }
+}
+
+/// The `batch` member of union bpf_attr (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+pub(super) struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+pub(super) const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// BPF_MAP_UPDATE_BATCH: writes `keys[i]` -> `values[i]` in one syscall
+/// (aya 0.14 has no batch API). On failure, the kernel reports how many
+/// elements it wrote before the one that failed.
+pub(super) fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd as _;
+    assert_eq!(keys.len(), values.len());
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: attr points at key and value arrays of `count` elements of the
+    // map's key and value sizes, alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            size_of::<BatchAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err((attr.count as usize, std::io::Error::last_os_error()))
+    }
+}
+
+pub(super) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// BPF_MAP_LOOKUP_BATCH over a whole hash map: every (key, value), tens of
+/// thousands per syscall rather than two syscalls per key.
+pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<Vec<(K, V)>> {
+    use std::os::fd::AsRawFd as _;
+    const CHUNK: usize = 1 << 14;
+    let mut all = Vec::new();
+    // SAFETY: keys and values are Pod: any bytes the kernel writes are valid.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; CHUNK];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; CHUNK];
+    // The position token: a hash map's bucket index.
+    let (mut token_in, mut token_out) = (0u64, 0u64);
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token_in as *const u64 as u64
+            },
+            out_batch: &mut token_out as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: attr points at key and value buffers of `count` elements
+        // of the map's key and value sizes, and at the tokens, all alive for
+        // the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let n = attr.count as usize;
+        all.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOENT: the walk is over.
+            return if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(all)
+            } else {
+                Err(e)
+            };
+        }
+        token_in = token_out;
+        first = false;
+    }
+}
