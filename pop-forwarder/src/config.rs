@@ -193,16 +193,15 @@ impl Vip {
     }
 
     /// Validates a VIP against the names of the known nodes.
-    pub fn from_config(v: &VipConfig, known: &[&str]) -> Result<Vip> {
+    /// Parses one VIP; whether its pool's nodes exist is a rule of the whole
+    /// state (`steering::Spec::check`).
+    pub fn from_config(v: &VipConfig) -> Result<Vip> {
         let address: IpAddr = v
             .address
             .parse()
             .map_err(|_| anyhow::anyhow!("address: {:?} is not an IP address", v.address))?;
         let mut members: Vec<String> = Vec::new();
         for name in &v.nodes {
-            if !known.contains(&name.as_str()) {
-                bail!("nodes: no node is named {name:?}");
-            }
             if members.contains(name) {
                 bail!("nodes: {name:?} is listed twice");
             }
@@ -229,9 +228,10 @@ impl fmt::Display for Vip {
 }
 
 impl Node {
-    /// Validates one node; `encap_v4`/`encap_v6` say whether the outer
-    /// source address an IP-in-IP node of that family needs is configured.
-    pub fn from_config(n: &NodeConfig, encap_v4: bool, encap_v6: bool) -> Result<Node> {
+    /// Parses one node, field by field; its weight, and whether the state
+    /// it joins can reach it, are rules of the whole state
+    /// (`steering::Spec::check`).
+    pub fn from_config(n: &NodeConfig) -> Result<Node> {
         if n.name.is_empty() || n.name.len() > 64 || n.name.chars().any(char::is_whitespace) {
             bail!(
                 "name: {:?} must be 1 to 64 characters without spaces",
@@ -248,16 +248,6 @@ impl Node {
                 if !n.dev.is_empty() || n.mac.is_some() {
                     bail!("an ipip node is reached by routing; dev and mac are for dsr nodes");
                 }
-                let (source, field) = if address.is_ipv4() {
-                    (encap_v4, "encap_source_v4")
-                } else {
-                    (encap_v6, "encap_source_v6")
-                };
-                if !source {
-                    bail!(
-                        "an ipip node at {address} needs {field}, the outer source address, in the config"
-                    );
-                }
             }
         }
         let mac = n
@@ -265,9 +255,6 @@ impl Node {
             .as_deref()
             .map(|m| m.parse::<Mac>().context("mac"))
             .transpose()?;
-        if n.weight > 1000 {
-            bail!("weight: {} is not from 0 (drained) to 1000", n.weight);
-        }
         if let Some(h) = &n.health {
             if h.port == 0 {
                 bail!("health.port: 0 is not a port");
@@ -548,7 +535,7 @@ impl Model {
                 );
             }
         }
-        Ok(Model {
+        Model {
             route_miss: config.route_miss,
             ipv4_lookup: config.ipv4_lookup,
             interfaces,
@@ -560,56 +547,34 @@ impl Model {
             nodes,
             vips,
             control_group: config.control_group,
-        })
+        }
+        .checked()
+    }
+
+    /// The model, if its steering state keeps the rules every steering
+    /// change keeps.
+    fn checked(self) -> Result<Model> {
+        crate::steering::Spec::of(&self).check()?;
+        Ok(self)
     }
 }
 
+/// Parses the steering part of a config, item by item; the rules of the
+/// whole state are `steering::Spec::check`'s, run on the finished model.
 fn validate_steering(config: &Config) -> Result<(Vec<Node>, Vec<Vip>)> {
-    use pop_forwarder_common::{
-        maglev::{DEFAULT_TABLE_SIZE, is_prime},
-        steering::{MAX_CACHE_NODES, MAX_VIPS},
-    };
-    let size = config.maglev_table_size;
-    if !(7..=DEFAULT_TABLE_SIZE).contains(&size) || !is_prime(size) {
-        bail!("maglev_table_size: {size} is not a prime from 7 to {DEFAULT_TABLE_SIZE}");
-    }
-    if config.nodes.len() > MAX_CACHE_NODES as usize {
-        bail!(
-            "nodes: {} nodes; at most {MAX_CACHE_NODES}",
-            config.nodes.len()
-        );
-    }
-    if config.vips.len() > MAX_VIPS as usize {
-        bail!("vips: {} VIPs; at most {MAX_VIPS}", config.vips.len());
-    }
-    let mut nodes: Vec<Node> = Vec::new();
-    for (i, n) in config.nodes.iter().enumerate() {
-        let node = Node::from_config(
-            n,
-            config.encap_source_v4.is_some(),
-            config.encap_source_v6.is_some(),
-        )
-        .with_context(|| format!("nodes[{i}] ({})", n.name))?;
-        if nodes.iter().any(|m| m.name == node.name) {
-            bail!("nodes[{i}].name: {:?} is listed twice", n.name);
-        }
-        nodes.push(node);
-    }
+    let mut nodes = config
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Node::from_config(n).with_context(|| format!("nodes[{i}] ({})", n.name)))
+        .collect::<Result<Vec<Node>>>()?;
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
-    let known: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
-    let mut vips: Vec<Vip> = Vec::new();
-    for (i, v) in config.vips.iter().enumerate() {
-        let vip = Vip::from_config(v, &known).with_context(|| format!("vips[{i}]"))?;
-        if vips.iter().any(|w| w.same_service(&vip)) {
-            bail!(
-                "vips[{i}]: {} {} port {} is listed twice",
-                vip.address,
-                vip.protocol,
-                vip.port
-            );
-        }
-        vips.push(vip);
-    }
+    let vips = config
+        .vips
+        .iter()
+        .enumerate()
+        .map(|(i, v)| Vip::from_config(v).with_context(|| format!("vips[{i}]")))
+        .collect::<Result<Vec<Vip>>>()?;
     Ok((nodes, vips))
 }
 
@@ -825,7 +790,7 @@ nodes = ["a", "b"]
             (base.replace("251", "65539"), "maglev_table_size: 65539"),
             (
                 base.replace("[\"a\", \"b\"]", "[\"a\", \"c\"]"),
-                "vips[0]: nodes: no node is named \"c\"",
+                "vips (192.0.2.10 tcp port 443): nodes: no node is named \"c\"",
             ),
             (
                 base.replace("[\"a\", \"b\"]", "[\"a\", \"a\"]"),
@@ -833,7 +798,7 @@ nodes = ["a", "b"]
             ),
             (
                 base.replace("name = \"b\"", "name = \"a\""),
-                "nodes[1].name: \"a\" is listed twice",
+                "nodes: \"a\" is listed twice",
             ),
             (
                 base.replace("10.0.5.12", "ten"),
@@ -841,7 +806,7 @@ nodes = ["a", "b"]
             ),
             (
                 base.replace("weight = 2", "weight = 5000"),
-                "nodes[0] (b): weight: 5000",
+                "nodes (b): weight: 5000",
             ),
             (
                 base.replace("dev = \"r2\"\nweight = 2", "delivery = \"ipip\""),
@@ -860,7 +825,13 @@ nodes = ["a", "b"]
                 format!(
                     "{base}[[vips]]\naddress = \"192.0.2.10\"\nprotocol = \"tcp\"\nport = 443\nnodes = []\n"
                 ),
-                "vips[1]: 192.0.2.10 tcp port 443 is listed twice",
+                "vips: 192.0.2.10 tcp port 443 is listed twice",
+            ),
+            (
+                // IPv6 in IPv4 is not offered: an IPv6 VIP's ipip node needs
+                // an IPv6 address.
+                ipip.replace("address = \"192.0.2.10\"", "address = \"2001:db8::10\""),
+                "nodes: \"b\" is an IPv4 ipip node, and IPv6 in IPv4 is not offered",
             ),
         ];
         for (text, needle) in cases {

@@ -280,21 +280,11 @@ fn change(
             return Ok((format!("deleted {prefix}"), None));
         }
         Command::NodeWeight { name, weight } => {
-            if weight > 1000 {
-                bail!("weight {weight} is not from 0 (drained) to 1000");
-            }
             spec_node(&mut spec.nodes, &name)?.weight = weight;
             format!("cache node {name} weight {weight}")
         }
         Command::NodeAdd(config) => {
-            let node = Node::from_config(
-                &config,
-                spec.encap_source_v4.is_some(),
-                spec.encap_source_v6.is_some(),
-            )?;
-            if spec.nodes.iter().any(|n| n.name == node.name) {
-                bail!("a cache node is already named {:?}", node.name);
-            }
+            let node = Node::from_config(&config)?;
             let message = format!("cache node {} ({}) added", node.name, node.address);
             spec.nodes.push(node);
             message
@@ -311,8 +301,7 @@ fn change(
             format!("cache node {name} removed (it was in {pools} VIP pools)")
         }
         Command::VipAdd(config) => {
-            let known: Vec<&str> = spec.nodes.iter().map(|n| n.name.as_str()).collect();
-            let vip = Vip::from_config(&config, &known)?;
+            let vip = Vip::from_config(&config)?;
             match spec.vips.iter_mut().find(|v| v.same_service(&vip)) {
                 Some(existing) => {
                     *existing = vip.clone();

@@ -3,7 +3,8 @@
 //!
 //! Read through iproute2's JSON output (`ip -json`), which speaks rtnetlink
 //! for us. It asks the namespace this process is in, unlike /sys/class/net,
-//! which shows the namespace sysfs was mounted in (see TOOLCHAIN.md).
+//! which shows the namespace sysfs was mounted in (under `nsenter --net`,
+//! the original one's).
 
 use std::{net::IpAddr, process::Command};
 

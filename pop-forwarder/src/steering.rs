@@ -107,7 +107,77 @@ pub struct Spec {
     pub vips: Vec<Vip>,
 }
 
+/// A node's largest weight (share of new flows); 0 drains it.
+pub const MAX_WEIGHT: u32 = 1000;
+
 impl Spec {
+    /// The rules of a whole steering state: one check for the config file,
+    /// a reload, and every control command (which each build the state they
+    /// want, then apply it), before anything is resolved or written. Field
+    /// names are the config's.
+    pub fn check(&self) -> Result<()> {
+        let size = self.maglev_table_size;
+        if !(7..=maglev::DEFAULT_TABLE_SIZE).contains(&size) || !maglev::is_prime(size) {
+            bail!(
+                "maglev_table_size: {size} is not a prime from 7 to {}",
+                maglev::DEFAULT_TABLE_SIZE
+            );
+        }
+        if self.nodes.len() > MAX_CACHE_NODES as usize {
+            bail!(
+                "nodes: {} cache nodes; at most {MAX_CACHE_NODES}",
+                self.nodes.len()
+            );
+        }
+        if self.vips.len() > MAX_VIPS as usize {
+            bail!("vips: {} VIPs; at most {MAX_VIPS}", self.vips.len());
+        }
+        let mut names = std::collections::HashMap::new();
+        for node in &self.nodes {
+            if names.insert(node.name.as_str(), node).is_some() {
+                bail!("nodes: {:?} is listed twice", node.name);
+            }
+            if node.weight > MAX_WEIGHT {
+                bail!(
+                    "nodes ({}): weight: {} is not from 0 (drained) to {MAX_WEIGHT}",
+                    node.name,
+                    node.weight
+                );
+            }
+            let (source, field) = match node.address {
+                IpAddr::V4(_) => (self.encap_source_v4.is_some(), "encap_source_v4"),
+                IpAddr::V6(_) => (self.encap_source_v6.is_some(), "encap_source_v6"),
+            };
+            if node.delivery == Delivery::Ipip && !source {
+                bail!(
+                    "nodes ({}): an ipip node at {} needs {field}, the outer source address, in the config",
+                    node.name,
+                    node.address
+                );
+            }
+        }
+        let mut services = std::collections::HashSet::new();
+        for vip in &self.vips {
+            if !services.insert((vip.address, vip.protocol, vip.port)) {
+                bail!("vips: {vip} is listed twice");
+            }
+            for name in &vip.nodes {
+                let Some(node) = names.get(name.as_str()) else {
+                    bail!("vips ({vip}): nodes: no node is named {name:?}");
+                };
+                if node.delivery == Delivery::Ipip
+                    && vip.address.is_ipv6()
+                    && node.address.is_ipv4()
+                {
+                    bail!(
+                        "vips ({vip}): nodes: {name:?} is an IPv4 ipip node, and IPv6 in IPv4 is not offered; an IPv6 VIP's ipip nodes need IPv6 addresses"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn of(model: &Model) -> Spec {
         Spec {
             flow_hash_seed: model.flow_hash_seed,
@@ -308,49 +378,16 @@ impl Steering {
         links: &[Link],
         neighbours: &[Neighbour],
     ) -> Result<Applied> {
+        spec.check()?;
         let size = spec.maglev_table_size;
-        if !(7..=maglev::DEFAULT_TABLE_SIZE).contains(&size) || !maglev::is_prime(size) {
-            bail!(
-                "maglev_table_size: {size} is not a prime from 7 to {}",
-                maglev::DEFAULT_TABLE_SIZE
-            );
-        }
-        if spec.vips.len() > MAX_VIPS as usize {
-            bail!("{} VIPs; at most {MAX_VIPS}", spec.vips.len());
-        }
-        let mut resolved = Vec::new();
-        for (i, node) in spec.nodes.iter().enumerate() {
-            if spec.nodes[..i].iter().any(|n| n.name == node.name) {
-                bail!("cache node {:?} is listed twice", node.name);
-            }
-            let family_source = match node.address {
-                IpAddr::V4(_) => spec.encap_source_v4.is_some(),
-                IpAddr::V6(_) => spec.encap_source_v6.is_some(),
-            };
-            if node.delivery == Delivery::Ipip && !family_source {
-                bail!(
-                    "cache node {}: an ipip node at {} needs an outer source address of its family",
-                    node.name,
-                    node.address
-                );
-            }
-            resolved.push(
+        let resolved = spec
+            .nodes
+            .iter()
+            .map(|node| {
                 resolve_node(node, links, neighbours)
-                    .with_context(|| format!("cache node {}", node.name))?,
-            );
-        }
-        for (i, vip) in spec.vips.iter().enumerate() {
-            if spec.vips[..i].iter().any(|v| v.same_service(vip)) {
-                bail!("VIP {vip} is listed twice");
-            }
-            if let Some(name) = vip
-                .nodes
-                .iter()
-                .find(|n| !spec.nodes.iter().any(|m| &&m.name == n))
-            {
-                bail!("VIP {vip}: no cache node is named {name:?}");
-            }
-        }
+                    .with_context(|| format!("cache node {}", node.name))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let added: Vec<usize> = (0..spec.nodes.len())
             .filter(|&i| self.node(&spec.nodes[i].name).is_none())
             .collect();

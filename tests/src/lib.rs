@@ -74,7 +74,8 @@ impl Netns {
 
     /// A command run inside the namespace. nsenter enters only the network
     /// namespace, so /sys/fs/bpf (and the instance's pins) stay visible,
-    /// which `ip netns exec` would hide (see TOOLCHAIN.md).
+    /// which `ip netns exec` would hide: it also gives the command a mount
+    /// namespace of its own with /sys mounted anew.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.path())).arg(program);

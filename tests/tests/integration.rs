@@ -1100,7 +1100,7 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("no cache node is named \"cache-9\""));
     let err = fwd.cli(&["node", "weight", "cache-1", "5000"]).unwrap();
-    assert!(String::from_utf8_lossy(&err.stderr).contains("weight 5000 is not from 0"));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("weight: 5000 is not from 0"));
     fwd.cli_ok(&["node", "weight", "cache-1", "1"]).unwrap();
     assert!(
         round(&senders(&lab, 32), "back").contains(&0),
@@ -1297,7 +1297,7 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     for (args, why) in [
         (
             &["node", "add", "cache-2", "10.0.6.12", "--dev", "r3"][..],
-            "a cache node is already named \"cache-2\"",
+            "nodes: \"cache-2\" is listed twice",
         ),
         (
             &["node", "add", "cache-3", "10.0.7.11", "--dev", "nosuch0"],

@@ -2,7 +2,8 @@
 //!
 //! Every task first makes sure the machine has what it needs (Debian
 //! packages, the nightly's rust-src, bpf-linker built against the nightly's
-//! own LLVM; see TOOLCHAIN.md), doing only the work that is missing.
+//! own LLVM; see the README's first section), doing only the work that is
+//! missing.
 
 use std::{
     env,
@@ -217,8 +218,10 @@ fn rust_src() -> Result<()> {
 }
 
 /// bpf-linker must use the same LLVM as the rustc that emits the bitcode;
-/// Debian has no LLVM 22, so link it against the nightly's own libLLVM
-/// (TOOLCHAIN.md). Installed under ~/.cache/pop-forwarder; returns its bin
+/// Debian 12 has no LLVM 22, but rustup's nightly ships its own
+/// libLLVM.so, and bpf-linker 0.13 (feature llvm-22) links against it
+/// through a prefix of two symlinks to that file; the binary keeps an rpath
+/// to the prefix. Installed under ~/.cache/pop-forwarder; returns its bin
 /// directory.
 fn bpf_linker() -> Result<PathBuf> {
     let cache = env::var_os("XDG_CACHE_HOME")
