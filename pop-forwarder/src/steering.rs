@@ -391,7 +391,7 @@ impl Steering {
         let added: Vec<usize> = (0..spec.nodes.len())
             .filter(|&i| self.node(&spec.nodes[i].name).is_none())
             .collect();
-        let free = MAX_CACHE_NODES as usize - self.nodes.len() + self.freed.len();
+        let free = self.free_node_slots();
         if added.len() > free {
             bail!(
                 "{} new cache nodes but {free} free slots of {MAX_CACHE_NODES} (removed nodes free theirs only after the new ones are in); apply the change in two steps",
@@ -511,9 +511,9 @@ impl Steering {
                 .as_ref()
                 .is_some_and(|n| !spec.nodes.iter().any(|m| m.name == n.node.name));
             if gone {
-                let old = self.nodes[slot].take().expect("live slot");
+                let old = self.nodes[slot].clone().expect("live slot");
                 tables.remove_node(slot as u32)?;
-                self.freed.push_back(slot as u32);
+                self.release_node_slot(slot as u32);
                 applied.nodes_removed += 1;
                 if old.node.health.is_some() {
                     applied.uncheck.push(old.node.name);
@@ -597,6 +597,21 @@ impl Steering {
         table
     }
 
+    /// Node slots a change may still take: the never used, and the freed.
+    fn free_node_slots(&self) -> usize {
+        MAX_CACHE_NODES as usize - self.nodes.len() + self.freed.len()
+    }
+
+    /// Gives up a node's slot; it is taken again only once no never-used
+    /// slot is left, oldest freed first, so a flow the connection table
+    /// still remembers for the node is unlikely to meet a new node there.
+    fn release_node_slot(&mut self, slot: u32) {
+        self.nodes[slot as usize] = None;
+        self.freed.push_back(slot);
+    }
+
+    /// A slot for a new node (`free_node_slots` said there is one): a
+    /// never-used one while any is left, else the oldest freed.
     fn allocate_node_slot(&mut self) -> u32 {
         if self.nodes.len() < MAX_CACHE_NODES as usize {
             self.nodes.push(None);
@@ -740,5 +755,97 @@ impl SteeringState {
             .iter()
             .find(|n| n.slot == slot)
             .map(|n| n.name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeSlot {
+        NodeSlot {
+            node: Node {
+                name: name.into(),
+                address: "10.0.0.1".parse().unwrap(),
+                dev: "eth0".into(),
+                mac: None,
+                weight: 1,
+                health: None,
+                delivery: Delivery::Dsr,
+            },
+            healthy: true,
+            health_changes: 0,
+        }
+    }
+
+    #[test]
+    fn node_slots_are_fresh_first_then_freed_oldest_first() {
+        let mut s = Steering::default();
+        let take = |s: &mut Steering, name: &str| {
+            let slot = s.allocate_node_slot();
+            s.nodes[slot as usize] = Some(node(name));
+            slot
+        };
+        assert_eq!(
+            [take(&mut s, "a"), take(&mut s, "b"), take(&mut s, "c")],
+            [0, 1, 2]
+        );
+        s.release_node_slot(1);
+        s.release_node_slot(0);
+        assert_eq!(s.free_node_slots(), MAX_CACHE_NODES as usize - 1);
+        // Never-used slots come first, while any is left.
+        assert_eq!(take(&mut s, "d"), 3);
+        for i in 4..MAX_CACHE_NODES {
+            assert_eq!(take(&mut s, &format!("n{i}")), i);
+        }
+        assert_eq!(s.free_node_slots(), 2);
+        // Then the freed ones, oldest first.
+        assert_eq!(take(&mut s, "e"), 1);
+        assert_eq!(take(&mut s, "f"), 0);
+        assert_eq!(s.free_node_slots(), 0);
+        assert_eq!(s.node("f").map(|(slot, _)| slot), Some(0));
+        assert!(s.node("a").is_none() && s.node("b").is_none());
+    }
+
+    #[test]
+    fn one_check_holds_every_rule_of_a_steering_state() {
+        let ok = Spec {
+            flow_hash_seed: 0,
+            maglev_table_size: 251,
+            encap_source_v4: None,
+            encap_source_v6: None,
+            nodes: vec![node("a").node, node("b").node],
+            vips: vec![Vip {
+                address: "192.0.2.1".parse().unwrap(),
+                protocol: crate::config::Protocol::Udp,
+                port: 0,
+                nodes: vec!["a".into(), "b".into()],
+            }],
+        };
+        ok.check().unwrap();
+        let mut weight = ok.clone();
+        weight.nodes[1].weight = MAX_WEIGHT + 1;
+        let mut twice = ok.clone();
+        twice.nodes[1].name = "a".into();
+        let mut unknown = ok.clone();
+        unknown.vips[0].nodes.push("z".into());
+        let mut ipip = ok.clone();
+        ipip.nodes[0].delivery = Delivery::Ipip;
+        let mut v6_over_v4 = ipip.clone();
+        v6_over_v4.encap_source_v4 = Some("10.0.0.9".parse().unwrap());
+        v6_over_v4.vips[0].address = "2001:db8::1".parse().unwrap();
+        let mut size = ok.clone();
+        size.maglev_table_size = 250;
+        for (spec, needle) in [
+            (weight, "nodes (b): weight: 1001"),
+            (twice, "nodes: \"a\" is listed twice"),
+            (unknown, "no node is named \"z\""),
+            (ipip, "needs encap_source_v4"),
+            (v6_over_v4, "IPv6 in IPv4 is not offered"),
+            (size, "maglev_table_size: 250"),
+        ] {
+            let e = format!("{:#}", spec.check().unwrap_err());
+            assert!(e.contains(needle), "expected {needle:?} in {e:?}");
+        }
     }
 }

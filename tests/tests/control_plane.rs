@@ -77,14 +77,26 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
         }
     }
 
+    // A reload that adds a route and turns VIP steering on (a cache node
+    // and a VIP: from then on every packet is looked up as a VIP first),
+    // then one that changes the VIP's pool.
     let other = "[[routes]]\nprefix = \"10.0.7.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
-    let good = lab.config("pass", &format!("{ROUTE_TO_C}\n{other}"));
+    let vips = "[[nodes]]\nname = \"n1\"\naddress = \"10.0.2.2\"\ndev = \"r1\"\n\n\
+                [[nodes]]\nname = \"n2\"\naddress = \"10.0.2.3\"\ndev = \"r1\"\nmac = \"02:00:00:00:00:03\"\n\n\
+                [[vips]]\naddress = \"192.0.2.10\"\nprotocol = \"udp\"\nnodes = [\"n1\"]\n";
+    let good = lab.config("pass", &format!("{ROUTE_TO_C}\n{other}\n{vips}"));
     std::fs::write(&fwd.config, &good).unwrap();
     let out = fwd.cli_ok(&["reload"]).unwrap();
     assert!(
-        out.contains("1 routes added, 0 changed, 0 deleted"),
+        out.contains("1 routes added, 0 changed, 0 deleted")
+            && out.contains("cache nodes 2 added")
+            && out.contains("VIPs 1 added"),
         "{out}"
     );
+    let good = good.replace("nodes = [\"n1\"]", "nodes = [\"n1\", \"n2\"]");
+    std::fs::write(&fwd.config, &good).unwrap();
+    let out = fwd.cli_ok(&["reload"]).unwrap();
+    assert!(out.contains("VIPs 0 added, 1 changed"), "{out}");
     std::fs::write(&fwd.config, good.replace("10.0.7.0/24", "10.0.7.1/24")).unwrap();
     assert!(!fwd.cli(&["reload"]).unwrap().status.success());
     std::fs::write(&fwd.config, &good).unwrap();
