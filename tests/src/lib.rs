@@ -440,6 +440,19 @@ impl Forwarder {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Like `cli`, but failing unless the command fails; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> Result<String> {
+        let out = self.cli(args)?;
+        if out.status.success() {
+            bail!(
+                "pop-forwarder {} succeeded: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
     /// One counter from `stats --json`.
     pub fn counter(&self, name: &str) -> Result<u64> {
         let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&["stats", "--json"])?)?;

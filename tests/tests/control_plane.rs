@@ -98,7 +98,7 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     let out = fwd.cli_ok(&["reload"]).unwrap();
     assert!(out.contains("VIPs 0 added, 1 changed"), "{out}");
     std::fs::write(&fwd.config, good.replace("10.0.7.0/24", "10.0.7.1/24")).unwrap();
-    assert!(!fwd.cli(&["reload"]).unwrap().status.success());
+    fwd.cli_err(&["reload"]).unwrap();
     std::fs::write(&fwd.config, &good).unwrap();
 
     // Restart: the daemon goes, XDP forwards alone, a new daemon adopts.
@@ -496,9 +496,7 @@ fn a_reload_without_room_is_refused_before_any_write() {
         ));
     }
     std::fs::write(&fwd.config, lab.config("pass", &routes)).unwrap();
-    let out = fwd.cli(&["reload"]).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fwd.cli_err(&["reload"]).unwrap();
     assert!(
         err.contains("cuts up 8193 more /24s") && err.contains("of 8192 are free"),
         "{err}"
@@ -528,9 +526,7 @@ fn a_change_whose_write_fails_is_taken_back_whole() {
 
     // Draining n1 empties both VIPs' tables: the first Maglev write
     // changes what the program reads, the second fails.
-    let out = fwd.cli(&["node", "drain", "n1"]).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fwd.cli_err(&["node", "drain", "n1"]).unwrap();
     assert!(
         err.contains("injected failure of maglev write 2") && err.contains("taken back"),
         "{err}"
@@ -546,9 +542,7 @@ fn a_change_whose_write_fails_is_taken_back_whole() {
     .replace("nodes = [\"n1\"]\n\n[[vips]]\naddress = \"192.0.2.11\"\nprotocol = \"udp\"\nnodes = [\"n1\"]\n", "nodes = [\"n1\", \"n2\"]\n");
     assert!(changed.contains("[\"n1\", \"n2\"]") && !changed.contains("192.0.2.11"));
     std::fs::write(&fwd.config, &changed).unwrap();
-    let out = fwd.cli(&["reload"]).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fwd.cli_err(&["reload"]).unwrap();
     assert!(
         err.contains("injected failure of route write 1") && err.contains("taken back"),
         "{err}"

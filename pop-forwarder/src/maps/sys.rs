@@ -99,18 +99,30 @@ pub(super) fn update_batch<K: aya::Pod, V: aya::Pod>(
     };
     // SAFETY: attr points at key and value arrays of `count` elements of the
     // map's key and value sizes, alive for the call.
+    unsafe { batch(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|e| (attr.count as usize, e))
+}
+
+/// One batch command (the kernel writes back `attr.count`, the elements it
+/// did, also on failure).
+///
+/// # Safety
+/// `attr`'s pointers must point at buffers of `count` keys and values of the
+/// map's sizes (and, for lookups, at the position tokens), alive for the
+/// call.
+unsafe fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: as the caller promised.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
+            cmd,
+            attr as *mut BatchAttr,
             size_of::<BatchAttr>(),
         )
     };
     if rc == 0 {
         Ok(())
     } else {
-        Err((attr.count as usize, std::io::Error::last_os_error()))
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -147,18 +159,10 @@ pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(
         // SAFETY: attr points at key and value buffers of `count` elements
         // of the map's key and value sizes, and at the tokens, all alive for
         // the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
+        let done = unsafe { batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = attr.count as usize;
         all.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
+        if let Err(e) = done {
             // ENOENT: the walk is over.
             return if e.raw_os_error() == Some(libc::ENOENT) {
                 Ok(all)
