@@ -221,11 +221,7 @@ impl Instance {
     /// config's `control_group`, whose members may then reach the control
     /// socket).
     pub fn prepare_run_dir(&self, group: Option<u32>) -> Result<()> {
-        secure_dir(
-            &self.run_dir,
-            if group.is_some() { 0o710 } else { 0o700 },
-            group,
-        )
+        secure_dir(&self.run_dir, 0o010, group)
     }
 
     /// Makes the instance's pin directory (and its parent) root-only, or
@@ -235,9 +231,9 @@ impl Instance {
     pub fn prepare_pin_dir(&self) -> Result<bool> {
         let dir = self.pin_dir();
         let parent = dir.parent().expect("the pin dir has a parent");
-        secure_dir(parent, 0o700, None)?;
+        secure_dir(parent, 0, None)?;
         let existed = dir.exists();
-        secure_dir(&dir, 0o700, None)?;
+        secure_dir(&dir, 0, None)?;
         Ok(existed && fs::read_dir(&dir)?.next().is_some())
     }
 }
@@ -251,16 +247,19 @@ fn read_pid(path: &Path) -> Option<u32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-/// Creates `dir` with `mode`, or checks an existing one: a real directory
-/// (not a link), owned by this (root) user, writable by nobody else; its
-/// mode (and group) is then set to what is asked. Anything else is refused
-/// with a message saying what is wrong, never trusted or repaired.
-pub fn secure_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<()> {
+/// Creates `dir` root-only (0700), or checks an existing one: a real
+/// directory (not a link), owned by this (root) user, with no permission
+/// for others beyond `allowed` (for the run directory, the search bit of a
+/// control group). Anything else is refused with a message saying what is
+/// wrong, never trusted or repaired. With `group`, the directory is opened
+/// to that group (0710); without, its mode is left as it is, since another
+/// instance may have opened it to its own control group.
+pub fn secure_dir(dir: &Path, allowed: u32, group: Option<u32>) -> Result<()> {
     let meta = match fs::symlink_metadata(dir) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::DirBuilder::new()
-                .mode(mode)
+                .mode(0o700)
                 .create(dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
             fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?
@@ -283,28 +282,38 @@ pub fn secure_dir(dir: &Path, mode: u32, group: Option<u32>) -> Result<()> {
             dir.display()
         );
     }
-    if meta.mode() & 0o022 != 0 || meta.mode() & 0o007 != 0 && mode & 0o007 == 0 {
+    let loose = meta.mode() & 0o077 & !allowed;
+    if loose != 0 {
         bail!(
-            "{} has mode {:o}: other users may {} it; refusing to trust what it holds: `chmod {:o} {}` (or remove it) and start again",
+            "{} has mode {:o}: other users may {} it; refusing to trust what it holds: `chmod 700 {}` (or remove it) and start again",
             dir.display(),
             meta.mode() & 0o7777,
-            if meta.mode() & 0o022 != 0 {
+            if loose & 0o022 != 0 {
                 "write to"
             } else {
                 "look into"
             },
-            mode,
             dir.display()
+        );
+    }
+    let Some(group) = group else {
+        return Ok(());
+    };
+    if meta.mode() & 0o070 != 0 && meta.gid() != group {
+        bail!(
+            "{} is open to group {} (another instance's control_group); one run directory serves one control group: give this instance its own with --run-dir",
+            dir.display(),
+            meta.gid()
         );
     }
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .with_context(|| format!("{} has a NUL byte", dir.display()))?;
-    // SAFETY: chmod/chown on a NUL-terminated path.
-    if unsafe { libc::chmod(path.as_ptr(), mode) } != 0
-        || unsafe { libc::chown(path.as_ptr(), u32::MAX, group.unwrap_or(u32::MAX)) } != 0
+    // SAFETY: chown/chmod on a NUL-terminated path.
+    if unsafe { libc::chown(path.as_ptr(), u32::MAX, group) } != 0
+        || unsafe { libc::chmod(path.as_ptr(), 0o710) } != 0
     {
         return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("setting the mode of {}", dir.display()));
+            .with_context(|| format!("opening {} to group {group}", dir.display()));
     }
     Ok(())
 }
