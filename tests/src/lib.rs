@@ -466,6 +466,14 @@ impl Forwarder {
         self.child.as_ref().expect("the daemon runs").id()
     }
 
+    /// Kills the daemon (SIGKILL), as a crash would, and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("no daemon")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let mut child = self.child.take().unwrap();

@@ -46,12 +46,13 @@ fn forwards(lab: &Lab, tag: &str) -> bool {
     send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, tag, 10).unwrap();
     receive(&sink, 10, Duration::from_secs(3)).len() == 10
 }
+
 /// Steady traffic, 50,000 datagrams a second, crosses the forwarder while
 /// the control plane does what operators do to a live PoP: routes added and
 /// deleted in a loop (one of them cutting up the very /24 the traffic is
-/// for), a reload that changes other routes, a reload refused, a restart
-/// of the daemon, an upgrade to a different build of the XDP program and a
-/// downgrade back. Kernel forwarding is off in the router namespace, so a
+/// for), reloads that change other routes and VIPs, a reload refused, a
+/// restart of the daemon, an upgrade to a different build of the XDP
+/// program, a downgrade back, and a crash of the daemon. Kernel forwarding is off in the router namespace, so a
 /// moment without XDP, or a packet handed to the kernel, would be a loss;
 /// every datagram must arrive, once, at the one socket it was sent to.
 #[test]
@@ -124,6 +125,17 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
         fwd.log()
     );
     assert!(fwd.log().contains("adopted the pinned data plane"));
+    // A crash: the daemon killed outright (its socket file left behind),
+    // then adopted like any restart.
+    fwd.kill().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert_eq!(
+        fwd.log().matches("(the same build)").count(),
+        4,
+        "{}",
+        fwd.log()
+    );
 
     std::thread::sleep(Duration::from_millis(300));
     let sent = stream.finish().unwrap();
