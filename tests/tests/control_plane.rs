@@ -40,6 +40,13 @@ fn raw_request(socket: &Path, line: Vec<u8>) -> String {
     reply
 }
 
+/// The daemon's log has recorded `n` program swaps on a pinned link of this
+/// kind: `(the same build)` or `(a different build)`, one per interface.
+fn swaps(fwd: &Forwarder, kind: &str, n: usize) {
+    let log = fwd.log();
+    assert_eq!(log.matches(kind).count(), n, "{log}");
+}
+
 /// Forwarding still works: datagrams from a reach c.
 fn forwards(lab: &Lab, tag: &str) -> bool {
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
@@ -106,36 +113,21 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     fwd.stop().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     fwd.run_again(&lab.router, &[]).unwrap();
-    assert_eq!(
-        fwd.log().matches("(the same build)").count(),
-        2,
-        "{}",
-        fwd.log()
-    );
+    swaps(&fwd, "(the same build)", 2);
     // Upgrade to another build of the program, then back.
     fwd.stop().unwrap();
     fwd.run_again(&lab.router, &["--xdp-object", tests::UPGRADE_OBJECT])
         .unwrap();
     fwd.stop().unwrap();
     fwd.run_again(&lab.router, &[]).unwrap();
-    assert_eq!(
-        fwd.log().matches("(a different build)").count(),
-        4,
-        "{}",
-        fwd.log()
-    );
+    swaps(&fwd, "(a different build)", 4);
     assert!(fwd.log().contains("adopted the pinned data plane"));
     // A crash: the daemon killed outright (its socket file left behind),
     // then adopted like any restart.
     fwd.kill().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     fwd.run_again(&lab.router, &[]).unwrap();
-    assert_eq!(
-        fwd.log().matches("(the same build)").count(),
-        4,
-        "{}",
-        fwd.log()
-    );
+    swaps(&fwd, "(the same build)", 4);
 
     std::thread::sleep(Duration::from_millis(300));
     let sent = stream.finish().unwrap();
