@@ -139,8 +139,8 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     // The first refresh asks the kernel to resolve gateways and nodes
     // without a MAC; quick ones after it pick up what the kernel resolved
     // (IPv6 neighbour discovery can take a second) rather than a whole
-    // refresh interval later: every 200 ms while any gateway is
-    // unresolved, for at most 3 s.
+    // refresh interval later: every 200 ms while any gateway or cache node
+    // is unresolved, for at most 3 s.
     let quick_until = tokio::time::Instant::now() + QUICK_REFRESH_FOR;
     let mut tick = tokio::time::interval(QUICK_REFRESH);
     let mut quick = true;
@@ -173,10 +173,10 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 for event in std::mem::take(&mut running.pending_health) {
                     apply_health_or_retry(&mut running, event);
                 }
-                if let Err(e) = refresh(&mut running) {
+                let unresolved = refresh(&mut running).unwrap_or_else(|e| {
                     warn!("refreshing interfaces and neighbours: {e:#}");
-                }
-                let unresolved = running.tables.unresolved_gateways().map_or(0, |g| g.len());
+                    usize::MAX
+                });
                 if quick && (unresolved == 0 || tokio::time::Instant::now() >= quick_until) {
                     quick = false;
                     tick = tokio::time::interval_at(
@@ -904,7 +904,10 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
     Ok(())
 }
 
-fn refresh(running: &mut Running) -> Result<()> {
+/// Brings next hops, node MACs and local addresses in line with the kernel,
+/// and has it resolve the neighbours nobody has resolved yet. Returns how
+/// many of those (gateways and cache nodes) are still unresolved.
+fn refresh(running: &mut Running) -> Result<usize> {
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
@@ -925,12 +928,13 @@ fn refresh(running: &mut Running) -> Result<()> {
     });
     // Gateways and nodes nobody has resolved yet: have the kernel resolve
     // them now, rather than when the first packets for them reach it.
-    for (gateway, ifindex) in running
+    let unresolved: Vec<_> = running
         .tables
         .unresolved_gateways()?
         .into_iter()
         .chain(unresolved_nodes)
-    {
+        .collect();
+    for &(gateway, ifindex) in &unresolved {
         let Some(link) = links.iter().find(|l| l.ifindex == ifindex) else {
             continue;
         };
@@ -954,7 +958,7 @@ fn refresh(running: &mut Running) -> Result<()> {
         }
         running.local_conflicts = conflicts;
     }
-    Ok(())
+    Ok(unresolved.len())
 }
 
 /// A stop (SIGTERM, SIGINT): the daemon goes, the data plane stays. The
