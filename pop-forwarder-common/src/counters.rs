@@ -53,10 +53,17 @@ pub enum Counter {
     /// fragmentation needed / packet too big from the VIP, sent back out of
     /// the interface it came in on (XDP_TX).
     IcmpTooBig,
+    /// A unicast frame for another host's MAC (a promiscuous NIC, a bridge,
+    /// unknown-unicast flooding on an exchange LAN): neither forwarded nor
+    /// steered; to the kernel, which drops it as another host's.
+    PassNotForUs,
+    /// A martian source (unspecified, loopback, multicast, limited
+    /// broadcast): not forwarded, as Linux forwards none; dropped.
+    DropMartianSource,
 }
 
 impl Counter {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 20;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -77,6 +84,8 @@ impl Counter {
         Counter::Steered,
         Counter::PassVipNoNode,
         Counter::IcmpTooBig,
+        Counter::PassNotForUs,
+        Counter::DropMartianSource,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -100,6 +109,8 @@ impl Counter {
             Counter::Steered => "steered",
             Counter::PassVipNoNode => "pass_vip_no_node",
             Counter::IcmpTooBig => "icmp_too_big",
+            Counter::PassNotForUs => "pass_not_for_us",
+            Counter::DropMartianSource => "drop_martian_source",
         }
     }
 

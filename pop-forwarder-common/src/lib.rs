@@ -20,7 +20,7 @@ pub use counters::Counter;
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -44,7 +44,8 @@ pub mod map_names {
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const ENCAP_SOURCES: &str = "ENCAP_SOURCES";
-    pub const ALL: [&str; 19] = [
+    pub const INTERFACE_MACS: &str = "INTERFACE_MACS";
+    pub const ALL: [&str; 20] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -64,6 +65,7 @@ pub mod map_names {
         VIP_STATS,
         NODE_STATS,
         ENCAP_SOURCES,
+        INTERFACE_MACS,
     ];
 }
 
@@ -83,6 +85,12 @@ pub const LOCAL_NEXT_HOP: u32 = MAX_NEXT_HOPS;
 /// Capacity of the local-address sets and of the egress devmap.
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
 pub const MAX_EGRESS_PORTS: u32 = 256;
+/// `INTERFACE_MACS` is an array indexed by ifindex: the MAC of each
+/// interface the program is attached to in the first six bytes, and
+/// `INTERFACE_MAC_KNOWN` in the seventh (an all-zero entry: not known, so
+/// not checked). Interfaces with a larger ifindex are not checked.
+pub const MAX_INTERFACES: u32 = 4096;
+pub const INTERFACE_MAC_KNOWN: u8 = 1;
 
 /// The next hop's MAC address is known (configured or learned); without it
 /// the program hands the packet to the kernel, which resolves the neighbour.
@@ -214,6 +222,7 @@ mod tests {
             MAX_NEXT_HOPS,
             MAX_LOCAL_ADDRS,
             MAX_EGRESS_PORTS,
+            MAX_INTERFACES,
             Counter::COUNT as u32,
             settings::COUNT,
             dir24::TBL24_ENTRIES,
@@ -228,10 +237,10 @@ mod tests {
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                1,
+                2,
                 [
-                    44, 8, 8, 16, 20, 8, 40, 40, 1048576, 262144, 4096, 4096, 256, 18, 5, 16777216,
-                    2097152, 2, 64, 1024, 65537, 262144, 19,
+                    44, 8, 8, 16, 20, 8, 40, 40, 1048576, 262144, 4096, 4096, 256, 4096, 20, 5,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 20,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

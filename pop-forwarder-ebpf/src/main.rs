@@ -18,7 +18,10 @@ use network_types::{
 use pop_forwarder_common::{Counter, LOCAL_NEXT_HOP, NextHop, checksum};
 
 use crate::{
-    maps::{count, egress, lookup_route_v4, lookup_route_v6, next_hop_for, route_miss, traffic},
+    maps::{
+        count, egress, for_this_interface, lookup_route_v4, lookup_route_v6, next_hop_for,
+        route_miss, traffic,
+    },
     packet::{copy_bytes, ptr_at, widen},
 };
 
@@ -87,6 +90,13 @@ fn classify_and_forward(ctx: &XdpContext) -> Verdict {
         return drop(Counter::DropTruncated);
     };
     // SAFETY: ptr_at checked that the header lies inside the packet.
+    let dst_mac = unsafe { (*eth).dst_addr };
+    // A unicast frame for another host's MAC is not for this box to route
+    // or steer (RFC 1812 5.3.4 and what Linux does): the kernel drops it.
+    if dst_mac[0] & 1 == 0 && !for_this_interface(ctx.ingress_ifindex() as u32, &dst_mac) {
+        return pass(Counter::PassNotForUs);
+    }
+    // SAFETY: as above.
     match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => forward_v4(ctx, eth),
         ETH_P_IPV6 => forward_v6(ctx, eth),
@@ -123,6 +133,13 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     // protocols, DHCP and the like belong to the kernel.
     if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
         return pass(Counter::PassLinkScope);
+    }
+    // Martian sources, which Linux forwards none of: unspecified,
+    // loopback, multicast, limited broadcast. (The rest of 0/8, and 240/4,
+    // are unicast, as in Linux since 5.3.)
+    let src = ip.src_addr;
+    if src == [0; 4] || src[0] == 127 || src[0] & 0xf0 == 0xe0 || src == [255; 4] {
+        return drop(Counter::DropMartianSource);
     }
     // A VIP is looked up before the routes. Fragments after the first carry
     // no ports (RFC 791: a non-zero offset); so that every fragment of a
@@ -232,6 +249,11 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
         return pass(Counter::PassLinkScope);
     }
+    // Martian sources: unspecified, loopback, multicast.
+    let src = ip.src_addr;
+    if src[0] == 0xff || src == [0; 16] || src == LOOPBACK_V6 {
+        return drop(Counter::DropMartianSource);
+    }
     if steer::enabled() {
         let (protocol, l4_offset) = upper_layer_v6(ctx, ip.next_hdr);
         let flow = steer::Flow {
@@ -273,6 +295,8 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
 }
 
 /// An IPv4 address in the 16-byte form flows and VIPs use.
+
+const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 #[inline(always)]
 fn is_link_local_v6(addr: &[u8; 16]) -> bool {

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use pop_forwarder_common::{
-    Counter, MAX_EGRESS_PORTS, MAX_LOCAL_ADDRS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
-    NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
+    Counter, INTERFACE_MAC_KNOWN, MAX_EGRESS_PORTS, MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_NEXT_HOPS,
+    MAX_ROUTES_V4, MAX_ROUTES_V6, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self, TBL8_ENTRIES, TBL24_ENTRIES, Tbl24},
     settings,
 };
@@ -68,6 +68,30 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 
 #[map]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(settings::COUNT, 0);
+
+/// The MAC of each interface the program is attached to, indexed by
+/// ifindex (an array: a lookup is one load), kept current by the daemon.
+#[map]
+static INTERFACE_MACS: Array<[u8; 8]> = Array::with_max_entries(MAX_INTERFACES, 0);
+
+/// Whether a unicast frame to `mac` is addressed to the interface it came
+/// in on. An interface whose MAC the daemon has not recorded (or whose
+/// ifindex is past the array) takes every frame, as before it was recorded.
+#[inline(always)]
+pub fn for_this_interface(ifindex: u32, mac: &[u8; 6]) -> bool {
+    match INTERFACE_MACS.get(ifindex) {
+        // Byte by byte: a slice comparison may become a memcmp call.
+        Some(own) if own[6] == INTERFACE_MAC_KNOWN => {
+            own[0] == mac[0]
+                && own[1] == mac[1]
+                && own[2] == mac[2]
+                && own[3] == mac[3]
+                && own[4] == mac[4]
+                && own[5] == mac[5]
+        }
+        _ => true,
+    }
+}
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -701,6 +701,19 @@ fn fill(
     tables.set_route_miss(model.route_miss)?;
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
+        if let Some(mac) = links
+            .iter()
+            .find(|l| l.ifindex == iface.ifindex)
+            .and_then(|l| l.mac)
+            && !tables.set_interface_mac(iface.ifindex, mac)?
+        {
+            warn!(
+                "{}: ifindex {} is past the {} interfaces whose MAC the program checks: frames for other hosts arriving there are routed",
+                iface.name,
+                iface.ifindex,
+                pop_forwarder_common::MAX_INTERFACES
+            );
+        }
     }
     let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
     tables.sync_local_addrs(&addrs)?;
@@ -911,6 +924,9 @@ fn refresh(running: &mut Running) -> Result<usize> {
     let links = kernel::links()?;
     let neighbours = kernel::neighbours()?;
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
+        info!("{change}");
+    }
+    for change in running.tables.refresh_interface_macs(&links)? {
         info!("{change}");
     }
     let (changes, unresolved_nodes) =

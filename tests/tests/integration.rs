@@ -442,6 +442,49 @@ fn malformed_frames_on_the_wire_are_dropped_counted_and_logged() {
     );
 }
 
+/// On the wire, through the daemon (which records each attached
+/// interface's MAC): a frame for another host's MAC and one from a
+/// loopback source reach nobody, and are counted; the same frame addressed
+/// right goes through.
+#[test]
+fn frames_for_other_hosts_and_martian_sources_stop_at_the_forwarder() {
+    let (lab, fwd) = routed_lab(&[]);
+    let capture = Capture::new(&lab.c, "c0").unwrap();
+    let wire = Capture::new(&lab.a, "a0").unwrap();
+    let eth = Eth {
+        src: lab.a.mac("a0").unwrap(),
+        dst: lab.router.mac("r0").unwrap(),
+    };
+    let frame = |eth: Eth, src: &str| {
+        udp_v4(
+            eth,
+            src.parse().unwrap(),
+            "10.0.2.2".parse().unwrap(),
+            64,
+            b"not-for-us-test",
+        )
+    };
+    let other_host = Eth {
+        dst: [0x02, 0, 0, 0, 0, 0x99],
+        ..eth
+    };
+    wire.send(&frame(other_host, "10.0.1.2")).unwrap();
+    wire.send(&frame(eth, "127.0.0.1")).unwrap();
+    assert!(
+        capture
+            .frames_containing(b"not-for-us-test", 1, Duration::from_millis(800))
+            .is_empty(),
+        "a frame for another host, or from a martian source, was forwarded"
+    );
+    assert_eq!(fwd.counter("pass_not_for_us").unwrap(), 1);
+    assert_eq!(fwd.counter("drop_martian_source").unwrap(), 1);
+    wire.send(&frame(eth, "10.0.1.2")).unwrap();
+    assert_eq!(
+        capture.frames_containing(b"not-for-us-test", 1, WAIT).len(),
+        1
+    );
+}
+
 #[test]
 fn generate_sends_line_rate_traffic_through_the_forwarder() {
     let (lab, fwd) = routed_lab(&[]);

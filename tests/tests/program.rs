@@ -20,7 +20,7 @@ use pop_forwarder::{
     EBPF_OBJECT,
     config::{Ipv4Lookup, RouteMissPolicy},
     maps::Tables,
-    net::Prefix,
+    net::{Mac, Prefix},
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
@@ -825,6 +825,99 @@ fn applying_a_route_set_adds_changes_and_deletes_in_place() {
         );
         // Applying the same set again changes nothing.
         assert_eq!(p.tables.apply_routes(&desired).unwrap(), (0, 0, 0));
+    });
+}
+
+/// Router requirements (RFC 1812): a unicast frame for another host's MAC
+/// is neither routed nor steered but left to the kernel, and a martian
+/// source (unspecified, loopback, multicast, limited broadcast) is never
+/// forwarded. The rest of 0/8 and 240/4 are unicast sources, as in Linux.
+#[test]
+fn frames_for_other_hosts_and_martian_sources_are_not_forwarded() {
+    with_program(|p| {
+        // BPF_PROG_TEST_RUN's frames arrive on lo (ifindex 1): give it the
+        // MAC the test frames are sent to.
+        p.tables.set_interface_mac(1, Mac(IN.dst)).unwrap();
+        let payload = b"pop-forwarder test payload";
+        let other_host = Eth {
+            src: IN.src,
+            dst: [0x02, 0, 0, 0, 0, 0x99],
+        };
+        let from_v4 = |src: &str| {
+            udp_v4(
+                IN,
+                src.parse().unwrap(),
+                Ipv4Addr::new(10, 0, 3, 7),
+                64,
+                payload,
+            )
+        };
+        let from_v6 = |src: &str| {
+            udp_v6(
+                IN,
+                src.parse().unwrap(),
+                "fd00:3::7".parse().unwrap(),
+                64,
+                payload,
+            )
+        };
+        let mut cases = vec![
+            Case {
+                name: "for another host's MAC",
+                frame: udp_v4(
+                    other_host,
+                    Ipv4Addr::new(10, 0, 1, 2),
+                    Ipv4Addr::new(10, 0, 3, 7),
+                    64,
+                    payload,
+                ),
+                action: XDP_PASS,
+                output: None,
+                counter: Counter::PassNotForUs,
+            },
+            Case {
+                name: "for this interface's MAC",
+                frame: v4("10.0.3.7", 64),
+                action: XDP_REDIRECT,
+                output: Some(forwarded(&v4("10.0.3.7", 64), OUT)),
+                counter: Counter::Forwarded,
+            },
+        ];
+        for src in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "127.255.3.4",
+            "224.0.0.5",
+            "239.1.2.3",
+            "255.255.255.255",
+        ] {
+            cases.push(Case {
+                name: src,
+                frame: from_v4(src),
+                action: XDP_DROP,
+                output: None,
+                counter: Counter::DropMartianSource,
+            });
+        }
+        for src in ["::", "::1", "ff02::1", "ff0e::5"] {
+            cases.push(Case {
+                name: src,
+                frame: from_v6(src),
+                action: XDP_DROP,
+                output: None,
+                counter: Counter::DropMartianSource,
+            });
+        }
+        for src in ["0.1.2.3", "240.0.0.1"] {
+            cases.push(Case {
+                name: src,
+                frame: from_v4(src),
+                action: XDP_REDIRECT,
+                output: Some(forwarded(&from_v4(src), OUT)),
+                counter: Counter::Forwarded,
+            });
+        }
+        check(p, cases);
     });
 }
 

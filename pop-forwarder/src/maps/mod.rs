@@ -23,9 +23,9 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION, MAX_NEXT_HOPS, MAX_ROUTES_V4,
-    MAX_ROUTES_V6, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget,
-    TrafficCounter,
+    AF_INET, AF_INET6, Counter, INTERFACE_MAC_KNOWN, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION,
+    MAX_INTERFACES, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6, NH_F_IN_USE, NH_F_MAC_STATIC,
+    NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
     map_names as names, settings,
     steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
@@ -82,6 +82,7 @@ pub struct Tables {
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
     encap_sources: Array<MapData, [u8; 16]>,
+    interface_macs: Array<MapData, [u8; 8]>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
     journal: Option<Vec<Undo>>,
@@ -112,6 +113,7 @@ enum Undo {
     Maglev(u32, u64),
     Vip(VipKey, Option<VipInfo>),
     Encap(u32, [u8; 16]),
+    InterfaceMac(u32, [u8; 8]),
 }
 
 fn typed<T>(map: Map, name: &str) -> Result<T>
@@ -227,6 +229,7 @@ impl Tables {
             vip_stats: open!(names::VIP_STATS),
             node_stats: open!(names::NODE_STATS),
             encap_sources: open!(names::ENCAP_SOURCES),
+            interface_macs: open!(names::INTERFACE_MACS),
             journal: None,
             scans: std::cell::Cell::new(0),
         })
@@ -291,6 +294,7 @@ impl Tables {
             Undo::Vip(key, Some(info)) => Ok(self.vips.insert(key, info, 0)?),
             Undo::Vip(key, None) => Ok(self.vips.remove(&key)?),
             Undo::Encap(slot, addr) => Ok(self.encap_sources.set(slot, addr, 0)?),
+            Undo::InterfaceMac(ifindex, value) => Ok(self.interface_macs.set(ifindex, value, 0)?),
         }
     }
 
@@ -372,6 +376,44 @@ impl Tables {
             1 => RouteMissPolicy::Drop,
             _ => RouteMissPolicy::Pass,
         })
+    }
+
+    /// Records the MAC of an interface the program is attached to: unicast
+    /// frames for other MACs arriving there are not routed or steered.
+    /// Returns false, writing nothing, for an ifindex past the array (its
+    /// frames are not checked).
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: Mac) -> Result<bool> {
+        if ifindex >= MAX_INTERFACES {
+            return Ok(false);
+        }
+        let mut value = [0u8; 8];
+        value[..6].copy_from_slice(&mac.0);
+        value[6] = INTERFACE_MAC_KNOWN;
+        let old = self.interface_macs.get(&ifindex, 0).unwrap_or([0; 8]);
+        if old != value {
+            self.journal("interface-mac", |_| Undo::InterfaceMac(ifindex, old))?;
+            self.interface_macs
+                .set(ifindex, value, 0)
+                .with_context(|| format!("recording the MAC of interface index {ifindex}"))?;
+        }
+        Ok(true)
+    }
+
+    /// Keeps the recorded MACs of attached interfaces current (a MAC can be
+    /// changed); returns a line per change.
+    pub fn refresh_interface_macs(&mut self, links: &[Link]) -> Result<Vec<String>> {
+        let mut changes = Vec::new();
+        for link in links {
+            let (Some(mac), true) = (link.mac, link.ifindex < MAX_INTERFACES) else {
+                continue;
+            };
+            let have = self.interface_macs.get(&link.ifindex, 0).unwrap_or([0; 8]);
+            if have[6] == INTERFACE_MAC_KNOWN && have[..6] != mac.0 {
+                self.set_interface_mac(link.ifindex, mac)?;
+                changes.push(format!("interface {}: mac {mac}", link.name));
+            }
+        }
+        Ok(changes)
     }
 
     /// Allows redirects to `ifindex`.
