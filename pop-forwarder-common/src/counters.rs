@@ -60,10 +60,18 @@ pub enum Counter {
     /// A martian source (unspecified, loopback, multicast, limited
     /// broadcast): not forwarded, as Linux forwards none; dropped.
     DropMartianSource,
+    /// IPv4 with a loose or strict source route option (LSRR, SSRR): not
+    /// forwarded, as Linux forwards none by default (accept_source_route
+    /// 0); dropped.
+    DropSourceRouted,
+    /// IPv4 options the program does not walk through: more than four, or
+    /// malformed (a length under 2 or past the header): to the kernel, which
+    /// forwards, drops or answers parameter problem as Linux does.
+    PassIpOptions,
 }
 
 impl Counter {
-    pub const COUNT: usize = 20;
+    pub const COUNT: usize = 22;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -86,6 +94,8 @@ impl Counter {
         Counter::IcmpTooBig,
         Counter::PassNotForUs,
         Counter::DropMartianSource,
+        Counter::DropSourceRouted,
+        Counter::PassIpOptions,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -111,6 +121,8 @@ impl Counter {
             Counter::IcmpTooBig => "icmp_too_big",
             Counter::PassNotForUs => "pass_not_for_us",
             Counter::DropMartianSource => "drop_martian_source",
+            Counter::DropSourceRouted => "drop_source_routed",
+            Counter::PassIpOptions => "pass_ip_options",
         }
     }
 

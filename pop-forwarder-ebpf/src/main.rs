@@ -22,7 +22,7 @@ use crate::{
         count, egress, for_this_interface, lookup_route_v4, lookup_route_v6, next_hop_for,
         route_miss, traffic,
     },
-    packet::{copy_bytes, ptr_at, widen},
+    packet::{copy_bytes, pair_at, ptr_at, widen},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -127,6 +127,13 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if total_len < header_len || EthHdr::LEN + total_len > frame_len {
         return drop(Counter::DropBadLength);
     }
+    if header_len > Ipv4Hdr::LEN {
+        match options_v4(ctx, header_len) {
+            Options::Plain => {}
+            Options::SourceRoute => return drop(Counter::DropSourceRouted),
+            Options::Unknown => return pass(Counter::PassIpOptions),
+        }
+    }
 
     let dst = ip.dst_addr;
     // Multicast (224/4) and limited broadcast are link-scope: routing
@@ -189,6 +196,56 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     ip.ttl -= 1;
     rewrite_l2(eth, next_hop, next_hop_id, frame_len);
     verdict
+}
+
+/// What an IPv4 header's options (IHL > 5) hold, as far as forwarding is
+/// concerned.
+enum Options {
+    /// Nothing that stops forwarding (they are forwarded as they are).
+    Plain,
+    /// A loose or strict source route (LSRR 131, SSRR 137).
+    SourceRoute,
+    /// More than the program walks through, or malformed: the kernel's.
+    Unknown,
+}
+
+/// Walks the options (RFC 791): end of list (0) and no-operation (1) are
+/// one byte, every other option has a length. At most four options are
+/// walked (the verifier explores each path through the walk, and real
+/// traffic carries one or two: router alert, record route, timestamps);
+/// more, a malformed one, or one whose kind and length cannot be read as a
+/// pair (a last byte with nothing after it in the frame) are the kernel's.
+#[inline(always)]
+fn options_v4(ctx: &XdpContext, header_len: usize) -> Options {
+    const LSRR: u8 = 131;
+    const SSRR: u8 = 137;
+    let end = EthHdr::LEN + header_len;
+    let mut at = EthHdr::LEN + Ipv4Hdr::LEN;
+    for _ in 0..4 {
+        if at >= end {
+            return Options::Plain;
+        }
+        let Some([kind, len]) = pair_at(ctx, at) else {
+            return Options::Unknown;
+        };
+        match kind {
+            0 => return Options::Plain,
+            1 => at += 1,
+            LSRR | SSRR => return Options::SourceRoute,
+            _ => {
+                let len = usize::from(len);
+                if len < 2 || at + len > end {
+                    return Options::Unknown;
+                }
+                at += len;
+            }
+        }
+    }
+    if at >= end {
+        Options::Plain
+    } else {
+        Options::Unknown
+    }
 }
 
 /// The upper-layer protocol of an IPv6 packet behind at most four extension

@@ -17,6 +17,25 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// The two bytes at `offset`, checked against a fresh read of `data_end`.
+/// For offsets the compiler could prove inside the packet from checks on
+/// lengths (scalars): it would drop `ptr_at`'s comparison as redundant, and
+/// the verifier, which trusts only comparisons of packet pointers, would
+/// refuse the load. A volatile read of `data_end` keeps the comparison. (Two
+/// bytes, not one: `x + 1 > end` becomes `x >= end`, from which the
+/// verifier proves nothing about the byte at `x`.)
+#[inline(always)]
+pub fn pair_at(ctx: &XdpContext, offset: usize) -> Option<[u8; 2]> {
+    let start = ctx.data();
+    // SAFETY: `ctx.ctx` is the program's own context, valid for the run.
+    let end = unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) } as usize;
+    if start + offset + 2 > end {
+        return None;
+    }
+    // SAFETY: checked just above to lie inside the packet.
+    Some(unsafe { *((start + offset) as *const [u8; 2]) })
+}
+
 /// `dst = *src` for the MACs and addresses the program writes into the
 /// packet, one byte at a time. A plain array assignment between two
 /// pointers that may alias compiles to a call of the byte-loop `memmove`

@@ -223,7 +223,9 @@ fn icmp_error_flow(ctx: &XdpContext, flow: &Flow) -> Option<Flow> {
         }
         _ => return None,
     };
-    if protocol != PROTO_TCP && protocol != PROTO_UDP {
+    // It must be about a packet the VIP sent: one addressed to the VIP,
+    // quoting a packet from it. Anything else is routed like any packet.
+    if protocol != PROTO_TCP && protocol != PROTO_UDP || src != flow.dst {
         return None;
     }
     let ports = ptr_at::<[u8; 4]>(ctx, l4)?;
@@ -272,7 +274,10 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     };
     let next_hop = match next_hop_for(next_hop_id, inner_len + outer_len) {
         Ok(nh) => nh,
-        Err(verdict) if verdict.counter == Counter::PassTooBig => {
+        // Never an ICMP error in answer to an ICMP error (RFC 1812 4.3.2.7,
+        // RFC 4443 2.4): one about a VIP flow that is too big goes to the
+        // kernel, counted, like any other too-big packet.
+        Err(verdict) if verdict.counter == Counter::PassTooBig && flow.ports.is_none() => {
             let mtu = next_hop_mtu(next_hop_id).saturating_sub(outer_len as u32);
             return too_big(ctx, flow.family, mtu);
         }

@@ -256,12 +256,14 @@ fn forwards_ipv4_ipv6_and_options_with_exact_bytes() {
                     output: Some(forwarded(&options, OUT)),
                     counter: Counter::Forwarded,
                 },
+                // Forty options (NOPs) are more than the program walks:
+                // the kernel's to forward.
                 Case {
                     name: "ipv4 options ihl 15",
                     frame: max_options.clone(),
-                    action: XDP_REDIRECT,
-                    output: Some(forwarded(&max_options, OUT)),
-                    counter: Counter::Forwarded,
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassIpOptions,
                 },
                 Case {
                     name: "ipv6",
@@ -908,6 +910,42 @@ fn frames_for_other_hosts_and_martian_sources_are_not_forwarded() {
                 counter: Counter::DropMartianSource,
             });
         }
+        // Source routes are not forwarded (Linux's accept_source_route 0),
+        // wherever they stand among the options; malformed options are the
+        // kernel's.
+        let lsrr = [0x83, 7, 4, 10, 0, 0, 1, 0];
+        let ssrr = [0x89, 7, 4, 10, 0, 0, 1, 0];
+        let alert_then_lsrr = [0x94, 4, 0, 0, 0x83, 7, 4, 10, 0, 0, 1, 0];
+        for (name, options, action, counter) in [
+            ("LSRR", &lsrr[..], XDP_DROP, Counter::DropSourceRouted),
+            ("SSRR", &ssrr[..], XDP_DROP, Counter::DropSourceRouted),
+            (
+                "router alert, then LSRR",
+                &alert_then_lsrr[..],
+                XDP_DROP,
+                Counter::DropSourceRouted,
+            ),
+            (
+                "an option of length 1",
+                &[0x44, 1, 0, 0][..],
+                XDP_PASS,
+                Counter::PassIpOptions,
+            ),
+            (
+                "an option past the header",
+                &[0x44, 9, 0, 0][..],
+                XDP_PASS,
+                Counter::PassIpOptions,
+            ),
+        ] {
+            cases.push(Case {
+                name,
+                frame: with_ipv4_options(&v4("10.0.3.7", 64), options),
+                action,
+                output: None,
+                counter,
+            });
+        }
         for src in ["0.1.2.3", "240.0.0.1"] {
             cases.push(Case {
                 name: src,
@@ -1552,6 +1590,39 @@ mod steering {
                         output: Some(too_big_answer(&big_v4in6, 1460)),
                         counter: Counter::IcmpTooBig,
                     },
+                    // Addressed to one VIP, quoting a packet "from" another:
+                    // steered by the quote, it would reach 192.0.2.32's node.
+                    // It is no flow of 192.0.2.30's, so it is routed like any
+                    // packet (no route covers 192.0.2.30).
+                    Case {
+                        name: "ICMP error to one VIP quoting another",
+                        frame: icmp_error_about(
+                            "10.0.9.1",
+                            "192.0.2.30",
+                            "192.0.2.32",
+                            "10.0.1.2",
+                            0,
+                        ),
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassRouteMiss,
+                    },
+                    // An ICMP error about a flow of 192.0.2.32, too big
+                    // once wrapped, don't-fragment set: no ICMP error is
+                    // sent in answer to an ICMP error; the kernel has it.
+                    Case {
+                        name: "an ICMP error too big once wrapped",
+                        frame: icmp_error_about(
+                            "10.0.9.1",
+                            "192.0.2.32",
+                            "192.0.2.32",
+                            "10.0.1.2",
+                            60,
+                        ),
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassTooBig,
+                    },
                 ],
             );
         });
@@ -1560,6 +1631,37 @@ mod steering {
     /// An ICMP error from a router on the way back to a client, about the
     /// node's reply (VIP -> client): it must reach the node of the client's
     /// flow, found through the embedded header.
+    /// An IPv4 ICMP error (port unreachable) from `router` to `to`, quoting
+    /// a UDP packet from `quoted_src` to `quoted_dst` and `extra` bytes of
+    /// its payload, don't-fragment set.
+    fn icmp_error_about(
+        router: &str,
+        to: &str,
+        quoted_src: &str,
+        quoted_dst: &str,
+        extra: usize,
+    ) -> Vec<u8> {
+        let quoted = udp_v4(
+            IN,
+            quoted_src.parse().unwrap(),
+            quoted_dst.parse().unwrap(),
+            63,
+            &vec![7; extra],
+        );
+        let ip = |a: &str| a.parse::<Ipv4Addr>().unwrap().octets();
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2(IN.src, IN.dst)
+            .ipv4(ip(router), ip(to), 64)
+            .icmpv4_raw(3, 3, [0; 4])
+            .write(&mut frame, &quoted[14..])
+            .unwrap();
+        frame[14 + 6] |= 0x40;
+        frame[24..26].fill(0);
+        let c = pop_forwarder_common::checksum::ipv4_header(&frame[14..34]);
+        frame[24..26].copy_from_slice(&c.to_be_bytes());
+        frame
+    }
+
     #[test]
     fn icmp_errors_about_a_vip_flow_go_to_the_node_of_that_flow() {
         with_program(|p| {
