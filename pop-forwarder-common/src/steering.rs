@@ -82,6 +82,10 @@ pub struct CacheNode {
     pub addr: [u8; 16],
     /// 4 or 6.
     pub family: u32,
+    /// Direct server return: the MTU of the link to the node; a larger
+    /// packet goes to the kernel, as a routed one does. 0 for IP-in-IP
+    /// nodes (their outer packet is routed, and checked there).
+    pub mtu: u32,
 }
 
 /// Slots of ENCAP_SOURCES: the outer source address of IP-in-IP packets.

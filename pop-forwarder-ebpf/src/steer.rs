@@ -154,6 +154,11 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict>
         }
         return Some(verdict);
     }
+    // Too big for the node's link, like a routed packet: the kernel
+    // fragments it or answers ICMP.
+    if node.mtu != 0 && flow.frame_len - EthHdr::LEN > node.mtu as usize {
+        return Some(pass(Counter::PassTooBig));
+    }
     let verdict = match egress(ctx, node.ifindex) {
         Ok(v) => Verdict {
             action: v.action,

@@ -80,6 +80,7 @@ pub fn resolve_node(node: &Node, links: &[Link], neighbours: &[Neighbour]) -> Re
         src_mac: src_mac.0,
         addr: widen(node.address),
         family: u32::from(family(node.address)),
+        mtu: link.mtu,
     };
     let learned = neighbours
         .iter()

@@ -1066,6 +1066,7 @@ mod steering {
                     src_mac: OUT.src,
                     addr: [0; 16],
                     family: 4,
+                    mtu: 1500,
                 },
             )
             .unwrap();
@@ -1079,6 +1080,7 @@ mod steering {
                     src_mac: OUT.src,
                     addr: [0; 16],
                     family: 4,
+                    mtu: 1500,
                 },
             )
             .unwrap();
@@ -1498,6 +1500,7 @@ mod steering {
                     src_mac: [0; 6],
                     addr: widen(a),
                     family: u32::from(family(a)),
+                    mtu: 0,
                 }
             };
             // Nodes behind 10.0.3.0/24 and fd00:3::/64 (the veth, MAC
@@ -1631,6 +1634,52 @@ mod steering {
     /// An ICMP error from a router on the way back to a client, about the
     /// node's reply (VIP -> client): it must reach the node of the client's
     /// flow, found through the embedded header.
+    /// Direct server return respects the MTU of the link to the node, as
+    /// routing respects the egress MTU: a packet too big for it goes to the
+    /// kernel, which fragments it or answers ICMP.
+    #[test]
+    fn dsr_respects_the_mtu_of_the_link_to_the_node() {
+        with_program(|p| {
+            setup(p);
+            let node = CacheNode {
+                ifindex: p.veth,
+                flags: NODE_F_IN_USE | NODE_F_MAC_VALID,
+                dst_mac: MAC_A,
+                src_mac: OUT.src,
+                addr: [0; 16],
+                family: 4,
+                mtu: 100,
+            };
+            p.tables.write_node(5, &node).unwrap();
+            p.tables
+                .write_vip(7, &vip("192.0.2.40", PROTO_UDP, 0), &[5; SIZE as usize])
+                .unwrap();
+            let fits = big_udp("192.0.2.40", 100);
+            let mut out = fits.clone();
+            out[0..6].copy_from_slice(&MAC_A);
+            out[6..12].copy_from_slice(&OUT.src);
+            check(
+                p,
+                vec![
+                    Case {
+                        name: "100 bytes of IP on a link of MTU 100",
+                        frame: fits,
+                        action: XDP_REDIRECT,
+                        output: Some(out),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "101 bytes of IP on a link of MTU 100",
+                        frame: big_udp("192.0.2.40", 101),
+                        action: XDP_PASS,
+                        output: None,
+                        counter: Counter::PassTooBig,
+                    },
+                ],
+            );
+        });
+    }
+
     /// An IPv4 ICMP error (port unreachable) from `router` to `to`, quoting
     /// a UDP packet from `quoted_src` to `quoted_dst` and `extra` bytes of
     /// its payload, don't-fragment set.

@@ -317,6 +317,7 @@ impl Forwarder {
                     src_mac: r1.0,
                     addr: [0; 16],
                     family: 4,
+                    mtu: 1500,
                 };
                 let mut pool = Vec::new();
                 for id in 0..16 {
