@@ -68,10 +68,14 @@ pub enum Counter {
     /// malformed (a length under 2 or past the header): to the kernel, which
     /// forwards, drops or answers parameter problem as Linux does.
     PassIpOptions,
+    /// The route is one the kernel handles (blackhole, unreachable,
+    /// prohibit, or next hops the program cannot express): to the kernel,
+    /// which drops or answers it as its table says.
+    PassKernelRoute,
 }
 
 impl Counter {
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 23;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -96,6 +100,7 @@ impl Counter {
         Counter::DropMartianSource,
         Counter::DropSourceRouted,
         Counter::PassIpOptions,
+        Counter::PassKernelRoute,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -123,6 +128,7 @@ impl Counter {
             Counter::DropMartianSource => "drop_martian_source",
             Counter::DropSourceRouted => "drop_source_routed",
             Counter::PassIpOptions => "pass_ip_options",
+            Counter::PassKernelRoute => "pass_kernel_route",
         }
     }
 

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checksum;
 pub mod counters;
 pub mod dir24;
+pub mod ecmp;
 pub mod maglev;
 pub mod steering;
 
@@ -20,7 +21,7 @@ pub use counters::Counter;
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -45,7 +46,9 @@ pub mod map_names {
     pub const NODE_STATS: &str = "NODE_STATS";
     pub const ENCAP_SOURCES: &str = "ENCAP_SOURCES";
     pub const INTERFACE_MACS: &str = "INTERFACE_MACS";
-    pub const ALL: [&str; 20] = [
+    pub const NEXT_HOP_GROUPS: &str = "NEXT_HOP_GROUPS";
+    pub const NEIGHBOURS: &str = "NEIGHBOURS";
+    pub const ALL: [&str; 22] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -66,6 +69,8 @@ pub mod map_names {
         NODE_STATS,
         ENCAP_SOURCES,
         INTERFACE_MACS,
+        NEXT_HOP_GROUPS,
+        NEIGHBOURS,
     ];
 }
 
@@ -81,6 +86,11 @@ pub const MAX_NEXT_HOPS: u32 = 4096;
 /// or /128 route): such packets go to the kernel. Outside the next-hop
 /// table, and within the 24 bits DIR-24-8 entries hold.
 pub const LOCAL_NEXT_HOP: u32 = MAX_NEXT_HOPS;
+/// The route-table value of a route the kernel must handle: a blackhole,
+/// unreachable or prohibit route, or one whose next hops the program cannot
+/// express. Its packets go to the kernel (counted `pass_kernel_route`), and
+/// no shorter route covering it takes them.
+pub const KERNEL_NEXT_HOP: u32 = MAX_NEXT_HOPS + 1;
 
 /// Capacity of the local-address sets and of the egress devmap.
 pub const MAX_LOCAL_ADDRS: u32 = 4096;
@@ -100,6 +110,32 @@ pub const NH_F_MAC_VALID: u32 = 1 << 0;
 pub const NH_F_MAC_STATIC: u32 = 1 << 1;
 /// The slot is allocated. Free slots are all zeros.
 pub const NH_F_IN_USE: u32 = 1 << 2;
+/// A connected subnet (a route without a gateway): the packet goes to its
+/// destination itself, whose MAC the program looks up in `NEIGHBOURS`; one
+/// not there yet goes to the kernel, which resolves it.
+pub const NH_F_CONNECTED: u32 = 1 << 3;
+
+/// Capacity of the `NEIGHBOURS` table (hosts on connected subnets).
+pub const MAX_NEIGHBOURS: u32 = 1 << 16;
+
+/// Key of `NEIGHBOURS`: a host on a connected subnet, on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NeighbourKey {
+    /// IPv4 in the first four bytes, the rest zero; or IPv6.
+    pub addr: [u8; 16],
+    pub ifindex: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+}
+
+/// Value of `NEIGHBOURS`: the host's MAC (two bytes of padding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct NeighbourMac {
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+}
 
 /// Address family of a next hop's gateway.
 pub const AF_INET: u32 = 2;
@@ -193,6 +229,9 @@ mod user {
     unsafe impl aya::Pod for super::RouteTarget {}
     unsafe impl aya::Pod for super::RouteKeyV4 {}
     unsafe impl aya::Pod for super::TrafficCounter {}
+    unsafe impl aya::Pod for super::NeighbourKey {}
+    unsafe impl aya::Pod for super::NeighbourMac {}
+    unsafe impl aya::Pod for super::ecmp::NextHopGroup {}
 }
 
 #[cfg(test)]
@@ -233,14 +272,22 @@ mod tests {
             steering::MAGLEV_STRIDE,
             steering::MAX_FLOWS,
             map_names::ALL.len() as u32,
+            size_of::<NeighbourKey>() as u32,
+            size_of::<NeighbourMac>() as u32,
+            size_of::<ecmp::NextHopGroup>() as u32,
+            MAX_NEIGHBOURS,
+            ecmp::MAX_GROUPS,
+            ecmp::FIRST_GROUP_ID,
+            KERNEL_NEXT_HOP,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                2,
+                3,
                 [
-                    44, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 22, 5,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 20,
+                    44, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 23, 5,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 22, 24, 8, 512, 65536, 1024,
+                    8192, 4097,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

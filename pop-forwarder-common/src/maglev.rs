@@ -122,27 +122,47 @@ pub const fn flow_hash(
     dst_port: u16,
     protocol: u8,
 ) -> u32 {
+    flow_hash_words(
+        seed,
+        address_words(src),
+        address_words(dst),
+        src_port,
+        dst_port,
+        protocol,
+    )
+}
+
+/// A 16-byte address as the two little-endian words `flow_hash` mixes.
+#[inline(always)]
+pub const fn address_words(a: &[u8; 16]) -> [u64; 2] {
+    [
+        u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
+        u64::from_le_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// An IPv4 address's words: the same as `address_words` of it widened to
+/// 16 bytes, without the 16 bytes (the XDP program's stack is small).
+#[inline(always)]
+pub const fn address_words_v4(a: [u8; 4]) -> [u64; 2] {
+    [u32::from_le_bytes(a) as u64, 0]
+}
+
+/// `flow_hash` of addresses given as their words.
+#[inline(always)]
+pub const fn flow_hash_words(
+    seed: u64,
+    src: [u64; 2],
+    dst: [u64; 2],
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+) -> u32 {
     let mut h = mix64(seed ^ ((protocol as u64) << 32 | (src_port as u64) << 16 | dst_port as u64));
-    h = mix64(
-        h ^ u64::from_le_bytes([
-            src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7],
-        ]),
-    );
-    h = mix64(
-        h ^ u64::from_le_bytes([
-            src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15],
-        ]),
-    );
-    h = mix64(
-        h ^ u64::from_le_bytes([
-            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7],
-        ]),
-    );
-    h = mix64(
-        h ^ u64::from_le_bytes([
-            dst[8], dst[9], dst[10], dst[11], dst[12], dst[13], dst[14], dst[15],
-        ]),
-    );
+    h = mix64(h ^ src[0]);
+    h = mix64(h ^ src[1]);
+    h = mix64(h ^ dst[0]);
+    h = mix64(h ^ dst[1]);
     (h ^ (h >> 32)) as u32
 }
 

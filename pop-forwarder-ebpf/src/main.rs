@@ -15,12 +15,16 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use pop_forwarder_common::{Counter, LOCAL_NEXT_HOP, NextHop, checksum};
+use pop_forwarder_common::{
+    Counter, LOCAL_NEXT_HOP, checksum, ecmp,
+    maglev::{address_words, address_words_v4},
+    settings,
+};
 
 use crate::{
     maps::{
-        count, egress, for_this_interface, lookup_route_v4, lookup_route_v6, next_hop_for,
-        route_miss, traffic,
+        Hop, SETTINGS, count, egress, for_this_interface, lookup_route_v4, lookup_route_v6,
+        next_hop_for, route_miss, traffic,
     },
     packet::{copy_bytes, pair_at, ptr_at, widen},
 };
@@ -155,7 +159,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     // any-port VIPs.
     if steer::enabled() {
         let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
-        let flow = steer::Flow {
+        let mut flow = steer::Flow {
             family: 4,
             src: widen(ip.src_addr),
             dst: widen(dst),
@@ -164,7 +168,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
             frame_len,
             ports: None,
         };
-        if let Some(verdict) = steer::steer(ctx, eth, &flow) {
+        if let Some(verdict) = steer::steer(ctx, eth, &mut flow) {
             return verdict;
         }
     }
@@ -179,14 +183,31 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if ip.ttl <= 1 {
         return pass(Counter::PassTtlExceeded);
     }
-    let Some(next_hop_id) = route else {
+    let Some(target) = route else {
         return route_miss();
     };
-    let next_hop = match next_hop_for(next_hop_id, total_len) {
-        Ok(next_hop) => next_hop,
+    // An ECMP group picks a member by the flow: addresses, protocol and,
+    // unless the packet is a fragment, TCP/UDP/SCTP ports.
+    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
+    let protocol = ip.proto;
+    let bucket = move || {
+        let l4 = (!fragment).then_some(EthHdr::LEN + header_len);
+        let ports = ports_of(ctx, protocol, l4);
+        ecmp::flow_bucket(
+            seed(),
+            u64::from(u32::from_ne_bytes(src)),
+            u64::from(u32::from_ne_bytes(dst)),
+            u64::from(ports) << 8 | u64::from(protocol),
+        )
+    };
+    let hop = match next_hop_for(target, || address_words_v4(dst), bucket) {
+        Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
-    let verdict = match egress(ctx, next_hop.ifindex) {
+    if let Err(verdict) = hop.fits(total_len) {
+        return verdict;
+    }
+    let verdict = match egress(ctx, hop.next_hop.ifindex) {
         Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
@@ -194,7 +215,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     ip.check =
         checksum::after_ttl_decrement(u16::from_be_bytes(ip.check), ip.ttl, ip.proto).to_be_bytes();
     ip.ttl -= 1;
-    rewrite_l2(eth, next_hop, next_hop_id, frame_len);
+    rewrite_l2(eth, &hop, frame_len);
     verdict
 }
 
@@ -299,34 +320,35 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         return drop(Counter::DropBadLength);
     }
 
-    let dst = ip.dst_addr;
+    // The addresses are read in place: 16-byte copies on the stack cost
+    // room the program does not have.
     // Multicast (ff00::/8) carries neighbour discovery and router
     // advertisements; link-local (fe80::/10) addresses, as source or
     // destination, must not be forwarded (RFC 4291 2.5.6).
-    if dst[0] == 0xff || is_link_local_v6(&dst) || is_link_local_v6(&ip.src_addr) {
+    if ip.dst_addr[0] == 0xff || is_link_local_v6(&ip.dst_addr) || is_link_local_v6(&ip.src_addr) {
         return pass(Counter::PassLinkScope);
     }
     // Martian sources: unspecified, loopback, multicast.
-    let src = ip.src_addr;
-    if src[0] == 0xff || src == [0; 16] || src == LOOPBACK_V6 {
+    let src_words = address_words(&ip.src_addr);
+    if ip.src_addr[0] == 0xff || src_words == [0; 2] || src_words == LOOPBACK_V6_WORDS {
         return drop(Counter::DropMartianSource);
     }
     if steer::enabled() {
         let (protocol, l4_offset) = upper_layer_v6(ctx, ip.next_hdr);
-        let flow = steer::Flow {
+        let mut flow = steer::Flow {
             family: 6,
             src: ip.src_addr,
-            dst,
+            dst: ip.dst_addr,
             protocol,
             l4_offset,
             frame_len,
             ports: None,
         };
-        if let Some(verdict) = steer::steer(ctx, eth, &flow) {
+        if let Some(verdict) = steer::steer(ctx, eth, &mut flow) {
             return verdict;
         }
     }
-    let route = lookup_route_v6(dst);
+    let route = lookup_route_v6(ip.dst_addr);
     if route == Some(LOCAL_NEXT_HOP) {
         return pass(Counter::PassLocal);
     }
@@ -334,42 +356,95 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     if ip.hop_limit <= 1 {
         return pass(Counter::PassTtlExceeded);
     }
-    let Some(next_hop_id) = route else {
+    let Some(target) = route else {
         return route_miss();
     };
-    let next_hop = match next_hop_for(next_hop_id, total_len) {
-        Ok(next_hop) => next_hop,
+    // IPv6 ECMP picks by addresses, flow label and next header (RFC 6438;
+    // Linux's default policy): no extension-header walk per packet.
+    let extra = u64::from(ip.flow_label()) << 8 | u64::from(ip.next_hdr);
+    // Addresses are read from the packet, not from copies on the stack,
+    // which has no room for them here.
+    let header: *const Ipv6Hdr = ip;
+    let bucket = move || {
+        // SAFETY: the header was bounds-checked by ptr_at above.
+        let [s0, s1] = address_words(unsafe { &(*header).src_addr });
+        let [d0, d1] = address_words(unsafe { &(*header).dst_addr });
+        ecmp::flow_bucket(
+            seed(),
+            s0 ^ s1.rotate_left(32),
+            d0 ^ d1.rotate_left(32),
+            extra,
+        )
+    };
+    // SAFETY: as above.
+    let hop = match next_hop_for(
+        target,
+        || address_words(unsafe { &(*header).dst_addr }),
+        bucket,
+    ) {
+        Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
-    let verdict = match egress(ctx, next_hop.ifindex) {
+    if let Err(verdict) = hop.fits(total_len) {
+        return verdict;
+    }
+    let verdict = match egress(ctx, hop.next_hop.ifindex) {
         Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
 
     ip.hop_limit -= 1;
-    rewrite_l2(eth, next_hop, next_hop_id, frame_len);
+    rewrite_l2(eth, &hop, frame_len);
     verdict
 }
 
 /// An IPv4 address in the 16-byte form flows and VIPs use.
 
-const LOOPBACK_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// ::1 as `address_words` reads it.
+const LOOPBACK_V6_WORDS: [u64; 2] =
+    address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 
 #[inline(always)]
 fn is_link_local_v6(addr: &[u8; 16]) -> bool {
     addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
 }
 
-/// Rewrites the Ethernet header for the next hop and counts the packet
-/// against it.
+/// Rewrites the Ethernet header for the hop and counts the packet against
+/// its next hop.
 #[inline(always)]
-fn rewrite_l2(eth: *mut EthHdr, next_hop: &NextHop, next_hop_id: u32, frame_len: usize) {
+fn rewrite_l2(eth: *mut EthHdr, hop: &Hop, frame_len: usize) {
     // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
     unsafe {
-        copy_bytes(&mut (*eth).dst_addr, &next_hop.dst_mac);
-        copy_bytes(&mut (*eth).src_addr, &next_hop.src_mac);
+        copy_bytes(&mut (*eth).dst_addr, hop.dst_mac);
+        copy_bytes(&mut (*eth).src_addr, &hop.next_hop.src_mac);
     }
-    traffic(next_hop_id, frame_len as u64);
+    traffic(hop.id, frame_len as u64);
+}
+
+/// The TCP, UDP or SCTP ports of a packet whose L4 header is at `l4`
+/// (source port in the high half), or 0.
+#[inline(always)]
+fn ports_of(ctx: &XdpContext, protocol: u8, l4: Option<usize>) -> u32 {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const SCTP: u8 = 132;
+    match l4 {
+        Some(offset) if matches!(protocol, TCP | UDP | SCTP) => {
+            match pair_at(ctx, offset).zip(pair_at(ctx, offset + 2)) {
+                Some((s, d)) => {
+                    u32::from(u16::from_be_bytes(s)) << 16 | u32::from(u16::from_be_bytes(d))
+                }
+                None => 0,
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// The PoP's flow-hash seed.
+#[inline(always)]
+fn seed() -> u32 {
+    SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0)
 }
 
 #[cfg(not(test))]

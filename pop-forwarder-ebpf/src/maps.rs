@@ -8,9 +8,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use pop_forwarder_common::{
-    Counter, INTERFACE_MAC_KNOWN, MAX_EGRESS_PORTS, MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_NEXT_HOPS,
-    MAX_ROUTES_V4, MAX_ROUTES_V6, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
+    Counter, INTERFACE_MAC_KNOWN, KERNEL_NEXT_HOP, MAX_EGRESS_PORTS, MAX_INTERFACES,
+    MAX_LOCAL_ADDRS, MAX_NEIGHBOURS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6, NH_F_CONNECTED,
+    NeighbourKey, NeighbourMac, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self, TBL8_ENTRIES, TBL24_ENTRIES, Tbl24},
+    ecmp::{self, NextHopGroup},
     settings,
 };
 
@@ -45,6 +47,17 @@ static ROUTES_V6: LpmTrie<[u8; 16], RouteTarget> = LpmTrie::with_max_entries(MAX
 
 #[map]
 static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_NEXT_HOPS, 0);
+
+/// ECMP groups: routes with several paths point at one (see
+/// pop_forwarder_common::ecmp).
+#[map]
+static NEXT_HOP_GROUPS: Array<NextHopGroup> = Array::with_max_entries(ecmp::MAX_GROUPS, 0);
+
+/// Hosts on connected subnets and their MACs, mirrored from the kernel's
+/// neighbour table by the daemon.
+#[map]
+static NEIGHBOURS: HashMap<NeighbourKey, NeighbourMac> =
+    HashMap::with_max_entries(MAX_NEIGHBOURS, 0);
 
 #[map]
 static NEXT_HOP_STATS: PerCpuArray<TrafficCounter> =
@@ -150,27 +163,80 @@ pub fn route_miss() -> Verdict {
     }
 }
 
-/// The next hop a route points at, if a packet of `l3_len` bytes can be sent
-/// to it now; otherwise the verdict that hands the packet to the kernel.
+/// Where a route sends one packet: the next hop's id and slot, and the
+/// destination MAC (the gateway's, or for a connected subnet the
+/// destination host's).
+pub struct Hop {
+    pub id: u32,
+    pub next_hop: &'static NextHop,
+    pub dst_mac: &'static [u8; 6],
+}
+
+impl Hop {
+    /// Whether a packet of `l3_len` bytes fits the egress MTU; if not, the
+    /// kernel fragments it or answers ICMP.
+    #[inline(always)]
+    pub fn fits(&self, l3_len: usize) -> Result<(), Verdict> {
+        if l3_len > self.next_hop.mtu as usize {
+            return Err(pass(Counter::PassTooBig));
+        }
+        Ok(())
+    }
+}
+
+/// The hop that route target `target` gives a packet to `dst` (the words
+/// of its 16-byte form, `maglev::address_words`, called only for a
+/// connected subnet): an ECMP group picks its member by `flow_hash`
+/// (called only for groups); otherwise the verdict that hands the packet to
+/// the kernel.
 #[inline(always)]
-pub fn next_hop_for(next_hop_id: u32, l3_len: usize) -> Result<&'static NextHop, Verdict> {
-    let next_hop = match NEXT_HOPS.get(next_hop_id) {
+pub fn next_hop_for(
+    target: u32,
+    dst: impl FnOnce() -> [u64; 2],
+    bucket: impl FnOnce() -> usize,
+) -> Result<Hop, Verdict> {
+    let id = match ecmp::group_index(target) {
+        Some(group) => match NEXT_HOP_GROUPS.get(group) {
+            Some(g) => u32::from(g.buckets[bucket() % ecmp::GROUP_BUCKETS]),
+            None => return Err(pass(Counter::PassNoNextHop)),
+        },
+        None => target,
+    };
+    if id == KERNEL_NEXT_HOP {
+        return Err(pass(Counter::PassKernelRoute));
+    }
+    let next_hop = match NEXT_HOPS.get(id) {
         Some(nh) if nh.is_in_use() => nh,
         _ => return Err(pass(Counter::PassNoNextHop)),
     };
-    if !next_hop.mac_valid() {
+    let dst_mac = if next_hop.flags & NH_F_CONNECTED != 0 {
+        let [hi, lo] = dst();
+        // Built from words: byte arrays would take stack the program does
+        // not have to spare.
+        let words = [
+            hi,
+            lo,
+            u64::from(next_hop.ifindex) | u64::from(next_hop.family) << 32,
+        ];
+        // SAFETY: NeighbourKey is repr(C), 24 bytes without padding: the
+        // address's 16 bytes as `address_words` read them (little-endian),
+        // then ifindex and family.
+        let key = unsafe { core::mem::transmute::<[u64; 3], NeighbourKey>(words) };
+        // SAFETY: the value is only read, for the MAC copied out of it.
+        match unsafe { NEIGHBOURS.get(&key) } {
+            Some(n) => &n.mac,
+            None => return Err(pass(Counter::PassNoNeighbour)),
+        }
+    } else if next_hop.mac_valid() {
+        &next_hop.dst_mac
+    } else {
         return Err(pass(Counter::PassNoNeighbour));
-    }
-    if l3_len > next_hop.mtu as usize {
-        return Err(pass(Counter::PassTooBig));
-    }
-    Ok(next_hop)
-}
-
-/// The MTU of next hop `next_hop_id` (0 if the slot is free).
-#[inline(always)]
-pub fn next_hop_mtu(next_hop_id: u32) -> u32 {
-    NEXT_HOPS.get(next_hop_id).map_or(0, |nh| nh.mtu)
+    };
+    Ok(Hop {
+        id,
+        next_hop,
+        dst_mac,
+    })
 }
 
 /// How the frame leaves through `ifindex`: XDP_TX out of the interface it came

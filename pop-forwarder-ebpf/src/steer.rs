@@ -16,7 +16,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use pop_forwarder_common::{
-    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24,
+    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24, ecmp,
     maglev::{self, NO_NODE},
     settings,
     steering::{
@@ -29,8 +29,7 @@ use pop_forwarder_common::{
 use crate::{
     Verdict,
     maps::{
-        SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
-        next_hop_mtu, traffic,
+        SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for, traffic,
     },
     packet::{copy_bytes, ptr_at, widen},
     pass,
@@ -81,18 +80,14 @@ pub fn enabled() -> bool {
 }
 
 /// The verdict for a VIP's packet, or None if the destination is no VIP.
+
 #[inline(always)]
-pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &Flow) -> Option<Verdict> {
+pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verdict> {
     // An ICMP error about a VIP flow (a router on the way back to the
-    // client answering the node's reply) belongs to that flow's node.
-    let embedded;
-    let flow = match icmp_error_flow(ctx, flow) {
-        Some(f) => {
-            embedded = f;
-            &embedded
-        }
-        None => flow,
-    };
+    // client answering the node's reply) belongs to that flow's node: the
+    // flow is rewritten in place (a second Flow would not fit the stack).
+    icmp_error_flow(ctx, flow);
+    let flow = &*flow;
     let (src_port, dst_port) = ports(ctx, flow);
     let key = VipKey {
         addr: flow.dst,
@@ -189,11 +184,12 @@ const ICMPV6: u8 = 58;
 
 /// For an ICMP error (IPv4: destination unreachable, time exceeded,
 /// parameter problem; IPv6: types 1 to 4) whose embedded packet is TCP or
-/// UDP, the flow it is about, seen from the client: the embedded packet is
-/// the node's reply, from the VIP to the client, so its addresses and
-/// ports are swapped back.
+/// UDP, rewrites `flow` into the flow it is about, seen from the client:
+/// the embedded packet is the node's reply, from the VIP to the client, so
+/// its addresses and ports are swapped back. Anything else leaves `flow`
+/// as it is.
 #[inline(always)]
-fn icmp_error_flow(ctx: &XdpContext, flow: &Flow) -> Option<Flow> {
+fn icmp_error_flow(ctx: &XdpContext, flow: &mut Flow) -> Option<()> {
     let offset = flow.l4_offset?;
     let icmp = ptr_at::<[u8; 8]>(ctx, offset)?;
     // SAFETY: ptr_at checked the header lies inside the packet.
@@ -236,18 +232,15 @@ fn icmp_error_flow(ctx: &XdpContext, flow: &Flow) -> Option<Flow> {
     let ports = ptr_at::<[u8; 4]>(ctx, l4)?;
     // SAFETY: as above.
     let p = unsafe { *ports };
-    Some(Flow {
-        family: flow.family,
-        src: dst,
-        dst: src,
-        protocol,
-        l4_offset: None,
-        frame_len: flow.frame_len,
-        ports: Some((
-            u16::from_be_bytes([p[2], p[3]]),
-            u16::from_be_bytes([p[0], p[1]]),
-        )),
-    })
+    flow.src = dst;
+    flow.dst = src;
+    flow.protocol = protocol;
+    flow.l4_offset = None;
+    flow.ports = Some((
+        u16::from_be_bytes([p[2], p[3]]),
+        u16::from_be_bytes([p[0], p[1]]),
+    ));
+    Some(())
 }
 
 const ETH_P_IP: u16 = 0x0800;
@@ -274,20 +267,29 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     } else {
         lookup_route_v6(node.addr)
     };
-    let Some(next_hop_id) = route.filter(|&id| id != LOCAL_NEXT_HOP) else {
+    let Some(target) = route.filter(|&id| id != LOCAL_NEXT_HOP) else {
         return pass(Counter::PassVipNoNode);
     };
-    let next_hop = match next_hop_for(next_hop_id, inner_len + outer_len) {
-        Ok(nh) => nh,
+    // An ECMP route to the node picks its path by the outer addresses, as
+    // a router hashing the outer header would: every flow to one node
+    // takes one path.
+    let node_words = maglev::address_words(&node.addr);
+    let bucket = move || ecmp::flow_bucket(0, node_words[0], node_words[1], 0);
+    let hop = match next_hop_for(target, move || node_words, bucket) {
+        Ok(hop) => hop,
+        Err(verdict) => return verdict,
+    };
+    if let Err(verdict) = hop.fits(inner_len + outer_len) {
         // Never an ICMP error in answer to an ICMP error (RFC 1812 4.3.2.7,
         // RFC 4443 2.4): one about a VIP flow that is too big goes to the
         // kernel, counted, like any other too-big packet.
-        Err(verdict) if verdict.counter == Counter::PassTooBig && flow.ports.is_none() => {
-            let mtu = next_hop_mtu(next_hop_id).saturating_sub(outer_len as u32);
-            return too_big(ctx, flow.family, mtu);
+        if flow.ports.is_some() {
+            return verdict;
         }
-        Err(verdict) => return verdict,
-    };
+        let mtu = hop.next_hop.mtu.saturating_sub(outer_len as u32);
+        return too_big(ctx, flow.family, mtu);
+    }
+    let next_hop = hop.next_hop;
     let Some(source) = ENCAP_SOURCES.get(if outer_v4 {
         ENCAP_SOURCE_V4
     } else {
@@ -313,7 +315,7 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     };
     // SAFETY: ptr_at checked the header lies inside the packet.
     unsafe {
-        copy_bytes(&mut (*eth).dst_addr, &next_hop.dst_mac);
+        copy_bytes(&mut (*eth).dst_addr, hop.dst_mac);
         copy_bytes(&mut (*eth).src_addr, &next_hop.src_mac);
         (*eth).ether_type = if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 }.to_be();
     }
@@ -374,7 +376,7 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
             copy_bytes(&mut (*ip).dst_addr, &node.addr);
         }
     }
-    traffic(next_hop_id, (flow.frame_len + outer_len) as u64);
+    traffic(hop.id, (flow.frame_len + outer_len) as u64);
     verdict
 }
 

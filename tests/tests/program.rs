@@ -23,7 +23,9 @@ use pop_forwarder::{
     net::{Mac, Prefix},
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
+    AF_INET, AF_INET6, Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC,
+    NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
+    ecmp::{self, NextHopGroup},
 };
 use tests::{
     Netns,
@@ -1020,6 +1022,219 @@ fn a_large_route_change_walks_the_tables_a_constant_number_of_times() {
             .count();
         assert_eq!(in_use, 4);
     });
+}
+
+/// The next-hop id a route through `prefix` points at.
+fn next_hop_id(p: &Program, prefix: &str) -> u32 {
+    p.tables
+        .routes(&[])
+        .unwrap()
+        .into_iter()
+        .find(|r| r.prefix == prefix)
+        .unwrap_or_else(|| panic!("no route to {prefix}"))
+        .next_hop
+}
+
+/// Two gateways on the veth, A and B, each with a route of its own (which
+/// allocates its next hop); returns their ids.
+fn two_gateways(p: &mut Program) -> (u32, u32) {
+    let a = next_hop(p.veth, "10.0.2.10", Some(MAC_A), 1500);
+    let b = next_hop(p.veth, "10.0.2.11", Some(MAC_B), 1500);
+    p.tables
+        .add_routes(&[
+            ("10.0.70.0/24".parse().unwrap(), a),
+            ("10.0.71.0/24".parse().unwrap(), b),
+        ])
+        .unwrap();
+    (
+        next_hop_id(p, "10.0.70.0/24"),
+        next_hop_id(p, "10.0.71.0/24"),
+    )
+}
+
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
+
+/// ECMP group `index` over `members` (next-hop id, gateway), every weight 1,
+/// its buckets as the daemon assigns them.
+fn write_group(p: &mut Program, index: u32, members: &[(u32, &str)]) {
+    let keys: Vec<(u64, u32)> = members
+        .iter()
+        .map(|(_, gw)| {
+            let mut g = [0u8; 16];
+            g[..4].copy_from_slice(&gw.parse::<Ipv4Addr>().unwrap().octets());
+            (ecmp::member_key(&g, p.veth), 1)
+        })
+        .collect();
+    let assigned = ecmp::assign(&keys).unwrap();
+    let mut group = NextHopGroup {
+        buckets: [0; ecmp::GROUP_BUCKETS],
+    };
+    for (bucket, member) in group.buckets.iter_mut().zip(assigned) {
+        *bucket = members[member as usize].0 as u16;
+    }
+    p.tables.write_group(index, &group).unwrap();
+}
+
+/// The destination MAC of each of 64 flows (sources 10.0.1.1 to .64, or
+/// fd00:1::1 to ::40) to `dst`, after checking each came out forwarded
+/// with exact bytes to A or B.
+fn paths(p: &Program, dst: &str) -> Vec<[u8; 6]> {
+    (1..=64u8)
+        .map(|i| {
+            let frame = if dst.contains(':') {
+                udp_v6(
+                    IN,
+                    format!("fd00:1::{i:x}").parse().unwrap(),
+                    dst.parse().unwrap(),
+                    64,
+                    b"ecmp",
+                )
+            } else {
+                udp_v4(
+                    IN,
+                    Ipv4Addr::new(10, 0, 1, i),
+                    dst.parse().unwrap(),
+                    64,
+                    b"ecmp",
+                )
+            };
+            let (action, out) = p.run(&frame);
+            assert_eq!(action, XDP_REDIRECT, "flow {i} to {dst}");
+            let mac: [u8; 6] = out[0..6].try_into().unwrap();
+            assert!(mac == MAC_A || mac == MAC_B, "flow {i}: dst MAC {mac:02x?}");
+            let eth = Eth {
+                src: OUT.src,
+                dst: mac,
+            };
+            assert_eq!(out, forwarded(&frame, eth), "flow {i}: output bytes");
+            mac
+        })
+        .collect()
+}
+
+#[test]
+fn ecmp_groups_keep_each_flow_on_one_path_and_move_only_a_leaving_members_flows() {
+    with_program(|p| {
+        let (a, b) = two_gateways(p);
+        write_group(p, 0, &[(a, "10.0.2.10"), (b, "10.0.2.11")]);
+        let group = ecmp::FIRST_GROUP_ID;
+        p.tables
+            .add_route_to("10.0.7.0/24".parse().unwrap(), group)
+            .unwrap();
+        p.tables
+            .add_route_to("fd00:7::/64".parse().unwrap(), group)
+            .unwrap();
+        for dst in ["10.0.7.7", "fd00:7::7"] {
+            let first = paths(p, dst);
+            assert_eq!(first, paths(p, dst), "{dst}: a flow changed paths");
+            let on_a = first.iter().filter(|m| **m == MAC_A).count();
+            assert!(
+                (12..=52).contains(&on_a),
+                "{dst}: {on_a} of 64 flows on A: the group does not spread flows"
+            );
+        }
+        // B leaves: its flows move to A, and no flow of A moves.
+        let before = paths(p, "10.0.7.7");
+        write_group(p, 0, &[(a, "10.0.2.10")]);
+        assert!(paths(p, "10.0.7.7").iter().all(|m| *m == MAC_A));
+        // B comes back: exactly the flows it had return to it.
+        write_group(p, 0, &[(a, "10.0.2.10"), (b, "10.0.2.11")]);
+        assert_eq!(paths(p, "10.0.7.7"), before);
+    });
+}
+
+#[test]
+fn connected_subnets_go_to_the_host_itself_and_kernel_routes_to_the_kernel() {
+    with_program(|p| {
+        let mut subnet_v4 = next_hop(p.veth, "0.0.0.0", None, 1500);
+        subnet_v4.flags = NH_F_IN_USE | NH_F_CONNECTED;
+        let mut subnet_v6 = next_hop(p.veth, "::", None, 1500);
+        subnet_v6.flags = NH_F_IN_USE | NH_F_CONNECTED;
+        p.tables
+            .add_routes(&[
+                ("10.0.8.0/24".parse().unwrap(), subnet_v4),
+                ("fd00:8::/64".parse().unwrap(), subnet_v6),
+            ])
+            .unwrap();
+        // A route the kernel must handle (a blackhole, say) inside
+        // 10.0.0.0/8: not the covering route's to forward.
+        p.tables
+            .add_route_to("10.0.9.0/24".parse().unwrap(), KERNEL_NEXT_HOP)
+            .unwrap();
+        p.tables
+            .add_route_to("fd00:9::/64".parse().unwrap(), KERNEL_NEXT_HOP)
+            .unwrap();
+        let host = Eth {
+            src: OUT.src,
+            dst: MAC_A,
+        };
+        for addr in ["10.0.8.5", "fd00:8::5"] {
+            p.tables
+                .set_neighbour(p.veth, addr.parse().unwrap(), Some(Mac(MAC_A)))
+                .unwrap();
+        }
+        // The same address on another interface says nothing of this one.
+        p.tables
+            .set_neighbour(1, "10.0.8.6".parse().unwrap(), Some(Mac(MAC_B)))
+            .unwrap();
+        check(
+            p,
+            vec![
+                Case {
+                    name: "connected ipv4, neighbour known",
+                    frame: v4_frame("10.0.8.5"),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v4_frame("10.0.8.5"), host)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "connected ipv6, neighbour known",
+                    frame: v6("fd00:8::5", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v6("fd00:8::5", 64), host)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "connected ipv4, neighbour unknown here",
+                    frame: v4_frame("10.0.8.6"),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "connected ipv6, neighbour unknown",
+                    frame: v6("fd00:8::6", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNoNeighbour,
+                },
+                Case {
+                    name: "kernel route ipv4",
+                    frame: v4_frame("10.0.9.1"),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassKernelRoute,
+                },
+                Case {
+                    name: "kernel route ipv6",
+                    frame: v6("fd00:9::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassKernelRoute,
+                },
+            ],
+        );
+        // The neighbour goes from the kernel's cache: so from the table.
+        p.tables
+            .set_neighbour(p.veth, "10.0.8.5".parse().unwrap(), None)
+            .unwrap();
+        assert_eq!(p.run(&v4_frame("10.0.8.5")).0, XDP_PASS);
+    });
+}
+
+fn v4_frame(dst: &str) -> Vec<u8> {
+    v4(dst, 64)
 }
 
 mod steering {

@@ -23,10 +23,12 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, INTERFACE_MAC_KNOWN, LOCAL_NEXT_HOP, MAP_LAYOUT_VERSION,
-    MAX_INTERFACES, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6, NH_F_IN_USE, NH_F_MAC_STATIC,
-    NH_F_MAC_VALID, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
+    AF_INET, AF_INET6, Counter, INTERFACE_MAC_KNOWN, KERNEL_NEXT_HOP, LOCAL_NEXT_HOP,
+    MAP_LAYOUT_VERSION, MAX_INTERFACES, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
+    NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NeighbourKey, NeighbourMac,
+    NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
+    ecmp::{self, NextHopGroup},
     map_names as names, settings,
     steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
 };
@@ -83,6 +85,8 @@ pub struct Tables {
     node_stats: PerCpuArray<MapData, TrafficCounter>,
     encap_sources: Array<MapData, [u8; 16]>,
     interface_macs: Array<MapData, [u8; 8]>,
+    next_hop_groups: Array<MapData, NextHopGroup>,
+    neighbours: HashMap<MapData, NeighbourKey, NeighbourMac>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
     journal: Option<Vec<Undo>>,
@@ -114,6 +118,7 @@ enum Undo {
     Vip(VipKey, Option<VipInfo>),
     Encap(u32, [u8; 16]),
     InterfaceMac(u32, [u8; 8]),
+    Group(u32, NextHopGroup),
 }
 
 fn typed<T>(map: Map, name: &str) -> Result<T>
@@ -230,6 +235,8 @@ impl Tables {
             node_stats: open!(names::NODE_STATS),
             encap_sources: open!(names::ENCAP_SOURCES),
             interface_macs: open!(names::INTERFACE_MACS),
+            next_hop_groups: open!(names::NEXT_HOP_GROUPS),
+            neighbours: open!(names::NEIGHBOURS),
             journal: None,
             scans: std::cell::Cell::new(0),
         })
@@ -295,6 +302,7 @@ impl Tables {
             Undo::Vip(key, None) => Ok(self.vips.remove(&key)?),
             Undo::Encap(slot, addr) => Ok(self.encap_sources.set(slot, addr, 0)?),
             Undo::InterfaceMac(ifindex, value) => Ok(self.interface_macs.set(ifindex, value, 0)?),
+            Undo::Group(index, group) => Ok(self.next_hop_groups.set(index, group, 0)?),
         }
     }
 
@@ -414,6 +422,54 @@ impl Tables {
             }
         }
         Ok(changes)
+    }
+
+    /// Writes ECMP group `index` (route target `ecmp::FIRST_GROUP_ID +
+    /// index`): each bucket a next-hop id already written.
+    pub fn write_group(&mut self, index: u32, group: &NextHopGroup) -> Result<()> {
+        if index >= ecmp::MAX_GROUPS {
+            bail!(
+                "ECMP group {index} is past the {} groups the table holds",
+                ecmp::MAX_GROUPS
+            );
+        }
+        let old = self
+            .next_hop_groups
+            .get(&index, 0)
+            .unwrap_or(bytemuck::Zeroable::zeroed());
+        self.journal("group", |_| Undo::Group(index, old))?;
+        self.next_hop_groups
+            .set(index, group, 0)
+            .with_context(|| format!("writing ECMP group {index}"))
+    }
+
+    /// Records (Some) or forgets (None) the MAC of a host on a connected
+    /// subnet. The table mirrors the kernel's neighbour cache, as the
+    /// connection table mirrors traffic: not journaled.
+    pub fn set_neighbour(&mut self, ifindex: u32, addr: IpAddr, mac: Option<Mac>) -> Result<()> {
+        let (a, family) = next_hops::gateway_bytes(addr);
+        let key = NeighbourKey {
+            addr: a,
+            ifindex,
+            family,
+        };
+        match mac {
+            Some(mac) => self
+                .neighbours
+                .insert(
+                    key,
+                    NeighbourMac {
+                        mac: mac.0,
+                        pad: [0; 2],
+                    },
+                    0,
+                )
+                .with_context(|| format!("recording neighbour {addr}")),
+            None => match self.neighbours.remove(&key) {
+                Err(e) if matches!(e, aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other.with_context(|| format!("forgetting neighbour {addr}")),
+            },
+        }
     }
 
     /// Allows redirects to `ifindex`.

@@ -179,7 +179,9 @@ impl Tables {
             return Ok(());
         };
         *n -= 1;
-        if *n == 0 && id != LOCAL_NEXT_HOP {
+        // Only slots of the next-hop table are freed: not LOCAL_NEXT_HOP,
+        // KERNEL_NEXT_HOP or a group.
+        if *n == 0 && id < MAX_NEXT_HOPS {
             uses.remove(&id);
             self.free_next_hop(id)?;
             if let Some(slot) = table.slots.get_mut(id as usize) {

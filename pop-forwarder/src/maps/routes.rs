@@ -75,6 +75,15 @@ impl Tables {
         }))
     }
 
+    /// Installs `prefix` -> route target `target` as it is: a next-hop id
+    /// already written, `KERNEL_NEXT_HOP`, or an ECMP group
+    /// (`ecmp::FIRST_GROUP_ID` + index) already written. Fails if the
+    /// prefix is already routed.
+    pub fn add_route_to(&mut self, prefix: Prefix, target: u32) -> Result<()> {
+        self.refuse_local(prefix)?;
+        self.insert_route(prefix, target)
+    }
+
     /// Installs `prefix` -> `next_hop`. Fails if the prefix is already routed.
     pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
         self.refuse_local(prefix)?;
@@ -417,6 +426,7 @@ impl Tables {
         let id = self.longest_match(prefix)?.map(|t| t.next_hop);
         self.remove_route(prefix)?;
         if let Some(id) = id
+            && id < MAX_NEXT_HOPS
             && !self.next_hop_ids_in_use().contains(&id)
         {
             self.free_next_hop(id)?;
@@ -476,11 +486,24 @@ impl Tables {
                     .get(id as usize)
                     .copied()
                     .unwrap_or(NextHop::default_free());
+                let via = if id == KERNEL_NEXT_HOP {
+                    "kernel".to_owned()
+                } else if let Some(group) = ecmp::group_index(id) {
+                    format!("group {group}")
+                } else if nh.flags & NH_F_CONNECTED != 0 {
+                    "connected".to_owned()
+                } else {
+                    gateway_addr(&nh).to_string()
+                };
                 RouteEntry {
                     prefix: prefix.to_string(),
                     next_hop: id,
-                    via: gateway_addr(&nh).to_string(),
-                    dev: ifname(links, nh.ifindex),
+                    via,
+                    dev: if nh.is_in_use() {
+                        ifname(links, nh.ifindex)
+                    } else {
+                        "-".to_owned()
+                    },
                     mac: nh.mac_valid().then(|| Mac(nh.dst_mac).to_string()),
                     mac_static: nh.flags & NH_F_MAC_STATIC != 0,
                 }
