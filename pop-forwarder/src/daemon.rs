@@ -266,7 +266,7 @@ fn change(
         } => {
             let route = Route::parse(&prefix, &via, &dev, mac.as_deref())?;
             let links = kernel::links()?;
-            let nh = resolve_next_hop(&route, &links, &kernel::neighbours()?)?;
+            let nh = resolve_next_hop(&route, &links, &kernel::neighbours(&links)?)?;
             let id = running.tables.add_route(route.prefix, &nh)?;
             let message = format!(
                 "added {} via {} dev {} (next hop {id})",
@@ -332,11 +332,12 @@ fn change(
             format!("VIP {gone} removed")
         }
     };
+    let links = kernel::links()?;
     let applied = running.steering.apply(
         &mut running.tables,
         &spec,
-        &kernel::links()?,
-        &kernel::neighbours()?,
+        &links,
+        &kernel::neighbours(&links)?,
     )?;
     Ok((format!("{message}; {applied}"), Some(applied)))
 }
@@ -410,7 +411,7 @@ fn start(
     let instance = options.instance;
     let config_path = options.config;
     let links = kernel::links()?;
-    let neighbours = kernel::neighbours()?;
+    let neighbours = kernel::neighbours(&links)?;
     let routes = resolve_routes(model, &links, &neighbours)?;
     for node in &model.nodes {
         steering::resolve_node(node, &links, &neighbours)
@@ -826,7 +827,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         );
     }
     let links = kernel::links()?;
-    let neighbours = kernel::neighbours()?;
+    let neighbours = kernel::neighbours(&links)?;
     let routes = resolve_routes(&model, &links, &neighbours)?;
     // Steering is checked whole before its first write, routes were
     // resolved above and are checked for room before theirs: from here on
@@ -891,7 +892,7 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
         return Ok(()); // from a checker since stopped
     }
     let links = kernel::links()?;
-    let neighbours = kernel::neighbours()?;
+    let neighbours = kernel::neighbours(&links)?;
     let (rebuilt, _) = transaction(running, |running| {
         running.steering.set_health(
             &mut running.tables,
@@ -922,7 +923,7 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
 /// many of those (gateways and cache nodes) are still unresolved.
 fn refresh(running: &mut Running) -> Result<usize> {
     let links = kernel::links()?;
-    let neighbours = kernel::neighbours()?;
+    let neighbours = kernel::neighbours(&links)?;
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }

@@ -1,17 +1,26 @@
 //! What the kernel knows about this network namespace: interfaces (index,
-//! MTU, MAC, addresses) and the neighbour table.
+//! MTU, MAC, addresses and their subnets) and the neighbour table.
 //!
-//! Read through iproute2's JSON output (`ip -json`), which speaks rtnetlink
-//! for us. It asks the namespace this process is in, unlike /sys/class/net,
-//! which shows the namespace sysfs was mounted in (under `nsenter --net`,
-//! the original one's).
+//! Read over rtnetlink (`netlink`), which asks the namespace this process
+//! is in, unlike /sys/class/net, which shows the namespace sysfs was
+//! mounted in (under `nsenter --net`, the original one's).
 
-use std::{net::IpAddr, process::Command};
+use std::{collections::HashMap, net::IpAddr};
 
-use anyhow::{Context as _, Result, bail};
-use serde::Deserialize;
+use anyhow::{Context as _, Result};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkLayerType, LinkMessage, LinkXdp, XdpAttached},
+    neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+    },
+};
 
-use crate::net::Mac;
+use crate::{
+    net::{Mac, Prefix},
+    netlink,
+};
 
 /// One network interface.
 #[derive(Debug, Clone)]
@@ -22,6 +31,12 @@ pub struct Link {
     /// None for interfaces without an Ethernet address (loopback, tunnels).
     pub mac: Option<Mac>,
     pub addrs: Vec<IpAddr>,
+    /// The subnet of each address shorter than a host route (IPv6
+    /// link-local ones left out): the interface's connected subnets.
+    pub subnets: Vec<Prefix>,
+    /// IPv4 broadcast addresses of its subnets: this box's, like its own
+    /// addresses.
+    pub broadcasts: Vec<IpAddr>,
     /// An XDP program is attached (any mode).
     pub xdp_attached: bool,
 }
@@ -30,78 +45,103 @@ pub struct Link {
 #[derive(Debug, Clone)]
 pub struct Neighbour {
     pub addr: IpAddr,
+    pub ifindex: u32,
     pub ifname: String,
     pub mac: Mac,
 }
 
-#[derive(Deserialize)]
-struct IpLink {
-    ifindex: u32,
-    ifname: String,
-    mtu: u32,
-    #[serde(default)]
-    address: Option<String>,
-    #[serde(default)]
-    link_type: Option<String>,
-    #[serde(default)]
-    addr_info: Vec<IpAddrInfo>,
-    #[serde(default)]
-    xdp: Option<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct IpAddrInfo {
-    local: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct IpNeigh {
-    dst: String,
-    dev: Option<String>,
-    lladdr: Option<String>,
-    #[serde(default)]
-    state: Vec<String>,
-}
-
-fn ip_json(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .arg("-json")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2) to read interfaces and neighbours")?;
-    if !out.status.success() {
-        bail!(
-            "`ip -json {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8(out.stdout).context("`ip -json` printed non-UTF-8")
-}
-
 /// Every interface of this network namespace.
 pub fn links() -> Result<Vec<Link>> {
-    let text = ip_json(&["-details", "address", "show"])?;
-    let raw: Vec<IpLink> =
-        serde_json::from_str(&text).context("parsing `ip -json address show`")?;
-    Ok(raw
+    let links = netlink::dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+        .context("reading interfaces (rtnetlink)")?;
+    let addresses = netlink::dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
+        .context("reading addresses (rtnetlink)")?;
+    let mut out: Vec<Link> = links
         .into_iter()
-        .map(|l| Link {
-            ifindex: l.ifindex,
-            mac: match l.link_type.as_deref() {
-                Some("ether") => l.address.as_deref().and_then(|a| a.parse().ok()),
-                _ => None,
-            },
-            addrs: l
-                .addr_info
-                .iter()
-                .filter_map(|a| a.local.as_deref()?.parse().ok())
-                .collect(),
-            xdp_attached: l.xdp.is_some(),
-            name: l.ifname,
-            mtu: l.mtu,
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(m) => Some(link_of(&m)),
+            _ => None,
         })
-        .collect())
+        .collect();
+    let at: HashMap<u32, usize> = out
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.ifindex, i))
+        .collect();
+    for message in addresses {
+        let RouteNetlinkMessage::NewAddress(m) = message else {
+            continue;
+        };
+        let Some(&i) = at.get(&m.header.index) else {
+            continue;
+        };
+        add_address(&mut out[i], &m);
+    }
+    Ok(out)
+}
+
+fn link_of(m: &LinkMessage) -> Link {
+    let mut link = Link {
+        ifindex: m.header.index,
+        name: String::new(),
+        mtu: 0,
+        mac: None,
+        addrs: Vec::new(),
+        subnets: Vec::new(),
+        broadcasts: Vec::new(),
+        xdp_attached: false,
+    };
+    for attribute in &m.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Address(a) if m.header.link_layer_type == LinkLayerType::Ether => {
+                link.mac = <[u8; 6]>::try_from(a.as_slice()).ok().map(Mac);
+            }
+            LinkAttribute::Xdp(xdp) => {
+                link.xdp_attached = xdp
+                    .iter()
+                    .any(|x| matches!(x, LinkXdp::Attached(a) if *a != XdpAttached::None));
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+/// Adds one address (RTM_NEWADDR) to its interface: the address, its
+/// subnet and (IPv4) broadcast address.
+fn add_address(link: &mut Link, m: &AddressMessage) {
+    // IFA_LOCAL is the interface's own address (on point-to-point links
+    // IFA_ADDRESS is the peer's); IFA_ADDRESS when there is no IFA_LOCAL.
+    let local = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(a) => Some(*a),
+        _ => None,
+    });
+    let address = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(a) => Some(*a),
+        _ => None,
+    });
+    let Some(addr) = local.or(address) else {
+        return;
+    };
+    link.addrs.push(addr);
+    let len = m.header.prefix_len;
+    let host = if addr.is_ipv4() { 32 } else { 128 };
+    let link_local = matches!(addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80);
+    if len < host
+        && !link_local
+        && let Some(subnet) = Prefix::containing(addr, len)
+    {
+        if !link.subnets.contains(&subnet) {
+            link.subnets.push(subnet);
+        }
+    }
+    for a in &m.attributes {
+        if let AddressAttribute::Broadcast(b) = a {
+            link.broadcasts.push(IpAddr::V4(*b));
+        }
+    }
 }
 
 /// The interface called `name`, or an error that says it is missing.
@@ -113,45 +153,79 @@ pub fn link<'a>(links: &'a [Link], name: &str) -> Result<&'a Link> {
 }
 
 /// Asks the kernel to resolve `addr` on `ifname` and keep it resolved,
-/// without any traffic to it: a "managed" neighbour entry (NTF_MANAGED,
+/// without any traffic to it: a "managed" neighbour entry (NTF_EXT_MANAGED,
 /// Linux 5.16), which the kernel probes itself.
 pub fn request_neighbour(addr: IpAddr, ifname: &str) -> Result<()> {
-    let out = Command::new("ip")
-        .args([
-            "neighbour",
-            "replace",
-            &addr.to_string(),
-            "dev",
-            ifname,
-            "managed",
-        ])
-        .output()
-        .context("running `ip neighbour replace`")?;
-    if !out.status.success() {
-        bail!(
-            "`ip neighbour replace {addr} dev {ifname} managed` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    let ifindex = links()?
+        .into_iter()
+        .find(|l| l.name == ifname)
+        .with_context(|| format!("interface {ifname:?} does not exist"))?
+        .ifindex;
+    let mut m = NeighbourMessage::default();
+    m.header.family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::None;
+    m.attributes
+        .push(NeighbourAttribute::Destination(match addr {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+    m.attributes
+        .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+    netlink::replace(RouteNetlinkMessage::NewNeighbour(m)).with_context(|| {
+        format!("asking the kernel to resolve {addr} on {ifname} (a managed neighbour entry)")
+    })
 }
 
 /// Neighbour entries whose link-layer address can be used now. FAILED and
 /// INCOMPLETE entries have none; STALE ones are still right until proven
 /// otherwise, and the kernel re-validates them as it uses them.
-pub fn neighbours() -> Result<Vec<Neighbour>> {
-    let text = ip_json(&["neighbour", "show"])?;
-    let raw: Vec<IpNeigh> =
-        serde_json::from_str(&text).context("parsing `ip -json neighbour show`")?;
-    Ok(raw
+pub fn neighbours(links: &[Link]) -> Result<Vec<Neighbour>> {
+    let names: HashMap<u32, &str> = links.iter().map(|l| (l.ifindex, l.name.as_str())).collect();
+    let dumped = netlink::dump(RouteNetlinkMessage::GetNeighbour(
+        NeighbourMessage::default(),
+    ))
+    .context("reading the neighbour table (rtnetlink)")?;
+    Ok(dumped
         .into_iter()
-        .filter(|n| !n.state.iter().any(|s| s == "FAILED" || s == "INCOMPLETE"))
-        .filter_map(|n| {
-            Some(Neighbour {
-                addr: n.dst.parse().ok()?,
-                ifname: n.dev?,
-                mac: n.lladdr?.parse().ok()?,
-            })
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(m) => neighbour_of(&m, &names),
+            _ => None,
         })
         .collect())
+}
+
+/// A usable neighbour entry (RTM_NEWNEIGH), if `m` is one.
+pub fn neighbour_of(m: &NeighbourMessage, names: &HashMap<u32, &str>) -> Option<Neighbour> {
+    if matches!(
+        m.header.state,
+        NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+    ) {
+        return None;
+    }
+    let mut addr = None;
+    let mut mac = None;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                addr = Some(IpAddr::V4(*a))
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                addr = Some(IpAddr::V6(*a))
+            }
+            NeighbourAttribute::LinkLayerAddress(l) => {
+                mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(Mac)
+            }
+            _ => {}
+        }
+    }
+    Some(Neighbour {
+        addr: addr?,
+        ifindex: m.header.ifindex,
+        ifname: (*names.get(&m.header.ifindex)?).to_owned(),
+        mac: mac?,
+    })
 }

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod kernel;
 pub mod maps;
 pub mod net;
+pub mod netlink;
 pub mod plan;
 pub mod steering;
 

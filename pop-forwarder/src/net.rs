@@ -43,6 +43,26 @@ impl fmt::Display for Prefix {
 }
 
 impl Prefix {
+    /// The prefix of length `len` that holds `addr` (host bits cleared), or
+    /// None for a length past the family's.
+    pub fn containing(addr: IpAddr, len: u8) -> Option<Prefix> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return None;
+        }
+        let prefix = Prefix { addr, len };
+        Some(Prefix {
+            addr: prefix.network(),
+            len,
+        })
+    }
+
+    /// Whether `addr` lies inside this prefix.
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4()
+            && Prefix::containing(addr, self.len).is_some_and(|p| p.addr == self.addr)
+    }
+
     /// The address with the bits past the prefix length cleared.
     pub fn network(&self) -> IpAddr {
         match self.addr {
