@@ -13,7 +13,7 @@ use aya::programs::{
     xdp::XdpLink,
 };
 use log::{info, warn};
-use pop_forwarder_common::{MAP_LAYOUT_VERSION, PROGRAM_NAME, map_names};
+use pop_forwarder_common::{MAP_LAYOUT_VERSION, NextHop, PROGRAM_NAME, map_names};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
     kernel,
-    maps::{Tables, resolve_next_hop},
+    maps::{self, Tables, resolve_next_hop},
     net::Prefix,
     steering,
 };
@@ -54,6 +54,13 @@ struct Running {
     pending_health: Vec<HealthEvent>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
+    /// Interfaces the program is attached to (ifindexes).
+    attached: Vec<u32>,
+    /// The connected-subnet routes last applied (static routes to the same
+    /// prefixes win and are not among them).
+    connected: Vec<(Prefix, NextHop)>,
+    /// Neighbours left out of a full `NEIGHBOURS`, as last logged.
+    neighbours_left_out: usize,
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -412,7 +419,7 @@ fn start(
     let config_path = options.config;
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
-    let routes = resolve_routes(model, &links, &neighbours)?;
+    let static_routes = resolve_routes(model, &links, &neighbours)?;
     for node in &model.nodes {
         steering::resolve_node(node, &links, &neighbours)
             .with_context(|| format!("nodes ({})", node.name))?;
@@ -431,6 +438,8 @@ fn start(
             mode: *mode,
         });
     }
+    let attached: Vec<u32> = attach_to.iter().map(|a| a.ifindex).collect();
+    let (routes, connected) = with_connected(static_routes, &links, &attached);
     instance::ensure_bpffs()?;
     let adopting = instance.prepare_pin_dir()?;
     let previous = if adopting {
@@ -523,6 +532,9 @@ fn start(
         ebpf,
         tables,
         local_conflicts: Vec::new(),
+        attached,
+        connected,
+        neighbours_left_out: 0,
         steering,
         checkers: HashMap::new(),
         next_checker: 0,
@@ -716,9 +728,10 @@ fn fill(
             );
         }
     }
-    let addrs: Vec<_> = links.iter().flat_map(|l| l.addrs.iter().copied()).collect();
-    tables.sync_local_addrs(&addrs)?;
+    tables.sync_local_addrs(&own_addresses(links))?;
     tables.apply_routes(routes)?;
+    let attached: Vec<u32> = attach_to.iter().map(|a| a.ifindex).collect();
+    mirror_neighbours(tables, neighbours, &attached)?;
     steering.apply(tables, &steering::Spec::of(model), links, neighbours)?;
     Ok(steering)
 }
@@ -828,7 +841,11 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
-    let routes = resolve_routes(&model, &links, &neighbours)?;
+    let (routes, connected) = with_connected(
+        resolve_routes(&model, &links, &neighbours)?,
+        &links,
+        &running.attached,
+    );
     // Steering is checked whole before its first write, routes were
     // resolved above and are checked for room before theirs: from here on
     // only a failing write can stop it, and then the transaction takes
@@ -844,11 +861,39 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         running.tables.set_route_miss(model.route_miss)?;
         Ok((applied, routes))
     })?;
+    running.connected = connected;
     steering_applied(running, &applied)?;
     Ok(format!(
         "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied} ({writes} table writes)",
         model.route_miss
     ))
+}
+
+/// The routes wanted: `static_routes`, then the connected subnets of the
+/// namespace's interfaces (`kernel::Link::subnets`) that no static route
+/// names (a static route to the same prefix wins). Returns them all, and
+/// the connected ones.
+fn with_connected(
+    mut static_routes: Vec<(Prefix, NextHop)>,
+    links: &[kernel::Link],
+    attached: &[u32],
+) -> (Vec<(Prefix, NextHop)>, Vec<(Prefix, NextHop)>) {
+    let named: std::collections::HashSet<Prefix> = static_routes.iter().map(|(p, _)| *p).collect();
+    let connected: Vec<_> = maps::connected_routes(links, attached)
+        .into_iter()
+        .filter(|(p, _)| !named.contains(p))
+        .collect();
+    static_routes.extend(connected.iter().copied());
+    (static_routes, connected)
+}
+
+/// This box's addresses and its subnets' IPv4 broadcast addresses: packets
+/// to them are the kernel's.
+fn own_addresses(links: &[kernel::Link]) -> Vec<std::net::IpAddr> {
+    links
+        .iter()
+        .flat_map(|l| l.addrs.iter().chain(&l.broadcasts).copied())
+        .collect()
 }
 
 /// Every route of `model` with its next hop resolved against the namespace,
@@ -965,8 +1010,18 @@ fn refresh(running: &mut Running) -> Result<usize> {
             }
         }
     }
-    let addrs: Vec<_> = links.into_iter().flat_map(|l| l.addrs).collect();
-    let conflicts = running.tables.sync_local_addrs(&addrs)?;
+    refresh_connected(running, &links)?;
+    let conflicts = running.tables.sync_local_addrs(&own_addresses(&links))?;
+    let left_out = mirror_neighbours(&mut running.tables, &neighbours, &running.attached)?;
+    if left_out != running.neighbours_left_out {
+        if left_out > 0 {
+            warn!(
+                "{left_out} neighbours on connected subnets do not fit the program's table ({} entries): their packets go to the kernel",
+                pop_forwarder_common::MAX_NEIGHBOURS
+            );
+        }
+        running.neighbours_left_out = left_out;
+    }
     if conflicts != running.local_conflicts {
         for addr in &conflicts {
             warn!(
@@ -976,6 +1031,63 @@ fn refresh(running: &mut Running) -> Result<usize> {
         running.local_conflicts = conflicts;
     }
     Ok(unresolved.len())
+}
+
+/// Mirrors the kernel's neighbours on attached interfaces into
+/// `NEIGHBOURS`, where the program finds hosts on connected subnets.
+/// Returns how many did not fit.
+fn mirror_neighbours(
+    tables: &mut Tables,
+    neighbours: &[kernel::Neighbour],
+    attached: &[u32],
+) -> Result<usize> {
+    let hosts: Vec<_> = neighbours
+        .iter()
+        .filter(|n| attached.contains(&n.ifindex))
+        .map(|n| (n.ifindex, n.addr, n.mac))
+        .collect();
+    Ok(tables.sync_neighbours(&hosts)?.2)
+}
+
+/// Follows the interfaces' connected subnets as addresses come and go: a
+/// subnet that went loses its route (if it still has its connected one);
+/// one that has no route (new, or its route deleted with `route del`) gets
+/// its connected one. One transaction.
+fn refresh_connected(running: &mut Running, links: &[kernel::Link]) -> Result<()> {
+    // A subnet is the same route while its prefix and next hop (interface,
+    // or the kernel) are: an MTU or MAC change is the next hop's refresh.
+    let key = |(p, nh): &(Prefix, NextHop)| (*p, crate::plan::gateway_key(nh), nh.flags);
+    let now = maps::connected_routes(links, &running.attached);
+    let is: Vec<_> = now.iter().map(key).collect();
+    let mut gone = Vec::new();
+    for route in &running.connected {
+        if !is.contains(&key(route)) && running.tables.routes_to(route.0, &route.1)? {
+            gone.push(route.0);
+        }
+    }
+    let mut missing = Vec::new();
+    for route in &now {
+        if !running.tables.is_routed(route.0)? && !gone.contains(&route.0) {
+            missing.push(*route);
+        }
+    }
+    if gone.is_empty() && missing.is_empty() {
+        running.connected = now;
+        return Ok(());
+    }
+    transaction(running, |running| {
+        for prefix in &gone {
+            running.tables.del_route(*prefix)?;
+            info!("connected subnet {prefix} gone: route removed");
+        }
+        for (prefix, nh) in &missing {
+            running.tables.add_route(*prefix, nh)?;
+            info!("connected subnet {prefix}: route added");
+        }
+        Ok(())
+    })?;
+    running.connected = now;
+    Ok(())
 }
 
 /// A stop (SIGTERM, SIGINT): the daemon goes, the data plane stays. The

@@ -684,9 +684,14 @@ fn route(instance: &Instance, cmd: RouteCommand) -> Result<()> {
                     "PREFIX", "VIA", "DEV", "MAC"
                 );
                 for r in routes {
+                    // Connected subnets, kernel routes and groups have no
+                    // one MAC: each host's, the kernel's, each member's.
+                    let one_mac =
+                        r.via != "connected" && r.via != "kernel" && !r.via.starts_with("group");
                     let mac = match (&r.mac, r.mac_static) {
                         (Some(m), true) => format!("{m} (static)"),
                         (Some(m), false) => m.clone(),
+                        (None, _) if !one_mac => "-".into(),
                         (None, _) => "unresolved".into(),
                     };
                     println!(

@@ -113,9 +113,14 @@ fn ipv6_udp_crosses_with_hop_limit_and_macs_rewritten() {
 fn routes_added_and_deleted_from_the_cli_take_effect_while_running() {
     let lab = Lab::new().unwrap();
     neighbour_c_v4(&lab);
+    // c also holds 10.0.9.2, on no subnet of the router's: reached only
+    // through a route via c.
+    lab.c
+        .ip(&["addr", "add", "10.0.9.2/32", "dev", "c0"])
+        .unwrap();
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", "")).unwrap();
-    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
-    let dst: SocketAddr = "10.0.2.2:9999".parse().unwrap();
+    let sink = udp_socket(&lab.c, "10.0.9.2:9999").unwrap();
+    let dst: SocketAddr = "10.0.9.2:9999".parse().unwrap();
 
     send_udp(&lab.a, dst, 64, "before", 5).unwrap();
     assert!(
@@ -128,17 +133,17 @@ fn routes_added_and_deleted_from_the_cli_take_effect_while_running() {
         .cli_ok(&[
             "route",
             "add",
-            "10.0.2.0/24",
+            "10.0.9.0/24",
             "--via",
             "10.0.2.2",
             "--dev",
             "r1",
         ])
         .unwrap();
-    assert!(out.contains("added 10.0.2.0/24"), "{out}");
+    assert!(out.contains("added 10.0.9.0/24"), "{out}");
     let list = fwd.cli_ok(&["route", "list"]).unwrap();
     assert!(
-        list.contains("10.0.2.0/24") && list.contains("10.0.2.2"),
+        list.contains("10.0.9.0/24") && list.contains("10.0.2.2"),
         "{list}"
     );
     send_udp(&lab.a, dst, 64, "during", 5).unwrap();
@@ -149,7 +154,7 @@ fn routes_added_and_deleted_from_the_cli_take_effect_while_running() {
         .cli(&[
             "route",
             "add",
-            "10.0.2.0/24",
+            "10.0.9.0/24",
             "--via",
             "10.0.2.2",
             "--dev",
@@ -159,10 +164,16 @@ fn routes_added_and_deleted_from_the_cli_take_effect_while_running() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 
-    fwd.cli_ok(&["route", "del", "10.0.2.0/24"]).unwrap();
+    fwd.cli_ok(&["route", "del", "10.0.9.0/24"]).unwrap();
     let list: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 0);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["prefix"] != "10.0.9.0/24"),
+        "{list}"
+    );
     let dropped = fwd.counter("drop_route_miss").unwrap();
     send_udp(&lab.a, dst, 64, "after", 5).unwrap();
     assert!(
@@ -206,6 +217,7 @@ fn next_hop_macs_are_resolved_by_the_kernel_before_any_traffic() {
             .as_array()
             .unwrap()
             .iter()
+            .filter(|r| r["via"] != "connected" && r["via"] != "kernel")
             .map(|r| r["mac"].clone())
             .collect();
         if macs.len() == 2 && macs.iter().all(|m| m == &serde_json::json!(c0)) {
@@ -289,6 +301,7 @@ fn bad_configs_exit_non_zero_and_leave_nothing_attached() {
 fn cli_errors_name_the_problem() {
     let lab = Lab::new().unwrap();
     let fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
+    let routes_before = fwd.cli_ok(&["route", "list", "--json"]).unwrap();
     let cases: [(&[&str], &str); 5] = [
         (
             &[
@@ -365,8 +378,11 @@ fn cli_errors_name_the_problem() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--instance: \"../etc\""));
-    // Nothing above changed the tables.
-    assert!(fwd.cli_ok(&["route", "list", "--json"]).unwrap().trim() == "[]");
+    // Nothing above changed the tables (the connected subnets alone).
+    assert_eq!(
+        fwd.cli_ok(&["route", "list", "--json"]).unwrap(),
+        routes_before
+    );
 }
 
 #[test]
@@ -572,9 +588,12 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
     let prefixes = |fwd: &Forwarder| -> Vec<String> {
         let list: serde_json::Value =
             serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+        // The routes of the config and the CLI: not the connected
+        // subnets, nor lo's, which is the kernel's.
         list.as_array()
             .unwrap()
             .iter()
+            .filter(|r| r["via"] != "connected" && r["via"] != "kernel")
             .map(|r| r["prefix"].as_str().unwrap().to_owned())
             .collect()
     };
@@ -613,10 +632,12 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
         lab.config("drop", &format!("{new_route}\n{v6_route}")),
     )
     .unwrap();
-    // `reload` answers with what the daemon changed.
+    // `reload` answers with what the daemon changed: 10.0.3.0/24 added,
+    // 10.0.2.0/24 now the connected subnet of r1 (no longer via c), the
+    // CLI's 10.0.9.0/24 deleted.
     let out = fwd.cli_ok(&["reload"]).unwrap();
     assert!(
-        out.contains("1 routes added, 0 changed, 2 deleted"),
+        out.contains("1 routes added, 1 changed, 1 deleted"),
         "{out}"
     );
     assert_eq!(prefixes(&fwd), ["10.0.3.0/24", "fd00:2::/64"]);
@@ -624,11 +645,14 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
         lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap(),
         "still attached"
     );
-    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
-    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "gone", 5).unwrap();
+    lab.c
+        .ip(&["addr", "add", "10.0.9.2/32", "dev", "c0"])
+        .unwrap();
+    let sink = udp_socket(&lab.c, "10.0.9.2:9999").unwrap();
+    send_udp(&lab.a, "10.0.9.2:9999".parse().unwrap(), 64, "gone", 5).unwrap();
     assert!(
         receive(&sink, 1, Duration::from_millis(800)).is_empty(),
-        "10.0.2.0/24 was removed"
+        "10.0.9.0/24 was removed"
     );
 
     // Bad files are refused whole: the tables stay as they are.
@@ -664,9 +688,10 @@ fn sighup_reload_applies_route_changes_and_refuses_bad_configs_whole() {
     let pid = fwd.pid();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    // fd00:2::/64 leaves the file: the connected subnet of r1 takes it.
     wait_for_log(
         &fwd,
-        "0 routes added, 0 changed, 1 deleted",
+        "0 routes added, 1 changed, 0 deleted",
         Duration::from_secs(10),
     );
     wait_for(&fwd, &["10.0.3.0/24"]);
@@ -1422,4 +1447,76 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     );
     let back = round(&senders(&lab, 32), "reloaded");
     assert!(back.contains(&0) && back.contains(&1), "{back:?}");
+}
+
+#[test]
+fn connected_subnets_go_to_their_hosts_never_to_the_default_gateway() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    // a's addresses resolved on the router, as ARP and ND would.
+    let a_mac = mac_str(lab.a.mac("a0").unwrap());
+    for addr in ["10.0.1.2", "fd00:1::2"] {
+        #[rustfmt::skip]
+        lab.router
+            .ip(&["neigh", "replace", addr, "lladdr", &a_mac, "dev", "r0", "nud", "permanent"])
+            .unwrap();
+    }
+    // Default routes to c only: no route names a's subnet.
+    let routes = "[[routes]]\nprefix = \"0.0.0.0/0\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n\n\
+                  [[routes]]\nprefix = \"::/0\"\nvia = \"fd00:2::2\"\ndev = \"r1\"\n";
+    let fwd = Forwarder::start(&lab.router, &lab.config("pass", routes)).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+    for (prefix, dev) in [
+        ("10.0.1.0/24", "r0"),
+        ("fd00:1::/64", "r0"),
+        ("10.0.2.0/24", "r1"),
+        ("fd00:2::/64", "r1"),
+    ] {
+        assert!(
+            list.as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["prefix"] == prefix && r["via"] == "connected" && r["dev"] == dev),
+            "no connected route to {prefix} on {dev}: {list}"
+        );
+    }
+    // Kernel forwarding is off: what arrives in a was forwarded by XDP,
+    // straight to a, not to c by the default route.
+    for (sink_addr, tag) in [("10.0.1.2:9999", "v4"), ("[fd00:1::2]:9999", "v6")] {
+        let before = fwd.counter("forwarded").unwrap();
+        let sink = udp_socket(&lab.a, sink_addr).unwrap();
+        send_udp(&lab.c, sink_addr.parse().unwrap(), 64, tag, COUNT).unwrap();
+        assert_eq!(
+            receive(&sink, COUNT, WAIT).len(),
+            COUNT,
+            "{tag}: datagrams to a host on a connected subnet\n{}",
+            fwd.log()
+        );
+        assert!(fwd.counter("forwarded").unwrap() - before >= COUNT as u64);
+    }
+    // A host the router has not resolved: to the kernel (which would
+    // resolve it), counted; never to the default gateway.
+    let capture = Capture::new(&lab.c, "c0").unwrap();
+    let before = fwd.counter("pass_no_neighbour").unwrap();
+    send_udp(
+        &lab.c,
+        "10.0.1.3:9999".parse().unwrap(),
+        64,
+        "unresolved",
+        COUNT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while fwd.counter("pass_no_neighbour").unwrap() - before < COUNT as u64 {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        capture
+            .frames_containing(b"unresolved", 1, Duration::from_millis(300))
+            .iter()
+            .all(|f| f[0..6] != lab.c.mac("c0").unwrap()),
+        "a datagram for a's subnet came back to c"
+    );
 }

@@ -46,7 +46,10 @@ mod steering;
 mod sys;
 
 use next_hops::NextHopTable;
-pub use next_hops::{gateway_addr, resolve_next_hop};
+pub use next_hops::{
+    NH_F_KERNEL, connected_next_hop, connected_routes, gateway_addr, kernel_next_hop,
+    resolve_next_hop,
+};
 pub use routes::RouteEntry;
 pub use stats::{NextHopStats, Stats};
 pub use steering::FlowLookup;
@@ -470,6 +473,61 @@ impl Tables {
                 other => other.with_context(|| format!("forgetting neighbour {addr}")),
             },
         }
+    }
+
+    /// Makes `NEIGHBOURS` hold exactly `want` (hosts on connected subnets:
+    /// interface, address, MAC), at most `MAX_NEIGHBOURS` of them. Returns
+    /// (written, removed, left out for lack of room).
+    pub fn sync_neighbours(
+        &mut self,
+        want: &[(u32, IpAddr, Mac)],
+    ) -> Result<(usize, usize, usize)> {
+        let key = |ifindex: u32, addr: IpAddr| {
+            let (addr, family) = next_hops::gateway_bytes(addr);
+            NeighbourKey {
+                addr,
+                ifindex,
+                family,
+            }
+        };
+        let have: std::collections::HashMap<NeighbourKey, NeighbourMac> =
+            self.neighbours.iter().filter_map(Result::ok).collect();
+        let wanted: std::collections::HashMap<NeighbourKey, Mac> = want
+            .iter()
+            .map(|&(ifindex, addr, mac)| (key(ifindex, addr), mac))
+            .collect();
+        let mut removed = 0;
+        for k in have.keys().filter(|k| !wanted.contains_key(k)) {
+            match self.neighbours.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => removed += 1,
+                Err(e) => return Err(e).context("forgetting a neighbour"),
+            }
+        }
+        let mut room = pop_forwarder_common::MAX_NEIGHBOURS as usize - (have.len() - removed);
+        let (mut written, mut left_out) = (0, 0);
+        for (k, mac) in &wanted {
+            match have.get(k) {
+                Some(v) if v.mac == mac.0 => continue,
+                Some(_) => {}
+                None if room == 0 => {
+                    left_out += 1;
+                    continue;
+                }
+                None => room -= 1,
+            }
+            self.neighbours
+                .insert(
+                    k,
+                    NeighbourMac {
+                        mac: mac.0,
+                        pad: [0; 2],
+                    },
+                    0,
+                )
+                .context("recording a neighbour")?;
+            written += 1;
+        }
+        Ok((written, removed, left_out))
     }
 
     /// Allows redirects to `ifindex`.

@@ -14,6 +14,62 @@ pub(super) fn gateway_bytes(addr: IpAddr) -> ([u8; 16], u32) {
     }
 }
 
+/// Marks the stand-in for `KERNEL_NEXT_HOP` among wanted next hops: a
+/// route to it is the kernel's to handle. Never written to the table.
+pub const NH_F_KERNEL: u32 = 1 << 31;
+
+/// The next hop of a route the kernel handles (`KERNEL_NEXT_HOP`).
+pub fn kernel_next_hop(family: u32) -> NextHop {
+    NextHop {
+        flags: NH_F_KERNEL,
+        family,
+        ..NextHop::default_free()
+    }
+}
+
+/// The next hop of a connected subnet on `link`: packets go to the
+/// destination host itself (its MAC from `NEIGHBOURS`).
+pub fn connected_next_hop(link: &Link, mac: Mac, family: u32) -> NextHop {
+    NextHop {
+        ifindex: link.ifindex,
+        mtu: link.mtu,
+        flags: NH_F_IN_USE | NH_F_CONNECTED,
+        dst_mac: [0; 6],
+        src_mac: mac.0,
+        gateway: [0; 16],
+        family,
+    }
+}
+
+/// The routes of this namespace's connected subnets: through the
+/// interface itself where the program is attached (`attached`, ifindexes)
+/// and it has an Ethernet address; handed to the kernel elsewhere, so that
+/// no shorter route (a default route, say) takes their packets.
+pub fn connected_routes(links: &[Link], attached: &[u32]) -> Vec<(Prefix, NextHop)> {
+    let mut out: Vec<(Prefix, NextHop)> = Vec::new();
+    for link in links {
+        for subnet in &link.subnets {
+            let family = if subnet.addr.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
+            };
+            let nh = match link.mac {
+                Some(mac) if attached.contains(&link.ifindex) => {
+                    connected_next_hop(link, mac, family)
+                }
+                _ => kernel_next_hop(family),
+            };
+            // The same subnet on two interfaces: the first keeps it, as the
+            // kernel's first route would.
+            if !out.iter().any(|(p, _)| p == subnet) {
+                out.push((*subnet, nh));
+            }
+        }
+    }
+    out
+}
+
 pub fn gateway_addr(nh: &NextHop) -> IpAddr {
     if nh.family == AF_INET {
         let mut a = [0u8; 4];
@@ -85,6 +141,9 @@ impl Tables {
         table: &mut NextHopTable,
         want: &NextHop,
     ) -> Result<(u32, bool)> {
+        if want.flags & NH_F_KERNEL != 0 {
+            return Ok((KERNEL_NEXT_HOP, false));
+        }
         if let Some(&id) = table.by_gateway.get(&gateway_key(want)) {
             let have = table.slots[id as usize];
             let want_static = want.flags & NH_F_MAC_STATIC != 0;
@@ -212,7 +271,7 @@ impl Tables {
             if let Some(mac) = link.mac {
                 next.src_mac = mac.0;
             }
-            if nh.flags & NH_F_MAC_STATIC == 0 {
+            if nh.flags & (NH_F_MAC_STATIC | NH_F_CONNECTED) == 0 {
                 let gw = gateway_addr(&nh);
                 match neighbours
                     .iter()
@@ -258,7 +317,11 @@ impl Tables {
         Ok(self
             .next_hop_slots()?
             .iter()
-            .filter(|nh| nh.is_in_use() && !nh.mac_valid() && nh.flags & NH_F_MAC_STATIC == 0)
+            .filter(|nh| {
+                nh.is_in_use()
+                    && !nh.mac_valid()
+                    && nh.flags & (NH_F_MAC_STATIC | NH_F_CONNECTED) == 0
+            })
             .map(|nh| (gateway_addr(nh), nh.ifindex))
             .collect())
     }

@@ -75,6 +75,32 @@ impl Tables {
         }))
     }
 
+    /// Whether a route to exactly `prefix` exists.
+    pub fn is_routed(&self, prefix: Prefix) -> Result<bool> {
+        Ok(self
+            .longest_match(prefix)?
+            .is_some_and(|t| t.prefix_len == u32::from(prefix.len)))
+    }
+
+    /// Whether the route to exactly `prefix` goes through `nh` (the same
+    /// gateway on the same interface, or both the kernel's).
+    pub fn routes_to(&self, prefix: Prefix, nh: &NextHop) -> Result<bool> {
+        let Some(t) = self
+            .longest_match(prefix)?
+            .filter(|t| t.prefix_len == u32::from(prefix.len))
+        else {
+            return Ok(false);
+        };
+        if nh.flags & next_hops::NH_F_KERNEL != 0 {
+            return Ok(t.next_hop == KERNEL_NEXT_HOP);
+        }
+        Ok(t.next_hop < MAX_NEXT_HOPS
+            && self
+                .next_hops
+                .get(&t.next_hop, 0)
+                .is_ok_and(|have| gateway_key(&have) == gateway_key(nh)))
+    }
+
     /// Installs `prefix` -> route target `target` as it is: a next-hop id
     /// already written, `KERNEL_NEXT_HOP`, or an ECMP group
     /// (`ecmp::FIRST_GROUP_ID` + index) already written. Fails if the
@@ -529,11 +555,15 @@ impl Tables {
         let current: std::collections::HashMap<Prefix, (u32, NextHop)> = ops
             .iter()
             .map(|&(p, id)| {
-                let nh = table
-                    .slots
-                    .get(id as usize)
-                    .copied()
-                    .unwrap_or(NextHop::default_free());
+                let nh = if id == KERNEL_NEXT_HOP {
+                    next_hops::kernel_next_hop(if p.addr.is_ipv4() { AF_INET } else { AF_INET6 })
+                } else {
+                    table
+                        .slots
+                        .get(id as usize)
+                        .copied()
+                        .unwrap_or(NextHop::default_free())
+                };
                 (p, (id, nh))
             })
             .collect();
@@ -580,6 +610,7 @@ impl Tables {
         let gateways: HashSet<GatewayKey> = new
             .iter()
             .chain(changed)
+            .filter(|(_, nh)| nh.flags & next_hops::NH_F_KERNEL == 0)
             .map(|(_, nh)| gateway_key(nh))
             .filter(|k| !table.by_gateway.contains_key(k))
             .collect();
