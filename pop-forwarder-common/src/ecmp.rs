@@ -25,11 +25,20 @@ pub const MAX_WEIGHT: u32 = 256;
 /// below it, a next-hop id (or LOCAL_NEXT_HOP / KERNEL_NEXT_HOP).
 pub const FIRST_GROUP_ID: u32 = 8192;
 
-/// Value of the `NEXT_HOP_GROUPS` array: the next-hop id of each bucket.
+/// Value of the `NEXT_HOP_GROUPS` array: the next-hop id of each bucket,
+/// which is all the program reads; and, for the host (listing, adopting
+/// pinned tables), the members and their weights. A free slot is all
+/// zeros.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct NextHopGroup {
     pub buckets: [u16; GROUP_BUCKETS],
+    /// Next-hop ids of the members, the first `count`.
+    pub members: [u16; MAX_GROUP_MEMBERS],
+    pub weights: [u16; MAX_GROUP_MEMBERS],
+    /// Members; 0 for a free slot.
+    pub count: u32,
+    pub pad: u32,
 }
 
 /// The group a route target names, if it names one.

@@ -25,6 +25,7 @@ use crate::{
     kernel,
     maps::{self, Tables, resolve_next_hop},
     net::Prefix,
+    plan::Want,
     steering,
 };
 
@@ -610,7 +611,7 @@ fn fill_and_attach(
     ebpf: &mut aya::Ebpf,
     model: &Model,
     attach_to: &[AttachedInterface],
-    routes: &[(Prefix, pop_forwarder_common::NextHop)],
+    routes: &[(Prefix, Want)],
     previous: Option<&State>,
     (links, neighbours): (&[kernel::Link], &[kernel::Neighbour]),
 ) -> Result<(Tables, steering::Steering)> {
@@ -698,7 +699,7 @@ fn fill(
     tables: &mut Tables,
     model: &Model,
     attach_to: &[AttachedInterface],
-    routes: &[(Prefix, pop_forwarder_common::NextHop)],
+    routes: &[(Prefix, Want)],
     previous: Option<&State>,
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
@@ -874,17 +875,21 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
 /// names (a static route to the same prefix wins). Returns them all, and
 /// the connected ones.
 fn with_connected(
-    mut static_routes: Vec<(Prefix, NextHop)>,
+    static_routes: Vec<(Prefix, NextHop)>,
     links: &[kernel::Link],
     attached: &[u32],
-) -> (Vec<(Prefix, NextHop)>, Vec<(Prefix, NextHop)>) {
+) -> (Vec<(Prefix, Want)>, Vec<(Prefix, NextHop)>) {
     let named: std::collections::HashSet<Prefix> = static_routes.iter().map(|(p, _)| *p).collect();
     let connected: Vec<_> = maps::connected_routes(links, attached)
         .into_iter()
         .filter(|(p, _)| !named.contains(p))
         .collect();
-    static_routes.extend(connected.iter().copied());
-    (static_routes, connected)
+    let all = static_routes
+        .into_iter()
+        .chain(connected.iter().copied())
+        .map(|(p, nh)| (p, Want::One(nh)))
+        .collect();
+    (all, connected)
 }
 
 /// This box's addresses and its subnets' IPv4 broadcast addresses: packets

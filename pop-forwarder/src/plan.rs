@@ -2,9 +2,12 @@
 //! deleted to go from what the tables hold to what is wanted. Pure, so it is
 //! unit-tested without the kernel; `tables` carries a plan out.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
-use pop_forwarder_common::{NH_F_MAC_STATIC, NextHop};
+use pop_forwarder_common::{NH_F_MAC_STATIC, NextHop, ecmp::MAX_GROUP_MEMBERS};
 
 use crate::net::Prefix;
 
@@ -23,13 +26,86 @@ pub fn same_next_hop(have: &NextHop, want: &NextHop) -> bool {
     gateway_key(have) == gateway_key(want) && static_mac(have) == static_mac(want)
 }
 
+/// Where a route is wanted to go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Want {
+    /// One next hop: a gateway, a connected subnet, or the kernel
+    /// (`NH_F_KERNEL`).
+    One(NextHop),
+    /// An ECMP group of two or more members with weights, in gateway-key
+    /// order (`Want::group` makes it so); shared between the routes that
+    /// have the same members.
+    Group(Arc<[(NextHop, u32)]>),
+}
+
+/// A group's identity: its members' gateways and weights, in order.
+pub type GroupKey = Vec<(GatewayKey, u32)>;
+
+impl Want {
+    /// The wanted target of a route through `members` (next hop, weight):
+    /// one next hop for one member; a group, its members in gateway-key
+    /// order, a gateway listed twice counted once with its weights added;
+    /// None for no member or more than a group holds.
+    pub fn group(mut members: Vec<(NextHop, u32)>) -> Option<Want> {
+        members.sort_by_key(|(nh, _)| gateway_key(nh));
+        let mut merged: Vec<(NextHop, u32)> = Vec::with_capacity(members.len());
+        for (nh, weight) in members {
+            match merged.last_mut() {
+                Some((last, w)) if gateway_key(last) == gateway_key(&nh) => *w += weight,
+                _ => merged.push((nh, weight)),
+            }
+        }
+        match merged.len() {
+            0 => None,
+            1 => Some(Want::One(merged[0].0)),
+            n if n > MAX_GROUP_MEMBERS => None,
+            _ => Some(Want::Group(merged.into())),
+        }
+    }
+
+    /// The key of a group (None for one next hop).
+    pub fn group_key(&self) -> Option<GroupKey> {
+        match self {
+            Want::One(_) => None,
+            Want::Group(members) => Some(
+                members
+                    .iter()
+                    .map(|(nh, w)| (gateway_key(nh), *w))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Whether a route at `self` needs no change to reach `want`.
+    pub fn same(&self, want: &Want) -> bool {
+        match (self, want) {
+            (Want::One(a), Want::One(b)) => same_next_hop(a, b),
+            (Want::Group(a), Want::Group(b)) => {
+                a.len() == b.len()
+                    && a.iter()
+                        .zip(b.iter())
+                        .all(|((x, wx), (y, wy))| wx == wy && same_next_hop(x, y))
+            }
+            _ => false,
+        }
+    }
+
+    /// The next hops it goes through.
+    pub fn next_hops(&self) -> Vec<NextHop> {
+        match self {
+            Want::One(nh) => vec![*nh],
+            Want::Group(members) => members.iter().map(|(nh, _)| *nh).collect(),
+        }
+    }
+}
+
 /// What a change of the operator routes does.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RoutePlan {
     /// Prefixes not routed now, in the order wanted.
-    pub new: Vec<(Prefix, NextHop)>,
+    pub new: Vec<(Prefix, Want)>,
     /// Prefixes routed now through another next hop, in the order wanted.
-    pub changed: Vec<(Prefix, NextHop)>,
+    pub changed: Vec<(Prefix, Want)>,
     /// Prefixes routed now and not wanted.
     pub gone: Vec<Prefix>,
 }
@@ -38,14 +114,14 @@ pub struct RoutePlan {
 /// tables hold it) to `desired` (validated: each prefix once). Linear in
 /// both.
 pub fn plan_routes<T>(
-    current: &HashMap<Prefix, (T, NextHop)>,
-    desired: &[(Prefix, NextHop)],
+    current: &HashMap<Prefix, (T, Want)>,
+    desired: &[(Prefix, Want)],
 ) -> RoutePlan {
     let mut plan = RoutePlan::default();
-    for &(prefix, nh) in desired {
-        match current.get(&prefix) {
-            None => plan.new.push((prefix, nh)),
-            Some((_, have)) if !same_next_hop(have, &nh) => plan.changed.push((prefix, nh)),
+    for (prefix, want) in desired {
+        match current.get(prefix) {
+            None => plan.new.push((*prefix, want.clone())),
+            Some((_, have)) if !have.same(want) => plan.changed.push((*prefix, want.clone())),
             Some(_) => {}
         }
     }
@@ -82,9 +158,30 @@ mod tests {
         s.parse().unwrap()
     }
 
+    fn one(routes: &[(Prefix, NextHop)]) -> Vec<(Prefix, Want)> {
+        routes.iter().map(|(p, nh)| (*p, Want::One(*nh))).collect()
+    }
+
+    #[test]
+    fn groups_are_canonical_and_compared_by_members_and_weights() {
+        let a = nh(1, 1, None);
+        let b = nh(1, 2, None);
+        let ab = Want::group(vec![(b, 1), (a, 1)]).unwrap();
+        assert!(ab.same(&Want::group(vec![(a, 1), (b, 1)]).unwrap()));
+        assert!(!ab.same(&Want::group(vec![(a, 1), (b, 2)]).unwrap()));
+        // A gateway listed twice is one member; one member is one next hop.
+        assert_eq!(Want::group(vec![(a, 1), (a, 2)]), Some(Want::One(a)));
+        assert_eq!(Want::group(vec![]), None);
+        let many = (0..=MAX_GROUP_MEMBERS as u8)
+            .map(|i| (nh(1, i, None), 1))
+            .collect();
+        assert_eq!(Want::group(many), None);
+        assert!(!ab.same(&Want::One(a)));
+    }
+
     #[test]
     fn a_plan_adds_repoints_and_deletes_only_what_differs() {
-        let current: HashMap<Prefix, (u32, NextHop)> = [
+        let current: HashMap<Prefix, (u32, Want)> = [
             ("10.1.0.0/16", nh(1, 1, None)),
             ("10.2.0.0/16", nh(1, 1, None)),
             ("10.3.0.0/16", nh(1, 1, Some(7))),
@@ -93,7 +190,7 @@ mod tests {
         ]
         .into_iter()
         .enumerate()
-        .map(|(i, (s, nh))| (p(s), (i as u32, nh)))
+        .map(|(i, (s, nh))| (p(s), (i as u32, Want::One(nh))))
         .collect();
         let mut learned = nh(1, 1, None);
         learned.dst_mac = [2, 0, 0, 0, 0, 9];
@@ -105,13 +202,14 @@ mod tests {
             (p("10.4.0.0/16"), nh(2, 1, None)),    // another interface
             (p("10.9.0.0/16"), nh(1, 1, None)),    // new
         ];
+        let desired = one(&desired);
         let plan = plan_routes(&current, &desired);
-        assert_eq!(plan.new, vec![desired[4]]);
+        assert_eq!(plan.new, vec![desired[4].clone()]);
         assert_eq!(plan.changed, desired[1..4].to_vec());
         assert_eq!(plan.gone, vec![p("10.5.0.0/16")]);
         // The plan of the result is empty.
-        let after: HashMap<Prefix, (u32, NextHop)> =
-            desired.iter().map(|&(p, nh)| (p, (0, nh))).collect();
+        let after: HashMap<Prefix, (u32, Want)> =
+            desired.iter().map(|(p, w)| (*p, (0, w.clone()))).collect();
         assert_eq!(plan_routes(&after, &desired), RoutePlan::default());
     }
 
@@ -123,10 +221,10 @@ mod tests {
             let a = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
             (p(&format!("{a}/24")), nh(1, gw, None))
         };
-        let current: HashMap<Prefix, (u32, NextHop)> = (0..200_000)
+        let current: HashMap<Prefix, (u32, Want)> = (0..200_000)
             .map(|i| {
                 let (p, nh) = route(i, 1);
-                (p, (0, nh))
+                (p, (0, Want::One(nh)))
             })
             .collect();
         let desired: Vec<_> = (0..100_000)
@@ -134,6 +232,7 @@ mod tests {
             .chain((100_000..150_000).map(|i| route(i, 2)))
             .chain((200_000..250_000).map(|i| route(i, 1)))
             .collect();
+        let desired = one(&desired);
         let plan = plan_routes(&current, &desired);
         assert_eq!(
             (plan.new.len(), plan.changed.len(), plan.gone.len()),

@@ -21,11 +21,11 @@ use pop_forwarder::{
     config::{Ipv4Lookup, RouteMissPolicy},
     maps::Tables,
     net::{Mac, Prefix},
+    plan::Want,
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC,
     NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
-    ecmp::{self, NextHopGroup},
 };
 use tests::{
     Netns,
@@ -168,6 +168,11 @@ fn with_program_using(lookup: Ipv4Lookup, test: impl FnOnce(&mut Program) + Send
         test(&mut Program { ebpf, tables, veth });
     })
     .unwrap();
+}
+
+/// Routes through one next hop each, as `apply_routes` takes them.
+fn one(routes: &[(Prefix, NextHop)]) -> Vec<(Prefix, Want)> {
+    routes.iter().map(|(p, nh)| (*p, Want::One(*nh))).collect()
 }
 
 fn v4(dst: &str, ttl: u8) -> Vec<u8> {
@@ -780,7 +785,7 @@ fn applying_a_route_set_adds_changes_and_deletes_in_place() {
         .iter()
         .map(|(pfx, nh)| (pfx.parse().unwrap(), *nh))
         .collect();
-        let (added, changed, deleted) = p.tables.apply_routes(&desired).unwrap();
+        let (added, changed, deleted) = p.tables.apply_routes(&one(&desired)).unwrap();
         // 10.0.4.0/24, 10.0.6.128/25, 10.0.6.7/32 and fd00:3::/64 go.
         assert_eq!((added, changed, deleted), (1, 2, 4));
         let moved = Eth {
@@ -828,7 +833,7 @@ fn applying_a_route_set_adds_changes_and_deletes_in_place() {
             ],
         );
         // Applying the same set again changes nothing.
-        assert_eq!(p.tables.apply_routes(&desired).unwrap(), (0, 0, 0));
+        assert_eq!(p.tables.apply_routes(&one(&desired)).unwrap(), (0, 0, 0));
     });
 }
 
@@ -977,7 +982,7 @@ fn a_large_route_change_walks_the_tables_a_constant_number_of_times() {
             (format!("{addr}/24").parse().unwrap(), gateways[gw])
         };
         let first: Vec<_> = (0..2000).map(|i| route(i, i as usize % 4)).collect();
-        p.tables.apply_routes(&first).unwrap();
+        p.tables.apply_routes(&one(&first)).unwrap();
         // Keep 500, repoint 500, delete 1,000, add 1,000.
         let second: Vec<_> = (0..500)
             .map(|i| route(i, i as usize % 4))
@@ -985,7 +990,7 @@ fn a_large_route_change_walks_the_tables_a_constant_number_of_times() {
             .chain((2000..3000).map(|i| route(i, 0)))
             .collect();
         let scans = p.tables.route_table_scans();
-        let (added, changed, deleted) = p.tables.apply_routes(&second).unwrap();
+        let (added, changed, deleted) = p.tables.apply_routes(&one(&second)).unwrap();
         assert_eq!((added, changed, deleted), (1000, 500, 1000));
         let walks = p.tables.route_table_scans() - scans;
         assert!(
@@ -1024,57 +1029,8 @@ fn a_large_route_change_walks_the_tables_a_constant_number_of_times() {
     });
 }
 
-/// The next-hop id a route through `prefix` points at.
-fn next_hop_id(p: &Program, prefix: &str) -> u32 {
-    p.tables
-        .routes(&[])
-        .unwrap()
-        .into_iter()
-        .find(|r| r.prefix == prefix)
-        .unwrap_or_else(|| panic!("no route to {prefix}"))
-        .next_hop
-}
-
-/// Two gateways on the veth, A and B, each with a route of its own (which
-/// allocates its next hop); returns their ids.
-fn two_gateways(p: &mut Program) -> (u32, u32) {
-    let a = next_hop(p.veth, "10.0.2.10", Some(MAC_A), 1500);
-    let b = next_hop(p.veth, "10.0.2.11", Some(MAC_B), 1500);
-    p.tables
-        .add_routes(&[
-            ("10.0.70.0/24".parse().unwrap(), a),
-            ("10.0.71.0/24".parse().unwrap(), b),
-        ])
-        .unwrap();
-    (
-        next_hop_id(p, "10.0.70.0/24"),
-        next_hop_id(p, "10.0.71.0/24"),
-    )
-}
-
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xaa];
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xbb];
-
-/// ECMP group `index` over `members` (next-hop id, gateway), every weight 1,
-/// its buckets as the daemon assigns them.
-fn write_group(p: &mut Program, index: u32, members: &[(u32, &str)]) {
-    let keys: Vec<(u64, u32)> = members
-        .iter()
-        .map(|(_, gw)| {
-            let mut g = [0u8; 16];
-            g[..4].copy_from_slice(&gw.parse::<Ipv4Addr>().unwrap().octets());
-            (ecmp::member_key(&g, p.veth), 1)
-        })
-        .collect();
-    let assigned = ecmp::assign(&keys).unwrap();
-    let mut group = NextHopGroup {
-        buckets: [0; ecmp::GROUP_BUCKETS],
-    };
-    for (bucket, member) in group.buckets.iter_mut().zip(assigned) {
-        *bucket = members[member as usize].0 as u16;
-    }
-    p.tables.write_group(index, &group).unwrap();
-}
 
 /// The destination MAC of each of 64 flows (sources 10.0.1.1 to .64, or
 /// fd00:1::1 to ::40) to `dst`, after checking each came out forwarded
@@ -1116,15 +1072,29 @@ fn paths(p: &Program, dst: &str) -> Vec<[u8; 6]> {
 #[test]
 fn ecmp_groups_keep_each_flow_on_one_path_and_move_only_a_leaving_members_flows() {
     with_program(|p| {
-        let (a, b) = two_gateways(p);
-        write_group(p, 0, &[(a, "10.0.2.10"), (b, "10.0.2.11")]);
-        let group = ecmp::FIRST_GROUP_ID;
-        p.tables
-            .add_route_to("10.0.7.0/24".parse().unwrap(), group)
-            .unwrap();
-        p.tables
-            .add_route_to("fd00:7::/64".parse().unwrap(), group)
-            .unwrap();
+        let a = next_hop(p.veth, "10.0.2.10", Some(MAC_A), 1500);
+        let b = next_hop(p.veth, "10.0.2.11", Some(MAC_B), 1500);
+        let in_use = |p: &Program| {
+            let slots = p.tables.next_hop_slots().unwrap();
+            slots.iter().filter(|nh| nh.is_in_use()).count()
+        };
+        let fixture = in_use(p);
+        let both = Want::group(vec![(a, 1), (b, 1)]).unwrap();
+        let routes = |want: &Want| {
+            vec![
+                ("10.0.7.0/24".parse().unwrap(), want.clone()),
+                ("fd00:7::/64".parse().unwrap(), want.clone()),
+            ]
+        };
+        assert_eq!(p.tables.upsert_routes(&routes(&both)).unwrap(), (2, 0));
+        let listed = p.tables.routes(&[]).unwrap();
+        let group = listed.iter().find(|r| r.prefix == "10.0.7.0/24").unwrap();
+        assert!(
+            group.via.starts_with("group 0 (10.0.2.10 ifindex")
+                && group.via.contains(", 10.0.2.11"),
+            "{}",
+            group.via
+        );
         for dst in ["10.0.7.7", "fd00:7::7"] {
             let first = paths(p, dst);
             assert_eq!(first, paths(p, dst), "{dst}: a flow changed paths");
@@ -1134,13 +1104,50 @@ fn ecmp_groups_keep_each_flow_on_one_path_and_move_only_a_leaving_members_flows(
                 "{dst}: {on_a} of 64 flows on A: the group does not spread flows"
             );
         }
-        // B leaves: its flows move to A, and no flow of A moves.
+        // B leaves (the route now through A alone): its flows move to A,
+        // and no flow of A moves. The group, used by no route, is freed.
         let before = paths(p, "10.0.7.7");
-        write_group(p, 0, &[(a, "10.0.2.10")]);
+        assert_eq!(
+            p.tables.upsert_routes(&routes(&Want::One(a))).unwrap(),
+            (0, 2)
+        );
         assert!(paths(p, "10.0.7.7").iter().all(|m| *m == MAC_A));
+        assert!(
+            p.tables
+                .routes(&[])
+                .unwrap()
+                .iter()
+                .all(|r| !r.via.starts_with("group"))
+        );
         // B comes back: exactly the flows it had return to it.
-        write_group(p, 0, &[(a, "10.0.2.10"), (b, "10.0.2.11")]);
+        assert_eq!(p.tables.upsert_routes(&routes(&both)).unwrap(), (0, 2));
         assert_eq!(paths(p, "10.0.7.7"), before);
+        // A third gateway joins: only flows moving to it move.
+        let c = next_hop(p.veth, "10.0.2.12", Some([0x02, 0, 0, 0, 0, 0xcc]), 1500);
+        let three = Want::group(vec![(a, 1), (b, 1), (c, 1)]).unwrap();
+        p.tables.upsert_routes(&routes(&three)).unwrap();
+        let after: Vec<[u8; 6]> = (1..=64u8)
+            .map(|i| {
+                let frame = udp_v4(
+                    IN,
+                    Ipv4Addr::new(10, 0, 1, i),
+                    "10.0.7.7".parse().unwrap(),
+                    64,
+                    b"ecmp",
+                );
+                p.run(&frame).1[0..6].try_into().unwrap()
+            })
+            .collect();
+        for (was, now) in before.iter().zip(&after) {
+            assert!(
+                now == was || *now == [0x02, 0, 0, 0, 0, 0xcc],
+                "a flow moved from A to B or back"
+            );
+        }
+        // Deleting the routes frees the group and its next hops.
+        p.tables.del_route("10.0.7.0/24".parse().unwrap()).unwrap();
+        p.tables.del_route("fd00:7::/64".parse().unwrap()).unwrap();
+        assert_eq!(in_use(p), fixture, "the fixture's next hops alone");
     });
 }
 

@@ -15,7 +15,7 @@ use crate::{
     config::{Ipv4Lookup, Route, RouteMissPolicy},
     kernel::{self, Link, Neighbour},
     net::{Mac, Prefix},
-    plan::{GatewayKey, RoutePlan, gateway_key, plan_routes},
+    plan::{GatewayKey, GroupKey, RoutePlan, Want, gateway_key, plan_routes},
 };
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::maps::{

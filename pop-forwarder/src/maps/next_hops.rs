@@ -115,11 +115,49 @@ pub fn resolve_next_hop(
     Ok(nh)
 }
 
-/// The next-hop table as read once, indexed by gateway, so that a batch of
-/// routes costs a hash lookup per route rather than a scan of the table.
+/// The next-hop and group tables as read once, indexed by gateway and by
+/// members, so that a batch of routes costs a hash lookup per route rather
+/// than a scan of the tables.
 pub(super) struct NextHopTable {
     pub(super) slots: Vec<NextHop>,
     pub(super) by_gateway: std::collections::HashMap<GatewayKey, u32>,
+    pub(super) groups: Vec<NextHopGroup>,
+    pub(super) by_group: std::collections::HashMap<GroupKey, u32>,
+}
+
+impl NextHopTable {
+    /// What route target `id` goes through, as the tables hold it.
+    pub(super) fn want_of(&self, id: u32, family: u32) -> Want {
+        if id == KERNEL_NEXT_HOP {
+            return Want::One(kernel_next_hop(family));
+        }
+        if let Some(g) = ecmp::group_index(id).and_then(|i| self.groups.get(i as usize)) {
+            let members: Vec<(NextHop, u32)> = (0..g.count as usize)
+                .map(|m| (self.slot(u32::from(g.members[m])), u32::from(g.weights[m])))
+                .collect();
+            return Want::Group(members.into());
+        }
+        Want::One(self.slot(id))
+    }
+
+    fn slot(&self, id: u32) -> NextHop {
+        self.slots
+            .get(id as usize)
+            .copied()
+            .unwrap_or(NextHop::default_free())
+    }
+
+    /// The key of an in-use group slot.
+    fn group_key(&self, g: &NextHopGroup) -> GroupKey {
+        (0..g.count as usize)
+            .map(|m| {
+                (
+                    gateway_key(&self.slot(u32::from(g.members[m]))),
+                    u32::from(g.weights[m]),
+                )
+            })
+            .collect()
+    }
 }
 
 impl Tables {
@@ -198,37 +236,95 @@ impl Tables {
             .filter(|(_, nh)| nh.is_in_use())
             .map(|(id, nh)| (gateway_key(nh), id as u32))
             .collect();
-        Ok(NextHopTable { slots, by_gateway })
-    }
-
-    pub(super) fn free_next_hops(&mut self, ids: &[u32]) {
-        for id in ids {
-            let _ = self.free_next_hop(*id);
-        }
-    }
-
-    pub(super) fn free_next_hop(&mut self, id: u32) -> Result<()> {
-        self.write_next_hop(id, &NextHop::default_free())
-    }
-
-    /// Next-hop ids that operator routes point at (local routes do not).
-    pub(super) fn next_hop_ids_in_use(&self) -> HashSet<u32> {
-        self.scanned();
-        let v4 = self
-            .routes_v4_all()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(_, t)| t.next_hop);
-        let v6 = self
-            .routes_v6
+        let groups = (0..ecmp::MAX_GROUPS)
+            .map(|i| {
+                self.next_hop_groups
+                    .get(&i, 0)
+                    .context("reading the ECMP group table")
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut table = NextHopTable {
+            slots,
+            by_gateway,
+            groups,
+            by_group: Default::default(),
+        };
+        table.by_group = table
+            .groups
             .iter()
-            .filter_map(Result::ok)
-            .map(|(_, t)| t.next_hop);
-        v4.chain(v6).collect()
+            .enumerate()
+            .filter(|(_, g)| g.count > 0)
+            .map(|(i, g)| (table.group_key(g), i as u32))
+            .collect();
+        Ok(table)
     }
 
-    /// One route fewer uses next hop `id`; frees it when none does.
-    pub(super) fn release_next_hop(
+    /// The route target for `want`, found or made (next hops, a group), with
+    /// one more use counted in `uses` (and, for a group made here, one more
+    /// for each of its members).
+    pub(super) fn acquire(
+        &mut self,
+        want: &Want,
+        table: &mut NextHopTable,
+        uses: &mut std::collections::HashMap<u32, usize>,
+    ) -> Result<u32> {
+        let id = match want {
+            Want::One(nh) => self.find_or_add_next_hop(table, nh)?.0,
+            Want::Group(members) => {
+                let key = want.group_key().expect("a group");
+                match table.by_group.get(&key) {
+                    Some(&index) => ecmp::FIRST_GROUP_ID + index,
+                    None => self.add_group(members, key, table, uses)?,
+                }
+            }
+        };
+        *uses.entry(id).or_default() += 1;
+        Ok(id)
+    }
+
+    /// Writes a new group of `members` (their next hops found or made, each
+    /// counted one use), buckets assigned by `ecmp::assign`.
+    fn add_group(
+        &mut self,
+        members: &[(NextHop, u32)],
+        key: GroupKey,
+        table: &mut NextHopTable,
+        uses: &mut std::collections::HashMap<u32, usize>,
+    ) -> Result<u32> {
+        let index = table
+            .groups
+            .iter()
+            .position(|g| g.count == 0)
+            .with_context(|| {
+                format!("the ECMP group table is full ({} groups)", ecmp::MAX_GROUPS)
+            })? as u32;
+        let mut group: NextHopGroup = bytemuck::Zeroable::zeroed();
+        let mut keys = Vec::with_capacity(members.len());
+        for (m, (nh, weight)) in members.iter().enumerate() {
+            let id = self.acquire(&Want::One(*nh), table, uses)?;
+            group.members[m] = id as u16;
+            group.weights[m] = *weight as u16;
+            keys.push((ecmp::member_key(&nh.gateway, nh.ifindex), *weight));
+        }
+        group.count = members.len() as u32;
+        let assigned = ecmp::assign(&keys).with_context(|| {
+            format!(
+                "an ECMP group of {} members: a weight out of 1..=256",
+                members.len()
+            )
+        })?;
+        for (bucket, member) in group.buckets.iter_mut().zip(assigned) {
+            *bucket = group.members[member as usize];
+        }
+        self.write_group(index, &group)?;
+        table.groups[index as usize] = group;
+        table.by_group.insert(key, index);
+        Ok(ecmp::FIRST_GROUP_ID + index)
+    }
+
+    /// One use fewer of route target `id`; at none, frees its slot (a next
+    /// hop; a group, then one use fewer of each member).
+    pub(super) fn release(
         &mut self,
         id: u32,
         uses: &mut std::collections::HashMap<u32, usize>,
@@ -238,17 +334,48 @@ impl Tables {
             return Ok(());
         };
         *n -= 1;
-        // Only slots of the next-hop table are freed: not LOCAL_NEXT_HOP,
-        // KERNEL_NEXT_HOP or a group.
-        if *n == 0 && id < MAX_NEXT_HOPS {
-            uses.remove(&id);
+        if *n > 0 {
+            return Ok(());
+        }
+        uses.remove(&id);
+        if id < MAX_NEXT_HOPS {
             self.free_next_hop(id)?;
             if let Some(slot) = table.slots.get_mut(id as usize) {
                 table.by_gateway.remove(&gateway_key(slot));
                 *slot = NextHop::default_free();
             }
+        } else if let Some(index) = ecmp::group_index(id) {
+            let g = table.groups[index as usize];
+            table.by_group.remove(&table.group_key(&g));
+            self.write_group(index, &bytemuck::Zeroable::zeroed())?;
+            table.groups[index as usize] = bytemuck::Zeroable::zeroed();
+            for m in 0..g.count as usize {
+                self.release(u32::from(g.members[m]), uses, table)?;
+            }
         }
         Ok(())
+    }
+
+    /// How many routes (and groups) use each route target and next hop.
+    pub(super) fn uses(
+        &self,
+        routes: &[(Prefix, u32)],
+        table: &NextHopTable,
+    ) -> std::collections::HashMap<u32, usize> {
+        let mut uses = std::collections::HashMap::new();
+        for (_, id) in routes {
+            *uses.entry(*id).or_default() += 1;
+        }
+        for g in table.groups.iter().filter(|g| g.count > 0) {
+            for m in 0..g.count as usize {
+                *uses.entry(u32::from(g.members[m])).or_default() += 1;
+            }
+        }
+        uses
+    }
+
+    pub(super) fn free_next_hop(&mut self, id: u32) -> Result<()> {
+        self.write_next_hop(id, &NextHop::default_free())
     }
 
     /// Brings learned next-hop MACs, egress MTUs and source MACs in line with

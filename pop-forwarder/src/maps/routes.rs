@@ -114,11 +114,10 @@ impl Tables {
     pub fn add_route(&mut self, prefix: Prefix, next_hop: &NextHop) -> Result<u32> {
         self.refuse_local(prefix)?;
         let mut table = self.next_hop_table()?;
-        let (id, new) = self.find_or_add_next_hop(&mut table, next_hop)?;
+        let mut uses = self.uses(&self.operator_routes()?, &table);
+        let id = self.acquire(&Want::One(*next_hop), &mut table, &mut uses)?;
         if let Err(e) = self.insert_route(prefix, id) {
-            if new {
-                self.free_next_hop(id)?;
-            }
+            self.release(id, &mut uses, &mut table)?;
             return Err(e);
         }
         Ok(id)
@@ -259,32 +258,40 @@ impl Tables {
         refuse_local(&self.local_addrs(), prefix)
     }
 
-    /// Installs a whole set of routes; on any failure, removes what it added
-    /// (routes, then the next hops it allocated) so the tables are as they
-    /// were. The tries are written with BPF_MAP_UPDATE_BATCH, a syscall per
-    /// chunk rather than per route.
+    /// Installs a whole set of routes, one next hop each; on any failure,
+    /// removes what it added (routes, then the next hops it allocated) so
+    /// the tables are as they were. The tries are written with
+    /// BPF_MAP_UPDATE_BATCH, a syscall per chunk rather than per route.
     pub fn add_routes(&mut self, routes: &[(Prefix, NextHop)]) -> Result<()> {
+        let wanted: Vec<(Prefix, Want)> =
+            routes.iter().map(|(p, nh)| (*p, Want::One(*nh))).collect();
+        self.add_wanted_routes(&wanted)
+    }
+
+    /// `add_routes` for routes through next hops or ECMP groups.
+    pub fn add_wanted_routes(&mut self, routes: &[(Prefix, Want)]) -> Result<()> {
         // A batch update cannot refuse an existing key (elem_flags takes only
         // BPF_F_LOCK), so duplicates are found first: against what the
         // tries hold (few entries when a daemon starts) and within the batch.
         let mut present = self.prefixes()?;
         let mut table = self.next_hop_table()?;
-        self.insert_new_routes(routes, &mut present, &mut table)
-            .map(drop)
+        let mut uses = self.uses(&self.operator_routes()?, &table);
+        self.insert_new_routes(routes, &mut present, &mut table, &mut uses)
     }
 
-    /// `add_routes` given what the tries hold (`present`, which it extends)
-    /// and the next-hop table as read: returns each route's next-hop id.
+    /// `add_wanted_routes` given what the tries hold (`present`, which it
+    /// extends), the tables as read and the uses of every target; each new
+    /// route counted in `uses`.
     pub(super) fn insert_new_routes(
         &mut self,
-        routes: &[(Prefix, NextHop)],
+        routes: &[(Prefix, Want)],
         present: &mut HashSet<Prefix>,
         table: &mut NextHopTable,
-    ) -> Result<Vec<u32>> {
+        uses: &mut std::collections::HashMap<u32, usize>,
+    ) -> Result<()> {
         let locals = self.local_addrs();
-        let mut new_next_hops = Vec::new();
         let mut targets = Vec::with_capacity(routes.len());
-        for (prefix, nh) in routes {
+        for (prefix, want) in routes {
             let found = refuse_local(&locals, *prefix)
                 .and_then(|()| match present.insert(*prefix) {
                     true => Ok(()),
@@ -292,25 +299,23 @@ impl Tables {
                         "a route to {prefix} already exists; delete it first"
                     )),
                 })
-                .and_then(|()| self.find_or_add_next_hop(table, nh));
+                .and_then(|()| self.acquire(want, table, uses));
             match found {
-                Ok((id, new)) => {
-                    if new {
-                        new_next_hops.push(id);
-                    }
-                    targets.push(RouteTarget {
-                        next_hop: id,
-                        prefix_len: prefix.len.into(),
-                    });
-                }
+                Ok(id) => targets.push(RouteTarget {
+                    next_hop: id,
+                    prefix_len: prefix.len.into(),
+                }),
                 Err(e) => {
-                    self.free_next_hops(&new_next_hops);
+                    for t in targets.iter().rev() {
+                        let _ = self.release(t.next_hop, uses, table);
+                    }
                     return Err(e);
                 }
             }
         }
+        let prefixes: Vec<Prefix> = routes.iter().map(|(p, _)| *p).collect();
         let mut inserted = Vec::with_capacity(routes.len());
-        let result = self.insert_routes(routes, &targets, &mut inserted);
+        let result = self.insert_routes(&prefixes, &targets, &mut inserted);
         if let Some(journal) = &mut self.journal {
             journal.extend(inserted.iter().map(|p| Undo::RouteAdded(*p)));
         }
@@ -318,10 +323,12 @@ impl Tables {
             for prefix in inserted.iter().rev() {
                 let _ = self.remove_route(*prefix);
             }
-            self.free_next_hops(&new_next_hops);
+            for t in targets.iter().rev() {
+                let _ = self.release(t.next_hop, uses, table);
+            }
             return Err(e);
         }
-        Ok(targets.iter().map(|t| t.next_hop).collect())
+        Ok(())
     }
 
     /// Every prefix in the tries, local ones included.
@@ -348,17 +355,17 @@ impl Tables {
     /// records every prefix written in `inserted`.
     pub(super) fn insert_routes(
         &mut self,
-        routes: &[(Prefix, NextHop)],
+        routes: &[Prefix],
         targets: &[RouteTarget],
         inserted: &mut Vec<Prefix>,
     ) -> Result<()> {
         const CHUNK: usize = 1 << 16;
         self.failpoint("route")?;
         let (v4, v6): (Vec<usize>, Vec<usize>) =
-            (0..routes.len()).partition(|&i| routes[i].0.addr.is_ipv4());
+            (0..routes.len()).partition(|&i| routes[i].addr.is_ipv4());
         for chunk in v4.chunks(CHUNK) {
-            let v4_of = |i: usize| match routes[i].0.addr {
-                IpAddr::V4(a) => (a, routes[i].0.len),
+            let v4_of = |i: usize| match routes[i].addr {
+                IpAddr::V4(a) => (a, routes[i].len),
                 IpAddr::V6(_) => unreachable!("partitioned by family"),
             };
             let keys: Vec<RouteKeyV4> = chunk
@@ -371,7 +378,7 @@ impl Tables {
             let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
             let result = update_batch(self.routes_v4_fd.as_fd(), &keys, &values);
             let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
-            inserted.extend(chunk[..done].iter().map(|&i| routes[i].0));
+            inserted.extend(chunk[..done].iter().map(|&i| routes[i]));
             // Then the structure the program reads.
             match self.ipv4_lookup {
                 Ipv4Lookup::Trie => {
@@ -385,10 +392,7 @@ impl Tables {
                     if let Err((n, e)) =
                         update_batch(self.trie_v4_fd.as_fd(), &keys, &values[..done])
                     {
-                        return Err(batch_error(
-                            routes[chunk[n.min(done.saturating_sub(1))]].0,
-                            e,
-                        ));
+                        return Err(batch_error(routes[chunk[n.min(done.saturating_sub(1))]], e));
                     }
                 }
                 Ipv4Lookup::Dir24 => {
@@ -397,28 +401,28 @@ impl Tables {
                         let (a, len) = v4_of(i);
                         dir.add(u32::from(a), len.into(), targets[i].next_hop)
                             .map_err(dir24_error)
-                            .with_context(|| format!("inserting the route to {}", routes[i].0))?;
+                            .with_context(|| format!("inserting the route to {}", routes[i]))?;
                     }
                 }
             }
             if let Err((n, e)) = result {
-                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]].0, e));
+                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]], e));
             }
         }
         for chunk in v6.chunks(CHUNK) {
             let keys: Vec<Key<[u8; 16]>> = chunk
                 .iter()
-                .map(|&i| match routes[i].0.addr {
-                    IpAddr::V6(a) => Key::new(routes[i].0.len.into(), a.octets()),
+                .map(|&i| match routes[i].addr {
+                    IpAddr::V6(a) => Key::new(routes[i].len.into(), a.octets()),
                     IpAddr::V4(_) => unreachable!("partitioned by family"),
                 })
                 .collect();
             let values: Vec<RouteTarget> = chunk.iter().map(|&i| targets[i]).collect();
             let result = update_batch(self.routes_v6_fd.as_fd(), &keys, &values);
             let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
-            inserted.extend(chunk[..done].iter().map(|&i| routes[i].0));
+            inserted.extend(chunk[..done].iter().map(|&i| routes[i]));
             if let Err((n, e)) = result {
-                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]].0, e));
+                return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]], e));
             }
         }
         Ok(())
@@ -447,15 +451,14 @@ impl Tables {
     /// route uses it.
     pub fn del_route(&mut self, prefix: Prefix) -> Result<()> {
         self.refuse_local(prefix)?;
-        // If the exact prefix is routed, this is its next hop; if it is not,
+        // If the exact prefix is routed, this is its target; if it is not,
         // the removal below says so.
         let id = self.longest_match(prefix)?.map(|t| t.next_hop);
+        let mut table = self.next_hop_table()?;
+        let mut uses = self.uses(&self.operator_routes()?, &table);
         self.remove_route(prefix)?;
-        if let Some(id) = id
-            && id < MAX_NEXT_HOPS
-            && !self.next_hop_ids_in_use().contains(&id)
-        {
-            self.free_next_hop(id)?;
+        if let Some(id) = id {
+            self.release(id, &mut uses, &mut table)?;
         }
         Ok(())
     }
@@ -503,7 +506,8 @@ impl Tables {
 
     /// Every operator route, IPv4 first, with its next hop described.
     pub fn routes(&self, links: &[Link]) -> Result<Vec<RouteEntry>> {
-        let slots = self.next_hop_slots()?;
+        let table = self.next_hop_table()?;
+        let (slots, groups) = (table.slots, table.groups);
         Ok(self
             .operator_routes()?
             .into_iter()
@@ -515,7 +519,26 @@ impl Tables {
                 let via = if id == KERNEL_NEXT_HOP {
                     "kernel".to_owned()
                 } else if let Some(group) = ecmp::group_index(id) {
-                    format!("group {group}")
+                    // "group 3 (10.0.2.2 r1 x1, 10.0.3.2 r2 x1)"
+                    let g = groups
+                        .get(group as usize)
+                        .copied()
+                        .unwrap_or(bytemuck::Zeroable::zeroed());
+                    let members: Vec<String> = (0..g.count as usize)
+                        .map(|m| {
+                            let nh = slots
+                                .get(usize::from(g.members[m]))
+                                .copied()
+                                .unwrap_or(NextHop::default_free());
+                            format!(
+                                "{} {} x{}",
+                                gateway_addr(&nh),
+                                ifname(links, nh.ifindex),
+                                g.weights[m]
+                            )
+                        })
+                        .collect();
+                    format!("group {group} ({})", members.join(", "))
                 } else if nh.flags & NH_F_CONNECTED != 0 {
                     "connected".to_owned()
                 } else {
@@ -542,54 +565,60 @@ impl Tables {
     /// fails; then points changed prefixes at their new next hops in place
     /// (no moment without a route); then deletes the prefixes no longer
     /// wanted. Returns (added, changed, deleted).
-    pub fn apply_routes(&mut self, desired: &[(Prefix, NextHop)]) -> Result<(usize, usize, usize)> {
-        // One walk over the routes and one read of the next-hop table serve
-        // the whole change: it costs in proportion to its routes, never to
-        // routes times routes.
+    pub fn apply_routes(&mut self, desired: &[(Prefix, Want)]) -> Result<(usize, usize, usize)> {
+        self.change_routes(desired, true)
+    }
+
+    /// Adds the routes of `routes` not there yet and points those there at
+    /// their new target in place; leaves every other route as it is.
+    /// Returns (added, changed).
+    pub fn upsert_routes(&mut self, routes: &[(Prefix, Want)]) -> Result<(usize, usize)> {
+        let (added, changed, _) = self.change_routes(routes, false)?;
+        Ok((added, changed))
+    }
+
+    /// `apply_routes` (`whole`: the routes not in `desired` go) or
+    /// `upsert_routes` (they stay).
+    fn change_routes(
+        &mut self,
+        desired: &[(Prefix, Want)],
+        whole: bool,
+    ) -> Result<(usize, usize, usize)> {
+        // One walk over the routes and one read of the next-hop and group
+        // tables serve the whole change: it costs in proportion to its
+        // routes, never to routes times routes.
         let ops = self.operator_routes()?;
         let mut table = self.next_hop_table()?;
-        let mut uses: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-        for (_, id) in &ops {
-            *uses.entry(*id).or_default() += 1;
-        }
-        let current: std::collections::HashMap<Prefix, (u32, NextHop)> = ops
+        let mut uses = self.uses(&ops, &table);
+        let only: Option<HashSet<Prefix>> =
+            (!whole).then(|| desired.iter().map(|(p, _)| *p).collect());
+        let current: std::collections::HashMap<Prefix, (u32, Want)> = ops
             .iter()
+            .filter(|(p, _)| only.as_ref().is_none_or(|only| only.contains(p)))
             .map(|&(p, id)| {
-                let nh = if id == KERNEL_NEXT_HOP {
-                    next_hops::kernel_next_hop(if p.addr.is_ipv4() { AF_INET } else { AF_INET6 })
-                } else {
-                    table
-                        .slots
-                        .get(id as usize)
-                        .copied()
-                        .unwrap_or(NextHop::default_free())
-                };
-                (p, (id, nh))
+                let family = if p.addr.is_ipv4() { AF_INET } else { AF_INET6 };
+                (p, (id, table.want_of(id, family)))
             })
             .collect();
         let RoutePlan { new, changed, gone } = plan_routes(&current, desired);
         let locals = self.local_addrs();
         let v4 = ops.iter().filter(|(p, _)| p.addr.is_ipv4()).count();
         self.check_room(&new, &changed, &table, (v4, ops.len() - v4), &locals)?;
-        let mut present: HashSet<Prefix> = current
-            .keys()
-            .copied()
+        let mut present: HashSet<Prefix> = ops
+            .iter()
+            .map(|(p, _)| *p)
             .chain(locals.iter().map(|a| host_prefix(*a)))
             .collect();
-        for id in self.insert_new_routes(&new, &mut present, &mut table)? {
-            *uses.entry(id).or_default() += 1;
-        }
-        for (prefix, nh) in &changed {
+        self.insert_new_routes(&new, &mut present, &mut table, &mut uses)?;
+        for (prefix, want) in &changed {
             let old = current[prefix].0;
-            let id = self.repoint_route(*prefix, old, nh, &mut table)?;
-            if id != old {
-                *uses.entry(id).or_default() += 1;
-                self.release_next_hop(old, &mut uses, &mut table)?;
+            if self.repoint_route(*prefix, old, want, &mut table, &mut uses)? {
+                self.release(old, &mut uses, &mut table)?;
             }
         }
         for prefix in &gone {
             self.remove_route(*prefix)?;
-            self.release_next_hop(current[prefix].0, &mut uses, &mut table)?;
+            self.release(current[prefix].0, &mut uses, &mut table)?;
         }
         Ok((new.len(), changed.len(), gone.len()))
     }
@@ -601,8 +630,8 @@ impl Tables {
     /// last, once everything new is in place.
     pub(super) fn check_room(
         &mut self,
-        new: &[(Prefix, NextHop)],
-        changed: &[(Prefix, NextHop)],
+        new: &[(Prefix, Want)],
+        changed: &[(Prefix, Want)],
         table: &NextHopTable,
         (op_v4, op_v6): (usize, usize),
         locals: &HashSet<IpAddr>,
@@ -610,8 +639,9 @@ impl Tables {
         let gateways: HashSet<GatewayKey> = new
             .iter()
             .chain(changed)
-            .filter(|(_, nh)| nh.flags & next_hops::NH_F_KERNEL == 0)
-            .map(|(_, nh)| gateway_key(nh))
+            .flat_map(|(_, want)| want.next_hops())
+            .filter(|nh| nh.flags & next_hops::NH_F_KERNEL == 0)
+            .map(|nh| gateway_key(&nh))
             .filter(|k| !table.by_gateway.contains_key(k))
             .collect();
         let free = table.slots.iter().filter(|nh| !nh.is_in_use()).count();
@@ -619,6 +649,20 @@ impl Tables {
             bail!(
                 "the change needs {} new next hops; the next-hop table has {free} free of {MAX_NEXT_HOPS}",
                 gateways.len()
+            );
+        }
+        let groups: HashSet<GroupKey> = new
+            .iter()
+            .chain(changed)
+            .filter_map(|(_, want)| want.group_key())
+            .filter(|k| !table.by_group.contains_key(k))
+            .collect();
+        let free = table.groups.iter().filter(|g| g.count == 0).count();
+        if groups.len() > free {
+            bail!(
+                "the change needs {} new ECMP groups; the group table has {free} free of {}",
+                groups.len(),
+                ecmp::MAX_GROUPS
             );
         }
         let new_v4: Vec<(u32, u32)> = new
@@ -661,21 +705,24 @@ impl Tables {
         &mut self,
         prefix: Prefix,
         old: u32,
-        next_hop: &NextHop,
+        want: &Want,
         table: &mut NextHopTable,
-    ) -> Result<u32> {
+        uses: &mut std::collections::HashMap<u32, usize>,
+    ) -> Result<bool> {
         // Same gateway, new static MAC: the next hop itself changes, for
         // every route through it (a config gives a gateway one MAC).
-        if table
-            .slots
-            .get(old as usize)
-            .is_some_and(|have| gateway_key(have) == gateway_key(next_hop))
+        if let Want::One(next_hop) = want
+            && next_hop.flags & next_hops::NH_F_KERNEL == 0
+            && table
+                .slots
+                .get(old as usize)
+                .is_some_and(|have| have.is_in_use() && gateway_key(have) == gateway_key(next_hop))
         {
             self.write_next_hop(old, next_hop)?;
             table.slots[old as usize] = *next_hop;
-            return Ok(old);
+            return Ok(false);
         }
-        let (id, _) = self.find_or_add_next_hop(table, next_hop)?;
+        let id = self.acquire(want, table, uses)?;
         let target = RouteTarget {
             next_hop: id,
             prefix_len: prefix.len.into(),
@@ -691,7 +738,7 @@ impl Tables {
             ));
         }
         self.write_route(prefix, target)?;
-        Ok(id)
+        Ok(true)
     }
 
     /// Operator routes per family (local addresses not counted).
