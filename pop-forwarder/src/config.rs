@@ -23,6 +23,14 @@ pub struct Config {
     pub ipv4_lookup: Ipv4Lookup,
     /// Interfaces to attach the XDP program to.
     pub interfaces: Vec<InterfaceConfig>,
+    /// Where routes come from besides this file: nowhere (`static`), or a
+    /// kernel routing table (`kernel`), filled by BIRD or FRR.
+    #[serde(default)]
+    pub route_source: RouteSource,
+    /// The kernel routing table mirrored with `route_source = "kernel"`:
+    /// 254 (main) unless given.
+    #[serde(default = "default_kernel_table")]
+    pub kernel_table: u32,
     /// Static routes.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -47,6 +55,31 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<String>,
+}
+
+fn default_kernel_table() -> u32 {
+    254
+}
+
+/// Where routes come from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteSource {
+    /// The config file and the CLI.
+    #[default]
+    Static,
+    /// A kernel routing table, mirrored over rtnetlink; the file's routes
+    /// too, and they win.
+    Kernel,
+}
+
+impl fmt::Display for RouteSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RouteSource::Static => "static",
+            RouteSource::Kernel => "kernel",
+        })
+    }
 }
 
 fn default_table_size() -> u32 {
@@ -431,6 +464,8 @@ pub struct Model {
     pub route_miss: RouteMissPolicy,
     pub ipv4_lookup: Ipv4Lookup,
     pub interfaces: Vec<(String, XdpMode)>,
+    pub route_source: RouteSource,
+    pub kernel_table: u32,
     pub routes: Vec<Route>,
     pub flow_hash_seed: u32,
     pub maglev_table_size: u32,
@@ -535,10 +570,21 @@ impl Model {
                 );
             }
         }
+        // RT_TABLE_UNSPEC (0), and the kernel's own local table (255, its
+        // addresses and broadcasts, which the daemon reads from the
+        // interfaces) are no route source.
+        if config.kernel_table == 0 || config.kernel_table == 255 {
+            bail!(
+                "kernel_table: {} is not a routing table to mirror (254 is main; 1 to 252 and 256 up are tables of your own)",
+                config.kernel_table
+            );
+        }
         Model {
             route_miss: config.route_miss,
             ipv4_lookup: config.ipv4_lookup,
             interfaces,
+            route_source: config.route_source,
+            kernel_table: config.kernel_table,
             routes,
             flow_hash_seed: config.flow_hash_seed,
             maglev_table_size: config.maglev_table_size,

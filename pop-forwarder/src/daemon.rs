@@ -18,19 +18,139 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     EBPF_OBJECT,
-    config::{Ipv4Lookup, Model, Node, Route, Vip, XdpMode},
+    config::{Ipv4Lookup, Model, Node, Route, RouteSource, Vip, XdpMode},
     control,
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
     kernel,
     maps::{self, Tables, resolve_next_hop},
+    mirror,
     net::Prefix,
     plan::Want,
     steering,
 };
 
-/// How often the daemon re-reads interfaces, addresses and neighbours.
+/// How often the daemon re-reads interfaces, addresses and neighbours
+/// besides when the kernel announces a change of them.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after a first announced route change the mirrored table is
+/// read and applied, with every change announced meanwhile.
+const ROUTE_BATCH: Duration = Duration::from_millis(50);
+/// The same for interfaces, addresses and neighbours.
+const INTERFACE_BATCH: Duration = Duration::from_millis(20);
+/// Receive buffer of the notification socket (SO_RCVBUFFORCE): room for
+/// a BGP session's burst; past it, an overflow makes the daemon read
+/// everything again.
+const NOTIFY_BUFFER: usize = 32 << 20;
+
+/// Changes the kernel announced, coalesced: each a permit to look again.
+struct KernelChanges {
+    routes: std::sync::Arc<tokio::sync::Notify>,
+    interfaces: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Subscribes to the kernel's announcements of links, addresses and
+/// neighbours, and with `route_source = "kernel"` of the mirrored table's
+/// routes. An overflow of the socket is both kinds of change: everything
+/// is read again.
+fn watch_kernel(model: &Model) -> Result<KernelChanges> {
+    use crate::netlink::{Event, groups};
+    use netlink_packet_route::RouteNetlinkMessage as M;
+    let changes = KernelChanges {
+        routes: Default::default(),
+        interfaces: Default::default(),
+    };
+    let mut subscribe = vec![
+        groups::LINK,
+        groups::NEIGH,
+        groups::IPV4_IFADDR,
+        groups::IPV6_IFADDR,
+    ];
+    if model.route_source == RouteSource::Kernel {
+        subscribe.extend([groups::IPV4_ROUTE, groups::IPV6_ROUTE]);
+    }
+    let table = model.kernel_table;
+    let (routes, interfaces) = (changes.routes.clone(), changes.interfaces.clone());
+    let stall = crate::failpoint::notify_stall();
+    let buffer = stall.map_or(NOTIFY_BUFFER, |(bytes, _)| bytes);
+    crate::netlink::subscribe(&subscribe, buffer, move |event| {
+        if let Some((_, pause)) = stall {
+            std::thread::sleep(pause);
+        }
+        match event {
+            Event::Message(M::NewRoute(m) | M::DelRoute(m)) => {
+                if kernel::route_table(&m) == table {
+                    routes.notify_one();
+                }
+            }
+            Event::Message(_) => interfaces.notify_one(),
+            Event::Overflow => {
+                warn!("the kernel's change notifications overflowed: reading everything again");
+                routes.notify_one();
+                interfaces.notify_one();
+            }
+        }
+        true
+    })?;
+    Ok(changes)
+}
+
+/// Reads the mirrored kernel table again and brings the program's routes
+/// to it (with the config's routes, which win, and connected subnets), in
+/// one transaction.
+fn sync_kernel_routes(running: &mut Running) -> Result<()> {
+    if running.route_source != RouteSource::Kernel {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let links = kernel::links()?;
+    let neighbours = kernel::neighbours(&links)?;
+    let statics: Vec<(Prefix, NextHop)> = running
+        .static_routes
+        .iter()
+        .filter_map(|r| match resolve_next_hop(r, &links, &neighbours) {
+            Ok(nh) => Some((r.prefix, nh)),
+            Err(e) => {
+                warn!("static route {} left out: {e:#}", r.prefix);
+                None
+            }
+        })
+        .collect();
+    let routes = kernel::routes(running.kernel_table)?;
+    let wanted = mirror::wanted(
+        statics,
+        Some(&routes),
+        &links,
+        &neighbours,
+        &running.attached,
+    );
+    let ((added, changed, deleted), writes) = transaction(running, |running| {
+        running.tables.apply_routes(&wanted.routes)
+    })?;
+    running.sync_failed = false;
+    running.connected = wanted.connected;
+    log_to_kernel(running, &wanted.to_kernel);
+    if added + changed + deleted > 0 {
+        info!(
+            "kernel table {}: {added} routes added, {changed} changed, {deleted} deleted ({} routes, {writes} table writes, {} ms)",
+            running.kernel_table,
+            routes.len(),
+            started.elapsed().as_millis()
+        );
+    }
+    Ok(())
+}
+
+/// Logs, once each, the kernel routes handed to the kernel and why.
+fn log_to_kernel(running: &mut Running, to_kernel: &[(Prefix, String)]) {
+    let now: std::collections::HashSet<Prefix> = to_kernel.iter().map(|(p, _)| *p).collect();
+    for (prefix, why) in to_kernel {
+        if running.to_kernel.insert(*prefix) {
+            info!("kernel route {prefix} is left to the kernel (pass_kernel_route): {why}");
+        }
+    }
+    running.to_kernel.retain(|p| now.contains(p));
+}
 /// The quicker refresh right after start, while gateways are unresolved.
 const QUICK_REFRESH: Duration = Duration::from_millis(200);
 const QUICK_REFRESH_FOR: Duration = Duration::from_secs(3);
@@ -62,6 +182,15 @@ struct Running {
     connected: Vec<(Prefix, NextHop)>,
     /// Neighbours left out of a full `NEIGHBOURS`, as last logged.
     neighbours_left_out: usize,
+    /// Where routes come from (the config's `route_source`,
+    /// `kernel_table`), and the config's own routes, which win.
+    route_source: RouteSource,
+    kernel_table: u32,
+    static_routes: Vec<Route>,
+    /// Kernel routes handed to the kernel, as last logged (each once).
+    to_kernel: std::collections::HashSet<Prefix>,
+    /// The last mirroring of the kernel table failed: try again.
+    sync_failed: bool,
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -111,6 +240,15 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     let control_path = instance.control_path();
     let listener = control::bind(&control_path, access)?;
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Subscribed before anything is read, so that no change between a
+    // dump and the subscription is missed.
+    let changes = match watch_kernel(&model) {
+        Ok(changes) => changes,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
     let (mut running, adopted) = match start(&options, &model, health_tx) {
         Ok(started) => started,
         Err(e) => {
@@ -152,6 +290,11 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     let quick_until = tokio::time::Instant::now() + QUICK_REFRESH_FOR;
     let mut tick = tokio::time::interval(QUICK_REFRESH);
     let mut quick = true;
+    // Kernel changes are batched: the first one sets a moment a little
+    // later, and whatever arrives until then is applied with it.
+    let never = || tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let mut route_sync_at: Option<tokio::time::Instant> = None;
+    let mut refresh_at: Option<tokio::time::Instant> = None;
     let detach = loop {
         tokio::select! {
             _ = sigterm.recv() => break false,
@@ -177,7 +320,34 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                     warn!("{e:#}");
                 }
             }
+            _ = changes.routes.notified() => {
+                route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
+            }
+            _ = changes.interfaces.notified() => {
+                refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
+                if running.route_source == RouteSource::Kernel {
+                    // An address's subnet may be in no mirrored table.
+                    route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
+                }
+            }
+            _ = tokio::time::sleep_until(route_sync_at.unwrap_or_else(never)), if route_sync_at.is_some() => {
+                route_sync_at = None;
+                if let Err(e) = sync_kernel_routes(&mut running) {
+                    // Tried again at the next change, or the next refresh.
+                    warn!("mirroring kernel table {}: {e:#}", running.kernel_table);
+                    running.sync_failed = true;
+                }
+            }
+            _ = tokio::time::sleep_until(refresh_at.unwrap_or_else(never)), if refresh_at.is_some() => {
+                refresh_at = None;
+                if let Err(e) = refresh(&mut running) {
+                    warn!("refreshing interfaces and neighbours: {e:#}");
+                }
+            }
             _ = tick.tick() => {
+                if running.sync_failed {
+                    route_sync_at.get_or_insert_with(tokio::time::Instant::now);
+                }
                 for event in std::mem::take(&mut running.pending_health) {
                     apply_health_or_retry(&mut running, event);
                 }
@@ -266,6 +436,14 @@ fn change(
     let mut spec = running.steering.spec();
     let message = match command {
         Command::Detach | Command::Reload => unreachable!("handled by the caller"),
+        Command::RouteAdd { .. } | Command::RouteDel { .. }
+            if running.route_source == RouteSource::Kernel =>
+        {
+            bail!(
+                "routes come from kernel table {} (route_source = \"kernel\"): change them there (BIRD, FRR, `ip route`), or in the config file, whose routes win",
+                running.kernel_table
+            );
+        }
         Command::RouteAdd {
             prefix,
             via,
@@ -440,7 +618,18 @@ fn start(
         });
     }
     let attached: Vec<u32> = attach_to.iter().map(|a| a.ifindex).collect();
-    let (routes, connected) = with_connected(static_routes, &links, &attached);
+    let kernel_routes = match model.route_source {
+        RouteSource::Kernel => Some(kernel::routes(model.kernel_table)?),
+        RouteSource::Static => None,
+    };
+    let wanted = mirror::wanted(
+        static_routes,
+        kernel_routes.as_deref(),
+        &links,
+        &neighbours,
+        &attached,
+    );
+    let (routes, connected) = (&wanted.routes, wanted.connected.clone());
     instance::ensure_bpffs()?;
     let adopting = instance.prepare_pin_dir()?;
     let previous = if adopting {
@@ -528,7 +717,7 @@ fn start(
             }
         }
     }
-    let running = Running {
+    let mut running = Running {
         instance: instance.clone(),
         ebpf,
         tables,
@@ -536,6 +725,11 @@ fn start(
         attached,
         connected,
         neighbours_left_out: 0,
+        route_source: model.route_source,
+        kernel_table: model.kernel_table,
+        static_routes: model.routes.clone(),
+        to_kernel: Default::default(),
+        sync_failed: false,
         steering,
         checkers: HashMap::new(),
         next_checker: 0,
@@ -543,6 +737,7 @@ fn start(
         pending_health: Vec::new(),
         requested_neighbours: Default::default(),
     };
+    log_to_kernel(&mut running, &wanted.to_kernel);
     instance.write_state(&State {
         pid: std::process::id(),
         config: config_path
@@ -842,11 +1037,25 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
-    let (routes, connected) = with_connected(
+    if model.route_source != running.route_source || model.kernel_table != running.kernel_table {
+        bail!(
+            "route_source or kernel_table changed (to {} {}): that needs a restart of the daemon",
+            model.route_source,
+            model.kernel_table
+        );
+    }
+    let kernel_routes = match model.route_source {
+        RouteSource::Kernel => Some(kernel::routes(model.kernel_table)?),
+        RouteSource::Static => None,
+    };
+    let wanted = mirror::wanted(
         resolve_routes(&model, &links, &neighbours)?,
+        kernel_routes.as_deref(),
         &links,
+        &neighbours,
         &running.attached,
     );
+    let (routes, connected) = (&wanted.routes, wanted.connected.clone());
     // Steering is checked whole before its first write, routes were
     // resolved above and are checked for room before theirs: from here on
     // only a failing write can stop it, and then the transaction takes
@@ -863,33 +1072,13 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         Ok((applied, routes))
     })?;
     running.connected = connected;
+    running.static_routes = model.routes.clone();
+    log_to_kernel(running, &wanted.to_kernel);
     steering_applied(running, &applied)?;
     Ok(format!(
         "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied} ({writes} table writes)",
         model.route_miss
     ))
-}
-
-/// The routes wanted: `static_routes`, then the connected subnets of the
-/// namespace's interfaces (`kernel::Link::subnets`) that no static route
-/// names (a static route to the same prefix wins). Returns them all, and
-/// the connected ones.
-fn with_connected(
-    static_routes: Vec<(Prefix, NextHop)>,
-    links: &[kernel::Link],
-    attached: &[u32],
-) -> (Vec<(Prefix, Want)>, Vec<(Prefix, NextHop)>) {
-    let named: std::collections::HashSet<Prefix> = static_routes.iter().map(|(p, _)| *p).collect();
-    let connected: Vec<_> = maps::connected_routes(links, attached)
-        .into_iter()
-        .filter(|(p, _)| !named.contains(p))
-        .collect();
-    let all = static_routes
-        .into_iter()
-        .chain(connected.iter().copied())
-        .map(|(p, nh)| (p, Want::One(nh)))
-        .collect();
-    (all, connected)
 }
 
 /// This box's addresses and its subnets' IPv4 broadcast addresses: packets
@@ -1015,7 +1204,9 @@ fn refresh(running: &mut Running) -> Result<usize> {
             }
         }
     }
-    refresh_connected(running, &links)?;
+    if running.route_source == RouteSource::Static {
+        refresh_connected(running, &links)?;
+    }
     let conflicts = running.tables.sync_local_addrs(&own_addresses(&links))?;
     let left_out = mirror_neighbours(&mut running.tables, &neighbours, &running.attached)?;
     if left_out != running.neighbours_left_out {

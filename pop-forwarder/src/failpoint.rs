@@ -41,3 +41,22 @@ pub fn hit(kind: &'static str) -> Result<()> {
 pub fn hit(_kind: &'static str) -> Result<()> {
     Ok(())
 }
+
+/// `POP_FORWARDER_NOTIFY_STALL=BYTES:MS`: the receive buffer of the kernel
+/// notification socket, and a pause after each notification read, so that
+/// a burst of changes overflows it (ENOBUFS), for the test of the re-read
+/// that follows. Debug builds only.
+#[cfg(debug_assertions)]
+pub fn notify_stall() -> Option<(usize, std::time::Duration)> {
+    let spec = std::env::var("POP_FORWARDER_NOTIFY_STALL").ok()?;
+    let (bytes, ms) = spec.split_once(':')?;
+    Some((
+        bytes.parse().ok()?,
+        std::time::Duration::from_millis(ms.parse().ok()?),
+    ))
+}
+
+#[cfg(not(debug_assertions))]
+pub fn notify_stall() -> Option<(usize, std::time::Duration)> {
+    None
+}

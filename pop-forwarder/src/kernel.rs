@@ -15,6 +15,7 @@ use netlink_packet_route::{
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteType},
 };
 
 use crate::{
@@ -228,4 +229,193 @@ pub fn neighbour_of(m: &NeighbourMessage, names: &HashMap<u32, &str>) -> Option<
         ifname: (*names.get(&m.header.ifindex)?).to_owned(),
         mac: mac?,
     })
+}
+
+/// One path of a kernel route: a gateway on an interface, with its weight
+/// (RTNH hops + 1; 1 for a single-path route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub gateway: IpAddr,
+    pub ifindex: u32,
+    pub weight: u32,
+}
+
+/// What a kernel route does, as far as the forwarder can follow it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelKind {
+    /// Through one gateway, or several (ECMP).
+    Via(Vec<Path>),
+    /// Straight to the destination on an interface: a connected subnet
+    /// (scope link, no gateway).
+    Direct(u32),
+    /// What only the kernel can do with it, and why: blackhole,
+    /// unreachable, prohibit, throw, a next-hop object, an encapsulation,
+    /// a source-specific or TOS route, a gateway of the other family.
+    Kernel(&'static str),
+}
+
+/// A route of the mirrored kernel table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub prefix: Prefix,
+    /// Its metric: of two routes to one prefix, the lower wins.
+    pub priority: u32,
+    pub kind: KernelKind,
+}
+
+/// The routes of kernel routing table `table`, IPv4 and IPv6, one per
+/// prefix (the lowest metric).
+pub fn routes(table: u32) -> Result<Vec<KernelRoute>> {
+    let mut best: HashMap<Prefix, KernelRoute> = HashMap::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut request = RouteMessage::default();
+        request.header.address_family = family;
+        let dumped = netlink::dump(RouteNetlinkMessage::GetRoute(request))
+            .context("reading the kernel's routes (rtnetlink)")?;
+        for message in dumped {
+            let RouteNetlinkMessage::NewRoute(m) = message else {
+                continue;
+            };
+            if let Some(route) = route_of(&m, table) {
+                keep_best(&mut best, route);
+            }
+        }
+    }
+    Ok(best.into_values().collect())
+}
+
+/// Keeps `route` if it is the first, or a lower metric, for its prefix.
+pub fn keep_best(best: &mut HashMap<Prefix, KernelRoute>, route: KernelRoute) {
+    match best.get(&route.prefix) {
+        Some(have) if have.priority <= route.priority => {}
+        _ => {
+            best.insert(route.prefix, route);
+        }
+    }
+}
+
+/// The route a RTM_NEWROUTE (or RTM_DELROUTE) message describes, if it is
+/// one of table `table`'s unicast-like routes (local, broadcast, multicast
+/// and cloned routes are not).
+pub fn route_of(m: &RouteMessage, table: u32) -> Option<KernelRoute> {
+    let h = &m.header;
+    let mut destination = None;
+    let mut gateway = None;
+    let mut oif = None;
+    let mut priority = 0;
+    let mut multipath = None;
+    let mut unsupported = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                destination = Some(IpAddr::V4(*a))
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                destination = Some(IpAddr::V6(*a))
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Priority(p) => priority = *p,
+            RouteAttribute::MultiPath(hops) => multipath = Some(hops),
+            RouteAttribute::NhId(_) => unsupported = Some("a next-hop object (nhid)"),
+            RouteAttribute::Via(_) => unsupported = Some("a gateway of the other address family"),
+            RouteAttribute::Encap(_) | RouteAttribute::EncapType(_) => {
+                unsupported = Some("an encapsulation")
+            }
+            _ => {}
+        }
+    }
+    if route_table(m) != table || h.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
+    let kind = match h.kind {
+        RouteType::Unicast => None,
+        RouteType::BlackHole => Some("blackhole"),
+        RouteType::Unreachable => Some("unreachable"),
+        RouteType::Prohibit => Some("prohibit"),
+        RouteType::Throw => Some("throw"),
+        _ => return None,
+    };
+    let any = match h.address_family {
+        AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let prefix = Prefix::containing(destination.unwrap_or(any), h.destination_prefix_length)?;
+    // Link-local routes (fe80::/64 on every interface): the program hands
+    // link-local packets to the kernel before any route lookup.
+    if matches!(prefix.addr, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80) {
+        return None;
+    }
+    let kind = if let Some(why) = kind.or(unsupported) {
+        KernelKind::Kernel(why)
+    } else if h.source_prefix_length != 0 {
+        KernelKind::Kernel("a source-specific route")
+    } else if h.tos != 0 {
+        KernelKind::Kernel("a TOS route")
+    } else if let Some(hops) = multipath {
+        let mut paths = Vec::new();
+        for hop in hops {
+            // The kernel does not use dead or link-down next hops either.
+            if hop
+                .flags
+                .intersects(RouteNextHopFlags::Dead | RouteNextHopFlags::Linkdown)
+            {
+                continue;
+            }
+            let gateway = hop.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+                RouteAttribute::Gateway(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+                _ => None,
+            });
+            match gateway {
+                Some(gateway) if gateway.is_ipv4() == prefix.addr.is_ipv4() => paths.push(Path {
+                    gateway,
+                    ifindex: hop.interface_index,
+                    weight: u32::from(hop.hops) + 1,
+                }),
+                _ => {
+                    paths.clear();
+                    break;
+                }
+            }
+        }
+        if paths.is_empty() {
+            KernelKind::Kernel(
+                "a multipath route with a next hop that has no gateway of its family",
+            )
+        } else {
+            KernelKind::Via(paths)
+        }
+    } else {
+        match (gateway, oif) {
+            (Some(gateway), Some(ifindex)) if gateway.is_ipv4() == prefix.addr.is_ipv4() => {
+                KernelKind::Via(vec![Path {
+                    gateway,
+                    ifindex,
+                    weight: 1,
+                }])
+            }
+            (None, Some(ifindex)) => KernelKind::Direct(ifindex),
+            _ => KernelKind::Kernel("no interface"),
+        }
+    };
+    Some(KernelRoute {
+        prefix,
+        priority,
+        kind,
+    })
+}
+
+/// The routing table a route message is about (RTA_TABLE, for tables past
+/// 255, over the header's byte).
+pub fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
 }

@@ -11,6 +11,7 @@ pub mod health;
 pub mod instance;
 pub mod kernel;
 pub mod maps;
+pub mod mirror;
 pub mod net;
 pub mod netlink;
 pub mod plan;

@@ -47,8 +47,8 @@ mod sys;
 
 use next_hops::NextHopTable;
 pub use next_hops::{
-    NH_F_KERNEL, connected_next_hop, connected_routes, gateway_addr, kernel_next_hop,
-    resolve_next_hop,
+    NH_F_KERNEL, connected_next_hop, connected_routes, gateway_addr, gateway_next_hop,
+    kernel_next_hop, resolve_next_hop,
 };
 pub use routes::RouteEntry;
 pub use stats::{NextHopStats, Stats};

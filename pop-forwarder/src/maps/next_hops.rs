@@ -92,27 +92,40 @@ pub fn resolve_next_hop(
     let src_mac = link
         .mac
         .with_context(|| format!("dev: interface {:?} has no Ethernet address", route.dev))?;
-    let (gateway, family) = gateway_bytes(route.via);
+    let mut nh = gateway_next_hop(route.via, link, src_mac, neighbours);
+    if let Some(mac) = route.mac {
+        nh.dst_mac = mac.0;
+        nh.flags |= NH_F_MAC_VALID | NH_F_MAC_STATIC;
+    }
+    Ok(nh)
+}
+
+/// The next hop through `gateway` on `link` (whose MAC is `src_mac`), its
+/// MAC from the neighbour table if the kernel has resolved it.
+pub fn gateway_next_hop(
+    gateway: IpAddr,
+    link: &Link,
+    src_mac: Mac,
+    neighbours: &[Neighbour],
+) -> NextHop {
+    let (bytes, family) = gateway_bytes(gateway);
     let mut nh = NextHop {
         ifindex: link.ifindex,
         mtu: link.mtu,
         flags: NH_F_IN_USE,
         dst_mac: [0; 6],
         src_mac: src_mac.0,
-        gateway,
+        gateway: bytes,
         family,
     };
-    if let Some(mac) = route.mac {
-        nh.dst_mac = mac.0;
-        nh.flags |= NH_F_MAC_VALID | NH_F_MAC_STATIC;
-    } else if let Some(n) = neighbours
+    if let Some(n) = neighbours
         .iter()
-        .find(|n| n.addr == route.via && n.ifname == route.dev)
+        .find(|n| n.addr == gateway && n.ifindex == link.ifindex)
     {
         nh.dst_mac = n.mac.0;
         nh.flags |= NH_F_MAC_VALID;
     }
-    Ok(nh)
+    nh
 }
 
 /// The next-hop and group tables as read once, indexed by gateway and by
