@@ -72,10 +72,14 @@ pub enum Counter {
     /// prohibit, or next hops the program cannot express): to the kernel,
     /// which drops or answers it as its table says.
     PassKernelRoute,
+    /// `route_lookup = "kernel-fib"`: the kernel's FIB says the packet is
+    /// not to be forwarded (a local or broadcast destination, no route, or
+    /// forwarding off on the ingress interface): to the kernel.
+    PassFibNotForwarded,
 }
 
 impl Counter {
-    pub const COUNT: usize = 23;
+    pub const COUNT: usize = 24;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -101,6 +105,7 @@ impl Counter {
         Counter::DropSourceRouted,
         Counter::PassIpOptions,
         Counter::PassKernelRoute,
+        Counter::PassFibNotForwarded,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -129,6 +134,7 @@ impl Counter {
             Counter::DropSourceRouted => "drop_source_routed",
             Counter::PassIpOptions => "pass_ip_options",
             Counter::PassKernelRoute => "pass_kernel_route",
+            Counter::PassFibNotForwarded => "pass_fib_not_forwarded",
         }
     }
 

@@ -215,7 +215,14 @@ pub mod settings {
     /// The `MAP_LAYOUT_VERSION` of the build that created the maps: a new
     /// daemon adopts pinned maps only when it is its own.
     pub const LAYOUT_VERSION: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// How routed packets are looked up: `ROUTE_LOOKUP_TABLES` (the
+    /// default, zero: the program's own tables) or `ROUTE_LOOKUP_FIB` (the
+    /// kernel's FIB, per packet, with bpf_fib_lookup).
+    pub const ROUTE_LOOKUP: u32 = 5;
+    pub const COUNT: u32 = 6;
+
+    pub const ROUTE_LOOKUP_TABLES: u32 = 0;
+    pub const ROUTE_LOOKUP_FIB: u32 = 1;
 
     pub const IPV4_DIR24: u32 = 0;
     pub const IPV4_TRIE: u32 = 1;
@@ -285,7 +292,7 @@ mod tests {
             (
                 3,
                 [
-                    44, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 23, 5,
+                    44, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 24, 6,
                     16777216, 2097152, 2, 64, 1024, 65537, 262144, 22, 24, 8, 776, 65536, 1024,
                     8192, 4097,
                 ]

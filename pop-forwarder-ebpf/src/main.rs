@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod fib;
 mod maps;
 mod packet;
 mod steer;
@@ -171,6 +172,12 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         if let Some(verdict) = steer::steer(ctx, eth, &mut flow) {
             return verdict;
         }
+    }
+    if fib::enabled() {
+        if ip.ttl <= 1 {
+            return pass(Counter::PassTtlExceeded);
+        }
+        return fib::forward_v4(ctx, eth, ip, total_len);
     }
     // One lookup answers both "is it ours?" (this box's addresses are /32
     // routes to LOCAL_NEXT_HOP) and "where to?".
@@ -347,6 +354,12 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         if let Some(verdict) = steer::steer(ctx, eth, &mut flow) {
             return verdict;
         }
+    }
+    if fib::enabled() {
+        if ip.hop_limit <= 1 {
+            return pass(Counter::PassTtlExceeded);
+        }
+        return fib::forward_v6(ctx, eth, ip, total_len);
     }
     let route = lookup_route_v6(ip.dst_addr);
     if route == Some(LOCAL_NEXT_HOP) {

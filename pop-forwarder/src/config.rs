@@ -21,6 +21,10 @@ pub struct Config {
     /// How IPv4 destinations are looked up.
     #[serde(default)]
     pub ipv4_lookup: Ipv4Lookup,
+    /// Whether routed packets are looked up in the program's tables or in
+    /// the kernel's FIB.
+    #[serde(default)]
+    pub route_lookup: RouteLookup,
     /// Interfaces to attach the XDP program to.
     pub interfaces: Vec<InterfaceConfig>,
     /// Where routes come from besides this file: nowhere (`static`), or a
@@ -379,6 +383,27 @@ impl fmt::Display for Ipv4Lookup {
     }
 }
 
+/// How routed packets are looked up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum RouteLookup {
+    /// The program's own tables, filled by the daemon.
+    #[default]
+    #[serde(rename = "tables")]
+    Tables,
+    /// The kernel's FIB, per packet (bpf_fib_lookup).
+    #[serde(rename = "kernel-fib")]
+    KernelFib,
+}
+
+impl fmt::Display for RouteLookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RouteLookup::Tables => "tables",
+            RouteLookup::KernelFib => "kernel-fib",
+        })
+    }
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
@@ -463,6 +488,7 @@ pub fn check_interface_name(name: &str) -> Result<()> {
 pub struct Model {
     pub route_miss: RouteMissPolicy,
     pub ipv4_lookup: Ipv4Lookup,
+    pub route_lookup: RouteLookup,
     pub interfaces: Vec<(String, XdpMode)>,
     pub route_source: RouteSource,
     pub kernel_table: u32,
@@ -582,6 +608,7 @@ impl Model {
         Model {
             route_miss: config.route_miss,
             ipv4_lookup: config.ipv4_lookup,
+            route_lookup: config.route_lookup,
             interfaces,
             route_source: config.route_source,
             kernel_table: config.kernel_table,

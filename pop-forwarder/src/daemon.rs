@@ -908,6 +908,7 @@ fn fill(
         }
     };
     tables.set_route_miss(model.route_miss)?;
+    tables.set_route_lookup(model.route_lookup)?;
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
         if let Some(mac) = links
@@ -1069,6 +1070,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         )?;
         let routes = running.tables.apply_routes(&routes)?;
         running.tables.set_route_miss(model.route_miss)?;
+        running.tables.set_route_lookup(model.route_lookup)?;
         Ok((applied, routes))
     })?;
     running.connected = connected;

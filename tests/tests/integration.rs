@@ -1520,3 +1520,67 @@ fn connected_subnets_go_to_their_hosts_never_to_the_default_gateway() {
         "a datagram for a's subnet came back to c"
     );
 }
+
+#[test]
+fn kernel_fib_lookup_forwards_by_the_kernels_routes_and_neighbours() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let c_mac = mac_str(lab.c.mac("c0").unwrap());
+    #[rustfmt::skip]
+    lab.router
+        .ip(&["neigh", "replace", "fd00:2::2", "lladdr", &c_mac, "dev", "r1", "nud", "permanent"])
+        .unwrap();
+    // bpf_fib_lookup answers only where the kernel would forward.
+    lab.router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    lab.router
+        .sysctl("net.ipv6.conf.all.forwarding", "1")
+        .unwrap();
+    // The program's tables send c's subnets back to a; the kernel's FIB
+    // (its connected routes) to c. Only a FIB lookup delivers to c.
+    let a_mac = mac_str(lab.a.mac("a0").unwrap());
+    for addr in ["10.0.1.2", "fd00:1::2"] {
+        #[rustfmt::skip]
+        lab.router
+            .ip(&["neigh", "replace", addr, "lladdr", &a_mac, "dev", "r0", "nud", "permanent"])
+            .unwrap();
+    }
+    let wrong = "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.1.2\"\ndev = \"r0\"\n\n\
+                 [[routes]]\nprefix = \"fd00:2::/64\"\nvia = \"fd00:1::2\"\ndev = \"r0\"\n";
+    let config = format!(
+        "route_lookup = \"kernel-fib\"\n{}",
+        lab.config("pass", wrong)
+    );
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    for (sink_addr, tag) in [("10.0.2.2:9999", "fib-v4"), ("[fd00:2::2]:9999", "fib-v6")] {
+        let before = fwd.counter("forwarded").unwrap();
+        let sink = udp_socket(&lab.c, sink_addr).unwrap();
+        send_udp(&lab.a, sink_addr.parse().unwrap(), 64, tag, COUNT).unwrap();
+        assert_eq!(
+            receive(&sink, COUNT, WAIT).len(),
+            COUNT,
+            "{tag}\n{}",
+            fwd.log()
+        );
+        // Forwarded by XDP, not by the kernel (whose forwarding is on).
+        assert_eq!(
+            fwd.counter("forwarded").unwrap() - before,
+            COUNT as u64,
+            "{tag}"
+        );
+    }
+    // A host the kernel has not resolved: to the kernel, which resolves it.
+    let before = fwd.counter("pass_no_neighbour").unwrap();
+    send_udp(
+        &lab.a,
+        "10.0.2.7:9999".parse().unwrap(),
+        64,
+        "fib-unresolved",
+        1,
+    )
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while fwd.counter("pass_no_neighbour").unwrap() == before {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

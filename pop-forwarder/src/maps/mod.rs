@@ -12,7 +12,7 @@
 //! serve them all (`use super::*`).
 
 use crate::{
-    config::{Ipv4Lookup, Route, RouteMissPolicy},
+    config::{Ipv4Lookup, Route, RouteLookup, RouteMissPolicy},
     kernel::{self, Link, Neighbour},
     net::{Mac, Prefix},
     plan::{GatewayKey, GroupKey, RoutePlan, Want, gateway_key, plan_routes},
@@ -353,6 +353,16 @@ impl Tables {
         self.set_setting(settings::IPV4_LOOKUP, value, "the IPv4 lookup setting")?;
         self.ipv4_lookup = lookup;
         Ok(())
+    }
+
+    /// Whether the program looks routed packets up in its tables or in the
+    /// kernel's FIB; may change at any time.
+    pub fn set_route_lookup(&mut self, lookup: RouteLookup) -> Result<()> {
+        let value = match lookup {
+            RouteLookup::Tables => settings::ROUTE_LOOKUP_TABLES,
+            RouteLookup::KernelFib => settings::ROUTE_LOOKUP_FIB,
+        };
+        self.set_setting(settings::ROUTE_LOOKUP, value, "the route lookup setting")
     }
 
     pub fn ipv4_lookup(&self) -> Ipv4Lookup {

@@ -27,7 +27,7 @@ use pop_forwarder::{
         BareRedirect, BpfStats, FlowSpec, Generator, Sink, destinations, map_memlock, routes_v4,
         routes_v6,
     },
-    config::{Ipv4Lookup, RouteMissPolicy},
+    config::{Ipv4Lookup, RouteLookup, RouteMissPolicy},
     maps::Tables,
     net::{Mac, Prefix},
 };
@@ -256,7 +256,7 @@ fn kernel_routes(lab: &Lab, routes: &[Prefix]) -> Result<f64> {
 /// the bare redirect is), its tables filled with `routes`.
 struct Forwarder {
     ebpf: Ebpf,
-    _tables: Tables,
+    tables: Tables,
     load_seconds: f64,
 }
 
@@ -278,6 +278,10 @@ impl Forwarder {
             let mut tables = Tables::from_ebpf(&mut ebpf)?;
             tables.set_route_miss(RouteMissPolicy::Drop)?;
             tables.set_ipv4_lookup(lookup)?;
+            // r1 in the egress devmap whatever the routes (the kernel-fib
+            // path has none). Here, inside the router's namespace: the
+            // kernel resolves a devmap's ifindex in the writer's namespace.
+            tables.add_egress(r1_index)?;
             let next_hop = |v4: bool| {
                 let mut gateway = [0u8; 16];
                 let family = if v4 {
@@ -347,7 +351,7 @@ impl Forwarder {
             prog.attach("r0", XdpMode::Driver)?;
             Ok(Forwarder {
                 ebpf,
-                _tables: tables,
+                tables,
                 load_seconds,
             })
         })
@@ -425,7 +429,8 @@ impl Scenario {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // --only=linux,redirect,pop: set up only some paths (for working on one).
+    // --only=daemon,mirror,linux,redirect,pop,fib: set up only some paths
+    // (for working on one).
     let only: Option<Vec<String>> = args
         .iter()
         .find_map(|a| a.strip_prefix("--only="))
@@ -607,6 +612,9 @@ fn main() -> Result<()> {
             daemon_rows(&mut report, &v4_full[..count])?;
         }
     }
+    if wanted("mirror") {
+        mirror_rows(&mut report, &v4_full)?;
+    }
     if wanted("linux") {
         for routes in [&v4_small, &v4_full, &v6_small] {
             let bench = Bench::new(settings.frame_len)?;
@@ -735,6 +743,26 @@ fn main() -> Result<()> {
             None,
         )?;
     }
+    // route_lookup = "kernel-fib": the program asks the kernel's FIB per
+    // packet (bpf_fib_lookup), the kernel's table holding the routes, as
+    // Linux's own forwarding path does; the program's tables stay empty.
+    if wanted("fib") {
+        for routes in [&v4_small, &v4_full] {
+            let bench = Bench::new(settings.frame_len)?;
+            bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
+            kernel_routes(&bench.lab, routes)?;
+            let mut fwd = Forwarder::load(&bench.lab, &[], Ipv4Lookup::Dir24, false)?;
+            fwd.tables.set_route_lookup(RouteLookup::KernelFib)?;
+            add(
+                "pop-forwarder ipv4 kernel-fib".into(),
+                routes,
+                bench,
+                Router::Pop(Box::new(fwd)),
+                true,
+                None,
+            )?;
+        }
+    }
 
     println!(
         "== throughput: {} rounds of {:?} per path, paths interleaved (BPF statistics off)",
@@ -750,6 +778,24 @@ fn main() -> Result<()> {
             s.runs.push(run);
         }
         println!("  round {} of {} done", round + 1, settings.runs);
+    }
+    // What each pop-forwarder path did with the packets: a path whose
+    // packets went to the kernel, or were dropped, shows it here.
+    for s in &scenarios {
+        if let Router::Pop(f) = &s.router {
+            let counters = f.tables.stats(&[])?.counters;
+            let outcomes: Vec<String> = counters
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            println!(
+                "  {} ({} prefixes): {}",
+                s.name,
+                s.prefixes,
+                outcomes.join(", ")
+            );
+        }
     }
 
     println!("== per-packet cost: kernel bpf_stats while traffic flows, paths interleaved");
@@ -923,6 +969,70 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     );
     fwd.cli_ok(&["detach"])?;
     drop(cleanup);
+    Ok(())
+}
+
+/// The kernel-table mirror (`route_source = "kernel"`): `routes` loaded
+/// into the router namespace's main table with `ip -batch`, then the daemon
+/// started on it (its start reads the table whole and waits for nothing
+/// else: the time until XDP forwards on every route), its peak memory, and
+/// how long it takes to follow one route added in the kernel (a batch
+/// re-reads the whole table).
+fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
+    let n = routes.len();
+    let lab = Lab::new()?;
+    tests::neighbour_c_v4(&lab);
+    let mut row = |name: String, value: f64| {
+        println!("== {name}: {value:.2}");
+        report.control_plane.insert(name, value);
+    };
+    row(
+        format!("linux_load_{n}_v4_routes_for_mirror_s"),
+        kernel_routes(&lab, routes)?,
+    );
+    let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", ""));
+    let start = Instant::now();
+    let fwd = tests::Forwarder::start(&lab.router, &config)?;
+    row(
+        format!("mirror_start_{n}_kernel_v4_routes_s"),
+        start.elapsed().as_secs_f64(),
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", fwd.pid()))?;
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM")?;
+    row(
+        format!("mirror_peak_rss_{n}_kernel_v4_routes_mib"),
+        peak_kib / 1024.0,
+    );
+    // One route more in the kernel: until the daemon logs it applied.
+    let start = Instant::now();
+    lab.router.ip(&[
+        "route",
+        "add",
+        "198.18.77.0/24",
+        "via",
+        "10.0.2.2",
+        "dev",
+        "r1",
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fwd.log().contains("1 routes added, 0 changed, 0 deleted") {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the mirror did not follow:\n{}",
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    row(
+        format!("mirror_follow_one_route_in_{n}_s"),
+        start.elapsed().as_secs_f64(),
+    );
+    fwd.cli_ok(&["detach"])?;
     Ok(())
 }
 
