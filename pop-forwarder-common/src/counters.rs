@@ -76,10 +76,14 @@ pub enum Counter {
     /// not to be forwarded (a local or broadcast destination, no route, or
     /// forwarding off on the ingress interface): to the kernel.
     PassFibNotForwarded,
+    /// A tagged frame on a VLAN this box has no subinterface for (not in
+    /// `VLANS`): to the kernel, tags as they came, which drops it as Linux
+    /// does.
+    PassUnknownVlan,
 }
 
 impl Counter {
-    pub const COUNT: usize = 24;
+    pub const COUNT: usize = 25;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -106,6 +110,7 @@ impl Counter {
         Counter::PassIpOptions,
         Counter::PassKernelRoute,
         Counter::PassFibNotForwarded,
+        Counter::PassUnknownVlan,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -135,6 +140,7 @@ impl Counter {
             Counter::PassIpOptions => "pass_ip_options",
             Counter::PassKernelRoute => "pass_kernel_route",
             Counter::PassFibNotForwarded => "pass_fib_not_forwarded",
+            Counter::PassUnknownVlan => "pass_unknown_vlan",
         }
     }
 

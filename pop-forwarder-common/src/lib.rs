@@ -48,7 +48,8 @@ pub mod map_names {
     pub const INTERFACE_MACS: &str = "INTERFACE_MACS";
     pub const NEXT_HOP_GROUPS: &str = "NEXT_HOP_GROUPS";
     pub const NEIGHBOURS: &str = "NEIGHBOURS";
-    pub const ALL: [&str; 22] = [
+    pub const VLANS: &str = "VLANS";
+    pub const ALL: [&str; 23] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -71,6 +72,7 @@ pub mod map_names {
         INTERFACE_MACS,
         NEXT_HOP_GROUPS,
         NEIGHBOURS,
+        VLANS,
     ];
 }
 
@@ -114,6 +116,22 @@ pub const NH_F_IN_USE: u32 = 1 << 2;
 /// destination itself, whose MAC the program looks up in `NEIGHBOURS`; one
 /// not there yet goes to the kernel, which resolves it.
 pub const NH_F_CONNECTED: u32 = 1 << 3;
+
+/// Capacity of the `VLANS` set.
+pub const MAX_VLANS: u32 = 4096;
+
+/// Key of `VLANS`: a VLAN this box has on an interface the program is
+/// attached to (a VLAN subinterface): tagged frames on other VLANs are the
+/// kernel's, which drops them as Linux does for VLANs it has no device for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct VlanKey {
+    pub ifindex: u32,
+    /// The outer tag's VLAN ID (802.1Q, or 802.1ad for two tags).
+    pub outer: u16,
+    /// The inner 802.1Q tag's VLAN ID behind an outer one; 0 for one tag.
+    pub inner: u16,
+}
 
 /// Capacity of the `NEIGHBOURS` table (hosts on connected subnets).
 pub const MAX_NEIGHBOURS: u32 = 1 << 16;
@@ -161,6 +179,14 @@ pub struct NextHop {
     pub gateway: [u8; 16],
     /// `AF_INET` or `AF_INET6`: how to read `gateway`.
     pub family: u32,
+    /// The VLAN the packet leaves on (`ifindex` is a VLAN subinterface):
+    /// its ID (TCI), and its TPID (0x8100, 0x88a8; 0: untagged).
+    pub vlan_tci: u16,
+    pub vlan_proto: u16,
+    /// The interface the frame is sent out of: `ifindex` itself, or the
+    /// parent of a VLAN subinterface (XDP sends on the real device, with
+    /// the tag pushed).
+    pub tx_ifindex: u32,
 }
 
 impl NextHop {
@@ -238,6 +264,7 @@ mod user {
     unsafe impl aya::Pod for super::TrafficCounter {}
     unsafe impl aya::Pod for super::NeighbourKey {}
     unsafe impl aya::Pod for super::NeighbourMac {}
+    unsafe impl aya::Pod for super::VlanKey {}
     unsafe impl aya::Pod for super::ecmp::NextHopGroup {}
 }
 
@@ -286,15 +313,17 @@ mod tests {
             ecmp::MAX_GROUPS,
             ecmp::FIRST_GROUP_ID,
             KERNEL_NEXT_HOP,
+            size_of::<VlanKey>() as u32,
+            MAX_VLANS,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
                 3,
                 [
-                    44, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 24, 6,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 22, 24, 8, 776, 65536, 1024,
-                    8192, 4097,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 25, 6,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 23, 24, 8, 776, 65536, 1024,
+                    8192, 4097, 8, 4096,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

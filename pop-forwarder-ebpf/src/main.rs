@@ -9,6 +9,7 @@ mod fib;
 mod maps;
 mod packet;
 mod steer;
+mod vlan;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::{debug, warn};
@@ -16,15 +17,11 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use pop_forwarder_common::{
-    Counter, LOCAL_NEXT_HOP, checksum, ecmp,
-    maglev::{address_words, address_words_v4},
-    settings,
-};
+use pop_forwarder_common::{Counter, LOCAL_NEXT_HOP, checksum, maglev::address_words};
 
 use crate::{
     maps::{
-        Hop, SETTINGS, count, egress, for_this_interface, lookup_route_v4, lookup_route_v6,
+        Hop, RouteFlow, count, egress, for_this_interface, lookup_route_v4, lookup_route_v6,
         next_hop_for, route_miss, traffic,
     },
     packet::{copy_bytes, pair_at, ptr_at, widen},
@@ -63,7 +60,26 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
     if ctx.data() >= ctx.data_end() {
         return xdp_action::XDP_PASS;
     }
-    let verdict = classify_and_forward(&ctx);
+    // Tags come off first and go back on if the kernel gets the frame.
+    let tags = match vlan::pop(&ctx) {
+        Ok(tags) => tags,
+        Err(()) => {
+            count(Counter::DropTruncated);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    let mut verdict = match tags {
+        Some(tags) if !vlan::known(ctx.ingress_ifindex() as u32, &tags) => {
+            pass(Counter::PassUnknownVlan)
+        }
+        _ => classify_and_forward(&ctx),
+    };
+    if let Some(tags) = tags
+        && verdict.action == xdp_action::XDP_PASS
+        && !vlan::restore(&ctx, tags)
+    {
+        verdict = drop(Counter::DropTruncated);
+    }
     count(verdict.counter);
     // Log records cost a ring-buffer write each; the loader sets the level
     // (`run --bpf-log-level`, warn by default), below which these are one
@@ -193,28 +209,20 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let Some(target) = route else {
         return route_miss();
     };
-    // An ECMP group picks a member by the flow: addresses, protocol and,
-    // unless the packet is a fragment, TCP/UDP/SCTP ports.
-    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
-    let protocol = ip.proto;
-    let bucket = move || {
-        let l4 = (!fragment).then_some(EthHdr::LEN + header_len);
-        let ports = ports_of(ctx, protocol, l4);
-        ecmp::flow_bucket(
-            seed(),
-            u64::from(u32::from_ne_bytes(src)),
-            u64::from(u32::from_ne_bytes(dst)),
-            u64::from(ports) << 8 | u64::from(protocol),
-        )
+    let flow = RouteFlow::V4 {
+        src,
+        dst,
+        protocol: ip.proto,
+        l4: (u16::from_be_bytes(ip.frags) & 0x3fff == 0).then_some(EthHdr::LEN + header_len),
     };
-    let hop = match next_hop_for(target, || address_words_v4(dst), bucket) {
+    let hop = match next_hop_for(ctx, target, &flow) {
         Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
     if let Err(verdict) = hop.fits(total_len) {
         return verdict;
     }
-    let verdict = match egress(ctx, hop.next_hop.ifindex) {
+    let verdict = match egress(ctx, hop.next_hop.tx_ifindex) {
         Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
@@ -222,8 +230,9 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     ip.check =
         checksum::after_ttl_decrement(u16::from_be_bytes(ip.check), ip.ttl, ip.proto).to_be_bytes();
     ip.ttl -= 1;
-    rewrite_l2(eth, &hop, frame_len);
-    verdict
+    rewrite_l2(ctx, eth, &hop, frame_len)
+        .map(|()| verdict)
+        .unwrap_or(pass(Counter::PassNoEgress))
 }
 
 /// What an IPv4 header's options (IHL > 5) hold, as far as forwarding is
@@ -372,43 +381,26 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let Some(target) = route else {
         return route_miss();
     };
-    // IPv6 ECMP picks by addresses, flow label and next header (RFC 6438;
-    // Linux's default policy): no extension-header walk per packet.
-    let extra = u64::from(ip.flow_label()) << 8 | u64::from(ip.next_hdr);
-    // Addresses are read from the packet, not from copies on the stack,
-    // which has no room for them here.
-    let header: *const Ipv6Hdr = ip;
-    let bucket = move || {
-        // SAFETY: the header was bounds-checked by ptr_at above.
-        let [s0, s1] = address_words(unsafe { &(*header).src_addr });
-        let [d0, d1] = address_words(unsafe { &(*header).dst_addr });
-        ecmp::flow_bucket(
-            seed(),
-            s0 ^ s1.rotate_left(32),
-            d0 ^ d1.rotate_left(32),
-            extra,
-        )
+    let flow = RouteFlow::V6 {
+        header: ip as *const Ipv6Hdr,
+        extra: u64::from(ip.flow_label()) << 8 | u64::from(ip.next_hdr),
     };
-    // SAFETY: as above.
-    let hop = match next_hop_for(
-        target,
-        || address_words(unsafe { &(*header).dst_addr }),
-        bucket,
-    ) {
+    let hop = match next_hop_for(ctx, target, &flow) {
         Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
     if let Err(verdict) = hop.fits(total_len) {
         return verdict;
     }
-    let verdict = match egress(ctx, hop.next_hop.ifindex) {
+    let verdict = match egress(ctx, hop.next_hop.tx_ifindex) {
         Ok(verdict) => verdict,
         Err(verdict) => return verdict,
     };
 
     ip.hop_limit -= 1;
-    rewrite_l2(eth, &hop, frame_len);
-    verdict
+    rewrite_l2(ctx, eth, &hop, frame_len)
+        .map(|()| verdict)
+        .unwrap_or(pass(Counter::PassNoEgress))
 }
 
 /// An IPv4 address in the 16-byte form flows and VIPs use.
@@ -422,42 +414,26 @@ fn is_link_local_v6(addr: &[u8; 16]) -> bool {
     addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
 }
 
-/// Rewrites the Ethernet header for the hop and counts the packet against
-/// its next hop.
+/// Rewrites the Ethernet header for the hop (pushing its VLAN tag, if it
+/// has one: the last write, every packet pointer is stale after it) and
+/// counts the packet against its next hop. None if the tag found no room
+/// (never with XDP's headroom): the frame is then the kernel's.
 #[inline(always)]
-fn rewrite_l2(eth: *mut EthHdr, hop: &Hop, frame_len: usize) {
-    // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
-    unsafe {
-        copy_bytes(&mut (*eth).dst_addr, hop.dst_mac);
-        copy_bytes(&mut (*eth).src_addr, &hop.next_hop.src_mac);
+fn rewrite_l2(ctx: &XdpContext, eth: *mut EthHdr, hop: &Hop, frame_len: usize) -> Option<()> {
+    let nh = hop.next_hop;
+    if nh.vlan_proto != 0 {
+        if !vlan::push(ctx, hop.dst_mac, &nh.src_mac, nh.vlan_proto, nh.vlan_tci) {
+            return None;
+        }
+    } else {
+        // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
+        unsafe {
+            copy_bytes(&mut (*eth).dst_addr, hop.dst_mac);
+            copy_bytes(&mut (*eth).src_addr, &nh.src_mac);
+        }
     }
     traffic(hop.id, frame_len as u64);
-}
-
-/// The TCP, UDP or SCTP ports of a packet whose L4 header is at `l4`
-/// (source port in the high half), or 0.
-#[inline(always)]
-fn ports_of(ctx: &XdpContext, protocol: u8, l4: Option<usize>) -> u32 {
-    const TCP: u8 = 6;
-    const UDP: u8 = 17;
-    const SCTP: u8 = 132;
-    match l4 {
-        Some(offset) if matches!(protocol, TCP | UDP | SCTP) => {
-            match pair_at(ctx, offset).zip(pair_at(ctx, offset + 2)) {
-                Some((s, d)) => {
-                    u32::from(u16::from_be_bytes(s)) << 16 | u32::from(u16::from_be_bytes(d))
-                }
-                None => 0,
-            }
-        }
-        _ => 0,
-    }
-}
-
-/// The PoP's flow-hash seed.
-#[inline(always)]
-fn seed() -> u32 {
-    SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0)
+    Some(())
 }
 
 #[cfg(not(test))]

@@ -16,7 +16,10 @@ use pop_forwarder_common::{
     settings,
 };
 
-use crate::{Verdict, drop, pass};
+use network_types::ip::Ipv6Hdr;
+use pop_forwarder_common::maglev::{address_words, address_words_v4};
+
+use crate::{Verdict, drop, packet::pair_at, pass};
 
 /// The IPv4 routes, by exact prefix: the host's record, which the program
 /// does not read. It looks IPv4 up in DIR-24-8 or, if so configured, in
@@ -184,20 +187,106 @@ impl Hop {
     }
 }
 
-/// The hop that route target `target` gives a packet to `dst` (the words
-/// of its 16-byte form, `maglev::address_words`, called only for a
-/// connected subnet): an ECMP group picks its member by `flow_hash`
-/// (called only for groups); otherwise the verdict that hands the packet to
-/// the kernel.
+/// What an ECMP group picks its member by, and where the packet goes (for
+/// a connected subnet's neighbour), read only when needed: a group's
+/// bucket, a connected next hop's destination. Plain data, not closures: a
+/// closure the compiler leaves out of line is a BPF-to-BPF call whose stack
+/// frame adds to the caller's, past the verifier's 512 bytes.
+pub enum RouteFlow {
+    /// IPv4: addresses, protocol and, where `l4` is (not a fragment), the
+    /// TCP, UDP or SCTP ports.
+    V4 {
+        src: [u8; 4],
+        dst: [u8; 4],
+        protocol: u8,
+        l4: Option<usize>,
+    },
+    /// IPv6: addresses (read in the header, not copied), and the flow label
+    /// with the next header (RFC 6438; Linux's default policy).
+    V6 { header: *const Ipv6Hdr, extra: u64 },
+    /// An IP-in-IP outer packet to a node: every flow to the node on one
+    /// path, as a router hashing the outer header would do.
+    Node([u64; 2]),
+}
+
+impl RouteFlow {
+    /// The bucket of an ECMP group this flow takes.
+    #[inline(always)]
+    fn bucket(&self, ctx: &XdpContext) -> usize {
+        match *self {
+            RouteFlow::V4 {
+                src,
+                dst,
+                protocol,
+                l4,
+            } => ecmp::flow_bucket(
+                seed(),
+                u64::from(u32::from_ne_bytes(src)),
+                u64::from(u32::from_ne_bytes(dst)),
+                u64::from(ports_of(ctx, protocol, l4)) << 8 | u64::from(protocol),
+            ),
+            RouteFlow::V6 { header, extra } => {
+                // SAFETY: the header was bounds-checked by ptr_at before
+                // the RouteFlow was made, and the packet has not moved since.
+                let [s0, s1] = address_words(unsafe { &(*header).src_addr });
+                let [d0, d1] = address_words(unsafe { &(*header).dst_addr });
+                ecmp::flow_bucket(
+                    seed(),
+                    s0 ^ s1.rotate_left(32),
+                    d0 ^ d1.rotate_left(32),
+                    extra,
+                )
+            }
+            RouteFlow::Node([hi, lo]) => ecmp::flow_bucket(0, hi, lo, 0),
+        }
+    }
+
+    /// The destination's words (`maglev::address_words`).
+    #[inline(always)]
+    fn destination(&self) -> [u64; 2] {
+        match *self {
+            RouteFlow::V4 { dst, .. } => address_words_v4(dst),
+            // SAFETY: as in `bucket`.
+            RouteFlow::V6 { header, .. } => address_words(unsafe { &(*header).dst_addr }),
+            RouteFlow::Node(words) => words,
+        }
+    }
+}
+
+/// The TCP, UDP or SCTP ports of a packet whose L4 header is at `l4`
+/// (source port in the high half), or 0.
 #[inline(always)]
-pub fn next_hop_for(
-    target: u32,
-    dst: impl FnOnce() -> [u64; 2],
-    bucket: impl FnOnce() -> usize,
-) -> Result<Hop, Verdict> {
+fn ports_of(ctx: &XdpContext, protocol: u8, l4: Option<usize>) -> u32 {
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const SCTP: u8 = 132;
+    match l4 {
+        Some(offset) if matches!(protocol, TCP | UDP | SCTP) => {
+            match pair_at(ctx, offset).zip(pair_at(ctx, offset + 2)) {
+                Some((s, d)) => {
+                    u32::from(u16::from_be_bytes(s)) << 16 | u32::from(u16::from_be_bytes(d))
+                }
+                None => 0,
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// The PoP's flow-hash seed.
+#[inline(always)]
+fn seed() -> u32 {
+    SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0)
+}
+
+/// The hop that route target `target` gives `flow`'s packet: an ECMP
+/// group picks the member in the flow's bucket; otherwise the verdict that
+/// hands the packet to the kernel.
+#[inline(always)]
+pub fn next_hop_for(ctx: &XdpContext, target: u32, flow: &RouteFlow) -> Result<Hop, Verdict> {
     let id = match ecmp::group_index(target) {
         Some(group) => match NEXT_HOP_GROUPS.get(group) {
-            Some(g) => u32::from(g.buckets[bucket() % ecmp::GROUP_BUCKETS]),
+            Some(g) => u32::from(g.buckets[flow.bucket(ctx) % ecmp::GROUP_BUCKETS]),
             None => return Err(pass(Counter::PassNoNextHop)),
         },
         None => target,
@@ -210,7 +299,7 @@ pub fn next_hop_for(
         _ => return Err(pass(Counter::PassNoNextHop)),
     };
     let dst_mac = if next_hop.flags & NH_F_CONNECTED != 0 {
-        let [hi, lo] = dst();
+        let [hi, lo] = flow.destination();
         // Built from words: byte arrays would take stack the program does
         // not have to spare.
         let words = [

@@ -16,7 +16,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use pop_forwarder_common::{
-    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24, ecmp,
+    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24,
     maglev::{self, NO_NODE},
     settings,
     steering::{
@@ -29,7 +29,8 @@ use pop_forwarder_common::{
 use crate::{
     Verdict,
     maps::{
-        SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for, traffic,
+        RouteFlow, SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
+        traffic,
     },
     packet::{copy_bytes, ptr_at, widen},
     pass,
@@ -273,9 +274,8 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
     // An ECMP route to the node picks its path by the outer addresses, as
     // a router hashing the outer header would: every flow to one node
     // takes one path.
-    let node_words = maglev::address_words(&node.addr);
-    let bucket = move || ecmp::flow_bucket(0, node_words[0], node_words[1], 0);
-    let hop = match next_hop_for(target, move || node_words, bucket) {
+    let route_flow = RouteFlow::Node(maglev::address_words(&node.addr));
+    let hop = match next_hop_for(ctx, target, &route_flow) {
         Ok(hop) => hop,
         Err(verdict) => return verdict,
     };
@@ -290,6 +290,10 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
         return too_big(ctx, flow.family, mtu);
     }
     let next_hop = hop.next_hop;
+    // An outer packet that would leave on a VLAN: not offered.
+    if next_hop.vlan_proto != 0 {
+        return pass(Counter::PassVipNoNode);
+    }
     let Some(source) = ENCAP_SOURCES.get(if outer_v4 {
         ENCAP_SOURCE_V4
     } else {
@@ -298,7 +302,7 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
         return pass(Counter::PassVipNoNode);
     };
     let source = *source;
-    let verdict = match egress(ctx, next_hop.ifindex) {
+    let verdict = match egress(ctx, next_hop.tx_ifindex) {
         Ok(v) => Verdict {
             action: v.action,
             counter: Counter::Steered,

@@ -182,6 +182,8 @@ struct Running {
     connected: Vec<(Prefix, NextHop)>,
     /// Neighbours left out of a full `NEIGHBOURS`, as last logged.
     neighbours_left_out: usize,
+    /// VLANs left out of a full `VLANS`, as last logged.
+    vlans_left_out: usize,
     /// Where routes come from (the config's `route_source`,
     /// `kernel_table`), and the config's own routes, which win.
     route_source: RouteSource,
@@ -725,6 +727,7 @@ fn start(
         attached,
         connected,
         neighbours_left_out: 0,
+        vlans_left_out: 0,
         route_source: model.route_source,
         kernel_table: model.kernel_table,
         static_routes: model.routes.clone(),
@@ -928,7 +931,8 @@ fn fill(
     tables.sync_local_addrs(&own_addresses(links))?;
     tables.apply_routes(routes)?;
     let attached: Vec<u32> = attach_to.iter().map(|a| a.ifindex).collect();
-    mirror_neighbours(tables, neighbours, &attached)?;
+    mirror_neighbours(tables, links, neighbours, &attached)?;
+    tables.sync_vlans(&kernel::vlan_keys(links, &attached))?;
     steering.apply(tables, &steering::Spec::of(model), links, neighbours)?;
     Ok(steering)
 }
@@ -1210,7 +1214,16 @@ fn refresh(running: &mut Running) -> Result<usize> {
         refresh_connected(running, &links)?;
     }
     let conflicts = running.tables.sync_local_addrs(&own_addresses(&links))?;
-    let left_out = mirror_neighbours(&mut running.tables, &neighbours, &running.attached)?;
+    let left_out = mirror_neighbours(&mut running.tables, &links, &neighbours, &running.attached)?;
+    let vlans = kernel::vlan_keys(&links, &running.attached);
+    let vlans_left_out = running.tables.sync_vlans(&vlans)?;
+    if vlans_left_out > 0 && vlans_left_out != running.vlans_left_out {
+        warn!(
+            "{vlans_left_out} VLAN subinterfaces do not fit the program's table ({}): their tagged frames go to the kernel",
+            pop_forwarder_common::MAX_VLANS
+        );
+    }
+    running.vlans_left_out = vlans_left_out;
     if left_out != running.neighbours_left_out {
         if left_out > 0 {
             warn!(
@@ -1231,17 +1244,20 @@ fn refresh(running: &mut Running) -> Result<usize> {
     Ok(unresolved.len())
 }
 
-/// Mirrors the kernel's neighbours on attached interfaces into
+/// Mirrors the kernel's neighbours on attached interfaces (and their VLAN
+/// subinterfaces) into
 /// `NEIGHBOURS`, where the program finds hosts on connected subnets.
 /// Returns how many did not fit.
 fn mirror_neighbours(
     tables: &mut Tables,
+    links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
     attached: &[u32],
 ) -> Result<usize> {
+    let forwarding = kernel::forwarding(links, attached);
     let hosts: Vec<_> = neighbours
         .iter()
-        .filter(|n| attached.contains(&n.ifindex))
+        .filter(|n| forwarding.contains(&n.ifindex))
         .map(|n| (n.ifindex, n.addr, n.mac))
         .collect();
     Ok(tables.sync_neighbours(&hosts)?.2)

@@ -11,7 +11,10 @@ use anyhow::{Context as _, Result};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     address::{AddressAttribute, AddressMessage},
-    link::{LinkAttribute, LinkLayerType, LinkMessage, LinkXdp, XdpAttached},
+    link::{
+        InfoData, InfoVlan, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage, LinkXdp,
+        VlanProtocol, XdpAttached,
+    },
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
     },
@@ -40,6 +43,64 @@ pub struct Link {
     pub broadcasts: Vec<IpAddr>,
     /// An XDP program is attached (any mode).
     pub xdp_attached: bool,
+    /// For a VLAN subinterface: its VLAN and the real device under it.
+    pub vlan: Option<Vlan>,
+}
+
+/// A VLAN subinterface's tag and parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vlan {
+    pub id: u16,
+    /// TPID: 0x8100 (802.1Q) or 0x88a8 (802.1ad).
+    pub proto: u16,
+    /// The device the tagged frames leave on.
+    pub parent: u32,
+}
+
+impl Link {
+    /// The interface frames for it are sent out of: itself, or the parent
+    /// of a VLAN subinterface.
+    pub fn tx_ifindex(&self) -> u32 {
+        self.vlan.map_or(self.ifindex, |v| v.parent)
+    }
+}
+
+/// The VLANs (as the program keys them) of the VLAN subinterfaces on
+/// attached interfaces: one tag (an 802.1Q or 802.1ad subinterface of an
+/// attached device), or two (an 802.1Q subinterface of an 802.1ad one).
+pub fn vlan_keys(links: &[Link], attached: &[u32]) -> Vec<pop_forwarder_common::VlanKey> {
+    let by_index: HashMap<u32, &Link> = links.iter().map(|l| (l.ifindex, l)).collect();
+    links
+        .iter()
+        .filter_map(|l| {
+            let v = l.vlan?;
+            if attached.contains(&v.parent) {
+                return Some(pop_forwarder_common::VlanKey {
+                    ifindex: v.parent,
+                    outer: v.id,
+                    inner: 0,
+                });
+            }
+            let outer = by_index.get(&v.parent)?.vlan?;
+            (attached.contains(&outer.parent) && v.proto == 0x8100).then_some(
+                pop_forwarder_common::VlanKey {
+                    ifindex: outer.parent,
+                    outer: outer.id,
+                    inner: v.id,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The interfaces the program can send on: those it is attached to
+/// (`attached`), and the VLAN subinterfaces of those.
+pub fn forwarding(links: &[Link], attached: &[u32]) -> Vec<u32> {
+    links
+        .iter()
+        .filter(|l| attached.contains(&l.tx_ifindex()))
+        .map(|l| l.ifindex)
+        .collect()
 }
 
 /// A neighbour-table entry with a usable link-layer address.
@@ -91,13 +152,33 @@ fn link_of(m: &LinkMessage) -> Link {
         subnets: Vec::new(),
         broadcasts: Vec::new(),
         xdp_attached: false,
+        vlan: None,
     };
+    let mut parent = None;
+    let mut vlan = None;
     for attribute in &m.attributes {
         match attribute {
             LinkAttribute::IfName(name) => link.name = name.clone(),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
             LinkAttribute::Address(a) if m.header.link_layer_type == LinkLayerType::Ether => {
                 link.mac = <[u8; 6]>::try_from(a.as_slice()).ok().map(Mac);
+            }
+            LinkAttribute::Link(p) => parent = Some(*p),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Vlan(data)) = info {
+                        let id = data.iter().find_map(|d| match d {
+                            InfoVlan::Id(id) => Some(*id),
+                            _ => None,
+                        });
+                        let proto = data.iter().find_map(|d| match d {
+                            InfoVlan::Protocol(VlanProtocol::Ieee8021Ad) => Some(0x88a8),
+                            InfoVlan::Protocol(_) => Some(0x8100),
+                            _ => None,
+                        });
+                        vlan = id.map(|id| (id, proto.unwrap_or(0x8100)));
+                    }
+                }
             }
             LinkAttribute::Xdp(xdp) => {
                 link.xdp_attached = xdp
@@ -107,6 +188,9 @@ fn link_of(m: &LinkMessage) -> Link {
             _ => {}
         }
     }
+    link.vlan = vlan
+        .zip(parent)
+        .map(|((id, proto), parent)| Vlan { id, proto, parent });
     link
 }
 
@@ -418,4 +502,68 @@ pub fn route_table(m: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(m.header.table))
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::link::InfoKind;
+
+    use super::*;
+
+    fn vlan_link(name: &str, ifindex: u32, parent: u32, id: u16, proto: VlanProtocol) -> Link {
+        let mut m = LinkMessage::default();
+        m.header.index = ifindex;
+        m.header.link_layer_type = LinkLayerType::Ether;
+        m.attributes = vec![
+            LinkAttribute::IfName(name.into()),
+            LinkAttribute::Mtu(1500),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, ifindex as u8]),
+            LinkAttribute::Link(parent),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Vlan),
+                LinkInfo::Data(InfoData::Vlan(vec![
+                    InfoVlan::Id(id),
+                    InfoVlan::Protocol(proto),
+                ])),
+            ]),
+        ];
+        link_of(&m)
+    }
+
+    #[test]
+    fn vlan_subinterfaces_are_read_and_keyed_on_their_attached_device() {
+        let mut eth = LinkMessage::default();
+        eth.header.index = 2;
+        eth.header.link_layer_type = LinkLayerType::Ether;
+        eth.attributes = vec![LinkAttribute::IfName("eth1".into())];
+        let links = [
+            link_of(&eth),
+            vlan_link("eth1.100", 3, 2, 100, VlanProtocol::Ieee8021Q),
+            vlan_link("eth1.200", 4, 2, 200, VlanProtocol::Ieee8021Ad),
+            vlan_link("eth1.200.300", 5, 4, 300, VlanProtocol::Ieee8021Q),
+            // On a device without the program.
+            vlan_link("eth9.7", 6, 9, 7, VlanProtocol::Ieee8021Q),
+        ];
+        assert_eq!(links[0].vlan, None);
+        assert_eq!(
+            links[1].vlan,
+            Some(Vlan {
+                id: 100,
+                proto: 0x8100,
+                parent: 2
+            })
+        );
+        assert_eq!(links[2].vlan.map(|v| v.proto), Some(0x88a8));
+        assert_eq!(links[1].tx_ifindex(), 2);
+        let key = |ifindex, outer, inner| pop_forwarder_common::VlanKey {
+            ifindex,
+            outer,
+            inner,
+        };
+        assert_eq!(
+            vlan_keys(&links, &[2]),
+            vec![key(2, 100, 0), key(2, 200, 0), key(2, 200, 300)]
+        );
+        assert_eq!(forwarding(&links, &[2]), vec![2, 3, 4]);
+    }
 }

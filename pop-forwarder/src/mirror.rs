@@ -38,7 +38,7 @@ pub fn want_of(
         links
             .iter()
             .find(|l| l.ifindex == ifindex)
-            .filter(|l| attached.contains(&l.ifindex))
+            .filter(|l| attached.contains(&l.tx_ifindex()))
             .and_then(|l| l.mac.map(|mac| (l, mac)))
     };
     match &route.kind {
@@ -144,6 +144,7 @@ mod tests {
             subnets: vec![subnet.parse().unwrap()],
             broadcasts: Vec::new(),
             xdp_attached: true,
+            vlan: None,
         }
     }
 

@@ -70,6 +70,13 @@ pub fn resolve_node(node: &Node, links: &[Link], neighbours: &[Neighbour]) -> Re
         });
     }
     let link = kernel::link(links, &node.dev).context("dev")?;
+    if let Some(vlan) = link.vlan {
+        bail!(
+            "dev: {:?} is a VLAN subinterface (VLAN {}); direct server return over a VLAN is not supported yet: reach the node untagged, or by IP-in-IP",
+            node.dev,
+            vlan.id
+        );
+    }
     let src_mac = link
         .mac
         .with_context(|| format!("dev: interface {:?} has no Ethernet address", node.dev))?;

@@ -25,7 +25,7 @@ use pop_forwarder::{
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC,
-    NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
+    NH_F_MAC_VALID, NextHop, PROGRAM_NAME, VlanKey,
 };
 use tests::{
     Netns,
@@ -99,6 +99,9 @@ fn next_hop(ifindex: u32, gateway: &str, mac: Option<[u8; 6]>, mtu: u32) -> Next
         src_mac: OUT.src,
         gateway,
         family,
+        vlan_tci: 0,
+        vlan_proto: 0,
+        tx_ifindex: ifindex,
     }
 }
 
@@ -1237,6 +1240,137 @@ fn connected_subnets_go_to_the_host_itself_and_kernel_routes_to_the_kernel() {
             .set_neighbour(p.veth, "10.0.8.5".parse().unwrap(), None)
             .unwrap();
         assert_eq!(p.run(&v4_frame("10.0.8.5")).0, XDP_PASS);
+    });
+}
+
+/// `frame` with a VLAN tag (TPID, VLAN ID) inserted after the MACs.
+fn tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    out.extend_from_slice(&tpid.to_be_bytes());
+    out.extend_from_slice(&vid.to_be_bytes());
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+#[test]
+fn vlan_tags_come_off_go_back_for_the_kernel_and_go_on_for_the_next_hop() {
+    with_program(|p| {
+        // The test run's ingress is lo (ifindex 1): VLAN 200 there, and
+        // 300 inside 802.1ad 200.
+        p.tables
+            .sync_vlans(&[
+                VlanKey {
+                    ifindex: 1,
+                    outer: 200,
+                    inner: 0,
+                },
+                VlanKey {
+                    ifindex: 1,
+                    outer: 200,
+                    inner: 300,
+                },
+            ])
+            .unwrap();
+        // 10.0.10.0/24 and fd00:10::/64 leave on VLAN 100 of the veth.
+        let mut on_vlan = next_hop(p.veth, "10.0.2.20", Some(OUT.dst), 1500);
+        on_vlan.vlan_tci = 100;
+        on_vlan.vlan_proto = 0x8100;
+        let mut on_vlan6 = next_hop(p.veth, "fd00:2::20", Some(OUT.dst), 1500);
+        on_vlan6.vlan_tci = 100;
+        on_vlan6.vlan_proto = 0x8100;
+        p.tables
+            .add_routes(&[
+                ("10.0.10.0/24".parse().unwrap(), on_vlan),
+                ("fd00:10::/64".parse().unwrap(), on_vlan6),
+            ])
+            .unwrap();
+        let routed = forwarded(&v4("10.0.3.7", 64), OUT);
+        let q = 0x8100;
+        let ad = 0x88a8;
+        check(
+            p,
+            vec![
+                Case {
+                    name: "tagged in, untagged out",
+                    frame: tagged(&v4("10.0.3.7", 64), q, 200),
+                    action: XDP_REDIRECT,
+                    output: Some(routed.clone()),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "two tags in, untagged out",
+                    frame: tagged(&tagged(&v4("10.0.3.7", 64), q, 300), ad, 200),
+                    action: XDP_REDIRECT,
+                    output: Some(routed),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "untagged in, tagged out",
+                    frame: v4("10.0.10.5", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(tagged(&forwarded(&v4("10.0.10.5", 64), OUT), q, 100)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "tagged in, other tag out",
+                    frame: tagged(&v4("10.0.10.5", 64), q, 200),
+                    action: XDP_REDIRECT,
+                    output: Some(tagged(&forwarded(&v4("10.0.10.5", 64), OUT), q, 100)),
+                    counter: Counter::Forwarded,
+                },
+                Case {
+                    name: "ipv6 tagged in, other tag out",
+                    frame: tagged(&v6("fd00:10::5", 64), q, 200),
+                    action: XDP_REDIRECT,
+                    output: Some(tagged(&forwarded(&v6("fd00:10::5", 64), OUT), q, 100)),
+                    counter: Counter::Forwarded,
+                },
+                // For the kernel: the tags go back on, exactly.
+                Case {
+                    name: "tagged, for this box",
+                    frame: tagged(&v4("10.0.0.1", 64), q, 200),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassLocal,
+                },
+                Case {
+                    name: "two tags, TTL 1",
+                    frame: tagged(&tagged(&v4("10.0.3.7", 1), q, 300), ad, 200),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassTtlExceeded,
+                },
+                Case {
+                    name: "a VLAN this box does not have",
+                    frame: tagged(&v4("10.0.3.7", 64), q, 201),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassUnknownVlan,
+                },
+                Case {
+                    name: "ARP, tagged",
+                    frame: {
+                        let mut arp = tagged(&v4("10.0.3.7", 64), q, 200);
+                        arp[16..18].copy_from_slice(&0x0806u16.to_be_bytes());
+                        arp
+                    },
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassNonIp,
+                },
+                Case {
+                    name: "a tag and nothing after it",
+                    frame: v4("10.0.3.7", 64)[..12]
+                        .iter()
+                        .chain(&[0x81, 0x00, 0x00, 0xc8, 0x08, 0x00])
+                        .copied()
+                        .collect(),
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropTruncated,
+                },
+            ],
+        );
     });
 }
 

@@ -26,7 +26,7 @@ use pop_forwarder_common::{
     AF_INET, AF_INET6, Counter, INTERFACE_MAC_KNOWN, KERNEL_NEXT_HOP, LOCAL_NEXT_HOP,
     MAP_LAYOUT_VERSION, MAX_INTERFACES, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
     NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NeighbourKey, NeighbourMac,
-    NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
+    NextHop, RouteKeyV4, RouteTarget, TrafficCounter, VlanKey,
     dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
     ecmp::{self, NextHopGroup},
     map_names as names, settings,
@@ -90,6 +90,7 @@ pub struct Tables {
     interface_macs: Array<MapData, [u8; 8]>,
     next_hop_groups: Array<MapData, NextHopGroup>,
     neighbours: HashMap<MapData, NeighbourKey, NeighbourMac>,
+    vlans: HashMap<MapData, VlanKey, u8>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
     journal: Option<Vec<Undo>>,
@@ -240,6 +241,7 @@ impl Tables {
             interface_macs: open!(names::INTERFACE_MACS),
             next_hop_groups: open!(names::NEXT_HOP_GROUPS),
             neighbours: open!(names::NEIGHBOURS),
+            vlans: open!(names::VLANS),
             journal: None,
             scans: std::cell::Cell::new(0),
         })
@@ -538,6 +540,30 @@ impl Tables {
             written += 1;
         }
         Ok((written, removed, left_out))
+    }
+
+    /// Makes `VLANS` hold exactly `want`: the VLANs whose tagged frames the
+    /// program routes and steers. It mirrors the interfaces, as
+    /// `NEIGHBOURS` mirrors the neighbour table: not journaled. Returns the
+    /// VLANs left out for lack of room.
+    pub fn sync_vlans(&mut self, want: &[VlanKey]) -> Result<usize> {
+        let have: HashSet<VlanKey> = self.vlans.keys().filter_map(Result::ok).collect();
+        let wanted: HashSet<VlanKey> = want.iter().copied().collect();
+        for key in have.difference(&wanted) {
+            match self.vlans.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("forgetting a VLAN"),
+            }
+        }
+        let mut left_out = 0;
+        for key in wanted.difference(&have) {
+            match self.vlans.insert(key, 1, 0) {
+                Ok(()) => {}
+                Err(e) if os_error(&e) == Some(libc::E2BIG) => left_out += 1,
+                Err(e) => return Err(e).context("recording a VLAN"),
+            }
+        }
+        Ok(left_out)
     }
 
     /// Allows redirects to `ifindex`.

@@ -27,9 +27,19 @@ pub fn kernel_next_hop(family: u32) -> NextHop {
     }
 }
 
+/// The VLAN fields of a next hop on `link`: (TCI, TPID, the interface the
+/// frames leave on).
+fn vlan_of(link: &Link) -> (u16, u16, u32) {
+    match link.vlan {
+        Some(v) => (v.id, v.proto, v.parent),
+        None => (0, 0, link.ifindex),
+    }
+}
+
 /// The next hop of a connected subnet on `link`: packets go to the
 /// destination host itself (its MAC from `NEIGHBOURS`).
 pub fn connected_next_hop(link: &Link, mac: Mac, family: u32) -> NextHop {
+    let (vlan_tci, vlan_proto, tx_ifindex) = vlan_of(link);
     NextHop {
         ifindex: link.ifindex,
         mtu: link.mtu,
@@ -38,6 +48,9 @@ pub fn connected_next_hop(link: &Link, mac: Mac, family: u32) -> NextHop {
         src_mac: mac.0,
         gateway: [0; 16],
         family,
+        vlan_tci,
+        vlan_proto,
+        tx_ifindex,
     }
 }
 
@@ -55,7 +68,7 @@ pub fn connected_routes(links: &[Link], attached: &[u32]) -> Vec<(Prefix, NextHo
                 AF_INET6
             };
             let nh = match link.mac {
-                Some(mac) if attached.contains(&link.ifindex) => {
+                Some(mac) if attached.contains(&link.tx_ifindex()) => {
                     connected_next_hop(link, mac, family)
                 }
                 _ => kernel_next_hop(family),
@@ -109,6 +122,7 @@ pub fn gateway_next_hop(
     neighbours: &[Neighbour],
 ) -> NextHop {
     let (bytes, family) = gateway_bytes(gateway);
+    let (vlan_tci, vlan_proto, tx_ifindex) = vlan_of(link);
     let mut nh = NextHop {
         ifindex: link.ifindex,
         mtu: link.mtu,
@@ -117,6 +131,9 @@ pub fn gateway_next_hop(
         src_mac: src_mac.0,
         gateway: bytes,
         family,
+        vlan_tci,
+        vlan_proto,
+        tx_ifindex,
     };
     if let Some(n) = neighbours
         .iter()
@@ -218,7 +235,7 @@ impl Tables {
             .position(|nh| !nh.is_in_use())
             .with_context(|| format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)"))?
             as u32;
-        self.add_egress(want.ifindex)?;
+        self.add_egress(want.tx_ifindex)?;
         let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
         self.next_hop_stats
             .set(id, PerCpuValues::try_from(zeros)?, 0)
@@ -408,6 +425,7 @@ impl Tables {
             };
             let mut next = nh;
             next.mtu = link.mtu;
+            (next.vlan_tci, next.vlan_proto, next.tx_ifindex) = vlan_of(link);
             if let Some(mac) = link.mac {
                 next.src_mac = mac.0;
             }

@@ -299,6 +299,9 @@ impl Forwarder {
                     src_mac: r1.0,
                     gateway,
                     family,
+                    vlan_tci: 0,
+                    vlan_proto: 0,
+                    tx_ifindex: r1_index,
                 }
             };
             let batch: Vec<(Prefix, NextHop)> = routes
