@@ -30,9 +30,9 @@ use crate::{
     steering,
 };
 
-/// How often the daemon re-reads interfaces, addresses and neighbours
-/// besides when the kernel announces a change of them.
-const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often what failed (a health change's table writes, a refresh, a
+/// mirroring of the kernel table) is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// How long after a first announced route change the mirrored table is
 /// read and applied, with every change announced meanwhile.
 const ROUTE_BATCH: Duration = Duration::from_millis(50);
@@ -151,9 +151,6 @@ fn log_to_kernel(running: &mut Running, to_kernel: &[(Prefix, String)]) {
     }
     running.to_kernel.retain(|p| now.contains(p));
 }
-/// The quicker refresh right after start, while gateways are unresolved.
-const QUICK_REFRESH: Duration = Duration::from_millis(200);
-const QUICK_REFRESH_FOR: Duration = Duration::from_secs(3);
 
 /// A loaded forwarder: its maps (pinned), its program (attached through
 /// pinned links) and the daemon's view of them. Dropping it leaves the pins,
@@ -193,6 +190,8 @@ struct Running {
     to_kernel: std::collections::HashSet<Prefix>,
     /// The last mirroring of the kernel table failed: try again.
     sync_failed: bool,
+    /// The last refresh of interfaces and neighbours failed: try again.
+    refresh_failed: bool,
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -284,19 +283,19 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
         .map(|(_, n)| n.node.name.clone())
         .collect();
     start_checks(&mut running, &names, &[]);
-    // The first refresh asks the kernel to resolve gateways and nodes
-    // without a MAC; quick ones after it pick up what the kernel resolved
-    // (IPv6 neighbour discovery can take a second) rather than a whole
-    // refresh interval later: every 200 ms while any gateway or cache node
-    // is unresolved, for at most 3 s.
-    let quick_until = tokio::time::Instant::now() + QUICK_REFRESH_FOR;
-    let mut tick = tokio::time::interval(QUICK_REFRESH);
-    let mut quick = true;
-    // Kernel changes are batched: the first one sets a moment a little
-    // later, and whatever arrives until then is applied with it.
+    // Nothing is polled: interfaces, addresses and neighbours are read
+    // again when the kernel announces a change of them (and after every
+    // change of the tables, for the neighbours new next hops need), the
+    // mirrored table when it announces a route change. Kernel changes are
+    // batched: the first one sets a moment a little later, and whatever
+    // arrives until then is applied with it. The first refresh, right
+    // away, asks the kernel to resolve gateways and nodes without a MAC;
+    // their resolution is announced like any neighbour change. The tick
+    // only retries what failed.
+    let mut tick = tokio::time::interval(RETRY_INTERVAL);
     let never = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut route_sync_at: Option<tokio::time::Instant> = None;
-    let mut refresh_at: Option<tokio::time::Instant> = None;
+    let mut refresh_at = Some(tokio::time::Instant::now());
     let detach = loop {
         tokio::select! {
             _ = sigterm.recv() => break false,
@@ -307,8 +306,11 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                     break true;
                 }
                 let result = control_command(&mut running, config_path, command);
-                if let Err(e) = &result {
-                    warn!("control request refused, tables unchanged: {e:#}");
+                match &result {
+                    Ok(_) => {
+                        refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
+                    }
+                    Err(e) => warn!("control request refused, tables unchanged: {e:#}"),
                 }
                 let _ = reply.send(result);
             }
@@ -318,8 +320,11 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 apply_health_or_retry(&mut running, event);
             }
             _ = sighup.recv() => {
-                if let Err(e) = reload(&mut running, config_path) {
-                    warn!("{e:#}");
+                match reload(&mut running, config_path) {
+                    Ok(_) => {
+                        refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
+                    }
+                    Err(e) => warn!("{e:#}"),
                 }
             }
             _ = changes.routes.notified() => {
@@ -334,16 +339,23 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             }
             _ = tokio::time::sleep_until(route_sync_at.unwrap_or_else(never)), if route_sync_at.is_some() => {
                 route_sync_at = None;
-                if let Err(e) = sync_kernel_routes(&mut running) {
-                    // Tried again at the next change, or the next refresh.
-                    warn!("mirroring kernel table {}: {e:#}", running.kernel_table);
-                    running.sync_failed = true;
+                match sync_kernel_routes(&mut running) {
+                    Ok(()) => {
+                        refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
+                    }
+                    Err(e) => {
+                        // Tried again at the next change, or the next tick.
+                        warn!("mirroring kernel table {}: {e:#}", running.kernel_table);
+                        running.sync_failed = true;
+                    }
                 }
             }
             _ = tokio::time::sleep_until(refresh_at.unwrap_or_else(never)), if refresh_at.is_some() => {
                 refresh_at = None;
+                running.refresh_failed = false;
                 if let Err(e) = refresh(&mut running) {
                     warn!("refreshing interfaces and neighbours: {e:#}");
+                    running.refresh_failed = true;
                 }
             }
             _ = tick.tick() => {
@@ -353,16 +365,8 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 for event in std::mem::take(&mut running.pending_health) {
                     apply_health_or_retry(&mut running, event);
                 }
-                let unresolved = refresh(&mut running).unwrap_or_else(|e| {
-                    warn!("refreshing interfaces and neighbours: {e:#}");
-                    usize::MAX
-                });
-                if quick && (unresolved == 0 || tokio::time::Instant::now() >= quick_until) {
-                    quick = false;
-                    tick = tokio::time::interval_at(
-                        tokio::time::Instant::now() + REFRESH_INTERVAL,
-                        REFRESH_INTERVAL,
-                    );
+                if running.refresh_failed {
+                    refresh_at.get_or_insert_with(tokio::time::Instant::now);
                 }
             }
         }
@@ -733,6 +737,7 @@ fn start(
         static_routes: model.routes.clone(),
         to_kernel: Default::default(),
         sync_failed: false,
+        refresh_failed: false,
         steering,
         checkers: HashMap::new(),
         next_checker: 0,
@@ -1116,7 +1121,7 @@ fn resolve_routes(
 }
 
 /// Applies a health change; one that fails (taken back whole) waits for
-/// the next refresh tick and is tried again, until it is applied or a newer
+/// the next retry tick and is tried again, until it is applied or a newer
 /// state of the node replaces it: never lost.
 fn apply_health_or_retry(running: &mut Running, event: HealthEvent) {
     if let Err(e) = apply_health(running, event.clone()) {
@@ -1124,7 +1129,7 @@ fn apply_health_or_retry(running: &mut Running, event: HealthEvent) {
             "applying a health change of node {} ({}): {e:#}; trying again in {} s",
             event.node,
             if event.healthy { "up" } else { "down" },
-            REFRESH_INTERVAL.as_secs()
+            RETRY_INTERVAL.as_secs()
         );
         running.pending_health.push(event);
     }
