@@ -1449,11 +1449,9 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     assert!(back.contains(&0) && back.contains(&1), "{back:?}");
 }
 
-#[test]
-fn connected_subnets_go_to_their_hosts_never_to_the_default_gateway() {
-    let lab = Lab::new().unwrap();
-    neighbour_c_v4(&lab);
-    // a's addresses resolved on the router, as ARP and ND would.
+/// Gives the router permanent neighbour entries for a (10.0.1.2,
+/// fd00:1::2), as ARP and ND would.
+fn neighbour_a(lab: &Lab) {
     let a_mac = mac_str(lab.a.mac("a0").unwrap());
     for addr in ["10.0.1.2", "fd00:1::2"] {
         #[rustfmt::skip]
@@ -1461,6 +1459,14 @@ fn connected_subnets_go_to_their_hosts_never_to_the_default_gateway() {
             .ip(&["neigh", "replace", addr, "lladdr", &a_mac, "dev", "r0", "nud", "permanent"])
             .unwrap();
     }
+}
+
+#[test]
+fn connected_subnets_go_to_their_hosts_never_to_the_default_gateway() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    // a's addresses resolved on the router, as ARP and ND would.
+    neighbour_a(&lab);
     // Default routes to c only: no route names a's subnet.
     let routes = "[[routes]]\nprefix = \"0.0.0.0/0\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n\n\
                   [[routes]]\nprefix = \"::/0\"\nvia = \"fd00:2::2\"\ndev = \"r1\"\n";
@@ -1537,13 +1543,7 @@ fn kernel_fib_lookup_forwards_by_the_kernels_routes_and_neighbours() {
         .unwrap();
     // The program's tables send c's subnets back to a; the kernel's FIB
     // (its connected routes) to c. Only a FIB lookup delivers to c.
-    let a_mac = mac_str(lab.a.mac("a0").unwrap());
-    for addr in ["10.0.1.2", "fd00:1::2"] {
-        #[rustfmt::skip]
-        lab.router
-            .ip(&["neigh", "replace", addr, "lladdr", &a_mac, "dev", "r0", "nud", "permanent"])
-            .unwrap();
-    }
+    neighbour_a(&lab);
     let wrong = "[[routes]]\nprefix = \"10.0.2.0/24\"\nvia = \"10.0.1.2\"\ndev = \"r0\"\n\n\
                  [[routes]]\nprefix = \"fd00:2::/64\"\nvia = \"fd00:1::2\"\ndev = \"r0\"\n";
     let config = format!(

@@ -951,16 +951,9 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
         writes,
     );
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", fwd.pid()))?;
-    let peak_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmHWM")?;
     row(
         format!("daemon_peak_rss_{n}_v4_routes_mib"),
-        peak_kib / 1024.0,
+        peak_rss_mib(fwd.pid())?,
     );
 
     fwd.stop()?;
@@ -1000,16 +993,9 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
         format!("mirror_start_{n}_kernel_v4_routes_s"),
         start.elapsed().as_secs_f64(),
     );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", fwd.pid()))?;
-    let peak_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmHWM")?;
     row(
         format!("mirror_peak_rss_{n}_kernel_v4_routes_mib"),
-        peak_kib / 1024.0,
+        peak_rss_mib(fwd.pid())?,
     );
     // One route more in the kernel: until the daemon logs it applied.
     let start = Instant::now();
@@ -1037,6 +1023,18 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     );
     fwd.cli_ok(&["detach"])?;
     Ok(())
+}
+
+/// The peak resident memory of process `pid` so far (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmHWM")?;
+    Ok(kib / 1024.0)
 }
 
 /// Removes a directory on drop.
