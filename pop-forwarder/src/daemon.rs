@@ -43,10 +43,22 @@ const INTERFACE_BATCH: Duration = Duration::from_millis(20);
 /// everything again.
 const NOTIFY_BUFFER: usize = 32 << 20;
 
-/// Changes the kernel announced, coalesced: each a permit to look again.
+/// Changes the kernel announced: the mirrored table's route notifications
+/// in order, and permits (coalesced) to look again.
 struct KernelChanges {
     routes: std::sync::Arc<tokio::sync::Notify>,
     interfaces: std::sync::Arc<tokio::sync::Notify>,
+    events: std::sync::Arc<std::sync::Mutex<Vec<kernel::RouteEvent>>>,
+    /// Notifications were lost: the table must be read whole.
+    overflow: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// An address came or went: connected subnets may have changed.
+    addresses: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KernelChanges {
+    fn take_events(&self) -> Vec<kernel::RouteEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 /// Subscribes to the kernel's announcements of links, addresses and
@@ -59,6 +71,9 @@ fn watch_kernel(model: &Model) -> Result<KernelChanges> {
     let changes = KernelChanges {
         routes: Default::default(),
         interfaces: Default::default(),
+        events: Default::default(),
+        overflow: Default::default(),
+        addresses: Default::default(),
     };
     let mut subscribe = vec![
         groups::LINK,
@@ -71,6 +86,8 @@ fn watch_kernel(model: &Model) -> Result<KernelChanges> {
     }
     let table = model.kernel_table;
     let (routes, interfaces) = (changes.routes.clone(), changes.interfaces.clone());
+    let (events, overflow) = (changes.events.clone(), changes.overflow.clone());
+    let addresses = changes.addresses.clone();
     let stall = crate::failpoint::notify_stall();
     let buffer = stall.map_or(NOTIFY_BUFFER, |(bytes, _)| bytes);
     crate::netlink::subscribe(&subscribe, buffer, move |event| {
@@ -78,14 +95,20 @@ fn watch_kernel(model: &Model) -> Result<KernelChanges> {
             std::thread::sleep(pause);
         }
         match event {
-            Event::Message(M::NewRoute(m) | M::DelRoute(m)) => {
-                if kernel::route_table(&m) == table {
+            Event::Message(flags, m @ (M::NewRoute(_) | M::DelRoute(_))) => {
+                if let Some(event) = kernel::route_event(flags, &m, table) {
+                    events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
                     routes.notify_one();
                 }
             }
-            Event::Message(_) => interfaces.notify_one(),
+            Event::Message(_, M::NewAddress(_) | M::DelAddress(_)) => {
+                addresses.store(true, std::sync::atomic::Ordering::SeqCst);
+                interfaces.notify_one();
+            }
+            Event::Message(..) => interfaces.notify_one(),
             Event::Overflow => {
                 warn!("the kernel's change notifications overflowed: reading everything again");
+                overflow.store(true, std::sync::atomic::Ordering::SeqCst);
                 routes.notify_one();
                 interfaces.notify_one();
             }
@@ -116,7 +139,10 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
             }
         })
         .collect();
-    let routes = kernel::routes(running.kernel_table)?;
+    let table = kernel::KernelTable::dump(running.kernel_table)?;
+    let routes = table.bests();
+    let static_prefixes: std::collections::HashSet<Prefix> =
+        statics.iter().map(|(p, _)| *p).collect();
     let wanted = mirror::wanted(
         statics,
         Some(&routes),
@@ -125,16 +151,112 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
         &running.attached,
     );
     let ((added, changed, deleted), writes) = transaction(running, |running| {
-        running.tables.apply_routes(&wanted.routes)
+        let done = running.tables.apply_routes(&wanted.routes)?;
+        // Next hops and groups left unused by notifications applied one
+        // by one.
+        running.tables.sweep_unused()?;
+        Ok(done)
     })?;
     running.sync_failed = false;
+    running.reread_routes = false;
     running.connected = wanted.connected;
+    running.mirrored = wanted
+        .routes
+        .iter()
+        .filter(|(p, _)| !static_prefixes.contains(p))
+        .cloned()
+        .collect();
+    running.kernel_routes = Some(table);
     log_to_kernel(running, &wanted.to_kernel);
     if added + changed + deleted > 0 {
         info!(
             "kernel table {}: {added} routes added, {changed} changed, {deleted} deleted ({} routes, {writes} table writes, {} ms)",
             running.kernel_table,
             routes.len(),
+            started.elapsed().as_millis()
+        );
+    }
+    Ok(())
+}
+
+/// Applies the mirrored table's notifications to the prefixes they changed
+/// alone, in one transaction: its cost follows the notifications, not the
+/// table's size.
+fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) -> Result<()> {
+    let started = std::time::Instant::now();
+    let Some(mut table) = running.kernel_routes.take() else {
+        return sync_kernel_routes(running);
+    };
+    let mut changed = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for event in &events {
+        let prefix = table.apply(event);
+        if seen.insert(prefix) {
+            changed.push(prefix);
+        }
+    }
+    let result = (|| -> Result<(usize, usize, usize, usize, Vec<(Prefix, String)>)> {
+        let links = kernel::links()?;
+        let neighbours = kernel::neighbours(&links)?;
+        let connected: HashMap<Prefix, NextHop> = maps::connected_routes(&links, &running.attached)
+            .into_iter()
+            .collect();
+        let statics: std::collections::HashSet<Prefix> =
+            running.static_routes.iter().map(|r| r.prefix).collect();
+        let mut patch = Vec::new();
+        let mut to_kernel = Vec::new();
+        for prefix in changed {
+            if statics.contains(&prefix) {
+                continue;
+            }
+            let want = match table.best(&prefix) {
+                Some(route) => Some(
+                    match mirror::want_of(route, &links, &neighbours, &running.attached) {
+                        Ok(want) => want,
+                        Err(why) => {
+                            to_kernel.push((prefix, why));
+                            let family = if prefix.addr.is_ipv4() {
+                                pop_forwarder_common::AF_INET
+                            } else {
+                                pop_forwarder_common::AF_INET6
+                            };
+                            Want::One(maps::kernel_next_hop(family))
+                        }
+                    },
+                ),
+                None => connected.get(&prefix).map(|nh| Want::One(*nh)),
+            };
+            let same = match (running.mirrored.get(&prefix), &want) {
+                (Some(have), Some(want)) => have.same(want),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                patch.push((prefix, want));
+            }
+        }
+        let ((added, changed, removed), writes) =
+            transaction(running, |running| running.tables.patch_routes(&patch))?;
+        for (prefix, want) in patch {
+            match want {
+                Some(want) => running.mirrored.insert(prefix, want),
+                None => running.mirrored.remove(&prefix),
+            };
+        }
+        Ok((added, changed, removed, writes, to_kernel))
+    })();
+    running.kernel_routes = Some(table);
+    let (added, changed, removed, writes, to_kernel) = result?;
+    for (prefix, why) in &to_kernel {
+        if running.to_kernel.insert(*prefix) {
+            info!("kernel route {prefix} is left to the kernel (pass_kernel_route): {why}");
+        }
+    }
+    if added + changed + removed > 0 {
+        info!(
+            "kernel table {}: {added} routes added, {changed} changed, {removed} deleted ({} notifications, {writes} table writes, {} ms)",
+            running.kernel_table,
+            events.len(),
             started.elapsed().as_millis()
         );
     }
@@ -190,6 +312,13 @@ struct Running {
     to_kernel: std::collections::HashSet<Prefix>,
     /// The last mirroring of the kernel table failed: try again.
     sync_failed: bool,
+    /// Interfaces changed: read the mirrored table whole at the next batch.
+    reread_routes: bool,
+    /// The mirrored kernel table as last read and notified, and what the
+    /// tables hold for each of its prefixes and each connected subnet
+    /// (the config's routes aside).
+    kernel_routes: Option<kernel::KernelTable>,
+    mirrored: HashMap<Prefix, Want>,
     /// The last refresh of interfaces and neighbours failed: try again.
     refresh_failed: bool,
 }
@@ -332,14 +461,31 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             }
             _ = changes.interfaces.notified() => {
                 refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
-                if running.route_source == RouteSource::Kernel {
+                if running.route_source == RouteSource::Kernel
+                    && changes.addresses.swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
                     // An address's subnet may be in no mirrored table.
+                    running.reread_routes = true;
                     route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
                 }
             }
             _ = tokio::time::sleep_until(route_sync_at.unwrap_or_else(never)), if route_sync_at.is_some() => {
                 route_sync_at = None;
-                match sync_kernel_routes(&mut running) {
+                // Notifications applied one by one, unless some were lost,
+                // the last application failed, or the interfaces changed
+                // (connected subnets): then the table is read whole.
+                let whole = changes.overflow.swap(false, std::sync::atomic::Ordering::SeqCst)
+                    || running.sync_failed
+                    || running.reread_routes
+                    || running.kernel_routes.is_none();
+                let synced = if whole {
+                    // What is queued now is in the dump about to be read.
+                    drop(changes.take_events());
+                    sync_kernel_routes(&mut running)
+                } else {
+                    apply_route_events(&mut running, changes.take_events())
+                };
+                match synced {
                     Ok(()) => {
                         refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
                     }
@@ -624,10 +770,13 @@ fn start(
         });
     }
     let attached: Vec<u32> = attach_to.iter().map(|a| a.ifindex).collect();
-    let kernel_routes = match model.route_source {
-        RouteSource::Kernel => Some(kernel::routes(model.kernel_table)?),
+    let kernel_table = match model.route_source {
+        RouteSource::Kernel => Some(kernel::KernelTable::dump(model.kernel_table)?),
         RouteSource::Static => None,
     };
+    let kernel_routes = kernel_table.as_ref().map(kernel::KernelTable::bests);
+    let static_prefixes: std::collections::HashSet<Prefix> =
+        static_routes.iter().map(|(p, _)| *p).collect();
     let wanted = mirror::wanted(
         static_routes,
         kernel_routes.as_deref(),
@@ -737,6 +886,18 @@ fn start(
         static_routes: model.routes.clone(),
         to_kernel: Default::default(),
         sync_failed: false,
+        reread_routes: false,
+        mirrored: if kernel_table.is_some() {
+            wanted
+                .routes
+                .iter()
+                .filter(|(p, _)| !static_prefixes.contains(p))
+                .cloned()
+                .collect()
+        } else {
+            HashMap::new()
+        },
+        kernel_routes: kernel_table,
         refresh_failed: false,
         steering,
         checkers: HashMap::new(),
@@ -1084,6 +1245,9 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     })?;
     running.connected = connected;
     running.static_routes = model.routes.clone();
+    // The next batch of route notifications reads the table whole, and
+    // with it what the reload changed.
+    running.kernel_routes = None;
     log_to_kernel(running, &wanted.to_kernel);
     steering_applied(running, &applied)?;
     Ok(format!(

@@ -350,30 +350,138 @@ pub struct KernelRoute {
 /// The routes of kernel routing table `table`, IPv4 and IPv6, one per
 /// prefix (the lowest metric).
 pub fn routes(table: u32) -> Result<Vec<KernelRoute>> {
-    let mut best: HashMap<Prefix, KernelRoute> = HashMap::new();
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut request = RouteMessage::default();
-        request.header.address_family = family;
-        let dumped = netlink::dump(RouteNetlinkMessage::GetRoute(request))
-            .context("reading the kernel's routes (rtnetlink)")?;
-        for message in dumped {
-            let RouteNetlinkMessage::NewRoute(m) = message else {
-                continue;
-            };
-            if let Some(route) = route_of(&m, table) {
-                keep_best(&mut best, route);
-            }
-        }
-    }
-    Ok(best.into_values().collect())
+    Ok(KernelTable::dump(table)?.bests())
 }
 
-/// Keeps `route` if it is the first, or a lower metric, for its prefix.
-pub fn keep_best(best: &mut HashMap<Prefix, KernelRoute>, route: KernelRoute) {
-    match best.get(&route.prefix) {
-        Some(have) if have.priority <= route.priority => {}
-        _ => {
-            best.insert(route.prefix, route);
+/// A mirrored kernel routing table: every route, each prefix's routes by
+/// metric, kept current by `RouteEvent`s between dumps.
+#[derive(Debug, Default)]
+pub struct KernelTable {
+    routes: HashMap<Prefix, Vec<KernelRoute>>,
+}
+
+/// A route notification of the mirrored table.
+#[derive(Debug, Clone)]
+pub struct RouteEvent {
+    /// RTM_DELROUTE (else RTM_NEWROUTE).
+    pub deleted: bool,
+    /// NLM_F_APPEND: next hops added to an existing route (IPv6).
+    pub append: bool,
+    pub route: KernelRoute,
+}
+
+/// The event a route notification (its netlink header's flags, and its
+/// message) is, if it is one of table `table`'s.
+pub fn route_event(flags: u16, message: &RouteNetlinkMessage, table: u32) -> Option<RouteEvent> {
+    let (deleted, m) = match message {
+        RouteNetlinkMessage::NewRoute(m) => (false, m),
+        RouteNetlinkMessage::DelRoute(m) => (true, m),
+        _ => return None,
+    };
+    Some(RouteEvent {
+        deleted,
+        append: flags & netlink_packet_core::NLM_F_APPEND != 0,
+        route: route_of(m, table)?,
+    })
+}
+
+impl KernelTable {
+    /// Table `table` read whole.
+    pub fn dump(table: u32) -> Result<KernelTable> {
+        let mut out = KernelTable::default();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = RouteMessage::default();
+            request.header.address_family = family;
+            let dumped = netlink::dump(RouteNetlinkMessage::GetRoute(request))
+                .context("reading the kernel's routes (rtnetlink)")?;
+            for message in dumped {
+                let RouteNetlinkMessage::NewRoute(m) = message else {
+                    continue;
+                };
+                if let Some(route) = route_of(&m, table) {
+                    out.add(route, false);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The route the kernel uses for `prefix`: its lowest metric.
+    pub fn best(&self, prefix: &Prefix) -> Option<&KernelRoute> {
+        self.routes.get(prefix)?.iter().min_by_key(|r| r.priority)
+    }
+
+    /// Each prefix's route the kernel uses.
+    pub fn bests(&self) -> Vec<KernelRoute> {
+        self.routes
+            .keys()
+            .filter_map(|p| self.best(p).cloned())
+            .collect()
+    }
+
+    /// Prefixes routed.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Applies one notification; returns the prefix it changed.
+    pub fn apply(&mut self, event: &RouteEvent) -> Prefix {
+        if event.deleted {
+            self.remove(&event.route);
+        } else {
+            self.add(event.route.clone(), event.append);
+        }
+        event.route.prefix
+    }
+
+    /// A route added (or replacing the one of its metric); with `append`,
+    /// its paths join those of the route of its metric.
+    fn add(&mut self, route: KernelRoute, append: bool) {
+        let routes = self.routes.entry(route.prefix).or_default();
+        match routes.iter_mut().find(|r| r.priority == route.priority) {
+            Some(have) => match (&mut have.kind, route.kind) {
+                (KernelKind::Via(paths), KernelKind::Via(more)) if append => {
+                    for path in more {
+                        if !paths.contains(&path) {
+                            paths.push(path);
+                        }
+                    }
+                }
+                (kind, new) => *kind = new,
+            },
+            None => routes.push(route),
+        }
+    }
+
+    /// A route deleted: the paths it lists leave the route of its metric
+    /// (IPv6 deletes one next hop of a multipath route that way), which goes
+    /// when none is left; a route without paths goes whole.
+    fn remove(&mut self, route: &KernelRoute) {
+        let Some(routes) = self.routes.get_mut(&route.prefix) else {
+            return;
+        };
+        if let Some(at) = routes.iter().position(|r| r.priority == route.priority) {
+            let empty = match (&mut routes[at].kind, &route.kind) {
+                (KernelKind::Via(paths), KernelKind::Via(gone)) => {
+                    paths.retain(|p| {
+                        !gone
+                            .iter()
+                            .any(|g| g.gateway == p.gateway && g.ifindex == p.ifindex)
+                    });
+                    paths.is_empty()
+                }
+                _ => true,
+            };
+            if empty {
+                routes.remove(at);
+            }
+        }
+        if routes.is_empty() {
+            self.routes.remove(&route.prefix);
         }
     }
 }
@@ -528,6 +636,66 @@ mod tests {
             ]),
         ];
         link_of(&m)
+    }
+
+    fn event(deleted: bool, append: bool, priority: u32, paths: &[(&str, u32)]) -> RouteEvent {
+        RouteEvent {
+            deleted,
+            append,
+            route: KernelRoute {
+                prefix: "2001:db8::/32".parse().unwrap(),
+                priority,
+                kind: KernelKind::Via(
+                    paths
+                        .iter()
+                        .map(|(gw, ifindex)| Path {
+                            gateway: gw.parse().unwrap(),
+                            ifindex: *ifindex,
+                            weight: 1,
+                        })
+                        .collect(),
+                ),
+            },
+        }
+    }
+
+    fn paths(t: &KernelTable) -> Option<(u32, usize)> {
+        let best = t.best(&"2001:db8::/32".parse().unwrap())?;
+        match &best.kind {
+            KernelKind::Via(p) => Some((best.priority, p.len())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn route_notifications_keep_the_mirrored_table_as_the_kernel_has_it() {
+        let mut t = KernelTable::default();
+        t.apply(&event(
+            false,
+            false,
+            1024,
+            &[("fe80::1", 2), ("fe80::2", 3)],
+        ));
+        assert_eq!(paths(&t), Some((1024, 2)));
+        // IPv6 appends a next hop, and deletes one, by notifying just it.
+        t.apply(&event(false, true, 1024, &[("fe80::3", 4)]));
+        assert_eq!(paths(&t), Some((1024, 3)));
+        t.apply(&event(true, false, 1024, &[("fe80::2", 3)]));
+        assert_eq!(paths(&t), Some((1024, 2)));
+        // A lower metric wins while it is there; a replace is whole.
+        t.apply(&event(false, false, 20, &[("fe80::9", 2)]));
+        assert_eq!(paths(&t), Some((20, 1)));
+        t.apply(&event(true, false, 20, &[("fe80::9", 2)]));
+        assert_eq!(paths(&t), Some((1024, 2)));
+        t.apply(&event(false, false, 1024, &[("fe80::5", 2)]));
+        assert_eq!(paths(&t), Some((1024, 1)));
+        // The same notification twice (a dump that already had it) is the
+        // same table.
+        t.apply(&event(false, false, 1024, &[("fe80::5", 2)]));
+        assert_eq!(paths(&t), Some((1024, 1)));
+        t.apply(&event(true, false, 1024, &[("fe80::5", 2)]));
+        assert_eq!(paths(&t), None);
+        assert!(t.is_empty());
     }
 
     #[test]

@@ -139,8 +139,8 @@ pub fn replace(request: RouteNetlinkMessage) -> Result<()> {
 #[derive(Debug)]
 pub enum Event {
     /// A change of routes, links, addresses or neighbours, as the kernel
-    /// announced it.
-    Message(RouteNetlinkMessage),
+    /// announced it, with its netlink header's flags.
+    Message(u16, RouteNetlinkMessage),
     /// The socket overflowed (ENOBUFS): changes were lost, so whatever is
     /// mirrored must be read again whole.
     Overflow,
@@ -198,8 +198,9 @@ pub fn subscribe(
                         Ok(messages) => {
                             let mut open = true;
                             for m in messages {
+                                let flags = m.header.flags;
                                 if let NetlinkPayload::InnerMessage(m) = m.payload {
-                                    open &= deliver(Event::Message(m));
+                                    open &= deliver(Event::Message(flags, m));
                                 }
                             }
                             if !open {

@@ -318,6 +318,12 @@ fn bgp_routes_are_forwarded_by_xdp_with_ecmp_withdrawals_and_peers_going_down() 
     wait_for_via(&fwd, "10.20.0.0/24", |v| v == "10.0.12.2", &birds);
     assert!(paths(&flows(&pop, &s1, &s2)).values().all(|p| *p == 2));
     assert_eq!(fwd.pid(), pid);
+    // Applied as notified, the prefix alone, not by reading the table.
+    assert!(
+        fwd.log().contains("1 changed, 0 deleted (1 notifications"),
+        "{}",
+        fwd.log()
+    );
 
     // It announces again: the group is back, and so is every flow's path
     // (the buckets are a function of the members alone).

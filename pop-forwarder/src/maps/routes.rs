@@ -741,6 +741,97 @@ impl Tables {
         Ok(true)
     }
 
+    /// Changes the routes of `patch` alone: each prefix to its Want (added,
+    /// or repointed in place), or removed (None). Costs in proportion to
+    /// the patch, not to the tables: next hops and groups no route uses any
+    /// more are not freed here but by `sweep_unused`, which runs first if
+    /// the patch needs more free slots than there are. A prefix that is one
+    /// of this box's addresses is left alone. Returns (added, changed,
+    /// removed).
+    pub fn patch_routes(
+        &mut self,
+        patch: &[(Prefix, Option<Want>)],
+    ) -> Result<(usize, usize, usize)> {
+        let mut table = self.next_hop_table()?;
+        let wants: Vec<&Want> = patch.iter().filter_map(|(_, w)| w.as_ref()).collect();
+        let hops: HashSet<GatewayKey> = wants
+            .iter()
+            .flat_map(|w| w.next_hops())
+            .filter(|nh| nh.flags & next_hops::NH_F_KERNEL == 0)
+            .map(|nh| gateway_key(&nh))
+            .filter(|k| !table.by_gateway.contains_key(k))
+            .collect();
+        let groups: HashSet<GroupKey> = wants
+            .iter()
+            .filter_map(|w| w.group_key())
+            .filter(|k| !table.by_group.contains_key(k))
+            .collect();
+        let free_hops = table.slots.iter().filter(|nh| !nh.is_in_use()).count();
+        let free_groups = table.groups.iter().filter(|g| g.count == 0).count();
+        if hops.len() > free_hops || groups.len() > free_groups {
+            self.sweep_unused()?;
+            table = self.next_hop_table()?;
+        }
+        let locals = self.local_addrs();
+        let mut scratch = std::collections::HashMap::new();
+        let (mut added, mut changed, mut removed) = (0, 0, 0);
+        for (prefix, want) in patch {
+            if *prefix == host_prefix(prefix.addr) && locals.contains(&prefix.addr) {
+                continue;
+            }
+            let routed = self.is_routed(*prefix)?;
+            match want {
+                Some(want) if routed => {
+                    let old = self.longest_match(*prefix)?.map_or(0, |t| t.next_hop);
+                    self.repoint_route(*prefix, old, want, &mut table, &mut scratch)?;
+                    changed += 1;
+                }
+                Some(want) => {
+                    let id = self.acquire(want, &mut table, &mut scratch)?;
+                    self.insert_route(*prefix, id)?;
+                    added += 1;
+                }
+                None if routed => {
+                    self.remove_route(*prefix)?;
+                    removed += 1;
+                }
+                None => {}
+            }
+        }
+        Ok((added, changed, removed))
+    }
+
+    /// Frees the next hops and ECMP groups no route uses (left by
+    /// `patch_routes`). One walk over the routes. Returns (next hops,
+    /// groups) freed.
+    pub fn sweep_unused(&mut self) -> Result<(usize, usize)> {
+        let ops = self.operator_routes()?;
+        let table = self.next_hop_table()?;
+        let mut uses = self.uses(&ops, &table);
+        let mut groups = 0;
+        for (index, g) in table.groups.iter().enumerate() {
+            let id = ecmp::FIRST_GROUP_ID + index as u32;
+            if g.count == 0 || uses.get(&id).copied().unwrap_or(0) > 0 {
+                continue;
+            }
+            self.write_group(index as u32, &bytemuck::Zeroable::zeroed())?;
+            groups += 1;
+            for m in 0..g.count as usize {
+                if let Some(n) = uses.get_mut(&u32::from(g.members[m])) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+        let mut hops = 0;
+        for (id, nh) in table.slots.iter().enumerate() {
+            if nh.is_in_use() && uses.get(&(id as u32)).copied().unwrap_or(0) == 0 {
+                self.free_next_hop(id as u32)?;
+                hops += 1;
+            }
+        }
+        Ok((hops, groups))
+    }
+
     /// Operator routes per family (local addresses not counted).
     pub fn route_counts(&self) -> (usize, usize) {
         self.scanned();
