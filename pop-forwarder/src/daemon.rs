@@ -42,6 +42,9 @@ const INTERFACE_BATCH: Duration = Duration::from_millis(20);
 /// a BGP session's burst; past it, an overflow makes the daemon read
 /// everything again.
 const NOTIFY_BUFFER: usize = 32 << 20;
+/// Route notifications queued for the next batch at most; past that (a
+/// BGP session's full table arriving at once) the table is read whole.
+const MAX_QUEUED_ROUTE_EVENTS: usize = 1 << 18;
 
 /// Changes the kernel announced: the mirrored table's route notifications
 /// in order, and permits (coalesced) to look again.
@@ -97,7 +100,15 @@ fn watch_kernel(model: &Model) -> Result<KernelChanges> {
         match event {
             Event::Message(flags, m @ (M::NewRoute(_) | M::DelRoute(_))) => {
                 if let Some(event) = kernel::route_event(flags, &m, table) {
-                    events.lock().unwrap_or_else(|e| e.into_inner()).push(event);
+                    let mut queued = events.lock().unwrap_or_else(|e| e.into_inner());
+                    if queued.len() < MAX_QUEUED_ROUTE_EVENTS {
+                        queued.push(event);
+                    } else {
+                        // A whole table's worth: reading it is cheaper than
+                        // holding them all.
+                        queued.clear();
+                        overflow.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
                     routes.notify_one();
                 }
             }
