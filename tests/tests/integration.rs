@@ -1189,8 +1189,15 @@ fn vip_sinks(n1: &tests::Netns, n2: &tests::Netns) -> [std::net::UdpSocket; 2] {
 
 /// `n` UDP sockets in namespace a: `n` flows to the VIP.
 fn senders(lab: &Lab, n: usize) -> Vec<std::net::UdpSocket> {
+    // Ports of their own, never one an earlier sender had: a new sender on
+    // a reused port would be an old flow, kept on its old node by the
+    // connection table.
+    static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(20000);
     (0..n)
-        .map(|_| udp_socket(&lab.a, "0.0.0.0:0").unwrap())
+        .map(|_| {
+            let port = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            udp_socket(&lab.a, &format!("0.0.0.0:{port}")).unwrap()
+        })
         .collect()
 }
 
