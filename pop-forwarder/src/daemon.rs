@@ -170,15 +170,10 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
     })?;
     running.sync_failed = false;
     running.reread_routes = false;
+    running.mirrored = mirrored_of(&wanted, &static_prefixes);
     running.connected = wanted.connected;
-    running.mirrored = wanted
-        .routes
-        .iter()
-        .filter(|(p, _)| !static_prefixes.contains(p))
-        .cloned()
-        .collect();
     running.kernel_routes = Some(table);
-    log_to_kernel(running, &wanted.to_kernel);
+    log_to_kernel(running, &wanted.to_kernel, true);
     if added + changed + deleted > 0 {
         info!(
             "kernel table {}: {added} routes added, {changed} changed, {deleted} deleted ({} routes, {writes} table writes, {} ms)",
@@ -258,11 +253,7 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
     })();
     running.kernel_routes = Some(table);
     let (added, changed, removed, writes, to_kernel) = result?;
-    for (prefix, why) in &to_kernel {
-        if running.to_kernel.insert(*prefix) {
-            info!("kernel route {prefix} is left to the kernel (pass_kernel_route): {why}");
-        }
-    }
+    log_to_kernel(running, &to_kernel, false);
     if added + changed + removed > 0 {
         info!(
             "kernel table {}: {added} routes added, {changed} changed, {removed} deleted ({} notifications, {writes} table writes, {} ms)",
@@ -274,15 +265,33 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
     Ok(())
 }
 
-/// Logs, once each, the kernel routes handed to the kernel and why.
-fn log_to_kernel(running: &mut Running, to_kernel: &[(Prefix, String)]) {
-    let now: std::collections::HashSet<Prefix> = to_kernel.iter().map(|(p, _)| *p).collect();
+/// Logs, once each, the kernel routes handed to the kernel and why. With
+/// `whole` (`to_kernel` lists them all), forgets those no longer among
+/// them, so that they are logged again if they come back.
+fn log_to_kernel(running: &mut Running, to_kernel: &[(Prefix, String)], whole: bool) {
     for (prefix, why) in to_kernel {
         if running.to_kernel.insert(*prefix) {
             info!("kernel route {prefix} is left to the kernel (pass_kernel_route): {why}");
         }
     }
-    running.to_kernel.retain(|p| now.contains(p));
+    if whole {
+        let now: std::collections::HashSet<Prefix> = to_kernel.iter().map(|(p, _)| *p).collect();
+        running.to_kernel.retain(|p| now.contains(p));
+    }
+}
+
+/// What the tables hold from the mirrored table and connected subnets, by
+/// prefix: `wanted`'s routes but the config's own.
+fn mirrored_of(
+    wanted: &mirror::Wanted,
+    static_prefixes: &std::collections::HashSet<Prefix>,
+) -> HashMap<Prefix, Want> {
+    wanted
+        .routes
+        .iter()
+        .filter(|(p, _)| !static_prefixes.contains(p))
+        .cloned()
+        .collect()
 }
 
 /// A loaded forwarder: its maps (pinned), its program (attached through
@@ -899,12 +908,7 @@ fn start(
         sync_failed: false,
         reread_routes: false,
         mirrored: if kernel_table.is_some() {
-            wanted
-                .routes
-                .iter()
-                .filter(|(p, _)| !static_prefixes.contains(p))
-                .cloned()
-                .collect()
+            mirrored_of(&wanted, &static_prefixes)
         } else {
             HashMap::new()
         },
@@ -917,7 +921,7 @@ fn start(
         pending_health: Vec::new(),
         requested_neighbours: Default::default(),
     };
-    log_to_kernel(&mut running, &wanted.to_kernel);
+    log_to_kernel(&mut running, &wanted.to_kernel, true);
     instance.write_state(&State {
         pid: std::process::id(),
         config: config_path
@@ -1259,7 +1263,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     // The next batch of route notifications reads the table whole, and
     // with it what the reload changed.
     running.kernel_routes = None;
-    log_to_kernel(running, &wanted.to_kernel);
+    log_to_kernel(running, &wanted.to_kernel, true);
     steering_applied(running, &applied)?;
     Ok(format!(
         "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied} ({writes} table writes)",
