@@ -18,7 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     EBPF_OBJECT,
-    config::{Ipv4Lookup, Model, Node, Route, RouteSource, Vip, XdpMode},
+    config::{Delivery, Ipv4Lookup, Model, Node, Route, RouteSource, Vip, XdpMode},
     control,
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
@@ -624,6 +624,7 @@ fn change(
         } => {
             let route = Route::parse(&prefix, &via, &dev, mac.as_deref())?;
             let links = kernel::links()?;
+            check_egress(&route.dev, &links, &running.attached)?;
             let nh = resolve_next_hop(&route, &links, &kernel::neighbours(&links)?)?;
             let id = running.tables.add_route(route.prefix, &nh)?;
             let message = format!(
@@ -643,6 +644,11 @@ fn change(
         }
         Command::NodeAdd(config) => {
             let node = Node::from_config(&config)?;
+            check_node_egress(
+                std::slice::from_ref(&node),
+                &kernel::links()?,
+                &running.attached,
+            )?;
             let message = format!("cache node {} ({}) added", node.name, node.address);
             spec.nodes.push(node);
             message
@@ -771,6 +777,7 @@ fn start(
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
     let static_routes = resolve_routes(model, &links, &neighbours)?;
+    check_node_egress(&model.nodes, &links, &attached_of(model, &links))?;
     for node in &model.nodes {
         steering::resolve_node(node, &links, &neighbours)
             .with_context(|| format!("nodes ({})", node.name))?;
@@ -1223,6 +1230,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
+    check_node_egress(&model.nodes, &kernel::links()?, &running.attached)?;
     if model.route_source != running.route_source || model.kernel_table != running.kernel_table {
         bail!(
             "route_source or kernel_table changed (to {} {}): that needs a restart of the daemon",
@@ -1281,22 +1289,58 @@ fn own_addresses(links: &[kernel::Link]) -> Vec<std::net::IpAddr> {
 }
 
 /// Every route of `model` with its next hop resolved against the namespace,
-/// the first one that does not resolve named in the error.
+/// the first one that does not resolve, or leaves by an interface the
+/// program cannot send on, named in the error.
 fn resolve_routes(
     model: &Model,
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
 ) -> Result<Vec<(Prefix, pop_forwarder_common::NextHop)>> {
+    let attached = attached_of(model, links);
     model
         .routes
         .iter()
         .enumerate()
         .map(|(i, route)| {
-            resolve_next_hop(route, links, neighbours)
+            check_egress(&route.dev, links, &attached)
+                .and_then(|()| resolve_next_hop(route, links, neighbours))
                 .map(|nh| (route.prefix, nh))
                 .with_context(|| format!("routes[{i}] ({})", route.prefix))
         })
         .collect()
+}
+
+/// The ifindexes of `model`'s interfaces that exist.
+fn attached_of(model: &Model, links: &[kernel::Link]) -> Vec<u32> {
+    model
+        .interfaces
+        .iter()
+        .filter_map(|(name, _)| links.iter().find(|l| &l.name == name))
+        .map(|l| l.ifindex)
+        .collect()
+}
+
+/// Refuses an egress the program cannot send on: an interface it is not
+/// attached to (nor a VLAN subinterface of one). XDP redirects only to
+/// interfaces ready for XDP frames; to another, a redirect fails in the
+/// kernel while the program has counted the packet as forwarded.
+fn check_egress(dev: &str, links: &[kernel::Link], attached: &[u32]) -> Result<()> {
+    let link = kernel::link(links, dev).context("dev")?;
+    if !attached.contains(&link.tx_ifindex()) {
+        bail!(
+            "dev: {dev:?} has no XDP program of this instance: the program sends only out of the interfaces it is attached to (`interfaces`) and their VLAN subinterfaces; attach it there too, or go through one of those"
+        );
+    }
+    Ok(())
+}
+
+/// `check_egress` for every direct-server-return node of `nodes`.
+fn check_node_egress(nodes: &[Node], links: &[kernel::Link], attached: &[u32]) -> Result<()> {
+    for node in nodes.iter().filter(|n| n.delivery == Delivery::Dsr) {
+        check_egress(&node.dev, links, attached)
+            .with_context(|| format!("nodes ({})", node.name))?;
+    }
+    Ok(())
 }
 
 /// Applies a health change; one that fails (taken back whole) waits for

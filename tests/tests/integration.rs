@@ -269,6 +269,22 @@ fn bad_configs_exit_non_zero_and_leave_nothing_attached() {
             ),
             "routes[0] (10.0.9.0/24): dev",
         ),
+        // An egress the program is not attached to: redirects there would
+        // fail while counted as forwarded.
+        (
+            lab.config(
+                "pass",
+                "[[routes]]\nprefix = \"10.0.9.0/24\"\nvia = \"10.0.2.2\"\ndev = \"lo\"\n",
+            ),
+            "routes[0] (10.0.9.0/24): dev: \"lo\" has no XDP program of this instance",
+        ),
+        (
+            lab.config(
+                "pass",
+                "[[nodes]]\nname = \"n1\"\naddress = \"10.0.2.2\"\ndev = \"lo\"\n",
+            ),
+            "nodes (n1): dev: \"lo\" has no XDP program of this instance",
+        ),
         // Caught by the kernel after r0 was attached: native XDP on
         // loopback is refused, and r0 must be detached again.
         (
@@ -302,7 +318,23 @@ fn cli_errors_name_the_problem() {
     let lab = Lab::new().unwrap();
     let fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
     let routes_before = fwd.cli_ok(&["route", "list", "--json"]).unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &[
+                "route",
+                "add",
+                "10.0.9.0/24",
+                "--via",
+                "10.0.2.2",
+                "--dev",
+                "lo",
+            ],
+            "dev: \"lo\" has no XDP program of this instance",
+        ),
+        (
+            &["node", "add", "n9", "10.0.2.9", "--dev", "lo"],
+            "dev: \"lo\" has no XDP program of this instance",
+        ),
         (
             &[
                 "route",
@@ -774,13 +806,22 @@ fn cache_node(lab: &Lab, dev: &str, net: u8, vip: &str) -> tests::Netns {
 }
 
 /// Two cache-node namespaces holding VIP 192.0.2.10 (cache-1 on r2,
-/// cache-2 on r3), and the steering config for them: a UDP any-port VIP on
-/// both, each node's table given `extra1` / `extra2` lines.
+/// cache-2 on r3), and the steering config for them (r2 and r3 attached
+/// too): a UDP any-port VIP on both, each node's table given `extra1` /
+/// `extra2` lines.
 fn two_cache_nodes(lab: &Lab, extra1: &str, extra2: &str) -> (tests::Netns, tests::Netns, String) {
     let n1 = cache_node(lab, "r2", 5, "192.0.2.10");
     let n2 = cache_node(lab, "r3", 6, "192.0.2.10");
+    // The program sends only out of interfaces it is attached to: r2 and
+    // r3 too.
     let steering = format!(
         r#"
+[[interfaces]]
+name = "r2"
+
+[[interfaces]]
+name = "r3"
+
 [[nodes]]
 name = "cache-1"
 address = "10.0.5.11"
@@ -968,6 +1009,9 @@ fn http_health_checks_follow_the_status_code() {
     let lab = Lab::new().unwrap();
     let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
     let steering = r#"
+[[interfaces]]
+name = "r2"
+
 [[nodes]]
 name = "cache-1"
 address = "10.0.5.11"
