@@ -61,6 +61,19 @@ pub const fn flow_bucket(seed: u32, src: u64, dst: u64, extra: u64) -> usize {
     (mix64(src ^ dst.rotate_left(29) ^ extra.rotate_left(47) ^ seed as u64) >> 56) as usize
 }
 
+/// The IPv6 flow label of an IP-in-IP outer header (20 bits, never 0):
+/// from the inner flow's source (its `maglev::address_words`), ports and
+/// protocol (its destination, the VIP, is the same for all of a VIP's
+/// flows), so that routers and NICs on the way, which hash the outer
+/// header, spread a node's flows rather than put them all on one path or
+/// queue (as Katran does).
+#[inline(always)]
+pub const fn entropy_label(src: [u64; 2], ports: u32, protocol: u8) -> u32 {
+    let h = mix64(src[0] ^ src[1].rotate_left(29) ^ ((ports as u64) << 8 | protocol as u64));
+    let label = (h ^ (h >> 32)) as u32 & 0x000f_ffff;
+    if label == 0 { 1 } else { label }
+}
+
 /// A member's identity for hashing: its gateway and interface, the same on
 /// every forwarder and after every restart (unlike its next-hop slot).
 pub const fn member_key(gateway: &[u8; 16], ifindex: u32) -> u64 {

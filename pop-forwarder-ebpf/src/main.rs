@@ -183,6 +183,8 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
             protocol: ip.proto,
             l4_offset: (!fragment).then_some(EthHdr::LEN + header_len),
             frame_len,
+            ip_len: total_len,
+            tos: ip.tos,
             ports: None,
         };
         if let Some(verdict) = steer::steer(ctx, eth, &mut flow) {
@@ -358,6 +360,8 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
             protocol,
             l4_offset,
             frame_len,
+            ip_len: total_len,
+            tos: ip.vcf[0] << 4 | ip.vcf[1] >> 4,
             ports: None,
         };
         if let Some(verdict) = steer::steer(ctx, eth, &mut flow) {

@@ -16,7 +16,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use pop_forwarder_common::{
-    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24,
+    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24, ecmp,
     maglev::{self, NO_NODE},
     settings,
     steering::{
@@ -70,6 +70,11 @@ pub struct Flow {
     /// fragment after the first).
     pub l4_offset: Option<usize>,
     pub frame_len: usize,
+    /// The IP datagram's own length (the frame may carry Ethernet padding
+    /// after it).
+    pub ip_len: usize,
+    /// DSCP and ECN (IPv4 TOS, IPv6 traffic class).
+    pub tos: u8,
     /// Ports known without reading the L4 header (an ICMP error's flow).
     pub ports: Option<(u16, u16)>,
 }
@@ -143,7 +148,13 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         return Some(pass(Counter::PassVipNoNode));
     };
     if node.flags & NODE_F_IPIP != 0 {
-        let verdict = encapsulate(ctx, node, flow);
+        // The outer IPv6 flow label: the inner flow's entropy.
+        let label = ecmp::entropy_label(
+            maglev::address_words(&flow.src),
+            u32::from(src_port) << 16 | u32::from(dst_port),
+            flow.protocol,
+        );
+        let verdict = encapsulate(ctx, node, flow, label);
         if verdict.counter == Counter::Steered {
             add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
             add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
@@ -255,8 +266,10 @@ const IPPROTO_IPV6: u8 = 41;
 /// the egress MTU cannot take once wrapped is answered with ICMP (see
 /// `too_big`).
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
-    let inner_len = flow.frame_len - EthHdr::LEN;
+fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> Verdict {
+    // Exactly the IP datagram goes inside, not the Ethernet padding after it.
+    let inner_len = flow.ip_len;
+    let padding = flow.frame_len - EthHdr::LEN - inner_len;
     let outer_v4 = node.family == 4;
     if outer_v4 && flow.family != 4 {
         // IPv6 in IPv4 is not offered.
@@ -309,8 +322,12 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
         },
         Err(v) => return v,
     };
-    // SAFETY: a plain helper call on this program's context; every pointer
+    // SAFETY: plain helper calls on this program's context; every pointer
     // into the packet is derived again below.
+    if padding > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
+        return pass(Counter::PassVipNoNode);
+    }
+    // SAFETY: as above.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
         return pass(Counter::PassVipNoNode);
     }
@@ -333,9 +350,11 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
             return pass(Counter::PassVipNoNode);
         };
         let total = ((inner_len + outer_len) as u16).to_be_bytes();
+        // DSCP and ECN copied from the inner header (RFC 6040's normal
+        // mode for ECN; the uniform model for DSCP, RFC 2983).
         let mut h = [
             0x45,
-            0,
+            flow.tos,
             total[0],
             total[1],
             0,
@@ -370,9 +389,16 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
             return pass(Counter::PassVipNoNode);
         };
+        // Traffic class from the inner header (as for IPv4); the flow label
+        // from the inner flow (`label`), for ECMP and RSS on the way.
         // SAFETY: as above.
         unsafe {
-            (*ip).vcf = [0x60, 0, 0, 0];
+            (*ip).vcf = [
+                0x60 | flow.tos >> 4,
+                flow.tos << 4 | (label >> 16) as u8,
+                (label >> 8) as u8,
+                label as u8,
+            ];
             (*ip).payload_len = (inner_len as u16).to_be_bytes();
             (*ip).next_hdr = inner_protocol;
             (*ip).hop_limit = 64;
@@ -380,7 +406,7 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow) -> Verdict {
             copy_bytes(&mut (*ip).dst_addr, &node.addr);
         }
     }
-    traffic(hop.id, (flow.frame_len + outer_len) as u64);
+    traffic(hop.id, (EthHdr::LEN + inner_len + outer_len) as u64);
     verdict
 }
 

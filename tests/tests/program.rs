@@ -1735,12 +1735,35 @@ mod steering {
     /// The frame IP-in-IP makes of `frame`: the next hop's Ethernet header,
     /// an outer header from `src` to `dst`, then the inner IP packet.
     fn encapsulated(frame: &[u8], src: std::net::IpAddr, dst: std::net::IpAddr) -> Vec<u8> {
-        let inner = &frame[14..];
-        let inner_protocol = if frame[12..14] == [0x08, 0x00] {
-            4u8
+        let v4 = frame[12..14] == [0x08, 0x00];
+        // Exactly the IP datagram: not the Ethernet padding after it.
+        let ip_len = if v4 {
+            usize::from(u16::from_be_bytes([frame[16], frame[17]]))
         } else {
-            41
+            40 + usize::from(u16::from_be_bytes([frame[18], frame[19]]))
         };
+        let inner = &frame[14..14 + ip_len];
+        let inner_protocol = if v4 { 4u8 } else { 41 };
+        // DSCP and ECN as the inner header has them; the IPv6 flow label
+        // from the inner flow (source, UDP ports, protocol).
+        let tos = if v4 {
+            inner[1]
+        } else {
+            inner[0] << 4 | inner[1] >> 4
+        };
+        let (source, protocol, l4) = if v4 {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&inner[12..16]);
+            (a, inner[9], usize::from(inner[0] & 0x0f) * 4)
+        } else {
+            (inner[8..24].try_into().unwrap(), inner[6], 40)
+        };
+        let ports = u32::from_be_bytes(inner[l4..l4 + 4].try_into().unwrap());
+        let label = pop_forwarder_common::ecmp::entropy_label(
+            pop_forwarder_common::maglev::address_words(&source),
+            ports,
+            protocol,
+        );
         let mut out = Vec::new();
         out.extend_from_slice(&OUT.dst);
         out.extend_from_slice(&OUT.src);
@@ -1750,7 +1773,7 @@ mod steering {
                 let total = ((inner.len() + 20) as u16).to_be_bytes();
                 let mut h = vec![
                     0x45,
-                    0,
+                    tos,
                     total[0],
                     total[1],
                     0,
@@ -1770,7 +1793,12 @@ mod steering {
             }
             (std::net::IpAddr::V6(s), std::net::IpAddr::V6(d)) => {
                 out.extend_from_slice(&[0x86, 0xdd]);
-                out.extend_from_slice(&[0x60, 0, 0, 0]);
+                out.extend_from_slice(&[
+                    0x60 | tos >> 4,
+                    tos << 4 | (label >> 16) as u8,
+                    (label >> 8) as u8,
+                    label as u8,
+                ]);
                 out.extend_from_slice(&(inner.len() as u16).to_be_bytes());
                 out.extend_from_slice(&[inner_protocol, 64]);
                 out.extend_from_slice(&s.octets());
@@ -1884,6 +1912,23 @@ mod steering {
                 .unwrap();
             let ip = |a: &str| -> std::net::IpAddr { a.parse().unwrap() };
             let v4in4 = flow("10.0.1.2", "192.0.2.30", false, 40000, 53);
+            // A short datagram in a frame padded (here past the 60-byte
+            // minimum) with bytes that are no part of it.
+            let mut padded = flow("10.0.1.2", "192.0.2.30", false, 40001, 53);
+            let ip_len = usize::from(u16::from_be_bytes([padded[16], padded[17]]));
+            padded.truncate(14 + ip_len);
+            padded.extend_from_slice(&[0xee; 24]);
+            // DSCP EF (46) and ECT(1) in the TOS byte (checksum mended), and
+            // the same as an IPv6 traffic class.
+            let mut marked_v4 = flow("10.0.1.2", "192.0.2.30", false, 40002, 53);
+            marked_v4[15] = 46 << 2 | 1;
+            marked_v4[24..26].fill(0);
+            let c = pop_forwarder_common::checksum::ipv4_header(&marked_v4[14..34]);
+            marked_v4[24..26].copy_from_slice(&c.to_be_bytes());
+            let mut marked_v6 = flow("2001:db8::1", "2001:db8::30", false, 40003, 53);
+            let tc: u8 = 46 << 2 | 1;
+            marked_v6[14] = 0x60 | tc >> 4;
+            marked_v6[15] = tc << 4 | (marked_v6[15] & 0x0f);
             let v6in6 = flow("2001:db8::1", "2001:db8::30", false, 40000, 53);
             let v4in6 = flow("10.0.1.2", "192.0.2.31", false, 40000, 53);
             // 88 bytes of IP fit the MTU of 100; wrapped, 108 do not.
@@ -1905,6 +1950,29 @@ mod steering {
                         frame: v4in4.clone(),
                         action: XDP_REDIRECT,
                         output: Some(encapsulated(&v4in4, ip("10.0.0.1"), ip("10.0.3.50"))),
+                        counter: Counter::Steered,
+                    },
+                    // Ethernet padding after the datagram stays out.
+                    Case {
+                        name: "IPv4 in IPv4, padded frame",
+                        frame: padded.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&padded, ip("10.0.0.1"), ip("10.0.3.50"))),
+                        counter: Counter::Steered,
+                    },
+                    // DSCP EF and ECT(1) go on the outer header too.
+                    Case {
+                        name: "IPv4 in IPv4, DSCP and ECN",
+                        frame: marked_v4.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&marked_v4, ip("10.0.0.1"), ip("10.0.3.50"))),
+                        counter: Counter::Steered,
+                    },
+                    Case {
+                        name: "IPv6 in IPv6, traffic class",
+                        frame: marked_v6.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&marked_v6, ip("fd00::1"), ip("fd00:3::50"))),
                         counter: Counter::Steered,
                     },
                     Case {
