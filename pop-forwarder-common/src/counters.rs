@@ -80,10 +80,19 @@ pub enum Counter {
     /// `VLANS`): to the kernel, tags as they came, which drops it as Linux
     /// does.
     PassUnknownVlan,
+    /// Too big for an IP-in-IP node once wrapped, and its source already
+    /// got `ICMP_TOO_BIG_PER_SECOND` ICMP errors this second (RFC 1812
+    /// 4.3.2.8, RFC 4443 2.4 f): dropped without an answer, as Linux does
+    /// when its ICMP rate limit holds.
+    DropIcmpRateLimited,
 }
 
+/// ICMP too-big answers a source gets per second at most; the rest of its
+/// too-big packets are dropped (`drop_icmp_rate_limited`).
+pub const ICMP_TOO_BIG_PER_SECOND: u64 = 8;
+
 impl Counter {
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 26;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -111,6 +120,7 @@ impl Counter {
         Counter::PassKernelRoute,
         Counter::PassFibNotForwarded,
         Counter::PassUnknownVlan,
+        Counter::DropIcmpRateLimited,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -141,6 +151,7 @@ impl Counter {
             Counter::PassKernelRoute => "pass_kernel_route",
             Counter::PassFibNotForwarded => "pass_fib_not_forwarded",
             Counter::PassUnknownVlan => "pass_unknown_vlan",
+            Counter::DropIcmpRateLimited => "drop_icmp_rate_limited",
         }
     }
 

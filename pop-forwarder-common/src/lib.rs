@@ -13,7 +13,7 @@ pub mod ecmp;
 pub mod maglev;
 pub mod steering;
 
-pub use counters::Counter;
+pub use counters::{Counter, ICMP_TOO_BIG_PER_SECOND};
 
 /// The layout of the pinned maps: their names, types, key and value
 /// layouts, sizes and the meaning of every entry. A daemon (or a new build
@@ -321,7 +321,7 @@ mod tests {
             (
                 3,
                 [
-                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 25, 6,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 26, 6,
                     16777216, 2097152, 2, 64, 1024, 65537, 262144, 23, 24, 8, 776, 65536, 1024,
                     8192, 4097, 8, 4096,
                 ]

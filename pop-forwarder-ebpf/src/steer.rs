@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -16,7 +16,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use pop_forwarder_common::{
-    Counter, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24, ecmp,
+    Counter, ICMP_TOO_BIG_PER_SECOND, LOCAL_NEXT_HOP, TrafficCounter, checksum, dir24, ecmp,
     maglev::{self, NO_NODE},
     settings,
     steering::{
@@ -32,7 +32,7 @@ use crate::{
         RouteFlow, SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
         traffic,
     },
-    packet::{copy_bytes, ptr_at, widen},
+    packet::{copy_bytes, pair_at, ptr_at, widen},
     pass,
 };
 
@@ -453,6 +453,51 @@ const ANSWER_V6: usize = EthHdr::LEN + 40 + 8 + QUOTE_V6;
 /// becomes the answer in place: cut to the quote, then the new headers
 /// grown in front of it. IPv4 without don't-fragment (the sender allows
 /// fragmenting, which XDP cannot do) goes to the kernel, counted.
+/// Too-big answers sent per source this second: (the second's start in
+/// ns, answers). Not pinned: a restart starts every source afresh.
+#[map]
+static TOO_BIG_SENT: LruHashMap<[u64; 2], [u64; 2]> = LruHashMap::with_max_entries(1 << 16, 0);
+
+/// Whether the packet's source may get another ICMP error this second
+/// (RFC 1812 4.3.2.8, RFC 4443 2.4 f), counting it if so.
+#[inline(always)]
+fn too_big_allowed(ctx: &XdpContext, family: u8) -> bool {
+    let key = if family == 4 {
+        match pair_at(ctx, EthHdr::LEN + 12).zip(pair_at(ctx, EthHdr::LEN + 14)) {
+            Some((a, b)) => [u64::from(u32::from_le_bytes([a[0], a[1], b[0], b[1]])), 0],
+            None => return false,
+        }
+    } else {
+        match ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) {
+            // SAFETY: ptr_at checked the header lies inside the packet.
+            Some(ip) => maglev::address_words(unsafe { &(*ip).src_addr }),
+            None => return false,
+        }
+    };
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    match TOO_BIG_SENT.get_ptr_mut(&key) {
+        Some(sent) => {
+            // SAFETY: an LRU hash value of this map's type; racing CPUs
+            // may miscount by a few, which a rate limit tolerates.
+            let sent = unsafe { &mut *sent };
+            if now.wrapping_sub(sent[0]) >= 1_000_000_000 {
+                *sent = [now, 1];
+                true
+            } else if sent[1] < ICMP_TOO_BIG_PER_SECOND {
+                sent[1] += 1;
+                true
+            } else {
+                false
+            }
+        }
+        None => {
+            let _ = TOO_BIG_SENT.insert(&key, &[now, 1], 0);
+            true
+        }
+    }
+}
+
 #[inline(always)]
 fn too_big(ctx: &XdpContext, family: u8, mtu: u32) -> Verdict {
     let frame_len = ctx.data_end() - ctx.data();
@@ -471,6 +516,9 @@ fn too_big(ctx: &XdpContext, family: u8, mtu: u32) -> Verdict {
     };
     if frame_len < EthHdr::LEN + quote {
         return pass(Counter::PassTooBig);
+    }
+    if !too_big_allowed(ctx, family) {
+        return crate::drop(Counter::DropIcmpRateLimited);
     }
     // Cut first: if that fails the packet is still whole for the kernel.
     let cut = (EthHdr::LEN + quote) as i32 - frame_len as i32;

@@ -2052,6 +2052,32 @@ mod steering {
                     },
                 ],
             );
+            // ICMP errors are rate limited per source (RFC 1812 4.3.2.8,
+            // RFC 4443 2.4 f): ICMP_TOO_BIG_PER_SECOND answers a second,
+            // the rest dropped and counted. Twenty in a row, well inside a
+            // second: some answered (those the second still allowed), the
+            // rest dropped, never more answers than the limit.
+            let before = p.counters();
+            let results: Vec<u32> = (0..20).map(|_| p.run(&big).0).collect();
+            let after = p.counters();
+            let answered = results.iter().filter(|&&a| a == XDP_TX).count() as u64;
+            let dropped = results.iter().filter(|&&a| a == XDP_DROP).count() as u64;
+            assert_eq!(answered + dropped, 20, "{results:?}");
+            assert!(
+                dropped >= 20 - pop_forwarder_common::ICMP_TOO_BIG_PER_SECOND,
+                "{results:?}"
+            );
+            assert_eq!(
+                after["drop_icmp_rate_limited"] - before["drop_icmp_rate_limited"],
+                dropped
+            );
+            // Another source has its own allowance.
+            let mut other = big.clone();
+            other[29] = 3; // 10.0.1.3
+            other[24..26].fill(0);
+            let c = pop_forwarder_common::checksum::ipv4_header(&other[14..34]);
+            other[24..26].copy_from_slice(&c.to_be_bytes());
+            assert_eq!(p.run(&other).0, XDP_TX);
         });
     }
 
