@@ -139,8 +139,14 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
             if id == NO_NODE || usable(id).is_none() {
                 return Some(pass(Counter::PassVipNoNode));
             }
+            // A TCP flow is remembered from the packet that can start it
+            // (SYN): a flood of other TCP packets for flows never seen
+            // creates no entries, so it cannot push established flows out
+            // of the table; such packets follow the Maglev table alone.
             // A full table evicts its least recently used flow.
-            let _ = FLOWS.insert(&flow_key, &id, 0);
+            if flow.protocol != PROTO_TCP || tcp_syn(ctx, flow) {
+                let _ = FLOWS.insert(&flow_key, &id, 0);
+            }
             id
         }
     };
@@ -181,6 +187,16 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
     add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
     add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
     Some(verdict)
+}
+
+/// Whether `flow`'s packet is a TCP SYN (its L4 header there to read).
+#[inline(always)]
+fn tcp_syn(ctx: &XdpContext, flow: &Flow) -> bool {
+    const SYN: u8 = 0x02;
+    match flow.l4_offset.and_then(|l4| pair_at(ctx, l4 + 12)) {
+        Some([_, flags]) => flags & SYN != 0,
+        None => false,
+    }
 }
 
 /// The node `id`, if it can take packets now.

@@ -1505,6 +1505,42 @@ mod steering {
     }
 
     #[test]
+    fn only_a_tcp_syn_makes_a_connection_table_entry() {
+        with_program(|p| {
+            setup(p);
+            let key = |sport: u16| pop_forwarder_common::steering::FlowKey {
+                src: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+                dst: "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets(),
+                src_port: sport,
+                dst_port: 443,
+                protocol: PROTO_TCP,
+                family: 6,
+                pad: [0; 2],
+            };
+            // A flood of mid-connection packets (ACKs) for flows never seen:
+            // steered by Maglev, remembered never, so established flows keep
+            // their entries.
+            for sport in 41000..41032u16 {
+                let ack = flow("2001:db8::1", "2001:db8::10", true, sport, 443);
+                let node = maglev_node(p, 1, "2001:db8::1", "2001:db8::10", PROTO_TCP, sport, 443);
+                assert_eq!(p.run(&ack), steered(&ack, node), "ACK {sport}");
+                assert_eq!(
+                    p.tables.flow_node(&key(sport)).unwrap(),
+                    None,
+                    "ACK {sport}"
+                );
+            }
+            // A SYN starts a connection: remembered, on the node it went to.
+            // (The program does not read the TCP checksum: left as it was.)
+            let mut syn = flow("2001:db8::1", "2001:db8::10", true, 41100, 443);
+            syn[14 + 40 + 13] = 0x02;
+            let node = maglev_node(p, 1, "2001:db8::1", "2001:db8::10", PROTO_TCP, 41100, 443);
+            assert_eq!(p.run(&syn), steered(&syn, node));
+            assert_eq!(p.tables.flow_node(&key(41100)).unwrap(), Some(node));
+        });
+    }
+
+    #[test]
     fn vip_traffic_goes_to_its_maglev_node_by_direct_server_return() {
         with_program(|p| {
             setup(p);
