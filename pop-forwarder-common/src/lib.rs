@@ -245,7 +245,11 @@ pub mod settings {
     /// default, zero: the program's own tables) or `ROUTE_LOOKUP_FIB` (the
     /// kernel's FIB, per packet, with bpf_fib_lookup).
     pub const ROUTE_LOOKUP: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Seconds a TCP / another protocol's connection-table entry may stay
+    /// idle before it is treated as absent; 0: never.
+    pub const FLOW_IDLE_TCP: u32 = 6;
+    pub const FLOW_IDLE_UDP: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     pub const ROUTE_LOOKUP_TABLES: u32 = 0;
     pub const ROUTE_LOOKUP_FIB: u32 = 1;
@@ -315,15 +319,16 @@ mod tests {
             KERNEL_NEXT_HOP,
             size_of::<VlanKey>() as u32,
             MAX_VLANS,
+            size_of::<steering::FlowEntry>() as u32,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
                 3,
                 [
-                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 26, 6,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 26, 8,
                     16777216, 2097152, 2, 64, 1024, 65537, 262144, 23, 24, 8, 776, 65536, 1024,
-                    8192, 4097, 8, 4096,
+                    8192, 4097, 8, 4096, 16,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

@@ -92,6 +92,23 @@ pub struct CacheNode {
 pub const ENCAP_SOURCE_V4: u32 = 0;
 pub const ENCAP_SOURCE_V6: u32 = 1;
 
+/// Value of the connection table: the flow's node, and when the program
+/// last saw the flow (`bpf_ktime_get_coarse_ns`, updated at most once a
+/// second). An entry idle longer than its protocol's timeout
+/// (`settings::FLOW_IDLE_TCP` / `FLOW_IDLE_UDP`) is treated as absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowEntry {
+    pub node: u32,
+    pub pad: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Idle timeouts of connection-table entries by default, in seconds (as
+/// IPVS's: TCP 900, UDP 300).
+pub const FLOW_IDLE_TCP_DEFAULT_S: u32 = 900;
+pub const FLOW_IDLE_UDP_DEFAULT_S: u32 = 300;
+
 /// A flow: the connection table's key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
@@ -112,4 +129,5 @@ mod user {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::CacheNode {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
 }

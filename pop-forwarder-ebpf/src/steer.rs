@@ -6,7 +6,9 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{
+        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -20,9 +22,9 @@ use pop_forwarder_common::{
     maglev::{self, NO_NODE},
     settings,
     steering::{
-        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowKey, MAGLEV_ENTRIES, MAX_CACHE_NODES,
-        MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP,
-        VipInfo, VipKey,
+        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowEntry, FlowKey, MAGLEV_ENTRIES,
+        MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
+        PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
     },
 };
 
@@ -48,7 +50,7 @@ static CACHE_NODES: Array<CacheNode> = Array::with_max_entries(MAX_CACHE_NODES, 
 
 /// Flow -> node: keeps a flow on its node when the pool changes.
 #[map]
-static FLOWS: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
 #[map]
 static VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
@@ -115,10 +117,27 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         family: flow.family,
         pad: [0; 2],
     };
-    // SAFETY: as above.
-    let known = unsafe { FLOWS.get(&flow_key) }
-        .copied()
-        .filter(|&id| usable(id).is_some());
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let known = match FLOWS.get_ptr_mut(&flow_key) {
+        Some(entry) => {
+            // SAFETY: an LRU hash value of this map's type; a racing CPU's
+            // write of the same time is harmless.
+            let entry = unsafe { &mut *entry };
+            let idle = now.wrapping_sub(entry.last_seen_ns);
+            let timeout = idle_timeout_ns(flow.protocol);
+            if (timeout == 0 || idle < timeout) && usable(entry.node).is_some() {
+                // At most one write a second per flow.
+                if idle >= 1_000_000_000 {
+                    entry.last_seen_ns = now;
+                }
+                Some(entry.node)
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
     let node_id = match known {
         Some(id) => id,
         None => {
@@ -145,7 +164,12 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
             // of the table; such packets follow the Maglev table alone.
             // A full table evicts its least recently used flow.
             if flow.protocol != PROTO_TCP || tcp_syn(ctx, flow) {
-                let _ = FLOWS.insert(&flow_key, &id, 0);
+                let entry = FlowEntry {
+                    node: id,
+                    pad: 0,
+                    last_seen_ns: now,
+                };
+                let _ = FLOWS.insert(&flow_key, &entry, 0);
             }
             id
         }
@@ -187,6 +211,18 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
     add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
     add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
     Some(verdict)
+}
+
+/// How long a connection-table entry of `protocol` may stay idle, in ns;
+/// 0: for ever.
+#[inline(always)]
+fn idle_timeout_ns(protocol: u8) -> u64 {
+    let slot = if protocol == PROTO_TCP {
+        settings::FLOW_IDLE_TCP
+    } else {
+        settings::FLOW_IDLE_UDP
+    };
+    u64::from(SETTINGS.get(slot).copied().unwrap_or(0)) * 1_000_000_000
 }
 
 /// Whether `flow`'s packet is a TCP SYN (its L4 header there to read).

@@ -45,6 +45,13 @@ pub struct Config {
     /// Seed of the flow hash; the same on every forwarder of a PoP.
     #[serde(default)]
     pub flow_hash_seed: u32,
+    /// Seconds a TCP flow's connection-table entry may stay idle; 0: for
+    /// ever.
+    #[serde(default = "default_flow_idle_tcp")]
+    pub flow_idle_timeout_tcp: u32,
+    /// The same for other protocols (UDP).
+    #[serde(default = "default_flow_idle_udp")]
+    pub flow_idle_timeout_udp: u32,
     /// Entries of each VIP's Maglev table: a prime, at most 65537.
     #[serde(default = "default_table_size")]
     pub maglev_table_size: u32,
@@ -59,6 +66,14 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<String>,
+}
+
+fn default_flow_idle_tcp() -> u32 {
+    pop_forwarder_common::steering::FLOW_IDLE_TCP_DEFAULT_S
+}
+
+fn default_flow_idle_udp() -> u32 {
+    pop_forwarder_common::steering::FLOW_IDLE_UDP_DEFAULT_S
 }
 
 fn default_kernel_table() -> u32 {
@@ -494,6 +509,8 @@ pub struct Model {
     pub kernel_table: u32,
     pub routes: Vec<Route>,
     pub flow_hash_seed: u32,
+    /// Connection-table idle timeouts, TCP and other protocols (seconds).
+    pub flow_idle_timeout: (u32, u32),
     pub maglev_table_size: u32,
     pub encap_source_v4: Option<std::net::Ipv4Addr>,
     pub encap_source_v6: Option<std::net::Ipv6Addr>,
@@ -614,6 +631,7 @@ impl Model {
             kernel_table: config.kernel_table,
             routes,
             flow_hash_seed: config.flow_hash_seed,
+            flow_idle_timeout: (config.flow_idle_timeout_tcp, config.flow_idle_timeout_udp),
             maglev_table_size: config.maglev_table_size,
             encap_source_v4: config.encap_source_v4,
             encap_source_v6: config.encap_source_v6,

@@ -1100,6 +1100,7 @@ fn fill(
     };
     tables.set_route_miss(model.route_miss)?;
     tables.set_route_lookup(model.route_lookup)?;
+    tables.set_flow_idle(model.flow_idle_timeout.0, model.flow_idle_timeout.1)?;
     for iface in attach_to {
         tables.add_egress(iface.ifindex)?;
         if let Some(mac) = links
@@ -1264,6 +1265,9 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         let routes = running.tables.apply_routes(&routes)?;
         running.tables.set_route_miss(model.route_miss)?;
         running.tables.set_route_lookup(model.route_lookup)?;
+        running
+            .tables
+            .set_flow_idle(model.flow_idle_timeout.0, model.flow_idle_timeout.1)?;
         Ok((applied, routes))
     })?;
     running.connected = connected;

@@ -1505,6 +1505,33 @@ mod steering {
     }
 
     #[test]
+    fn an_idle_flow_is_forgotten_after_its_timeout() {
+        with_program(|p| {
+            setup(p);
+            // UDP entries idle for a second are gone; TCP ones never.
+            p.tables.set_flow_idle(0, 1).unwrap();
+            let frame = flow("10.0.1.2", "192.0.2.10", false, 42000, 9999);
+            let first = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, 42000, 9999);
+            assert_eq!(p.run(&frame), steered(&frame, first));
+            // The pool now sends every new flow to the other node; the
+            // flow, known, stays where it is.
+            let other = 1 - first;
+            p.tables
+                .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &[other; SIZE as usize])
+                .unwrap();
+            assert_eq!(p.run(&frame), steered(&frame, first));
+            // Idle past its timeout, it is a new flow again: the other node.
+            std::thread::sleep(std::time::Duration::from_millis(1300));
+            assert_eq!(p.run(&frame), steered(&frame, other));
+            // And it is remembered there.
+            p.tables
+                .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &[first; SIZE as usize])
+                .unwrap();
+            assert_eq!(p.run(&frame), steered(&frame, other));
+        });
+    }
+
+    #[test]
     fn only_a_tcp_syn_makes_a_connection_table_entry() {
         with_program(|p| {
             setup(p);

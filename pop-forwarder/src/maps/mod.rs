@@ -30,7 +30,7 @@ use pop_forwarder_common::{
     dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
     ecmp::{self, NextHopGroup},
     map_names as names, settings,
-    steering::{CacheNode, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
+    steering::{CacheNode, FlowEntry, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
 };
 use std::{
     collections::{BTreeMap, HashSet},
@@ -83,7 +83,7 @@ pub struct Tables {
     vips: HashMap<MapData, VipKey, VipInfo>,
     maglev: Array<MapData, u64>,
     cache_nodes: Array<MapData, CacheNode>,
-    flows: HashMap<MapData, FlowKey, u32>,
+    flows: HashMap<MapData, FlowKey, FlowEntry>,
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
     encap_sources: Array<MapData, [u8; 16]>,

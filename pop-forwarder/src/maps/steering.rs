@@ -19,6 +19,13 @@ pub struct FlowLookup {
 impl Tables {
     /// Makes the local-address sets exactly `addrs`.
     /// Seeds the flow hash and turns the VIP lookup on or off.
+    /// How long connection-table entries may stay idle (seconds; 0:
+    /// for ever), TCP and other protocols.
+    pub fn set_flow_idle(&mut self, tcp: u32, udp: u32) -> Result<()> {
+        self.set_setting(settings::FLOW_IDLE_TCP, tcp, "the TCP flow idle timeout")?;
+        self.set_setting(settings::FLOW_IDLE_UDP, udp, "the UDP flow idle timeout")
+    }
+
     pub fn set_steering(&mut self, seed: u32, on: bool) -> Result<()> {
         self.set_setting(settings::FLOW_HASH_SEED, seed, "the flow-hash seed")?;
         self.set_setting(settings::STEERING_ON, u32::from(on), "steering on or off")
@@ -259,10 +266,11 @@ impl Tables {
         }))
     }
 
-    /// The node a known flow is pinned to.
+    /// The node a known flow is pinned to (its entry may have expired:
+    /// the program then treats it as absent).
     pub fn flow_node(&self, key: &FlowKey) -> Result<Option<u32>> {
         match self.flows.get(key, 0) {
-            Ok(id) => Ok(Some(id)),
+            Ok(entry) => Ok(Some(entry.node)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the connection table"),
         }
