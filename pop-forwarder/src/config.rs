@@ -830,6 +830,52 @@ mac = "02:00:00:00:00:02"
     }
 
     #[test]
+    fn route_source_lookup_and_flow_timeouts_are_read_and_checked() {
+        let m = Model::from_toml(GOOD).unwrap();
+        assert_eq!(
+            (
+                m.route_source,
+                m.kernel_table,
+                m.route_lookup,
+                m.flow_idle_timeout
+            ),
+            (RouteSource::Static, 254, RouteLookup::Tables, (900, 300))
+        );
+        let m = Model::from_toml(&format!(
+            "route_source = \"kernel\"\nkernel_table = 100\nroute_lookup = \"kernel-fib\"\n\
+             flow_idle_timeout_tcp = 0\nflow_idle_timeout_udp = 30\n{GOOD}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                m.route_source,
+                m.kernel_table,
+                m.route_lookup,
+                m.flow_idle_timeout
+            ),
+            (RouteSource::Kernel, 100, RouteLookup::KernelFib, (0, 30))
+        );
+        for (line, why) in [
+            (
+                "kernel_table = 255",
+                "kernel_table: 255 is not a routing table to mirror",
+            ),
+            (
+                "kernel_table = 0",
+                "kernel_table: 0 is not a routing table to mirror",
+            ),
+            ("route_source = \"bgp\"", "unknown variant `bgp`"),
+            ("route_lookup = \"fib\"", "unknown variant `fib`"),
+        ] {
+            let e = format!(
+                "{:#}",
+                Model::from_toml(&format!("{line}\n{GOOD}")).unwrap_err()
+            );
+            assert!(e.contains(why), "{line}: {e}");
+        }
+    }
+
+    #[test]
     fn prefix_normalisation_and_display() {
         let p: Prefix = "0.0.0.0/0".parse().unwrap();
         assert_eq!(p.network().to_string(), "0.0.0.0");
