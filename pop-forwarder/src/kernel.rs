@@ -612,6 +612,26 @@ pub fn route_table(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
+/// A kernel route to `prefix` through `paths` (gateway, ifindex), each of
+/// weight 1: for the tests.
+#[cfg(test)]
+pub(crate) fn via_route(prefix: &str, priority: u32, paths: &[(&str, u32)]) -> KernelRoute {
+    KernelRoute {
+        prefix: prefix.parse().unwrap(),
+        priority,
+        kind: KernelKind::Via(
+            paths
+                .iter()
+                .map(|(gw, ifindex)| Path {
+                    gateway: gw.parse().unwrap(),
+                    ifindex: *ifindex,
+                    weight: 1,
+                })
+                .collect(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use netlink_packet_route::link::InfoKind;
@@ -642,20 +662,7 @@ mod tests {
         RouteEvent {
             deleted,
             append,
-            route: KernelRoute {
-                prefix: "2001:db8::/32".parse().unwrap(),
-                priority,
-                kind: KernelKind::Via(
-                    paths
-                        .iter()
-                        .map(|(gw, ifindex)| Path {
-                            gateway: gw.parse().unwrap(),
-                            ifindex: *ifindex,
-                            weight: 1,
-                        })
-                        .collect(),
-                ),
-            },
+            route: via_route("2001:db8::/32", priority, paths),
         }
     }
 

@@ -132,7 +132,7 @@ mod tests {
     use pop_forwarder_common::{NH_F_CONNECTED, NH_F_MAC_VALID};
 
     use super::*;
-    use crate::{kernel::Path, maps::NH_F_KERNEL, net::Mac};
+    use crate::{maps::NH_F_KERNEL, net::Mac};
 
     fn link(ifindex: u32, subnet: &str) -> Link {
         Link {
@@ -149,20 +149,7 @@ mod tests {
     }
 
     fn via(prefix: &str, paths: &[(&str, u32)]) -> KernelRoute {
-        KernelRoute {
-            prefix: prefix.parse().unwrap(),
-            priority: 0,
-            kind: KernelKind::Via(
-                paths
-                    .iter()
-                    .map(|(gw, ifindex)| Path {
-                        gateway: gw.parse().unwrap(),
-                        ifindex: *ifindex,
-                        weight: 1,
-                    })
-                    .collect(),
-            ),
-        }
+        crate::kernel::via_route(prefix, 0, paths)
     }
 
     #[test]

@@ -1500,6 +1500,28 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     assert!(back.contains(&0) && back.contains(&1), "{back:?}");
 }
 
+/// Sends COUNT datagrams from `from` to a socket at `sink_addr` in `to`,
+/// checks that all of them arrive, and returns how many the program
+/// counted as forwarded meanwhile.
+fn all_arrive(
+    fwd: &Forwarder,
+    from: &tests::Netns,
+    to: &tests::Netns,
+    sink_addr: &str,
+    tag: &str,
+) -> u64 {
+    let before = fwd.counter("forwarded").unwrap();
+    let sink = udp_socket(to, sink_addr).unwrap();
+    send_udp(from, sink_addr.parse().unwrap(), 64, tag, COUNT).unwrap();
+    assert_eq!(
+        receive(&sink, COUNT, WAIT).len(),
+        COUNT,
+        "{tag}: datagrams to {sink_addr}\n{}",
+        fwd.log()
+    );
+    fwd.counter("forwarded").unwrap() - before
+}
+
 /// Gives the router permanent neighbour entries for a (10.0.1.2,
 /// fd00:1::2), as ARP and ND would.
 fn neighbour_a(lab: &Lab) {
@@ -1541,16 +1563,8 @@ fn connected_subnets_go_to_their_hosts_never_to_the_default_gateway() {
     // Kernel forwarding is off: what arrives in a was forwarded by XDP,
     // straight to a, not to c by the default route.
     for (sink_addr, tag) in [("10.0.1.2:9999", "v4"), ("[fd00:1::2]:9999", "v6")] {
-        let before = fwd.counter("forwarded").unwrap();
-        let sink = udp_socket(&lab.a, sink_addr).unwrap();
-        send_udp(&lab.c, sink_addr.parse().unwrap(), 64, tag, COUNT).unwrap();
-        assert_eq!(
-            receive(&sink, COUNT, WAIT).len(),
-            COUNT,
-            "{tag}: datagrams to a host on a connected subnet\n{}",
-            fwd.log()
-        );
-        assert!(fwd.counter("forwarded").unwrap() - before >= COUNT as u64);
+        let forwarded = all_arrive(&fwd, &lab.c, &lab.a, sink_addr, tag);
+        assert!(forwarded >= COUNT as u64, "{tag}");
     }
     // A host the router has not resolved: to the kernel (which would
     // resolve it), counted; never to the default gateway.
@@ -1603,21 +1617,9 @@ fn kernel_fib_lookup_forwards_by_the_kernels_routes_and_neighbours() {
     );
     let fwd = Forwarder::start(&lab.router, &config).unwrap();
     for (sink_addr, tag) in [("10.0.2.2:9999", "fib-v4"), ("[fd00:2::2]:9999", "fib-v6")] {
-        let before = fwd.counter("forwarded").unwrap();
-        let sink = udp_socket(&lab.c, sink_addr).unwrap();
-        send_udp(&lab.a, sink_addr.parse().unwrap(), 64, tag, COUNT).unwrap();
-        assert_eq!(
-            receive(&sink, COUNT, WAIT).len(),
-            COUNT,
-            "{tag}\n{}",
-            fwd.log()
-        );
+        let forwarded = all_arrive(&fwd, &lab.a, &lab.c, sink_addr, tag);
         // Forwarded by XDP, not by the kernel (whose forwarding is on).
-        assert_eq!(
-            fwd.counter("forwarded").unwrap() - before,
-            COUNT as u64,
-            "{tag}"
-        );
+        assert_eq!(forwarded, COUNT as u64, "{tag}");
     }
     // A host the kernel has not resolved: to the kernel, which resolves it.
     let before = fwd.counter("pass_no_neighbour").unwrap();
