@@ -64,7 +64,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Change or show the running instance's routes.
+    /// Change or show the running instance's routes (changes are refused
+    /// with route_source = "kernel": the kernel table is the truth there).
     #[command(subcommand)]
     Route(RouteCommand),
     /// Add, remove or show the running instance's VIPs (service addresses)
@@ -119,8 +120,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RouteCommand {
-    /// Add a route: PREFIX via GATEWAY on DEV. Without --mac, the gateway's
-    /// MAC comes from the kernel's neighbour table.
+    /// Add a route: PREFIX via GATEWAY on DEV, an interface the program is
+    /// attached to (or a VLAN subinterface of one). Without --mac, the
+    /// gateway's MAC comes from the kernel's neighbour table.
     Add {
         prefix: String,
         #[arg(long)]
