@@ -222,6 +222,29 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A cache-node namespace on its own link from the router: router side
+    /// `dev` (10.0.`net`.1/24), node side n0 (10.0.`net`.11/24), with the
+    /// VIP on its loopback (direct server return: the node holds the VIP).
+    pub fn cache_node(&self, dev: &str, net: u8, vip: &str) -> Result<Netns> {
+        let node = Netns::new("n")?;
+        #[rustfmt::skip]
+        sh("ip", &[
+            "link", "add", "n0", "netns", &node.name, "numtxqueues", "1", "numrxqueues", "1",
+            "type", "veth", "peer", "name", dev, "netns", &self.router.name, "numtxqueues", "1", "numrxqueues", "1",
+        ])?;
+        node.ip(&["addr", "add", &format!("10.0.{net}.11/24"), "dev", "n0"])?;
+        node.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
+        node.ip(&["link", "set", "n0", "up"])?;
+        self.router
+            .ip(&["addr", "add", &format!("10.0.{net}.1/24"), "dev", dev])?;
+        self.router.ip(&["link", "set", dev, "up"])?;
+        node.run(
+            "ethtool",
+            &["-K", "n0", "gro", "on", "tx", "off", "tso", "off"],
+        )?;
+        Ok(node)
+    }
+
     /// A config for this lab: both router interfaces, and `routes` (TOML
     /// `[[routes]]` tables) appended.
     pub fn config(&self, route_miss: &str, routes: &str) -> String {
@@ -943,4 +966,100 @@ fn dump_map(map: &aya::maps::MapData) -> Vec<u8> {
     }
     records.sort();
     records.concat()
+}
+
+/// A BIRD in a namespace: its config, control socket and log in a
+/// directory of its own; killed (and the directory removed) on drop.
+pub struct Bird {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Bird {
+    pub fn start(ns: &Netns, config: &str) -> Result<Bird> {
+        let dir = std::env::temp_dir().join(unique("bird"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("bird.conf"), config)?;
+        let log = std::fs::File::create(dir.join("bird.log"))?;
+        let child = ns
+            .command("bird")
+            .arg("-f")
+            .arg("-c")
+            .arg(dir.join("bird.conf"))
+            .arg("-s")
+            .arg(dir.join("bird.ctl"))
+            .arg("-P")
+            .arg(dir.join("bird.pid"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting bird (Debian package bird2)")?;
+        let bird = Bird {
+            child: Some(child),
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bird.birdc(&["show", "status"]).is_err() {
+            if Instant::now() > deadline {
+                bail!("bird did not start:\n{}", bird.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(bird)
+    }
+
+    pub fn birdc(&self, args: &[&str]) -> Result<String> {
+        let socket = self.dir.join("bird.ctl");
+        let mut all = vec!["-s", socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        sh("birdc", &all)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
+    }
+
+    /// Stops it outright, as a crash or a power cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A veth pair between two namespaces, one queue each way (see `Lab`),
+/// with addresses; `host_if`'s end set up to take XDP-redirected frames.
+pub fn wire(
+    host: &Netns,
+    host_if: &str,
+    host_addr: &str,
+    fwd: &Netns,
+    fwd_if: &str,
+    fwd_addr: &str,
+) {
+    #[rustfmt::skip]
+    sh("ip", &[
+        "link", "add", host_if, "netns", &host.name, "numtxqueues", "1", "numrxqueues", "1",
+        "type", "veth",
+        "peer", "name", fwd_if, "netns", &fwd.name, "numtxqueues", "1", "numrxqueues", "1",
+    ])
+    .unwrap();
+    host.ip(&["addr", "add", host_addr, "dev", host_if])
+        .unwrap();
+    fwd.ip(&["addr", "add", fwd_addr, "dev", fwd_if]).unwrap();
+    host.ip(&["link", "set", host_if, "up"]).unwrap();
+    fwd.ip(&["link", "set", fwd_if, "up"]).unwrap();
+    host.run(
+        "ethtool",
+        &["-K", host_if, "gro", "on", "tx", "off", "tso", "off"],
+    )
+    .unwrap();
 }

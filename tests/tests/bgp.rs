@@ -17,102 +17,10 @@
 use std::{
     collections::BTreeMap,
     net::UdpSocket,
-    path::PathBuf,
-    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
-use tests::{Forwarder, Netns, sh, udp_socket, unique};
-
-/// A BIRD in a namespace: its config, control socket and log in a
-/// directory of its own; killed (and the directory removed) on drop.
-struct Bird {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Bird {
-    fn start(ns: &Netns, config: &str) -> Result<Bird> {
-        let dir = std::env::temp_dir().join(unique("bird"));
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("bird.conf"), config)?;
-        let log = std::fs::File::create(dir.join("bird.log"))?;
-        let child = ns
-            .command("bird")
-            .arg("-f")
-            .arg("-c")
-            .arg(dir.join("bird.conf"))
-            .arg("-s")
-            .arg(dir.join("bird.ctl"))
-            .arg("-P")
-            .arg(dir.join("bird.pid"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting bird (Debian package bird2)")?;
-        let bird = Bird {
-            child: Some(child),
-            dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while bird.birdc(&["show", "status"]).is_err() {
-            if Instant::now() > deadline {
-                bail!("bird did not start:\n{}", bird.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(bird)
-    }
-
-    fn birdc(&self, args: &[&str]) -> Result<String> {
-        let socket = self.dir.join("bird.ctl");
-        let mut all = vec!["-s", socket.to_str().unwrap()];
-        all.extend_from_slice(args);
-        sh("birdc", &all)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
-    }
-
-    /// Stops it outright, as a crash or a power cut would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A veth pair between two namespaces, one queue each way (see `Lab`),
-/// with addresses; `host_if`'s end set up to take XDP-redirected frames.
-fn wire(host: &Netns, host_if: &str, host_addr: &str, fwd: &Netns, fwd_if: &str, fwd_addr: &str) {
-    #[rustfmt::skip]
-    sh("ip", &[
-        "link", "add", host_if, "netns", &host.name, "numtxqueues", "1", "numrxqueues", "1",
-        "type", "veth",
-        "peer", "name", fwd_if, "netns", &fwd.name, "numtxqueues", "1", "numrxqueues", "1",
-    ])
-    .unwrap();
-    host.ip(&["addr", "add", host_addr, "dev", host_if])
-        .unwrap();
-    fwd.ip(&["addr", "add", fwd_addr, "dev", fwd_if]).unwrap();
-    host.ip(&["link", "set", host_if, "up"]).unwrap();
-    fwd.ip(&["link", "set", fwd_if, "up"]).unwrap();
-    host.run(
-        "ethtool",
-        &["-K", host_if, "gro", "on", "tx", "off", "tso", "off"],
-    )
-    .unwrap();
-}
+use tests::{Bird, Forwarder, Netns, udp_socket, unique, wire};
 
 const PEER_BIRD: &str = r#"
 router id ROUTER;

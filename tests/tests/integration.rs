@@ -777,41 +777,13 @@ fn lookup_vip_flow(fwd: &Forwarder, src_port: u16) -> serde_json::Value {
     serde_json::from_str(&out.unwrap()).unwrap()
 }
 
-/// A cache-node namespace on its own link from the router: router side
-/// `dev` (10.0.`net`.1/24), node side n0 (10.0.`net`.11/24), with the VIP
-/// on its loopback (direct server return: the node holds the VIP).
-fn cache_node(lab: &Lab, dev: &str, net: u8, vip: &str) -> tests::Netns {
-    let node = tests::Netns::new("n").unwrap();
-    #[rustfmt::skip]
-    tests::sh("ip", &[
-        "link", "add", "n0", "netns", &node.name, "numtxqueues", "1", "numrxqueues", "1",
-        "type", "veth", "peer", "name", dev, "netns", &lab.router.name, "numtxqueues", "1", "numrxqueues", "1",
-    ])
-    .unwrap();
-    node.ip(&["addr", "add", &format!("10.0.{net}.11/24"), "dev", "n0"])
-        .unwrap();
-    node.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
-        .unwrap();
-    node.ip(&["link", "set", "n0", "up"]).unwrap();
-    lab.router
-        .ip(&["addr", "add", &format!("10.0.{net}.1/24"), "dev", dev])
-        .unwrap();
-    lab.router.ip(&["link", "set", dev, "up"]).unwrap();
-    node.run(
-        "ethtool",
-        &["-K", "n0", "gro", "on", "tx", "off", "tso", "off"],
-    )
-    .unwrap();
-    node
-}
-
 /// Two cache-node namespaces holding VIP 192.0.2.10 (cache-1 on r2,
 /// cache-2 on r3), and the steering config for them (r2 and r3 attached
 /// too): a UDP any-port VIP on both, each node's table given `extra1` /
 /// `extra2` lines.
 fn two_cache_nodes(lab: &Lab, extra1: &str, extra2: &str) -> (tests::Netns, tests::Netns, String) {
-    let n1 = cache_node(lab, "r2", 5, "192.0.2.10");
-    let n2 = cache_node(lab, "r3", 6, "192.0.2.10");
+    let n1 = lab.cache_node("r2", 5, "192.0.2.10").unwrap();
+    let n2 = lab.cache_node("r3", 6, "192.0.2.10").unwrap();
     // The program sends only out of interfaces it is attached to: r2 and
     // r3 too.
     let steering = format!(
@@ -1007,7 +979,7 @@ fn http_health_checks_follow_the_status_code() {
         },
     };
     let lab = Lab::new().unwrap();
-    let n1 = cache_node(&lab, "r2", 5, "192.0.2.10");
+    let n1 = lab.cache_node("r2", 5, "192.0.2.10").unwrap();
     let steering = r#"
 [[interfaces]]
 name = "r2"
