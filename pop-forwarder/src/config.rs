@@ -66,6 +66,10 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// A group whose members may use the control socket besides root.
     pub control_group: Option<String>,
+    /// Kernel routing table in which the daemon keeps a route to every VIP
+    /// address it can serve, for a BGP daemon on the box to announce
+    /// (README "Announcing VIPs"). Unset: VIPs are not announced.
+    pub vip_route_table: Option<u32>,
 }
 
 fn default_flow_idle_tcp() -> u32 {
@@ -520,6 +524,8 @@ pub struct Model {
     /// Members of this group may use the control socket too (the group must
     /// exist when `run` starts).
     pub control_group: Option<String>,
+    /// Where VIP routes for BGP go (`announce`); None: not announced.
+    pub vip_route_table: Option<u32>,
 }
 
 impl Model {
@@ -622,6 +628,15 @@ impl Model {
                 config.kernel_table
             );
         }
+        if let Some(table) = config.vip_route_table {
+            crate::announce::check_table(table)
+                .map_err(|e| anyhow::anyhow!("vip_route_table: {e}"))?;
+            if config.route_source == RouteSource::Kernel && table == config.kernel_table {
+                bail!(
+                    "vip_route_table: {table} is the mirrored kernel_table; announced VIPs need a table of their own"
+                );
+            }
+        }
         Model {
             route_miss: config.route_miss,
             ipv4_lookup: config.ipv4_lookup,
@@ -638,6 +653,7 @@ impl Model {
             nodes,
             vips,
             control_group: config.control_group,
+            vip_route_table: config.vip_route_table,
         }
         .checked()
     }
@@ -841,6 +857,9 @@ mac = "02:00:00:00:00:02"
             ),
             (RouteSource::Static, 254, RouteLookup::Tables, (900, 300))
         );
+        assert_eq!(m.vip_route_table, None);
+        let m = Model::from_toml(&format!("vip_route_table = 1000\n{GOOD}")).unwrap();
+        assert_eq!(m.vip_route_table, Some(1000));
         let m = Model::from_toml(&format!(
             "route_source = \"kernel\"\nkernel_table = 100\nroute_lookup = \"kernel-fib\"\n\
              flow_idle_timeout_tcp = 0\nflow_idle_timeout_udp = 30\n{GOOD}"
@@ -863,6 +882,14 @@ mac = "02:00:00:00:00:02"
             (
                 "kernel_table = 0",
                 "kernel_table: 0 is not a routing table to mirror",
+            ),
+            (
+                "vip_route_table = 254",
+                "vip_route_table: 254 is a table the kernel routes by",
+            ),
+            (
+                "route_source = \"kernel\"\nkernel_table = 100\nvip_route_table = 100",
+                "vip_route_table: 100 is the mirrored kernel_table",
             ),
             ("route_source = \"bgp\"", "unknown variant `bgp`"),
             ("route_lookup = \"fib\"", "unknown variant `fib`"),

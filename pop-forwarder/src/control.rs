@@ -74,6 +74,11 @@ pub enum Command {
     /// Re-reads the config file and applies it (what SIGHUP does), answering
     /// with what changed or why it was refused.
     Reload,
+    /// Withdraws every VIP route (maintenance); flows that still arrive
+    /// are steered as before.
+    Drain,
+    /// Ends a drain: VIPs that can be served are announced again.
+    Resume,
     /// Removes the data plane: unpins and detaches everything, then the
     /// daemon exits. The one command that stops forwarding.
     Detach,

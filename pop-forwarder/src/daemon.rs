@@ -17,7 +17,7 @@ use pop_forwarder_common::{MAP_LAYOUT_VERSION, NextHop, PROGRAM_NAME, map_names}
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
-    EBPF_OBJECT,
+    EBPF_OBJECT, announce,
     config::{Delivery, Ipv4Lookup, Model, Node, Route, RouteSource, Vip, XdpMode},
     control,
     health::HealthEvent,
@@ -341,6 +341,14 @@ struct Running {
     mirrored: HashMap<Prefix, Want>,
     /// The last refresh of interfaces and neighbours failed: try again.
     refresh_failed: bool,
+    /// VIP announcement: the table its routes go in (None: off), whether
+    /// the forwarder is drained (nothing announced), whether the last
+    /// announcement failed (try again), and the VIPs someone else's route
+    /// in the table keeps from being announced, as last logged.
+    vip_route_table: Option<u32>,
+    draining: bool,
+    announce_failed: bool,
+    announce_conflicts: std::collections::BTreeSet<std::net::IpAddr>,
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -432,6 +440,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
         .map(|(_, n)| n.node.name.clone())
         .collect();
     start_checks(&mut running, &names, &[]);
+    announce_vips(&mut running);
     // Nothing is polled: interfaces, addresses and neighbours are read
     // again when the kernel announces a change of them (and after every
     // change of the tables, for the neighbours new next hops need), the
@@ -469,7 +478,9 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 apply_health_or_retry(&mut running, event);
             }
             _ = sighup.recv() => {
-                match reload(&mut running, config_path) {
+                let reloaded = reload(&mut running, config_path);
+                announce_vips(&mut running);
+                match reloaded {
                     Ok(_) => {
                         refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
                     }
@@ -534,6 +545,9 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 if running.refresh_failed {
                     refresh_at.get_or_insert_with(tokio::time::Instant::now);
                 }
+                if running.announce_failed {
+                    announce_vips(&mut running);
+                }
             }
         }
     };
@@ -559,12 +573,21 @@ fn control_command(
     config_path: &Path,
     command: control::Command,
 ) -> Result<String> {
-    if command == control::Command::Reload {
-        return reload(running, config_path);
+    match command {
+        control::Command::Reload => {
+            let result = reload(running, config_path);
+            announce_vips(running);
+            return result;
+        }
+        control::Command::Drain | control::Command::Resume => {
+            return drain(running, command == control::Command::Drain);
+        }
+        _ => {}
     }
     let ((message, applied), writes) = transaction(running, |running| change(running, command))?;
     if let Some(applied) = applied {
         steering_applied(running, &applied)?;
+        announce_vips(running);
     }
     let message = format!("{message} ({writes} table writes)");
     info!("{message}");
@@ -607,7 +630,9 @@ fn change(
     use control::Command;
     let mut spec = running.steering.spec();
     let message = match command {
-        Command::Detach | Command::Reload => unreachable!("handled by the caller"),
+        Command::Detach | Command::Reload | Command::Drain | Command::Resume => {
+            unreachable!("handled by the caller")
+        }
         Command::RouteAdd { .. } | Command::RouteDel { .. }
             if running.route_source == RouteSource::Kernel =>
         {
@@ -927,6 +952,10 @@ fn start(
         health_events,
         pending_health: Vec::new(),
         requested_neighbours: Default::default(),
+        vip_route_table: model.vip_route_table,
+        draining: previous.as_ref().is_some_and(|p| p.draining),
+        announce_failed: false,
+        announce_conflicts: Default::default(),
     };
     log_to_kernel(&mut running, &wanted.to_kernel, true);
     instance.write_state(&State {
@@ -939,7 +968,26 @@ fn start(
         started_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        draining: running.draining,
+        vip_route_table: running.vip_route_table,
     })?;
+    // VIPs the previous daemon announced in a table this config no longer
+    // uses.
+    if let Some(old) = previous
+        .as_ref()
+        .and_then(|p| p.vip_route_table)
+        .filter(|t| Some(*t) != model.vip_route_table)
+    {
+        match announce::withdraw_all(old) {
+            Ok(gone) => info!(
+                "vip_route_table is no longer {old}: withdrew {} VIP routes from it",
+                gone.len()
+            ),
+            Err(e) => warn!(
+                "withdrawing the VIP routes of table {old}, which the config no longer uses: {e:#}"
+            ),
+        }
+    }
     Ok((running, adopting))
 }
 
@@ -986,6 +1034,8 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
         interfaces: Vec::new(),
         started_unix: 0,
         steering: Default::default(),
+        draining: false,
+        vip_route_table: None,
     }))
 }
 
@@ -1277,6 +1327,20 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     running.kernel_routes = None;
     log_to_kernel(running, &wanted.to_kernel, true);
     steering_applied(running, &applied)?;
+    if model.vip_route_table != running.vip_route_table {
+        if let Some(old) = running.vip_route_table {
+            match announce::withdraw_all(old) {
+                Ok(gone) => info!("withdrew {} VIP routes from table {old}", gone.len()),
+                Err(e) => warn!("withdrawing the VIP routes of table {old}: {e:#}"),
+            }
+        }
+        running.vip_route_table = model.vip_route_table;
+        running.announce_conflicts.clear();
+        if let Some(mut state) = running.instance.read_state() {
+            state.vip_route_table = model.vip_route_table;
+            running.instance.write_state(&state)?;
+        }
+    }
     Ok(format!(
         "{added} routes added, {changed} changed, {deleted} deleted; route miss {:?}; {applied} ({writes} table writes)",
         model.route_miss
@@ -1381,6 +1445,7 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
     })?;
     // The state file first: the log line is what watchers wait for.
     write_steering_state(running)?;
+    announce_vips(running);
     if event.healthy {
         info!(
             "cache node {} is up ({}); {rebuilt} VIP tables rebuilt",
@@ -1550,6 +1615,91 @@ fn stop(running: Running) {
     );
 }
 
+/// Brings the VIP routes for BGP in line with what this forwarder can serve
+/// (nothing while drained). A failure is logged and retried each tick.
+fn announce_vips(running: &mut Running) {
+    let Some(table) = running.vip_route_table else {
+        return;
+    };
+    let want = if running.draining {
+        Default::default()
+    } else {
+        running.steering.servable_addresses()
+    };
+    match announce::sync(table, &want) {
+        Ok(done) => {
+            running.announce_failed = false;
+            for addr in &done.added {
+                info!("VIP {addr} announced (route in table {table})");
+            }
+            for addr in &done.withdrawn {
+                info!("VIP {addr} withdrawn (route removed from table {table})");
+            }
+            let conflicts: std::collections::BTreeSet<_> = done.conflicts.into_iter().collect();
+            for addr in conflicts.difference(&running.announce_conflicts) {
+                warn!(
+                    "VIP {addr} is not announced: routing table {table} has a route to it that is not this daemon's (left alone; the VIP still steers what arrives)"
+                );
+            }
+            running.announce_conflicts = conflicts;
+        }
+        Err(e) => {
+            if !running.announce_failed {
+                warn!(
+                    "announcing VIPs in routing table {table}: {e:#}; trying again every {} s",
+                    RETRY_INTERVAL.as_secs()
+                );
+            }
+            running.announce_failed = true;
+        }
+    }
+}
+
+/// `drain` (maintenance: withdraw every VIP, keep steering what still
+/// arrives) and `resume`. Recorded in the state file, so a restart keeps it.
+fn drain(running: &mut Running, draining: bool) -> Result<String> {
+    let Some(table) = running.vip_route_table else {
+        bail!(
+            "this forwarder announces no VIPs (no vip_route_table in its config): there is nothing to {}",
+            if draining { "withdraw" } else { "announce" }
+        );
+    };
+    let was = running.draining;
+    running.draining = draining;
+    if let Some(mut state) = running.instance.read_state() {
+        state.draining = draining;
+        if let Err(e) = running.instance.write_state(&state) {
+            running.draining = was;
+            return Err(e.context("recording the drain in the state file; nothing changed"));
+        }
+    }
+    announce_vips(running);
+    let message = match (draining, running.announce_failed) {
+        (true, false) => format!(
+            "drained: every VIP withdrawn from table {table}; flows that still arrive are steered as before"
+        ),
+        (false, false) => {
+            let held = running.announce_conflicts.len();
+            format!(
+                "resumed: {} VIP addresses announced in table {table}{}",
+                running.steering.servable_addresses().len() - held,
+                if held > 0 {
+                    format!(" ({held} not: another route to them is in the table)")
+                } else {
+                    String::new()
+                }
+            )
+        }
+        (_, true) => format!(
+            "{} recorded, but changing table {table} failed (logged; tried again every {} s)",
+            if draining { "drain" } else { "resume" },
+            RETRY_INTERVAL.as_secs()
+        ),
+    };
+    info!("{message}");
+    Ok(message)
+}
+
 /// `detach`: the one way the data plane is removed.
 fn shutdown_and_detach(running: Running) -> Result<()> {
     let Running {
@@ -1557,10 +1707,19 @@ fn shutdown_and_detach(running: Running) -> Result<()> {
         ebpf,
         tables,
         checkers,
+        vip_route_table,
         ..
     } = running;
     for (_, task) in checkers.into_values() {
         task.abort();
+    }
+    // The VIPs first: BGP moves their traffic to other forwarders before
+    // this one stops taking it.
+    if let Some(table) = vip_route_table {
+        let withdrawn = announce::withdraw_all(table).with_context(|| {
+            format!("withdrawing the VIP routes of table {table}; detach stopped before removing anything")
+        })?;
+        info!("withdrew {} VIP routes from table {table}", withdrawn.len());
     }
     drop(tables);
     // This process's handles to the links go with the program; removing

@@ -39,6 +39,14 @@ pub struct State {
     /// VIPs and cache nodes as they are now, with their slots and health.
     #[serde(default)]
     pub steering: crate::steering::SteeringState,
+    /// `drain`ed: no VIP is announced until `resume`. Kept across
+    /// restarts, so an upgrade of a drained forwarder stays drained.
+    #[serde(default)]
+    pub draining: bool,
+    /// The table VIP routes were announced in (`vip_route_table`), so that
+    /// a daemon started with another table withdraws them from this one.
+    #[serde(default)]
+    pub vip_route_table: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! The binary (main.rs) is a thin clap layer over this library; the tests
 //! crate uses it to load the very object the binary embeds.
 
+pub mod announce;
 pub mod bench;
 pub mod config;
 pub mod control;

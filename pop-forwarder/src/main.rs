@@ -105,6 +105,25 @@ enum Command {
     /// route-miss policy, cache nodes and VIPs without detaching; prints what
     /// changed, or fails with why the file was refused (nothing changed).
     Reload,
+    /// Maintenance: withdraw every VIP route (vip_route_table), so that BGP
+    /// moves the VIPs' traffic to the other forwarders, keep steering the
+    /// flows that still arrive, and wait until they have stopped: no VIP
+    /// packet for --settle seconds. Survives a restart of the daemon; `resume`
+    /// ends it.
+    Drain {
+        /// Return once the routes are withdrawn, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds without a VIP packet that count as "traffic has gone".
+        #[arg(long, default_value_t = 5)]
+        settle: u64,
+        /// Give up waiting (exit status 1) after this many seconds; the
+        /// drain stays.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// End a drain: announce again every VIP with a healthy node.
+    Resume,
     /// Remove the data plane: the daemon detaches XDP, unpins the tables and
     /// exits (with no daemon, the pins are removed here). The one command
     /// that stops forwarding.
@@ -225,6 +244,18 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Status { json } => status(&instance, json),
         Command::Detach => detach(&instance),
         Command::Reload => send(&instance, ControlCommand::Reload),
+        Command::Drain {
+            no_wait,
+            settle,
+            timeout,
+        } => {
+            send(&instance, ControlCommand::Drain)?;
+            if no_wait {
+                return Ok(());
+            }
+            wait_for_vip_traffic_to_stop(&instance, settle, timeout)
+        }
+        Command::Resume => send(&instance, ControlCommand::Resume),
         Command::Generate(args) => generate(args),
     }
 }
@@ -742,6 +773,10 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
     let pid = owner.filter(|p| state.as_ref().is_some_and(|s| s.pid == *p));
     let (v4, v6) = tables.route_counts();
     let links = kernel::links()?;
+    let announced = match state.as_ref().and_then(|s| s.vip_route_table) {
+        Some(table) => Some(pop_forwarder::announce::announced(table)?),
+        None => None,
+    };
     let interfaces: Vec<_> = state
         .iter()
         .flat_map(|s| &s.interfaces)
@@ -761,6 +796,9 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "routes_v6": v6,
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
         "ipv4_lookup": tables.ipv4_lookup().to_string(),
+        "vip_route_table": state.as_ref().and_then(|s| s.vip_route_table),
+        "draining": state.as_ref().is_some_and(|s| s.draining),
+        "announced": announced,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -802,6 +840,59 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
     println!(
         "ipv4 lookup: {}",
         report["ipv4_lookup"].as_str().unwrap_or_default()
+    );
+    match (state.as_ref().and_then(|s| s.vip_route_table), &announced) {
+        (Some(table), Some(announced)) => println!(
+            "announced:   {} VIP addresses in table {table}{}{}",
+            announced.len(),
+            if state.as_ref().is_some_and(|s| s.draining) {
+                " (DRAINING: `resume` announces again)"
+            } else {
+                ""
+            },
+            announced
+                .iter()
+                .map(|a| format!("\n             {a}"))
+                .collect::<String>()
+        ),
+        _ => println!("announced:   no (no vip_route_table)"),
+    }
+    Ok(())
+}
+
+/// Packets to VIPs so far: steered ones (per VIP) and those no node could
+/// take.
+fn vip_packets(tables: &Tables, links: &[kernel::Link]) -> Result<u64> {
+    let (vips, _) = tables.steering_stats(pop_forwarder_common::steering::MAX_VIPS, 0)?;
+    let unsteered =
+        tables.stats(links)?.counters[pop_forwarder_common::Counter::PassVipNoNode.name()];
+    Ok(vips.iter().map(|s| s.packets).sum::<u64>() + unsteered)
+}
+
+/// `drain`'s wait: prints the VIP packet rate each second until it has been
+/// 0 for `settle` seconds in a row.
+fn wait_for_vip_traffic_to_stop(instance: &Instance, settle: u64, timeout: u64) -> Result<()> {
+    let tables = open(instance)?;
+    let links = kernel::links()?;
+    let start = std::time::Instant::now();
+    let mut last = vip_packets(&tables, &links)?;
+    let mut quiet = 0;
+    while quiet < settle {
+        if start.elapsed() >= Duration::from_secs(timeout) {
+            bail!(
+                "VIP traffic still arrives after {timeout} s (the drain stays; is BGP withdrawing the routes? `birdc show route export PEER`)"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let now = vip_packets(&tables, &links)?;
+        let rate = now.saturating_sub(last);
+        last = now;
+        quiet = if rate == 0 { quiet + 1 } else { 0 };
+        println!("VIP traffic: {rate} packets/s");
+    }
+    println!(
+        "drained: no VIP packet for {settle} s (after {} s)",
+        start.elapsed().as_secs()
     );
     Ok(())
 }

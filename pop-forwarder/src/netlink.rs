@@ -113,21 +113,24 @@ pub fn dump(request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
 /// Sends a change (`NLM_F_CREATE | NLM_F_REPLACE`) and waits for the
 /// kernel's answer.
 pub fn replace(request: RouteNetlinkMessage) -> Result<()> {
-    let socket = socket()?;
-    let seq = send(
-        &socket,
-        request,
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-    )?;
+    change(request, NLM_F_CREATE | NLM_F_REPLACE).map_err(Into::into)
+}
+
+/// Sends a change with `flags` (besides request and ack) and waits for the
+/// kernel's answer, its error as an `io::Error` (EEXIST, ESRCH…).
+pub fn change(request: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    let socket = socket().map_err(io::Error::other)?;
+    let seq =
+        send(&socket, request, NLM_F_REQUEST | NLM_F_ACK | flags).map_err(io::Error::other)?;
     loop {
-        let datagram = receive(&socket).context("reading a netlink answer")?;
-        for message in parse(&datagram)? {
+        let datagram = receive(&socket)?;
+        for message in parse(&datagram).map_err(io::Error::other)? {
             if message.header.sequence_number != seq {
                 continue;
             }
             if let NetlinkPayload::Error(e) = message.payload {
                 return match e.code {
-                    Some(code) => Err(io::Error::from_raw_os_error(-code.get()).into()),
+                    Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
                     None => Ok(()),
                 };
             }

@@ -364,6 +364,24 @@ impl Steering {
         })
     }
 
+    /// Addresses of the VIPs that can take a new flow: a VIP whose pool
+    /// has a healthy node of weight above 0. These are what this forwarder
+    /// announces; an address with several services (ports, protocols) is
+    /// announced while any of them can be served.
+    pub fn servable_addresses(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.vips
+            .iter()
+            .flatten()
+            .filter(|v| {
+                v.vip.nodes.iter().any(|name| {
+                    self.node(name)
+                        .is_some_and(|(_, n)| n.healthy && n.node.weight > 0)
+                })
+            })
+            .map(|v| v.vip.address)
+            .collect()
+    }
+
     /// The live node called `name`, with its slot.
     pub fn node(&self, name: &str) -> Option<(u32, &NodeSlot)> {
         self.nodes.iter().enumerate().find_map(|(i, n)| {
