@@ -484,6 +484,30 @@ impl Forwarder {
             .with_context(|| format!("no counter {name}"))
     }
 
+    /// Waits until the daemon has every cache node's MAC (it has the
+    /// kernel resolve them).
+    pub fn wait_for_node_macs(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let nodes: serde_json::Value =
+                serde_json::from_str(&self.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+            if nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["mac"].is_string())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodes unresolved: {nodes}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The daemon's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the daemon runs").id()
@@ -1036,7 +1060,8 @@ impl Drop for Bird {
 }
 
 /// A veth pair between two namespaces, one queue each way (see `Lab`),
-/// with addresses; `host_if`'s end set up to take XDP-redirected frames.
+/// with addresses (none where ""); `host_if`'s end set up to take
+/// XDP-redirected frames.
 pub fn wire(
     host: &Netns,
     host_if: &str,
@@ -1052,9 +1077,11 @@ pub fn wire(
         "peer", "name", fwd_if, "netns", &fwd.name, "numtxqueues", "1", "numrxqueues", "1",
     ])
     .unwrap();
-    host.ip(&["addr", "add", host_addr, "dev", host_if])
-        .unwrap();
-    fwd.ip(&["addr", "add", fwd_addr, "dev", fwd_if]).unwrap();
+    for (ns, addr, ifname) in [(host, host_addr, host_if), (fwd, fwd_addr, fwd_if)] {
+        if !addr.is_empty() {
+            ns.ip(&["addr", "add", addr, "dev", ifname]).unwrap();
+        }
+    }
     host.ip(&["link", "set", host_if, "up"]).unwrap();
     fwd.ip(&["link", "set", fwd_if, "up"]).unwrap();
     host.run(

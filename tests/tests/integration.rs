@@ -741,30 +741,6 @@ fn wait_for_log(fwd: &Forwarder, needle: &str, timeout: Duration) {
     }
 }
 
-/// Waits until the daemon has every cache node's MAC (it has the kernel
-/// resolve them).
-fn wait_for_node_macs(fwd: &Forwarder) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let nodes: serde_json::Value =
-            serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
-        if nodes
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|n| n["mac"].is_string())
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nodes unresolved: {nodes}\n{}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// `pop-forwarder lookup` for UDP from 10.0.1.2:`src_port` to
 /// 192.0.2.10:9999, as JSON.
 fn lookup_vip_flow(fwd: &Forwarder, src_port: u16) -> serde_json::Value {
@@ -820,7 +796,7 @@ fn vip_flows_spread_over_cache_nodes_and_each_stays_on_one() {
     let lab = Lab::new().unwrap();
     let (n1, n2, steering) = two_cache_nodes(&lab, "", "weight = 3");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
-    wait_for_node_macs(&fwd);
+    fwd.wait_for_node_macs();
     let sockets = vip_sinks(&n1, &n2);
 
     // 128 flows (one source port each), PER_FLOW datagrams each; 256 in
@@ -908,7 +884,7 @@ fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
     let l1 = listen(&n1, "10.0.5.11:8080");
     let _l2 = listen(&n2, "10.0.6.11:8080");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
-    wait_for_node_macs(&fwd);
+    fwd.wait_for_node_macs();
     let new_flow_node = |port: u16| -> String {
         lookup_vip_flow(&fwd, port)["new_flow"]
             .as_str()
@@ -1157,7 +1133,7 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let lab = Lab::new().unwrap();
     let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
-    wait_for_node_macs(&fwd);
+    fwd.wait_for_node_macs();
     let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
     let old = senders(&lab, 32);
@@ -1305,7 +1281,7 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
         .replace("[\"cache-1\", \"cache-2\"]", "[\"cache-1\"]");
     assert!(!one_node.contains("cache-2"), "{one_node}");
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &one_node)).unwrap();
-    wait_for_node_macs(&fwd);
+    fwd.wait_for_node_macs();
     let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
     let old = senders(&lab, 32);
@@ -1319,7 +1295,7 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
         out.contains("cache node cache-2 (10.0.6.11) added"),
         "{out}"
     );
-    wait_for_node_macs(&fwd);
+    fwd.wait_for_node_macs();
     let out = fwd
         .cli_ok(&[
             "vip",
