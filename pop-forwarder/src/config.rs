@@ -70,6 +70,9 @@ pub struct Config {
     /// address it can serve, for a BGP daemon on the box to announce
     /// (README "Announcing VIPs"). Unset: VIPs are not announced.
     pub vip_route_table: Option<u32>,
+    /// Where the Prometheus endpoint listens: "PORT" (loopback) or
+    /// "ADDRESS:PORT". Unset: no endpoint.
+    pub metrics_listen: Option<String>,
 }
 
 fn default_flow_idle_tcp() -> u32 {
@@ -526,6 +529,8 @@ pub struct Model {
     pub control_group: Option<String>,
     /// Where VIP routes for BGP go (`announce`); None: not announced.
     pub vip_route_table: Option<u32>,
+    /// The Prometheus endpoint's address; None: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Model {
@@ -637,6 +642,12 @@ impl Model {
                 );
             }
         }
+        let metrics_listen = config
+            .metrics_listen
+            .as_deref()
+            .map(crate::metrics::parse_listen)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("metrics_listen: {e}"))?;
         Model {
             route_miss: config.route_miss,
             ipv4_lookup: config.ipv4_lookup,
@@ -654,6 +665,7 @@ impl Model {
             vips,
             control_group: config.control_group,
             vip_route_table: config.vip_route_table,
+            metrics_listen,
         }
         .checked()
     }
@@ -858,6 +870,9 @@ mac = "02:00:00:00:00:02"
             (RouteSource::Static, 254, RouteLookup::Tables, (900, 300))
         );
         assert_eq!(m.vip_route_table, None);
+        assert_eq!(m.metrics_listen, None);
+        let m = Model::from_toml(&format!("metrics_listen = \"9464\"\n{GOOD}")).unwrap();
+        assert_eq!(m.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
         let m = Model::from_toml(&format!("vip_route_table = 1000\n{GOOD}")).unwrap();
         assert_eq!(m.vip_route_table, Some(1000));
         let m = Model::from_toml(&format!(
@@ -890,6 +905,10 @@ mac = "02:00:00:00:00:02"
             (
                 "route_source = \"kernel\"\nkernel_table = 100\nvip_route_table = 100",
                 "vip_route_table: 100 is the mirrored kernel_table",
+            ),
+            (
+                "metrics_listen = \"localhost:80\"",
+                "metrics_listen: \"localhost:80\" is not PORT",
             ),
             ("route_source = \"bgp\"", "unknown variant `bgp`"),
             ("route_lookup = \"fib\"", "unknown variant `fib`"),

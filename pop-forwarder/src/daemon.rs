@@ -349,6 +349,16 @@ struct Running {
     draining: bool,
     announce_failed: bool,
     announce_conflicts: std::collections::BTreeSet<std::net::IpAddr>,
+    /// The Prometheus endpoint's address (fixed for the daemon's life).
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// The VIP addresses announced by the last successful announcement.
+    announced: std::collections::BTreeSet<std::net::IpAddr>,
+    /// For the metrics: errors by kind, mirrorings of the kernel table
+    /// (by notifications, whole), and the last one's lag (first
+    /// notification to applied).
+    errors: std::collections::BTreeMap<&'static str, u64>,
+    route_syncs: (u64, u64),
+    route_sync_lag: Duration,
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -397,6 +407,15 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     let _lock = instance.lock(access.group)?;
     let control_path = instance.control_path();
     let listener = control::bind(&control_path, access)?;
+    // Bound before anything is loaded: a port in use is a start-up error
+    // that touched nothing.
+    let metrics_listener = match model.metrics_listen.map(crate::metrics::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&control_path);
+            return Err(e);
+        }
+    };
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     // Subscribed before anything is read, so that no change between a
     // dump and the subscription is missed.
@@ -434,6 +453,20 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     );
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
     let server = tokio::spawn(control::serve(listener, access, requests_tx));
+    let (scrapes_tx, mut scrapes) = tokio::sync::mpsc::channel(4);
+    let metrics_server = metrics_listener.map(|listener| {
+        info!(
+            "metrics: http://{}/metrics",
+            listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+        );
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            scrapes_tx,
+            instance.pin_dir(),
+        ))
+    });
     let names: Vec<String> = running
         .steering
         .nodes()
@@ -453,6 +486,8 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     let mut tick = tokio::time::interval(RETRY_INTERVAL);
     let never = || tokio::time::Instant::now() + Duration::from_secs(86_400);
     let mut route_sync_at: Option<tokio::time::Instant> = None;
+    // When the first route notification not yet applied arrived.
+    let mut route_batch_since: Option<std::time::Instant> = None;
     let mut refresh_at = Some(tokio::time::Instant::now());
     let detach = loop {
         tokio::select! {
@@ -468,7 +503,10 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                     Ok(_) => {
                         refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
                     }
-                    Err(e) => warn!("control request refused, tables unchanged: {e:#}"),
+                    Err(e) => {
+                        count_error(&mut running, "control_request_refused");
+                        warn!("control request refused, tables unchanged: {e:#}");
+                    }
                 }
                 let _ = reply.send(result);
             }
@@ -484,10 +522,25 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                     Ok(_) => {
                         refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
                     }
-                    Err(e) => warn!("{e:#}"),
+                    Err(e) => {
+                        count_error(&mut running, "reload_refused");
+                        warn!("{e:#}");
+                    }
+                }
+            }
+            Some(reply) = scrapes.recv() => {
+                match metrics_families(&running) {
+                    Ok(families) => {
+                        let _ = reply.send(families);
+                    }
+                    Err(e) => {
+                        count_error(&mut running, "metrics");
+                        warn!("metrics: {e:#}");
+                    }
                 }
             }
             _ = changes.routes.notified() => {
+                route_batch_since.get_or_insert_with(std::time::Instant::now);
                 route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
             }
             _ = changes.interfaces.notified() => {
@@ -512,16 +565,22 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 let synced = if whole {
                     // What is queued now is in the dump about to be read.
                     drop(changes.take_events());
+                    running.route_syncs.1 += 1;
                     sync_kernel_routes(&mut running)
                 } else {
+                    running.route_syncs.0 += 1;
                     apply_route_events(&mut running, changes.take_events())
                 };
                 match synced {
                     Ok(()) => {
+                        if let Some(since) = route_batch_since.take() {
+                            running.route_sync_lag = since.elapsed();
+                        }
                         refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
                     }
                     Err(e) => {
                         // Tried again at the next change, or the next tick.
+                        count_error(&mut running, "route_sync");
                         warn!("mirroring kernel table {}: {e:#}", running.kernel_table);
                         running.sync_failed = true;
                     }
@@ -531,6 +590,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 refresh_at = None;
                 running.refresh_failed = false;
                 if let Err(e) = refresh(&mut running) {
+                    count_error(&mut running, "refresh");
                     warn!("refreshing interfaces and neighbours: {e:#}");
                     running.refresh_failed = true;
                 }
@@ -557,6 +617,9 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     server.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     let _ = std::fs::remove_file(&control_path);
     if detach {
         shutdown_and_detach(running)
@@ -810,6 +873,11 @@ fn start(
     let mut attach_to = Vec::new();
     for (i, (name, mode)) in model.interfaces.iter().enumerate() {
         let link = kernel::link(&links, name).with_context(|| format!("interfaces[{i}].name"))?;
+        if link.mac.is_none() {
+            bail!(
+                "interfaces[{i}].name: {name:?} has no Ethernet address (loopback, a tunnel): the program forwards Ethernet frames, and on lo it would see this box's own traffic"
+            );
+        }
         if link.xdp_attached && !instance.link_pin(name).exists() {
             bail!(
                 "interfaces[{i}].name: {name:?} already has an XDP program attached (not this instance's)"
@@ -956,6 +1024,11 @@ fn start(
         draining: previous.as_ref().is_some_and(|p| p.draining),
         announce_failed: false,
         announce_conflicts: Default::default(),
+        announced: Default::default(),
+        metrics_listen: model.metrics_listen,
+        errors: Default::default(),
+        route_syncs: (0, 0),
+        route_sync_lag: Duration::ZERO,
     };
     log_to_kernel(&mut running, &wanted.to_kernel, true);
     instance.write_state(&State {
@@ -1279,6 +1352,9 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
             model.ipv4_lookup
         );
     }
+    if model.metrics_listen != running.metrics_listen {
+        bail!("metrics_listen changed; the endpoint moves with a restart of the daemon");
+    }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
     check_node_egress(&model.nodes, &kernel::links()?, &running.attached)?;
@@ -1416,6 +1492,7 @@ fn check_node_egress(nodes: &[Node], links: &[kernel::Link], attached: &[u32]) -
 /// state of the node replaces it: never lost.
 fn apply_health_or_retry(running: &mut Running, event: HealthEvent) {
     if let Err(e) = apply_health(running, event.clone()) {
+        count_error(running, "health_apply");
         warn!(
             "applying a health change of node {} ({}): {e:#}; trying again in {} s",
             event.node,
@@ -1621,7 +1698,7 @@ fn announce_vips(running: &mut Running) {
     let Some(table) = running.vip_route_table else {
         return;
     };
-    let want = if running.draining {
+    let want: std::collections::BTreeSet<std::net::IpAddr> = if running.draining {
         Default::default()
     } else {
         running.steering.servable_addresses()
@@ -1641,9 +1718,11 @@ fn announce_vips(running: &mut Running) {
                     "VIP {addr} is not announced: routing table {table} has a route to it that is not this daemon's (left alone; the VIP still steers what arrives)"
                 );
             }
+            running.announced = want.difference(&conflicts).copied().collect();
             running.announce_conflicts = conflicts;
         }
         Err(e) => {
+            count_error(running, "announce");
             if !running.announce_failed {
                 warn!(
                     "announcing VIPs in routing table {table}: {e:#}; trying again every {} s",
@@ -1698,6 +1777,178 @@ fn drain(running: &mut Running, draining: bool) -> Result<String> {
     };
     info!("{message}");
     Ok(message)
+}
+
+fn count_error(running: &mut Running, kind: &'static str) {
+    *running.errors.entry(kind).or_default() += 1;
+}
+
+/// Everything the metrics endpoint reports but the route counts, read now.
+fn metrics_families(running: &Running) -> Result<Vec<crate::metrics::Family>> {
+    use crate::metrics::{Family, Value};
+    use pop_forwarder_common::{MAX_NEXT_HOPS, steering::MAX_CACHE_NODES, steering::MAX_VIPS};
+    use prometheus_client::registry::Unit;
+    let links = kernel::links()?;
+    let stats = running.tables.stats(&links)?;
+    let mut out = Vec::new();
+    let mut packets = Family::new(
+        "packets",
+        "Packets the XDP program handled, by outcome (see README, What it does with each packet)",
+    );
+    for (outcome, n) in &stats.counters {
+        packets.push(vec![("outcome", (*outcome).to_owned())], Value::Counter(*n));
+    }
+    out.push(packets);
+    let mut nh_packets = Family::new("next_hop_packets", "Packets forwarded to each next hop");
+    let mut nh_bytes =
+        Family::new("next_hop", "Bytes forwarded to each next hop").unit(Unit::Bytes);
+    for nh in &stats.next_hops {
+        let labels = vec![
+            ("next_hop", nh.id.to_string()),
+            ("via", nh.via.clone()),
+            ("dev", nh.dev.clone()),
+        ];
+        nh_packets.push(labels.clone(), Value::Counter(nh.packets));
+        nh_bytes.push(labels, Value::Counter(nh.bytes));
+    }
+    out.extend([nh_packets, nh_bytes]);
+
+    let state = running.steering.state();
+    let vip_slots = state.vips.iter().map(|v| v.slot + 1).max().unwrap_or(0);
+    let node_slots = state.nodes.iter().map(|n| n.slot + 1).max().unwrap_or(0);
+    let (vip_stats, node_stats) = running.tables.steering_stats(vip_slots, node_slots)?;
+    let mut vip_packets = Family::new("vip_packets", "Packets steered to a cache node, per VIP");
+    let mut vip_bytes =
+        Family::new("vip", "Bytes steered to a cache node, per VIP").unit(Unit::Bytes);
+    let mut vip_announced = Family::new(
+        "vip_announced",
+        "1 while the VIP's address is announced (a route in vip_route_table), 0 if not",
+    );
+    for v in &state.vips {
+        let labels = vec![
+            ("vip", v.address.to_string()),
+            ("protocol", v.protocol.to_string()),
+            ("port", v.port.to_string()),
+        ];
+        let t = vip_stats[v.slot as usize];
+        vip_packets.push(labels.clone(), Value::Counter(t.packets));
+        vip_bytes.push(labels.clone(), Value::Counter(t.bytes));
+        if running.vip_route_table.is_some() {
+            let on = running.announced.contains(&v.address);
+            vip_announced.push(labels, Value::Gauge(f64::from(u8::from(on))));
+        }
+    }
+    out.extend([vip_packets, vip_bytes, vip_announced]);
+    if running.vip_route_table.is_some() {
+        out.push(Family::one(
+            "draining",
+            "1 while the forwarder is drained (`drain`: no VIP announced)",
+            Value::Gauge(f64::from(u8::from(running.draining))),
+        ));
+    }
+    let mut node_packets = Family::new("node_packets", "Packets steered to each cache node");
+    let mut node_bytes = Family::new("node", "Bytes steered to each cache node").unit(Unit::Bytes);
+    let mut healthy = Family::new(
+        "node_healthy",
+        "1 while the node passes its health check (or is unchecked), 0 while it fails",
+    );
+    let mut changes = Family::new(
+        "node_health_changes",
+        "How often the node went down or came back",
+    );
+    let mut weight = Family::new("node_weight", "The node's share of new flows (0: drained)");
+    for (slot, n) in running.steering.nodes() {
+        let labels = vec![("node", n.node.name.clone())];
+        let t = node_stats.get(slot as usize).copied().unwrap_or_default();
+        node_packets.push(labels.clone(), Value::Counter(t.packets));
+        node_bytes.push(labels.clone(), Value::Counter(t.bytes));
+        healthy.push(labels.clone(), Value::Gauge(f64::from(u8::from(n.healthy))));
+        changes.push(labels.clone(), Value::Counter(n.health_changes));
+        weight.push(labels, Value::Gauge(f64::from(n.node.weight)));
+    }
+    out.extend([node_packets, node_bytes, healthy, changes, weight]);
+
+    let mut entries = Family::new("table_entries", "Entries in use in the program's tables");
+    let mut capacity = Family::new("table_capacity", "Entries the program's tables can hold");
+    for (table, used, max) in [
+        ("next_hops", stats.next_hops.len(), MAX_NEXT_HOPS as usize),
+        ("cache_nodes", state.nodes.len(), MAX_CACHE_NODES as usize),
+        ("vips", state.vips.len(), MAX_VIPS as usize),
+    ] {
+        entries.push(vec![("table", table.into())], Value::Gauge(used as f64));
+        capacity.push(vec![("table", table.into())], Value::Gauge(max as f64));
+    }
+    out.extend([entries, capacity]);
+
+    let mut attached = Family::new(
+        "interface_xdp_attached",
+        "1 if the XDP program is attached to the interface, 0 if not",
+    );
+    if let Some(state) = running.instance.read_state() {
+        for i in &state.interfaces {
+            let on = links
+                .iter()
+                .any(|l| l.ifindex == i.ifindex && l.xdp_attached);
+            attached.push(
+                vec![("interface", i.name.clone()), ("mode", i.mode.to_string())],
+                Value::Gauge(f64::from(u8::from(on))),
+            );
+        }
+    }
+    out.push(attached);
+
+    if running.route_source == RouteSource::Kernel {
+        let mut syncs = Family::new(
+            "route_syncs",
+            "Mirrorings of the kernel table: by notifications, or read whole",
+        );
+        syncs.push(
+            vec![("kind", "notifications".into())],
+            Value::Counter(running.route_syncs.0),
+        );
+        syncs.push(
+            vec![("kind", "whole".into())],
+            Value::Counter(running.route_syncs.1),
+        );
+        out.push(syncs);
+        out.push(
+            Family::one(
+                "route_sync_lag",
+                "From the first route notification of the last batch to the batch applied",
+                Value::Gauge(running.route_sync_lag.as_secs_f64()),
+            )
+            .unit(Unit::Seconds),
+        );
+        out.push(Family::one(
+            "kernel_routes",
+            "Routes in the mirrored kernel table",
+            Value::Gauge(running.kernel_routes.as_ref().map_or(0, |t| t.len()) as f64),
+        ));
+    }
+    let mut errors = Family::new(
+        "errors",
+        "The daemon's own errors, by kind (each is logged; most are retried)",
+    );
+    for kind in [
+        "announce",
+        "control_request_refused",
+        "health_apply",
+        "metrics",
+        "refresh",
+        "reload_refused",
+        "route_sync",
+    ] {
+        let n = running.errors.get(kind).copied().unwrap_or(0);
+        errors.push(vec![("kind", kind.into())], Value::Counter(n));
+    }
+    out.push(errors);
+    let mut info = Family::new("build_info", "The daemon's version");
+    info.push(
+        vec![("version", env!("CARGO_PKG_VERSION").into())],
+        Value::Gauge(1.0),
+    );
+    out.push(info);
+    Ok(out)
 }
 
 /// `detach`: the one way the data plane is removed.

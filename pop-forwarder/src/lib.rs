@@ -12,6 +12,7 @@ pub mod health;
 pub mod instance;
 pub mod kernel;
 pub mod maps;
+pub mod metrics;
 pub mod mirror;
 pub mod net;
 pub mod netlink;

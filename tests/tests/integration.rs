@@ -247,6 +247,11 @@ fn next_hop_macs_are_resolved_by_the_kernel_before_any_traffic() {
 #[test]
 fn bad_configs_exit_non_zero_and_leave_nothing_attached() {
     let lab = Lab::new().unwrap();
+    // A bridge has an Ethernet address but no native XDP.
+    lab.router
+        .ip(&["link", "add", "rbr0", "type", "bridge"])
+        .unwrap();
+    lab.router.ip(&["link", "set", "rbr0", "up"]).unwrap();
     let cases = [
         // Caught while validating the file.
         (
@@ -285,11 +290,15 @@ fn bad_configs_exit_non_zero_and_leave_nothing_attached() {
             ),
             "nodes (n1): dev: \"lo\" has no XDP program of this instance",
         ),
-        // Caught by the kernel after r0 was attached: native XDP on
-        // loopback is refused, and r0 must be detached again.
         (
             lab.config("pass", "").replace("\"r1\"", "\"lo\""),
-            "attaching XDP to lo in native mode",
+            "interfaces[1].name: \"lo\" has no Ethernet address",
+        ),
+        // Caught by the kernel after r0 was attached: native XDP on a
+        // bridge is refused, and r0 must be detached again.
+        (
+            lab.config("pass", "").replace("\"r1\"", "\"rbr0\""),
+            "attaching XDP to rbr0 in native mode",
         ),
     ];
     for (config, needle) in cases {

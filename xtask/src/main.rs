@@ -17,9 +17,17 @@ use clap::{Parser, Subcommand};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the lab and the tests run: ip (iproute2), ethtool,
-/// nsenter (util-linux), sysctl (procps), and BIRD (bird2) for the BGP
-/// tests.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "procps", "bird2"];
+/// nsenter (util-linux), sysctl (procps), BIRD (bird2) for the BGP tests,
+/// and the Prometheus Python client's exposition parser for the metrics
+/// test.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "util-linux",
+    "procps",
+    "bird2",
+    "python3-prometheus-client",
+];
 
 #[derive(Parser)]
 #[command(about = "pop-forwarder project tasks")]

@@ -1,0 +1,199 @@
+//! Running pop-forwarder as an operator does: the Prometheus endpoint
+//! (scraped over HTTP, parsed by the Prometheus project's Python client
+//! parser), `stats --watch`, systemd's notification protocol, the unit
+//! file and shell completions.
+
+use std::{
+    io::{Read as _, Write as _},
+    time::Duration,
+};
+
+use tests::{Forwarder, Lab, ROUTE_TO_C, neighbour_c_v4, receive, send_udp, udp_socket};
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` in `ns`; the whole response.
+fn http(ns: &tests::Netns, port: u16, request: &str) -> String {
+    let request = request.to_owned();
+    ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap()
+}
+
+/// The samples of a text exposition, as the Prometheus Python client's
+/// parser (Debian's python3-prometheus-client) reads them: (family type,
+/// sample name, labels, value). A malformed exposition fails the parser.
+fn parse_exposition(text: &str) -> Vec<(String, String, serde_json::Value, f64)> {
+    const PARSER: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([family.type, s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", PARSER])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 (with python3-prometheus-client)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the exposition does not parse: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(String, String, serde_json::Value, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    rows
+}
+
+fn sample(
+    rows: &[(String, String, serde_json::Value, f64)],
+    name: &str,
+    label: (&str, &str),
+) -> Option<f64> {
+    rows.iter()
+        .find(|(_, n, labels, _)| n == name && labels[label.0] == label.1)
+        .map(|r| r.3)
+}
+
+#[test]
+fn metrics_are_served_parsed_and_agree_with_stats() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let config = format!(
+        "metrics_listen = \"9464\"\n{}",
+        lab.config("pass", ROUTE_TO_C)
+    );
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    assert!(
+        fwd.log().contains("metrics: http://127.0.0.1:9464/metrics"),
+        "{}",
+        fwd.log()
+    );
+    let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
+    send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, "m", 20).unwrap();
+    assert_eq!(receive(&sink, 20, Duration::from_secs(3)).len(), 20);
+
+    let response = http(
+        &lab.router,
+        9464,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let rows = parse_exposition(body);
+    // Every sample is pop-forwarder's, every counter ends in _total.
+    for (kind, name, _, _) in &rows {
+        assert!(name.starts_with("pop_forwarder_"), "{name}");
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "{name}");
+        }
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["stats", "--json"]).unwrap()).unwrap();
+    let forwarded = stats["counters"]["forwarded"].as_u64().unwrap();
+    assert!(forwarded >= 20, "{stats}");
+    assert_eq!(
+        sample(
+            &rows,
+            "pop_forwarder_packets_total",
+            ("outcome", "forwarded")
+        ),
+        Some(forwarded as f64),
+        "the endpoint and `stats --json` disagree"
+    );
+    assert!(
+        sample(
+            &rows,
+            "pop_forwarder_next_hop_packets_total",
+            ("via", "10.0.2.2")
+        )
+        .is_some_and(|v| v >= 20.0)
+    );
+    assert!(
+        sample(&rows, "pop_forwarder_next_hop_bytes_total", ("dev", "r1"))
+            .is_some_and(|v| v >= 20.0 * 40.0)
+    );
+    // The configured route, the connected 10.0.1.0/24, lo's 127.0.0.0/8,
+    // as `status` counts them.
+    let status: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(
+        sample(&rows, "pop_forwarder_routes", ("family", "ipv4")),
+        status["routes_v4"].as_f64()
+    );
+    assert_eq!(
+        sample(
+            &rows,
+            "pop_forwarder_interface_xdp_attached",
+            ("interface", "r0")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &rows,
+            "pop_forwarder_table_capacity",
+            ("table", "next_hops")
+        ),
+        Some(4096.0)
+    );
+    assert_eq!(
+        sample(&rows, "pop_forwarder_errors_total", ("kind", "route_sync")),
+        Some(0.0)
+    );
+
+    // Nothing but GET /metrics.
+    let other = http(
+        &lab.router,
+        9464,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+    let post = http(
+        &lab.router,
+        9464,
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    let junk = http(&lab.router, 9464, "\x16\x03\x01 not http\r\n\r\n");
+    assert!(
+        junk.is_empty() || junk.starts_with("HTTP/1.1 400"),
+        "{junk}"
+    );
+
+    // A second instance on the same port: a clear start-up error, and
+    // nothing of it attached or pinned.
+    let other = Forwarder::spawn(&lab.router, &config).unwrap();
+    let mut other = other;
+    let status = other.wait_exit(Duration::from_secs(10)).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{}", other.log());
+    assert!(
+        other
+            .log()
+            .contains("metrics_listen: binding 127.0.0.1:9464"),
+        "{}",
+        other.log()
+    );
+    assert!(!other.has_pins());
+}
