@@ -91,10 +91,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Packet counters by outcome, and traffic per next hop.
+    /// Packet counters by outcome, and traffic per next hop. With --watch:
+    /// rates each second (outcomes, next hops, VIPs, nodes), what moved.
     Stats {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Print packet rates each second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after this many seconds.
+        #[arg(long, requires = "watch")]
+        count: Option<u64>,
     },
     /// Whether the instance runs, where it is attached, how big its tables are.
     Status {
@@ -240,7 +247,10 @@ fn dispatch(cli: Cli) -> Result<()> {
             dst_port,
             json,
         } => lookup(&instance, src, dst, protocol, src_port, dst_port, json),
-        Command::Stats { json } => stats(&instance, json),
+        Command::Stats {
+            json, watch: false, ..
+        } => stats(&instance, json),
+        Command::Stats { count, .. } => stats_watch(&instance, count),
         Command::Status { json } => status(&instance, json),
         Command::Detach => detach(&instance),
         Command::Reload => send(&instance, ControlCommand::Reload),
@@ -758,6 +768,99 @@ fn stats(instance: &Instance, json: bool) -> Result<()> {
             "{:<9} {:<40} {:<16} {:>16} {:>18}",
             nh.id, nh.via, nh.dev, nh.packets, nh.bytes
         );
+    }
+    Ok(())
+}
+
+/// Everything `stats --watch` follows, as totals: (what, packets, bytes).
+fn watch_totals(
+    tables: &Tables,
+    instance: &Instance,
+    links: &[kernel::Link],
+) -> Result<Vec<(String, u64, Option<u64>)>> {
+    let stats = tables.stats(links)?;
+    let mut out: Vec<(String, u64, Option<u64>)> = stats
+        .counters
+        .iter()
+        .map(|(name, n)| ((*name).to_owned(), *n, None))
+        .collect();
+    for nh in &stats.next_hops {
+        out.push((
+            format!("next hop {} via {} dev {}", nh.id, nh.via, nh.dev),
+            nh.packets,
+            Some(nh.bytes),
+        ));
+    }
+    if let Some(state) = instance.read_state() {
+        let steering = &state.steering;
+        let vip_slots = steering.vips.iter().map(|v| v.slot + 1).max().unwrap_or(0);
+        let node_slots = steering.nodes.iter().map(|n| n.slot + 1).max().unwrap_or(0);
+        let (vips, nodes) = tables.steering_stats(vip_slots, node_slots)?;
+        for v in &steering.vips {
+            let t = vips[v.slot as usize];
+            let port = if v.port == 0 {
+                "any".to_owned()
+            } else {
+                v.port.to_string()
+            };
+            out.push((
+                format!("vip {} {} {port}", v.address, v.protocol),
+                t.packets,
+                Some(t.bytes),
+            ));
+        }
+        for n in &steering.nodes {
+            let t = nodes[n.slot as usize];
+            out.push((format!("node {}", n.name), t.packets, Some(t.bytes)));
+        }
+    }
+    Ok(out)
+}
+
+/// `stats --watch`: each second, the rate of everything that moved.
+fn stats_watch(instance: &Instance, count: Option<u64>) -> Result<()> {
+    let tables = open(instance)?;
+    let links = kernel::links()?;
+    let mut last = watch_totals(&tables, instance, &links)?;
+    let mut at = std::time::Instant::now();
+    let mut seconds = 0;
+    while count.is_none_or(|c| seconds < c) {
+        std::thread::sleep(Duration::from_secs(1));
+        seconds += 1;
+        let now = watch_totals(&tables, instance, &links)?;
+        let elapsed = at.elapsed().as_secs_f64();
+        at = std::time::Instant::now();
+        let previous: std::collections::HashMap<&str, (u64, Option<u64>)> = last
+            .iter()
+            .map(|(what, p, b)| (what.as_str(), (*p, *b)))
+            .collect();
+        let mut lines = Vec::new();
+        let mut total = 0.0;
+        for (what, packets, bytes) in &now {
+            let (p0, b0) = previous.get(what.as_str()).copied().unwrap_or((0, None));
+            let rate = packets.saturating_sub(p0) as f64 / elapsed;
+            if rate == 0.0 {
+                continue;
+            }
+            if !what.contains(' ') {
+                total += rate; // outcomes: each packet has exactly one
+            }
+            let bits = match (bytes, b0) {
+                (Some(b), Some(b0)) => {
+                    format!(
+                        "{:>12.1} Mbit/s",
+                        b.saturating_sub(b0) as f64 * 8.0 / elapsed / 1e6
+                    )
+                }
+                _ => String::new(),
+            };
+            lines.push(format!("  {what:<56} {rate:>14.0} pkt/s{bits}"));
+        }
+        println!("{}s  {total:.0} packets/s", seconds);
+        for line in lines {
+            println!("{line}");
+        }
+        last = now;
     }
     Ok(())
 }

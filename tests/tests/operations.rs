@@ -197,3 +197,41 @@ fn metrics_are_served_parsed_and_agree_with_stats() {
     );
     assert!(!other.has_pins());
 }
+
+#[test]
+fn stats_watch_prints_the_rates_of_what_moved_each_second() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let fwd = Forwarder::start(&lab.router, &lab.config("pass", ROUTE_TO_C)).unwrap();
+    let _sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
+    // 2,000 datagrams a second through the forwarder, for the watch's
+    // three seconds and a little more.
+    let stream = tests::Stream::start(
+        &lab.a,
+        "10.0.2.2:7000".parse().unwrap(),
+        2000,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = fwd.cli_ok(&["stats", "--watch", "--count", "3"]).unwrap();
+    stream.finish().unwrap();
+    let seconds: Vec<&str> = out.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(seconds.len(), 3, "{out}");
+    // Each second's forwarded rate is about 2,000 (the sender catches up
+    // each millisecond; the watch's seconds are not exactly aligned).
+    let forwarded: Vec<f64> = out
+        .lines()
+        .filter(|l| l.trim_start().starts_with("forwarded "))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(forwarded.len(), 3, "{out}");
+    for rate in forwarded {
+        assert!((1500.0..2500.0).contains(&rate), "{rate}\n{out}");
+    }
+    assert!(out.contains("next hop 0 via 10.0.2.2 dev r1"), "{out}");
+    // Nothing that did not move is listed.
+    assert!(!out.contains("drop_truncated"), "{out}");
+    let e = fwd.cli_err(&["stats", "--count", "3"]).unwrap();
+    assert!(e.contains("--watch"), "{e}");
+}
