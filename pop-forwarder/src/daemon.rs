@@ -474,6 +474,24 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
         .collect();
     start_checks(&mut running, &names, &[]);
     announce_vips(&mut running);
+    // systemd (Type=notify): ready once the data plane forwards the
+    // config; the watchdog is fed from this loop, so a daemon stuck in it
+    // is restarted (and the restart adopts the data plane).
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!(
+            "forwarding on {}",
+            model
+                .interfaces
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    ]);
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
     // Nothing is polled: interfaces, addresses and neighbours are read
     // again when the kernel announces a change of them (and after every
     // change of the tables, for the neighbours new next hops need), the
@@ -491,6 +509,9 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     let mut refresh_at = Some(tokio::time::Instant::now());
     let detach = loop {
         tokio::select! {
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            }
             _ = sigterm.recv() => break false,
             _ = sigint.recv() => break false,
             Some((command, reply)) = requests.recv() => {
@@ -611,6 +632,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             }
         }
     };
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     if detach {
         // Let the connection that asked hear its answer before the
         // socket goes.
@@ -1777,6 +1799,13 @@ fn drain(running: &mut Running, draining: bool) -> Result<String> {
     };
     info!("{message}");
     Ok(message)
+}
+
+/// Tells systemd (NOTIFY_SOCKET) how the daemon is; nothing without it.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("notifying systemd (NOTIFY_SOCKET): {e}");
+    }
 }
 
 fn count_error(running: &mut Running, kind: &'static str) {

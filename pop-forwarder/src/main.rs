@@ -142,6 +142,12 @@ enum Command {
     /// source ports. For labs and benchmarks; on real NICs see
     /// scripts/pktgen.sh.
     Generate(GenerateArgs),
+    /// Print a shell completion script: `pop-forwarder completions bash >
+    /// /usr/share/bash-completion/completions/pop-forwarder`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
@@ -267,6 +273,16 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Resume => send(&instance, ControlCommand::Resume),
         Command::Generate(args) => generate(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "pop-forwarder",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
 }
 

@@ -194,24 +194,34 @@ protocol bgp f2 {
 }
 "#;
 
-/// A forwarder's BIRD: the daemon's VIP routes (table 100) learned into a
-/// table of their own and exported to the upstream router. README's
-/// sample, for this lab.
+/// A forwarder's BIRD, as packaging/bird.conf has it: routes from BGP into
+/// the main table (nothing is announced to it here), and the daemon's VIP
+/// routes (table 100) learned into a BIRD table of their own (one kernel
+/// syncer per BIRD table), piped into master4 and exported to the upstream
+/// router.
 const FORWARDER_BIRD: &str = r#"
 router id LOCAL;
 log stderr all;
-ipv4 table vips4;
 protocol device { scan time 1; }
+protocol kernel {
+    ipv4 { import none; export where source = RTS_BGP; };
+    merge paths on limit 16;
+}
+ipv4 table vips4;
 protocol kernel vip_routes4 {
     kernel table 100;
     learn;
     scan time 1;
     ipv4 { table vips4; import all; export none; };
 }
+protocol pipe vips {
+    table master4; peer table vips4;
+    import all; export none;
+}
 protocol bgp upstream {
     local LOCAL as 65001; neighbor UPSTREAM as 65000;
     hold time 3; keepalive time 1; connect retry time 1;
-    ipv4 { table vips4; import none; export all; };
+    ipv4 { import all; export where proto = "vip_routes4"; };
 }
 "#;
 

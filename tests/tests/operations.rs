@@ -235,3 +235,118 @@ fn stats_watch_prints_the_rates_of_what_moved_each_second() {
     let e = fwd.cli_err(&["stats", "--count", "3"]).unwrap();
     assert!(e.contains("--watch"), "{e}");
 }
+
+/// The repository's packaging folder.
+fn packaging(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging")
+        .join(file)
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_the_samples_are_valid() {
+    // The unit, with the binary under test where the package puts it.
+    let unit = std::fs::read_to_string(packaging("pop-forwarder@.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec="));
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let dir = std::env::temp_dir().join(tests::unique("unit"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pop-forwarder@lab.service");
+        std::fs::write(
+            &path,
+            unit.replace("/usr/sbin/pop-forwarder", tests::binary().to_str().unwrap()),
+        )
+        .unwrap();
+        let out = std::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "systemd-analyze verify: {stderr}"
+        );
+    } else {
+        println!("systemd-analyze not installed: the unit file was not verified");
+    }
+    // The sample config validates; the sample BIRD config parses.
+    let out = std::process::Command::new(tests::binary())
+        .arg("check")
+        .arg("--config")
+        .arg(packaging("pop-forwarder.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tests::sh(
+        "bird",
+        &["-p", "-c", packaging("bird.conf").to_str().unwrap()],
+    )
+    .unwrap();
+}
+
+#[test]
+fn shell_completions_cover_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = std::process::Command::new(tests::binary())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let script = String::from_utf8_lossy(&out.stdout);
+        for command in ["drain", "resume", "reload", "detach", "lookup"] {
+            assert!(script.contains(command), "{shell}: no {command}");
+        }
+    }
+}
+
+#[test]
+fn the_daemon_tells_systemd_it_is_ready_feeds_the_watchdog_and_says_it_stops() {
+    let lab = Lab::new().unwrap();
+    let dir = std::env::temp_dir().join(tests::unique("notify"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut fwd = Forwarder::start_with_env(
+        &lab.router,
+        &lab.config("pass", ""),
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            // A 200 ms watchdog: fed every 100 ms.
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = next();
+    assert!(first.contains("READY=1\n"), "{first}");
+    assert!(first.contains("STATUS=forwarding on r0, r1"), "{first}");
+    let watchdogs = (0..5).filter(|_| next() == "WATCHDOG=1\n").count();
+    assert_eq!(watchdogs, 5);
+    fwd.stop().unwrap();
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(stopping, "no STOPPING=1\n{}", fwd.log());
+}
