@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod fleet;
 pub mod packets;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);

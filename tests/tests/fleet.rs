@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{Bird, Forwarder, Lab, send_udp};
+use tests::{Forwarder, Lab, fleet::Pop, send_udp};
 
 /// The forwarder's announced VIP routes in `table`, as the kernel lists
 /// them (`ip route show table T proto 201`).
@@ -172,176 +172,6 @@ nodes = ["cache-1"]
     drop(l1);
 }
 
-/// The upstream router's BIRD: a session to each forwarder, the VIP routes
-/// they announce merged into one ECMP route in its kernel table.
-const UPSTREAM_BIRD: &str = r#"
-router id 10.0.11.1;
-log stderr all;
-protocol device { scan time 1; }
-protocol kernel {
-    ipv4 { import none; export where source = RTS_BGP; };
-    merge paths on limit 16;
-}
-protocol bgp f1 {
-    local 10.0.11.1 as 65000; neighbor 10.0.11.2 as 65001;
-    hold time 3; keepalive time 1; connect retry time 1;
-    ipv4 { import all; export none; };
-}
-protocol bgp f2 {
-    local 10.0.12.1 as 65000; neighbor 10.0.12.2 as 65001;
-    hold time 3; keepalive time 1; connect retry time 1;
-    ipv4 { import all; export none; };
-}
-"#;
-
-/// A forwarder's BIRD, as packaging/bird.conf has it: routes from BGP into
-/// the main table (nothing is announced to it here), and the daemon's VIP
-/// routes (table 100) learned into a BIRD table of their own (one kernel
-/// syncer per BIRD table), piped into master4 and exported to the upstream
-/// router.
-const FORWARDER_BIRD: &str = r#"
-router id LOCAL;
-log stderr all;
-protocol device { scan time 1; }
-protocol kernel {
-    ipv4 { import none; export where source = RTS_BGP; };
-    merge paths on limit 16;
-}
-ipv4 table vips4;
-protocol kernel vip_routes4 {
-    kernel table 100;
-    learn;
-    scan time 1;
-    ipv4 { table vips4; import all; export none; };
-}
-protocol pipe vips {
-    table master4; peer table vips4;
-    import all; export none;
-}
-protocol bgp upstream {
-    local LOCAL as 65001; neighbor UPSTREAM as 65000;
-    hold time 3; keepalive time 1; connect retry time 1;
-    ipv4 { import all; export where proto = "vip_routes4"; };
-}
-"#;
-
-/// One forwarder's config. The nodes and the pool are listed in `order`:
-/// forwarders must agree whatever order they learned them in.
-fn forwarder_config(order: &[&str]) -> String {
-    let nodes: String = order
-        .iter()
-        .map(|n| {
-            let i = &n[n.len() - 1..];
-            format!("[[nodes]]\nname = \"{n}\"\naddress = \"10.0.50.1{i}\"\ndev = \"b0\"\n\n")
-        })
-        .collect();
-    let pool = order
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "vip_route_table = 100\nflow_hash_seed = 7\nroute_miss = \"drop\"\n\n\
-         [[interfaces]]\nname = \"u0\"\n\n[[interfaces]]\nname = \"b0\"\n\n{nodes}\
-         [[vips]]\naddress = \"192.0.2.10\"\nprotocol = \"udp\"\nnodes = [{pool}]\n"
-    )
-}
-
-/// The PoP:
-///
-/// ```text
-///                               u0 [fwd1] b0 --+
-/// client --- [up] (BIRD, ECMP) <                 lan (bridge) --- cache-1, cache-2, cache-3
-///                               u0 [fwd2] b0 --+
-/// ```
-///
-/// Each forwarder runs pop-forwarder (on u0 and b0) and BIRD; kernel
-/// forwarding is off in them, so what reaches a node was steered by XDP.
-/// The nodes hold the VIP on lo and listen on it.
-struct Pop {
-    client: tests::Netns,
-    up: tests::Netns,
-    fwd: [tests::Netns; 2],
-    lan: tests::Netns,
-    nodes: Vec<tests::Netns>,
-}
-
-impl Pop {
-    fn new() -> Pop {
-        let pop = Pop {
-            client: tests::Netns::new("cl").unwrap(),
-            up: tests::Netns::new("up").unwrap(),
-            fwd: [
-                tests::Netns::new("fa").unwrap(),
-                tests::Netns::new("fb").unwrap(),
-            ],
-            lan: tests::Netns::new("lan").unwrap(),
-            nodes: (0..3).map(|_| tests::Netns::new("n").unwrap()).collect(),
-        };
-        tests::wire(
-            &pop.client,
-            "c0",
-            "10.1.0.2/24",
-            &pop.up,
-            "uc",
-            "10.1.0.1/24",
-        );
-        pop.client
-            .ip(&["route", "add", "default", "via", "10.1.0.1"])
-            .unwrap();
-        pop.up.sysctl("net.ipv4.ip_forward", "1").unwrap();
-        // Flows spread over the forwarders by ports, as a PoP router's
-        // ECMP does.
-        pop.up
-            .sysctl("net.ipv4.fib_multipath_hash_policy", "1")
-            .unwrap();
-        pop.lan
-            .ip(&["link", "add", "br0", "type", "bridge"])
-            .unwrap();
-        pop.lan.ip(&["link", "set", "br0", "up"]).unwrap();
-        for (i, f) in pop.fwd.iter().enumerate() {
-            let net = 11 + i;
-            // up's end takes the forwarder's frames like any veth; the
-            // forwarder's u0 is where its XDP program runs.
-            tests::wire(
-                &pop.up,
-                &format!("u{}", i + 1),
-                &format!("10.0.{net}.1/24"),
-                f,
-                "u0",
-                &format!("10.0.{net}.2/24"),
-            );
-            tests::wire(
-                &pop.lan,
-                &format!("pf{i}"),
-                "",
-                f,
-                "b0",
-                &format!("10.0.50.{}/24", i + 1),
-            );
-            pop.lan
-                .ip(&["link", "set", &format!("pf{i}"), "master", "br0"])
-                .unwrap();
-        }
-        for (i, n) in pop.nodes.iter().enumerate() {
-            tests::wire(
-                &pop.lan,
-                &format!("pn{i}"),
-                "",
-                n,
-                "n0",
-                &format!("10.0.50.1{}/24", i + 1),
-            );
-            pop.lan
-                .ip(&["link", "set", &format!("pn{i}"), "master", "br0"])
-                .unwrap();
-            n.ip(&["addr", "add", "192.0.2.10/32", "dev", "lo"])
-                .unwrap();
-        }
-        pop
-    }
-}
-
 /// Flows the test sends: UDP from the client's ports FIRST_PORT.. to the
 /// VIP's port 9999.
 const FLOWS: u16 = 64;
@@ -404,29 +234,17 @@ fn vip_packets(fwd: &Forwarder) -> u64 {
 
 #[test]
 fn a_pop_of_two_forwarders_agrees_on_every_flow_and_survives_one_failing() {
-    let pop = Pop::new();
-    let _upstream = Bird::start(&pop.up, UPSTREAM_BIRD).unwrap();
+    let pop = Pop::new().unwrap();
+    let _upstream = pop.upstream_bird().unwrap();
     // The forwarders learn the same nodes in opposite orders.
     let orders = [["cache-1", "cache-2"], ["cache-2", "cache-1"]];
-    let mut fwds = Vec::new();
-    let mut birds = Vec::new();
-    for (i, ns) in pop.fwd.iter().enumerate() {
-        let fwd = Forwarder::start(ns, &forwarder_config(&orders[i])).unwrap();
-        fwd.wait_for_node_macs();
-        fwds.push(fwd);
-        let net = 11 + i;
-        let bird = FORWARDER_BIRD
-            .replace("LOCAL", &format!("10.0.{net}.2"))
-            .replace("UPSTREAM", &format!("10.0.{net}.1"));
-        birds.push(Bird::start(ns, &bird).unwrap());
-    }
-    let upstream_route = || pop.up.ip(&["route", "show", "192.0.2.10"]).unwrap();
-    wait_until(
-        "the upstream router has an ECMP route to the VIP through both forwarders",
-        Duration::from_secs(20),
-        || upstream_route().matches("nexthop via").count() == 2,
-        || format!("{}\n{}", upstream_route(), birds[0].log()),
-    );
+    let (mut fwds, mut birds): (Vec<_>, Vec<_>) = (0..2)
+        .map(|i| pop.start_forwarder(i, &orders[i]).unwrap())
+        .unzip();
+    pop.wait_for_route("ECMP through both forwarders", |r| {
+        r.matches("nexthop via").count() == 2
+    })
+    .unwrap();
 
     // Agreement on the Maglev tables, and a node added to both: about
     // 1/3 of new flows move, the same ones on both.
@@ -513,18 +331,11 @@ fn a_pop_of_two_forwarders_agrees_on_every_flow_and_survives_one_failing() {
 
     // fwd1 fails hard: daemon and BIRD killed, its uplink gone. Its flows
     // continue through fwd2, each on the node it had.
-    fwds[0].kill().unwrap();
-    birds[0].kill();
-    pop.up.ip(&["link", "del", "u1"]).unwrap();
-    wait_until(
-        "the upstream router routes the VIP through fwd2 alone",
-        Duration::from_secs(20),
-        || {
-            let r = upstream_route();
-            r.contains("via 10.0.12.2") && !r.contains("10.0.11.2")
-        },
-        upstream_route,
-    );
+    pop.fail(0, &mut fwds[0], &mut birds[0]).unwrap();
+    pop.wait_for_route("through fwd2 alone", |r| {
+        r.contains("via 10.0.12.2") && !r.contains("10.0.11.2")
+    })
+    .unwrap();
     let second_before = vip_packets(&fwds[1]);
     let second = send_flows(&client, &sinks, "second");
     assert_eq!(second, first, "flows changed nodes when fwd1 failed");

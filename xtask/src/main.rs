@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | test | demo [--fleet] | bench`.
 //!
 //! Every task first makes sure the machine has what it needs (Debian
 //! packages, the nightly's rust-src, bpf-linker built against the nightly's
@@ -51,9 +51,14 @@ enum Task {
     /// Run the demo lab: three namespaces, the forwarder in the middle, real
     /// traffic, live counters, clean teardown. Needs root.
     Demo {
-        /// How long to send traffic.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+        /// How long to send traffic (default 10 s, 20 s with --fleet).
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// The PoP instead: two forwarders behind BGP ECMP (BIRD), three
+        /// cache nodes, per-forwarder and per-node rates each second, one
+        /// forwarder failing midway.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Benchmarks: Linux forwarding, a bare XDP redirect and pop-forwarder
     /// side by side (pps, loss, ns/packet, route load time); writes
@@ -91,11 +96,12 @@ fn main() -> Result<()> {
                 ],
             )
         }
-        Task::Demo { seconds } => {
+        Task::Demo { seconds, fleet } => {
             require_root()?;
             let env = setup()?;
             build(&env, true)?;
-            run_tests_bin(&env, "lab", &[&seconds.to_string()])
+            let (bin, default) = if fleet { ("fleet", 20) } else { ("lab", 10) };
+            run_tests_bin(&env, bin, &[&seconds.unwrap_or(default).to_string()])
         }
         Task::Bench { quick } => {
             require_root()?;
