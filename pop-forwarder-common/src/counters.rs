@@ -85,6 +85,10 @@ pub enum Counter {
     /// 4.3.2.8, RFC 4443 2.4 f): dropped without an answer, as Linux does
     /// when its ICMP rate limit holds.
     DropIcmpRateLimited,
+    /// The source or destination is in the deny list (`DENY_V4`,
+    /// `DENY_V6`): dropped before any other lookup, and counted per entry
+    /// too.
+    DropDenied,
 }
 
 /// ICMP too-big answers a source gets per second at most; the rest of its
@@ -92,7 +96,7 @@ pub enum Counter {
 pub const ICMP_TOO_BIG_PER_SECOND: u64 = 8;
 
 impl Counter {
-    pub const COUNT: usize = 26;
+    pub const COUNT: usize = 27;
 
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Forwarded,
@@ -121,6 +125,7 @@ impl Counter {
         Counter::PassFibNotForwarded,
         Counter::PassUnknownVlan,
         Counter::DropIcmpRateLimited,
+        Counter::DropDenied,
     ];
 
     /// Stable snake_case name, used by `stats` and its JSON.
@@ -152,6 +157,7 @@ impl Counter {
             Counter::PassFibNotForwarded => "pass_fib_not_forwarded",
             Counter::PassUnknownVlan => "pass_unknown_vlan",
             Counter::DropIcmpRateLimited => "drop_icmp_rate_limited",
+            Counter::DropDenied => "drop_denied",
         }
     }
 

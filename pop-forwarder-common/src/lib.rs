@@ -21,7 +21,7 @@ pub use counters::{Counter, ICMP_TOO_BIG_PER_SECOND};
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -49,7 +49,11 @@ pub mod map_names {
     pub const NEXT_HOP_GROUPS: &str = "NEXT_HOP_GROUPS";
     pub const NEIGHBOURS: &str = "NEIGHBOURS";
     pub const VLANS: &str = "VLANS";
-    pub const ALL: [&str; 23] = [
+    pub const DENY_V4: &str = "DENY_V4";
+    pub const DENY_V6: &str = "DENY_V6";
+    pub const DENY_STATS: &str = "DENY_STATS";
+    pub const INTERFACE_STATS: &str = "INTERFACE_STATS";
+    pub const ALL: [&str; 27] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -73,6 +77,10 @@ pub mod map_names {
         NEXT_HOP_GROUPS,
         NEIGHBOURS,
         VLANS,
+        DENY_V4,
+        DENY_V6,
+        DENY_STATS,
+        INTERFACE_STATS,
     ];
 }
 
@@ -225,6 +233,50 @@ pub struct TrafficCounter {
     pub bytes: u64,
 }
 
+/// Capacity of the deny list (IPv4 and IPv6 entries together index
+/// `DENY_STATS`).
+pub const MAX_DENY: u32 = 1 << 17;
+
+/// Which address of a packet a deny-list entry matches: the first byte of
+/// its LPM key, before the address.
+pub mod deny {
+    pub const SOURCE: u8 = 1;
+    pub const DESTINATION: u8 = 2;
+    /// Key data: the direction byte, the address, zero padding (to 4-byte
+    /// multiples). The prefix length counts the direction byte's 8 bits.
+    pub type KeyV4 = [u8; 8];
+    pub type KeyV6 = [u8; 20];
+
+    pub fn key_v4(direction: u8, addr: [u8; 4]) -> KeyV4 {
+        let mut k = [0; 8];
+        k[0] = direction;
+        k[1..5].copy_from_slice(&addr);
+        k
+    }
+
+    pub fn key_v6(direction: u8, addr: [u8; 16]) -> KeyV6 {
+        let mut k = [0; 20];
+        k[0] = direction;
+        k[1..17].copy_from_slice(&addr);
+        k
+    }
+}
+
+/// What the program did with the packets that came in on one interface,
+/// per CPU (`INTERFACE_STATS`, indexed by ingress ifindex).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct InterfaceCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Redirected or sent back out (XDP_REDIRECT, XDP_TX).
+    pub forwarded: u64,
+    /// Handed to the kernel (XDP_PASS).
+    pub passed: u64,
+    /// Dropped (XDP_DROP).
+    pub dropped: u64,
+}
+
 /// Indexes of the `SETTINGS` array.
 pub mod settings {
     /// 1: a packet whose destination matches no route is dropped; 0: passed
@@ -249,7 +301,10 @@ pub mod settings {
     /// idle before it is treated as absent; 0: never.
     pub const FLOW_IDLE_TCP: u32 = 6;
     pub const FLOW_IDLE_UDP: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// 1 when the deny list has an entry: without one, packets skip its
+    /// lookups.
+    pub const DENY_ON: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     pub const ROUTE_LOOKUP_TABLES: u32 = 0;
     pub const ROUTE_LOOKUP_FIB: u32 = 1;
@@ -266,6 +321,7 @@ mod user {
     unsafe impl aya::Pod for super::RouteTarget {}
     unsafe impl aya::Pod for super::RouteKeyV4 {}
     unsafe impl aya::Pod for super::TrafficCounter {}
+    unsafe impl aya::Pod for super::InterfaceCounter {}
     unsafe impl aya::Pod for super::NeighbourKey {}
     unsafe impl aya::Pod for super::NeighbourMac {}
     unsafe impl aya::Pod for super::VlanKey {}
@@ -320,15 +376,19 @@ mod tests {
             size_of::<VlanKey>() as u32,
             MAX_VLANS,
             size_of::<steering::FlowEntry>() as u32,
+            MAX_DENY,
+            size_of::<deny::KeyV4>() as u32,
+            size_of::<deny::KeyV6>() as u32,
+            size_of::<InterfaceCounter>() as u32,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                3,
+                4,
                 [
-                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 26, 8,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 23, 24, 8, 776, 65536, 1024,
-                    8192, 4097, 8, 4096, 16,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 9,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 27, 24, 8, 776, 65536, 1024,
+                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

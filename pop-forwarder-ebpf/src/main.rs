@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod deny;
 mod fib;
 mod maps;
 mod packet;
@@ -21,8 +22,8 @@ use pop_forwarder_common::{Counter, LOCAL_NEXT_HOP, checksum, maglev::address_wo
 
 use crate::{
     maps::{
-        Hop, RouteFlow, count, egress, for_this_interface, lookup_route_v4, lookup_route_v6,
-        next_hop_for, route_miss, traffic,
+        Hop, RouteFlow, count, count_interface, egress, for_this_interface, lookup_route_v4,
+        lookup_route_v6, next_hop_for, route_miss, traffic,
     },
     packet::{copy_bytes, pair_at, ptr_at, widen},
 };
@@ -60,11 +61,13 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
     if ctx.data() >= ctx.data_end() {
         return xdp_action::XDP_PASS;
     }
+    let received = (ctx.data_end() - ctx.data()) as u64;
     // Tags come off first and go back on if the kernel gets the frame.
     let tags = match vlan::pop(&ctx) {
         Ok(tags) => tags,
         Err(()) => {
             count(Counter::DropTruncated);
+            count_interface(ctx.ingress_ifindex() as u32, received, xdp_action::XDP_DROP);
             return xdp_action::XDP_DROP;
         }
     };
@@ -81,6 +84,7 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
         verdict = drop(Counter::DropTruncated);
     }
     count(verdict.counter);
+    count_interface(ctx.ingress_ifindex() as u32, received, verdict.action);
     // Log records cost a ring-buffer write each; the loader sets the level
     // (`run --bpf-log-level`, warn by default), below which these are one
     // load and a branch.
@@ -147,6 +151,11 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let total_len = usize::from(u16::from_be_bytes(ip.tot_len));
     if total_len < header_len || EthHdr::LEN + total_len > frame_len {
         return drop(Counter::DropBadLength);
+    }
+    // The deny list before any other lookup: the first line against a
+    // flood.
+    if deny::denied_v4(ip.src_addr, ip.dst_addr, frame_len as u64) {
+        return drop(Counter::DropDenied);
     }
     if header_len > Ipv4Hdr::LEN {
         match options_v4(ctx, header_len) {
@@ -336,6 +345,9 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     let total_len = Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len));
     if EthHdr::LEN + total_len > frame_len {
         return drop(Counter::DropBadLength);
+    }
+    if deny::denied_v6(&ip.src_addr, &ip.dst_addr, frame_len as u64) {
+        return drop(Counter::DropDenied);
     }
 
     // The addresses are read in place: 16-byte copies on the stack cost

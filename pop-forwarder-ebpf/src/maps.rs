@@ -8,9 +8,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use pop_forwarder_common::{
-    Counter, INTERFACE_MAC_KNOWN, KERNEL_NEXT_HOP, MAX_EGRESS_PORTS, MAX_INTERFACES,
-    MAX_LOCAL_ADDRS, MAX_NEIGHBOURS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6, NH_F_CONNECTED,
-    NeighbourKey, NeighbourMac, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
+    Counter, INTERFACE_MAC_KNOWN, InterfaceCounter, KERNEL_NEXT_HOP, MAX_EGRESS_PORTS,
+    MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_NEIGHBOURS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
+    NH_F_CONNECTED, NeighbourKey, NeighbourMac, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self, TBL8_ENTRIES, TBL24_ENTRIES, Tbl24},
     ecmp::{self, NextHopGroup},
     settings,
@@ -106,6 +106,28 @@ pub fn for_this_interface(ifindex: u32, mac: &[u8; 6]) -> bool {
                 && own[5] == mac[5]
         }
         _ => true,
+    }
+}
+
+/// What the program did with the packets of each ingress interface.
+#[map]
+static INTERFACE_STATS: PerCpuArray<InterfaceCounter> =
+    PerCpuArray::with_max_entries(MAX_INTERFACES, 0);
+
+/// One more packet of `bytes` received on `ifindex`, and what became of it.
+#[inline(always)]
+pub fn count_interface(ifindex: u32, bytes: u64, action: u32) {
+    if let Some(slot) = INTERFACE_STATS.get_ptr_mut(ifindex) {
+        // SAFETY: as in `count`.
+        unsafe {
+            (*slot).packets += 1;
+            (*slot).bytes += bytes;
+            match action {
+                xdp_action::XDP_REDIRECT | xdp_action::XDP_TX => (*slot).forwarded += 1,
+                xdp_action::XDP_PASS => (*slot).passed += 1,
+                _ => (*slot).dropped += 1,
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! config is refused whole, with the field and value named, before anything
 //! is loaded or attached.
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
 
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -73,6 +73,12 @@ pub struct Config {
     /// Where the Prometheus endpoint listens: "PORT" (loopback) or
     /// "ADDRESS:PORT". Unset: no endpoint.
     pub metrics_listen: Option<String>,
+    /// Deny list: packets from or to these prefixes are dropped first.
+    #[serde(default)]
+    pub deny: Vec<DenyConfig>,
+    /// More deny-list entries, one per line (`source PREFIX`,
+    /// `destination PREFIX`), relative to the config file's directory.
+    pub deny_file: Option<std::path::PathBuf>,
 }
 
 fn default_flow_idle_tcp() -> u32 {
@@ -85,6 +91,71 @@ fn default_flow_idle_udp() -> u32 {
 
 fn default_kernel_table() -> u32 {
     254
+}
+
+/// Which address of a packet a deny-list entry matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DenyDirection {
+    Source,
+    Destination,
+}
+
+impl fmt::Display for DenyDirection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DenyDirection::Source => "source",
+            DenyDirection::Destination => "destination",
+        })
+    }
+}
+
+impl FromStr for DenyDirection {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<DenyDirection> {
+        match s {
+            "source" | "src" => Ok(DenyDirection::Source),
+            "destination" | "dst" => Ok(DenyDirection::Destination),
+            _ => bail!("{s:?} is not source or destination"),
+        }
+    }
+}
+
+/// One deny-list entry: packets whose `direction` address is in `prefix`
+/// are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Deny {
+    pub direction: DenyDirection,
+    pub prefix: Prefix,
+}
+
+impl Deny {
+    /// `source PREFIX` or `destination PREFIX` (a line of a `deny_file`,
+    /// and the CLI's words).
+    pub fn parse_line(line: &str) -> Result<Deny> {
+        let mut words = line.split_whitespace();
+        let (Some(direction), Some(prefix), None) = (words.next(), words.next(), words.next())
+        else {
+            bail!("{line:?} is not `source PREFIX` or `destination PREFIX`");
+        };
+        Ok(Deny {
+            direction: direction.parse()?,
+            prefix: prefix.parse().context("prefix")?,
+        })
+    }
+}
+
+impl fmt::Display for Deny {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.direction, self.prefix)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyConfig {
+    pub prefix: String,
+    pub direction: DenyDirection,
 }
 
 /// Where routes come from.
@@ -531,6 +602,8 @@ pub struct Model {
     pub vip_route_table: Option<u32>,
     /// The Prometheus endpoint's address; None: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The deny list, sorted, each entry once.
+    pub deny: Vec<Deny>,
 }
 
 impl Model {
@@ -550,19 +623,29 @@ impl Model {
     /// A config given as text, a relative `routes_file` being in `base`.
     pub fn from_toml_in(text: &str, base: &Path) -> Result<Model> {
         let config: Config = toml::from_str(text)?;
-        let routes_file = match &config.routes_file {
-            None => None,
-            Some(file) => {
-                let path = base.join(file);
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("routes_file: reading {}", path.display()))?;
-                Some((path, text))
+        let read = |field: &str, file: &Option<std::path::PathBuf>| -> Result<_> {
+            match file {
+                None => Ok(None),
+                Some(file) => {
+                    let path = base.join(file);
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("{field}: reading {}", path.display()))?;
+                    Ok(Some((path, text)))
+                }
             }
         };
-        Model::validate(
+        let routes_file = read("routes_file", &config.routes_file)?;
+        let deny_file = read("deny_file", &config.deny_file)?;
+        let deny = validate_deny(
+            &config.deny,
+            deny_file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        )?;
+        let mut model = Model::validate(
             config,
             routes_file.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
-        )
+        )?;
+        model.deny = deny;
+        Ok(model)
     }
 
     fn validate(config: Config, routes_file: Option<(&Path, &str)>) -> Result<Model> {
@@ -666,6 +749,7 @@ impl Model {
             control_group: config.control_group,
             vip_route_table: config.vip_route_table,
             metrics_listen,
+            deny: Vec::new(),
         }
         .checked()
     }
@@ -676,6 +760,49 @@ impl Model {
         crate::steering::Spec::of(&self).check()?;
         Ok(self)
     }
+}
+
+/// The deny list of a config: `[[deny]]` entries, then a `deny_file`'s
+/// lines; each entry once, at most `MAX_DENY`.
+fn validate_deny(entries: &[DenyConfig], file: Option<(&Path, &str)>) -> Result<Vec<Deny>> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, d) in entries.iter().enumerate() {
+        let entry = Deny {
+            direction: d.direction,
+            prefix: d
+                .prefix
+                .parse()
+                .with_context(|| format!("deny[{i}].prefix"))?,
+        };
+        if !seen.insert(entry) {
+            bail!("deny[{i}]: {entry} is listed twice");
+        }
+        out.push(entry);
+    }
+    if let Some((path, text)) = file {
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let at = || format!("deny_file {}:{}", path.display(), n + 1);
+            let entry = Deny::parse_line(line).with_context(at)?;
+            if !seen.insert(entry) {
+                bail!("{}: {entry} is listed twice", at());
+            }
+            out.push(entry);
+        }
+    }
+    if out.len() > pop_forwarder_common::MAX_DENY as usize {
+        bail!(
+            "deny: {} entries, more than the {} the program's deny list holds",
+            out.len(),
+            pop_forwarder_common::MAX_DENY
+        );
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Parses the steering part of a config, item by item; the rules of the

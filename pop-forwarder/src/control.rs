@@ -74,6 +74,10 @@ pub enum Command {
     /// Re-reads the config file and applies it (what SIGHUP does), answering
     /// with what changed or why it was refused.
     Reload,
+    /// Adds a deny-list entry: `source PREFIX` or `destination PREFIX`.
+    DenyAdd { entry: String },
+    /// Removes a deny-list entry.
+    DenyDel { entry: String },
     /// Withdraws every VIP route (maintenance); flows that still arrive
     /// are steered as before.
     Drain,

@@ -748,6 +748,27 @@ fn change(
             running.tables.del_route(prefix)?;
             return Ok((format!("deleted {prefix}"), None));
         }
+        Command::DenyAdd { ref entry } | Command::DenyDel { ref entry } => {
+            let adding = matches!(command, Command::DenyAdd { .. });
+            let entry = entry.clone();
+            let entry = crate::config::Deny::parse_line(&entry)?;
+            let mut list: Vec<crate::config::Deny> =
+                running.tables.deny_entries()?.into_keys().collect();
+            let present = list.contains(&entry);
+            match (adding, present) {
+                (true, true) => bail!("{entry} is in the deny list already"),
+                (false, false) => bail!("{entry} is not in the deny list"),
+                (true, false) => list.push(entry),
+                (false, true) => list.retain(|e| *e != entry),
+            }
+            running.tables.apply_deny(&list)?;
+            let message = format!(
+                "{} deny-list entry {entry} ({} entries)",
+                if adding { "added" } else { "removed" },
+                list.len()
+            );
+            return Ok((message, None));
+        }
         Command::NodeWeight { name, weight } => {
             spec_node(&mut spec.nodes, &name)?.weight = weight;
             format!("cache node {name} weight {weight}")
@@ -1267,6 +1288,7 @@ fn fill(
     let attached: Vec<u32> = attach_to.iter().map(|a| a.ifindex).collect();
     mirror_neighbours(tables, links, neighbours, &attached)?;
     tables.sync_vlans(&kernel::vlan_keys(links, &attached))?;
+    tables.apply_deny(&model.deny)?;
     steering.apply(tables, &steering::Spec::of(model), links, neighbours)?;
     Ok(steering)
 }
@@ -1411,6 +1433,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
             &neighbours,
         )?;
         let routes = running.tables.apply_routes(&routes)?;
+        running.tables.apply_deny(&model.deny)?;
         running.tables.set_route_miss(model.route_miss)?;
         running.tables.set_route_lookup(model.route_lookup)?;
         running
@@ -1841,6 +1864,26 @@ fn metrics_families(running: &Running) -> Result<Vec<crate::metrics::Family>> {
         nh_bytes.push(labels, Value::Counter(nh.bytes));
     }
     out.extend([nh_packets, nh_bytes]);
+    let mut if_packets = Family::new(
+        "interface_packets",
+        "Packets received on each interface the program runs on, by what became of them",
+    );
+    let mut if_bytes =
+        Family::new("interface_received", "Bytes received on each interface").unit(Unit::Bytes);
+    for i in &stats.interfaces {
+        for (action, n) in [
+            ("forwarded", i.forwarded),
+            ("passed", i.passed),
+            ("dropped", i.dropped),
+        ] {
+            if_packets.push(
+                vec![("interface", i.name.clone()), ("action", action.into())],
+                Value::Counter(n),
+            );
+        }
+        if_bytes.push(vec![("interface", i.name.clone())], Value::Counter(i.bytes));
+    }
+    out.extend([if_packets, if_bytes]);
 
     let state = running.steering.state();
     let vip_slots = state.vips.iter().map(|v| v.slot + 1).max().unwrap_or(0);
@@ -1899,7 +1942,9 @@ fn metrics_families(running: &Running) -> Result<Vec<crate::metrics::Family>> {
 
     let mut entries = Family::new("table_entries", "Entries in use in the program's tables");
     let mut capacity = Family::new("table_capacity", "Entries the program's tables can hold");
+    let deny = running.tables.deny_entries()?.len();
     for (table, used, max) in [
+        ("deny", deny, pop_forwarder_common::MAX_DENY as usize),
         ("next_hops", stats.next_hops.len(), MAX_NEXT_HOPS as usize),
         ("cache_nodes", state.nodes.len(), MAX_CACHE_NODES as usize),
         ("vips", state.vips.len(), MAX_VIPS as usize),

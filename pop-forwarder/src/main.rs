@@ -75,6 +75,10 @@ enum Command {
     /// Add, remove, drain, weigh or show the running instance's cache nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Add, remove or show the deny list: prefixes whose packets (by
+    /// source or destination address) are dropped before any other lookup.
+    #[command(subcommand)]
+    Deny(DenyCommand),
     /// Which cache node a flow to a VIP goes to: the node an existing flow
     /// is pinned to, and the node the Maglev table gives a new one.
     Lookup {
@@ -151,6 +155,43 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum DenyCommand {
+    /// Drop packets whose source (or destination) is in PREFIX. Until the
+    /// next reload (the file is the truth).
+    Add {
+        #[arg(value_enum)]
+        direction: DenyDirectionArg,
+        prefix: String,
+    },
+    /// Remove a deny-list entry.
+    Del {
+        #[arg(value_enum)]
+        direction: DenyDirectionArg,
+        prefix: String,
+    },
+    /// List the entries with the packets and bytes each dropped.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DenyDirectionArg {
+    Source,
+    Destination,
+}
+
+impl DenyDirectionArg {
+    fn entry(self, prefix: &str) -> String {
+        match self {
+            DenyDirectionArg::Source => format!("source {prefix}"),
+            DenyDirectionArg::Destination => format!("destination {prefix}"),
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum RouteCommand {
     /// Add a route: PREFIX via GATEWAY on DEV, an interface the program is
     /// attached to (or a VLAN subinterface of one). Without --mac, the
@@ -206,10 +247,11 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Check { config } => {
             let model = Model::from_file(&config)?;
             println!(
-                "{}: ok ({} interfaces, {} routes)",
+                "{}: ok ({} interfaces, {} routes, {} deny-list entries)",
                 config.display(),
                 model.interfaces.len(),
-                model.routes.len()
+                model.routes.len(),
+                model.deny.len()
             );
             Ok(())
         }
@@ -233,6 +275,36 @@ fn dispatch(cli: Cli) -> Result<()> {
             },
         ),
         Command::Node(NodeCommand::List { json }) => node_list(&instance, json),
+        Command::Deny(DenyCommand::Add { direction, prefix }) => send(
+            &instance,
+            ControlCommand::DenyAdd {
+                entry: direction.entry(&prefix),
+            },
+        ),
+        Command::Deny(DenyCommand::Del { direction, prefix }) => send(
+            &instance,
+            ControlCommand::DenyDel {
+                entry: direction.entry(&prefix),
+            },
+        ),
+        Command::Deny(DenyCommand::List { json }) => {
+            let list = open(&instance)?.deny_list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<12} {:<44} {:>14} {:>16}",
+                    "MATCHES", "PREFIX", "PACKETS", "BYTES"
+                );
+                for e in &list {
+                    println!(
+                        "{:<12} {:<44} {:>14} {:>16}",
+                        e.direction, e.prefix, e.packets, e.bytes
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Node(NodeCommand::Add(args)) => {
             send(&instance, ControlCommand::NodeAdd(args.into_config()?))
         }
@@ -776,6 +848,17 @@ fn stats(instance: &Instance, json: bool) -> Result<()> {
     }
     println!();
     println!(
+        "{:<16} {:>16} {:>18} {:>16} {:>16} {:>16}",
+        "INTERFACE", "PACKETS IN", "BYTES IN", "FORWARDED", "PASSED", "DROPPED"
+    );
+    for i in &stats.interfaces {
+        println!(
+            "{:<16} {:>16} {:>18} {:>16} {:>16} {:>16}",
+            i.name, i.packets, i.bytes, i.forwarded, i.passed, i.dropped
+        );
+    }
+    println!();
+    println!(
         "{:<9} {:<40} {:<16} {:>16} {:>18}",
         "NEXT HOP", "VIA", "DEV", "PACKETS", "BYTES"
     );
@@ -800,6 +883,9 @@ fn watch_totals(
         .iter()
         .map(|(name, n)| ((*name).to_owned(), *n, None))
         .collect();
+    for i in &stats.interfaces {
+        out.push((format!("interface {} in", i.name), i.packets, Some(i.bytes)));
+    }
     for nh in &stats.next_hops {
         out.push((
             format!("next hop {} via {} dev {}", nh.id, nh.via, nh.dev),

@@ -6,7 +6,7 @@ use std::{fmt, net::IpAddr, str::FromStr};
 use anyhow::{Context as _, Result, bail};
 
 /// An IP prefix whose host bits are zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,

@@ -871,12 +871,14 @@ pub fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
 /// Maps the data plane writes itself (counters, the connection table): left
 /// out of `dump_tables`, since traffic (a neighbour solicitation, say) may
 /// move them while a test compares.
-pub const DATA_PLANE_WRITTEN: [&str; 5] = [
+pub const DATA_PLANE_WRITTEN: [&str; 7] = [
     pop_forwarder_common::map_names::COUNTERS,
     pop_forwarder_common::map_names::NEXT_HOP_STATS,
     pop_forwarder_common::map_names::VIP_STATS,
     pop_forwarder_common::map_names::NODE_STATS,
     pop_forwarder_common::map_names::FLOWS,
+    pop_forwarder_common::map_names::DENY_STATS,
+    pop_forwarder_common::map_names::INTERFACE_STATS,
 ];
 
 /// Every entry of every table an instance pinned, the control plane's

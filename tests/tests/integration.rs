@@ -1594,3 +1594,78 @@ fn kernel_fib_lookup_forwards_by_the_kernels_routes_and_neighbours() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn the_deny_list_comes_from_the_file_the_cli_and_reload() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    // 1,000 entries in a deny_file (benchmarking networks, not this lab's),
+    // one in the config that stops this lab's traffic.
+    let file = std::env::temp_dir().join(tests::unique("deny"));
+    let mut lines: String = (0..1000)
+        .map(|i| format!("source 198.18.{}.{}/32\n", i / 256, i % 256))
+        .collect();
+    lines.push_str("# a comment\ndestination 2001:db8::/32\n");
+    std::fs::write(&file, &lines).unwrap();
+    let config = format!(
+        "deny_file = \"{}\"\n{}\n[[deny]]\nprefix = \"10.0.2.2/32\"\ndirection = \"destination\"\n",
+        file.display(),
+        lab.config("pass", ROUTE_TO_C)
+    );
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
+    let through = |tag: &str| {
+        send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, tag, 5).unwrap();
+        receive(&sink, 5, Duration::from_millis(700)).len()
+    };
+    let entry = |fwd: &Forwarder, direction: &str, prefix: &str| -> Option<serde_json::Value> {
+        let list: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["deny", "list", "--json"]).unwrap()).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["direction"] == direction && e["prefix"] == prefix)
+            .cloned()
+    };
+    assert_eq!(through("denied"), 0);
+    assert_eq!(
+        entry(&fwd, "destination", "10.0.2.2/32").unwrap()["packets"],
+        5
+    );
+    assert!(fwd.counter("drop_denied").unwrap() >= 5);
+    let all: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["deny", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1002);
+
+    // The CLI takes the entry out, and puts another in.
+    let out = fwd
+        .cli_ok(&["deny", "del", "destination", "10.0.2.2/32"])
+        .unwrap();
+    assert!(
+        out.contains("removed deny-list entry destination 10.0.2.2/32"),
+        "{out}"
+    );
+    assert_eq!(through("allowed"), 5);
+    fwd.cli_ok(&["deny", "add", "source", "10.0.1.0/24"])
+        .unwrap();
+    assert_eq!(through("by source"), 0);
+    let e = fwd
+        .cli_err(&["deny", "add", "source", "10.0.1.0/24"])
+        .unwrap();
+    assert!(e.contains("already"), "{e}");
+    let e = fwd
+        .cli_err(&["deny", "add", "source", "10.0.1.1/24"])
+        .unwrap();
+    assert!(e.contains("host bits"), "{e}");
+
+    // Reload: the file is the truth again (the CLI's entry goes, the
+    // config's comes back); a bad line refuses the reload whole.
+    fwd.cli_ok(&["reload"]).unwrap();
+    assert!(entry(&fwd, "source", "10.0.1.0/24").is_none());
+    assert_eq!(through("denied again"), 0);
+    std::fs::write(&file, format!("{lines}sideways 10.9.0.0/16\n")).unwrap();
+    let e = fwd.cli_err(&["reload"]).unwrap();
+    assert!(e.contains(":1003") && e.contains("sideways"), "{e}");
+    assert!(entry(&fwd, "destination", "10.0.2.2/32").is_some());
+    let _ = std::fs::remove_file(&file);
+}

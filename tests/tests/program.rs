@@ -597,6 +597,104 @@ fn next_hop_counters_count_forwarded_packets_and_bytes() {
 }
 
 #[test]
+fn the_deny_list_drops_before_any_lookup_and_counts_each_entry() {
+    use pop_forwarder::config::Deny;
+    with_program(|p| {
+        let deny = |s: &str| Deny::parse_line(s).unwrap();
+        let list = vec![
+            deny("source 10.0.1.0/24"),
+            deny("destination fd00:3::/64"),
+            deny("destination 10.0.3.7/32"),
+        ];
+        assert_eq!(p.tables.apply_deny(&list).unwrap(), (3, 0));
+        let dropped = |name, frame| Case {
+            name,
+            frame,
+            action: XDP_DROP,
+            output: None,
+            counter: Counter::DropDenied,
+        };
+        check(
+            p,
+            vec![
+                dropped("an IPv4 source in a denied prefix", v4("10.0.3.9", 64)),
+                // Before the TTL check and the local-address lookup.
+                dropped("denied with TTL 1", v4("10.0.3.9", 1)),
+                dropped("denied to a local address", v4("10.0.0.1", 64)),
+                dropped(
+                    "an IPv6 destination in a denied prefix",
+                    v6("fd00:3::9", 64),
+                ),
+            ],
+        );
+        // Each entry counts what it dropped.
+        let counted = |p: &Program, entry: &str| {
+            let e = p
+                .tables
+                .deny_list()
+                .unwrap()
+                .into_iter()
+                .find(|e| format!("{} {}", e.direction, e.prefix) == entry)
+                .unwrap();
+            (e.packets, e.bytes)
+        };
+        let v4_len = v4("10.0.3.9", 64).len() as u64;
+        assert_eq!(counted(p, "source 10.0.1.0/24"), (3, 3 * v4_len));
+        assert_eq!(counted(p, "destination fd00:3::/64").0, 1);
+        assert_eq!(counted(p, "destination 10.0.3.7/32"), (0, 0));
+
+        // The source entry goes: IPv4 is forwarded again, but the /32 still
+        // stops its one destination. A change that fails is taken back.
+        let smaller = vec![list[1], list[2]];
+        assert_eq!(p.tables.apply_deny(&smaller).unwrap(), (0, 1));
+        assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_REDIRECT);
+        assert_eq!(p.run(&v4("10.0.3.7", 64)).0, XDP_DROP);
+        let before = p.tables.deny_entries().unwrap();
+        p.tables.begin();
+        p.tables.apply_deny(&[deny("source 192.0.2.0/24")]).unwrap();
+        assert_eq!(p.tables.rollback(), 0);
+        assert_eq!(p.tables.deny_entries().unwrap(), before);
+        assert_eq!(p.run(&v4("10.0.3.7", 64)).0, XDP_DROP);
+        // An empty list: nothing is looked up, everything flows.
+        p.tables.apply_deny(&[]).unwrap();
+        assert_eq!(p.run(&v4("10.0.3.7", 64)).0, XDP_REDIRECT);
+        assert_eq!(p.run(&v6("fd00:3::9", 64)).0, XDP_REDIRECT);
+    });
+}
+
+#[test]
+fn interface_counters_say_what_became_of_the_packets_of_each_ingress() {
+    with_program(|p| {
+        let links = pop_forwarder::kernel::links().unwrap();
+        let lo = |p: &Program| {
+            p.tables
+                .stats(&links)
+                .unwrap()
+                .interfaces
+                .into_iter()
+                .find(|i| i.name == "lo")
+                .map(|i| (i.packets, i.forwarded, i.passed, i.dropped))
+                .unwrap_or_default()
+        };
+        let before = lo(p);
+        assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_REDIRECT);
+        assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_REDIRECT);
+        assert_eq!(p.run(&v4("10.0.0.1", 64)).0, XDP_PASS);
+        assert_eq!(p.run(&v4("10.0.3.9", 64)[..20]).0, XDP_DROP);
+        let after = lo(p);
+        assert_eq!(
+            (
+                after.0 - before.0,
+                after.1 - before.1,
+                after.2 - before.2,
+                after.3 - before.3
+            ),
+            (4, 2, 1, 1)
+        );
+    });
+}
+
+#[test]
 fn longest_prefix_wins_past_24_bits_and_deletes_fall_back_to_the_covering_route() {
     with_program(|p| {
         check(

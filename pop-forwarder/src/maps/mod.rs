@@ -39,19 +39,21 @@ use std::{
     path::Path,
 };
 
+mod deny;
 mod next_hops;
 mod routes;
 mod stats;
 mod steering;
 mod sys;
 
+pub use deny::DenyEntry;
 use next_hops::NextHopTable;
 pub use next_hops::{
     NH_F_KERNEL, connected_next_hop, connected_routes, gateway_addr, gateway_next_hop,
     kernel_next_hop, resolve_next_hop,
 };
 pub use routes::RouteEntry;
-pub use stats::{NextHopStats, Stats};
+pub use stats::{InterfaceStats, NextHopStats, Stats};
 pub use steering::FlowLookup;
 use sys::{Mmap, lookup_all, update_batch};
 
@@ -91,6 +93,10 @@ pub struct Tables {
     next_hop_groups: Array<MapData, NextHopGroup>,
     neighbours: HashMap<MapData, NeighbourKey, NeighbourMac>,
     vlans: HashMap<MapData, VlanKey, u8>,
+    deny_v4: LpmTrie<MapData, pop_forwarder_common::deny::KeyV4, u32>,
+    deny_v6: LpmTrie<MapData, pop_forwarder_common::deny::KeyV6, u32>,
+    deny_stats: PerCpuArray<MapData, TrafficCounter>,
+    interface_stats: PerCpuArray<MapData, pop_forwarder_common::InterfaceCounter>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
     journal: Option<Vec<Undo>>,
@@ -123,6 +129,9 @@ enum Undo {
     Encap(u32, [u8; 16]),
     InterfaceMac(u32, [u8; 8]),
     Group(u32, NextHopGroup),
+    /// A deny-list entry was added (None) or removed (its slot): put it
+    /// back as it was.
+    Deny(crate::config::Deny, Option<u32>),
 }
 
 fn typed<T>(map: Map, name: &str) -> Result<T>
@@ -242,6 +251,10 @@ impl Tables {
             next_hop_groups: open!(names::NEXT_HOP_GROUPS),
             neighbours: open!(names::NEIGHBOURS),
             vlans: open!(names::VLANS),
+            deny_v4: open!(names::DENY_V4),
+            deny_v6: open!(names::DENY_V6),
+            deny_stats: open!(names::DENY_STATS),
+            interface_stats: open!(names::INTERFACE_STATS),
             journal: None,
             scans: std::cell::Cell::new(0),
         })
@@ -308,6 +321,7 @@ impl Tables {
             Undo::Encap(slot, addr) => Ok(self.encap_sources.set(slot, addr, 0)?),
             Undo::InterfaceMac(ifindex, value) => Ok(self.interface_macs.set(ifindex, value, 0)?),
             Undo::Group(index, group) => Ok(self.next_hop_groups.set(index, group, 0)?),
+            Undo::Deny(entry, slot) => self.undo_deny(entry, slot),
         }
     }
 

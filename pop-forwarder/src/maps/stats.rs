@@ -8,6 +8,19 @@ use super::*;
 pub struct Stats {
     pub counters: BTreeMap<&'static str, u64>,
     pub next_hops: Vec<NextHopStats>,
+    /// Every interface packets came in on, with what became of them.
+    pub interfaces: Vec<InterfaceStats>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InterfaceStats {
+    pub name: String,
+    pub ifindex: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub forwarded: u64,
+    pub passed: u64,
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -65,9 +78,36 @@ impl Tables {
                 bytes: per_cpu.iter().map(|t| t.bytes).sum(),
             });
         }
+        let mut interfaces = Vec::new();
+        for link in links {
+            if link.ifindex >= MAX_INTERFACES {
+                continue;
+            }
+            let per_cpu = self
+                .interface_stats
+                .get(&link.ifindex, 0)
+                .context("reading interface counters")?;
+            let sum = |f: fn(&pop_forwarder_common::InterfaceCounter) -> u64| {
+                per_cpu.iter().map(f).sum::<u64>()
+            };
+            let packets = sum(|c| c.packets);
+            if packets == 0 {
+                continue;
+            }
+            interfaces.push(InterfaceStats {
+                name: link.name.clone(),
+                ifindex: link.ifindex,
+                packets,
+                bytes: sum(|c| c.bytes),
+                forwarded: sum(|c| c.forwarded),
+                passed: sum(|c| c.passed),
+                dropped: sum(|c| c.dropped),
+            });
+        }
         Ok(Stats {
             counters,
             next_hops,
+            interfaces,
         })
     }
 }

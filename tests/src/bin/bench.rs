@@ -50,6 +50,8 @@ const SMALL_TABLE: usize = 1_000;
 /// lowest bit).
 const VIP_ADDRESS: &str = "198.18.0.11";
 const SEED: u64 = 0x005e_ed0f_b00c;
+/// Entries of the deny-list path's list.
+const DENY_ENTRIES: usize = 100_000;
 
 #[derive(Clone, Copy)]
 struct Settings {
@@ -432,7 +434,7 @@ impl Scenario {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // --only=daemon,mirror,linux,redirect,pop,fib: set up only some paths
+    // --only=daemon,mirror,linux,redirect,pop,deny,fib: set up only some paths
     // (for working on one).
     let only: Option<Vec<String>> = args
         .iter()
@@ -740,6 +742,48 @@ fn main() -> Result<()> {
         add(
             "pop-forwarder vip (DSR)".into(),
             &vip,
+            bench,
+            Router::Pop(Box::new(fwd)),
+            true,
+            None,
+        )?;
+    }
+    // The deny list at 100,000 entries (half by source, half by
+    // destination), none matching the traffic: what two LPM-trie lookups
+    // that miss cost every packet, beside the same table without them.
+    if wanted("deny") {
+        let bench = Bench::new(settings.frame_len)?;
+        let mut fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, false)?;
+        let overlaps = |p: &Prefix| {
+            v4_small
+                .iter()
+                .any(|q| p.contains(q.addr) || q.contains(p.addr))
+        };
+        let deny: Vec<pop_forwarder::config::Deny> = routes_v4(120_000, SEED + 7)
+            .into_iter()
+            .filter(|p| !overlaps(p))
+            .take(DENY_ENTRIES)
+            .enumerate()
+            .map(|(i, prefix)| pop_forwarder::config::Deny {
+                direction: if i % 2 == 0 {
+                    pop_forwarder::config::DenyDirection::Source
+                } else {
+                    pop_forwarder::config::DenyDirection::Destination
+                },
+                prefix,
+            })
+            .collect();
+        anyhow::ensure!(deny.len() == DENY_ENTRIES, "too few deny prefixes");
+        let start = Instant::now();
+        fwd.tables.apply_deny(&deny)?;
+        let secs = start.elapsed().as_secs_f64();
+        report
+            .control_plane
+            .insert(format!("deny_load_{DENY_ENTRIES}_entries_s"), secs);
+        println!("  deny list: {DENY_ENTRIES} entries loaded in {secs:.2} s");
+        add(
+            format!("pop-forwarder ipv4 dir-24-8, deny list {DENY_ENTRIES}"),
+            &v4_small,
             bench,
             Router::Pop(Box::new(fwd)),
             true,

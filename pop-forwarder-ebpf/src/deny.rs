@@ -1,0 +1,62 @@
+//! The deny list: prefixes whose packets, by source or destination, are
+//! dropped before any other lookup, each entry with its own counters.
+//!
+//! One LPM trie per family; a key is the direction byte followed by the
+//! address, so a source and a destination entry for one prefix are two
+//! keys. The host sets `DENY_ON` only while the list has an entry: an empty
+//! list costs one settings read.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
+};
+use pop_forwarder_common::{MAX_DENY, TrafficCounter, deny, settings};
+
+use crate::maps::{SETTINGS, add_traffic};
+
+#[map]
+static DENY_V4: LpmTrie<deny::KeyV4, u32> = LpmTrie::with_max_entries(MAX_DENY, 0);
+
+#[map]
+static DENY_V6: LpmTrie<deny::KeyV6, u32> = LpmTrie::with_max_entries(MAX_DENY, 0);
+
+/// Packets and bytes dropped by each entry (the entry's value indexes it).
+#[map]
+static DENY_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_DENY, 0);
+
+#[inline(always)]
+fn on() -> bool {
+    SETTINGS.get(settings::DENY_ON).copied().unwrap_or(0) != 0
+}
+
+/// Whether an IPv4 packet from `src` to `dst` is denied (and counted).
+#[inline(always)]
+pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
+    if !on() {
+        return false;
+    }
+    for (direction, addr) in [(deny::SOURCE, src), (deny::DESTINATION, dst)] {
+        let key = Key::new(40, deny::key_v4(direction, addr));
+        if let Some(&entry) = DENY_V4.get(&key) {
+            add_traffic(&DENY_STATS, entry, bytes);
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether an IPv6 packet from `src` to `dst` is denied (and counted).
+#[inline(always)]
+pub fn denied_v6(src: &[u8; 16], dst: &[u8; 16], bytes: u64) -> bool {
+    if !on() {
+        return false;
+    }
+    for (direction, addr) in [(deny::SOURCE, src), (deny::DESTINATION, dst)] {
+        let key = Key::new(136, deny::key_v6(direction, *addr));
+        if let Some(&entry) = DENY_V6.get(&key) {
+            add_traffic(&DENY_STATS, entry, bytes);
+            return true;
+        }
+    }
+    false
+}
