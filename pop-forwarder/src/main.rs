@@ -682,9 +682,11 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
     let (tables, steering) = open_steering(instance)?;
     let slots = steering.nodes.iter().map(|n| n.slot + 1).max().unwrap_or(0);
     let (_, node_stats) = tables.steering_stats(0, slots)?;
+    let live = tables.live_flows()?;
     let mut rows = Vec::new();
     for n in &steering.nodes {
         let s = node_stats[n.slot as usize];
+        let flows = live.get(&n.slot).copied().unwrap_or(0);
         let node = tables.node(n.slot)?;
         let mac = (node.flags & pop_forwarder_common::steering::NODE_F_MAC_VALID != 0)
             .then(|| pop_forwarder::net::Mac(node.dst_mac).to_string());
@@ -694,6 +696,7 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
             "health_checked": n.health_checked, "healthy": n.healthy,
             "health_changes": n.health_changes,
             "packets": s.packets, "bytes": s.bytes,
+            "flows": flows, "drained": n.weight == 0 && flows == 0,
         }));
     }
     if json {
@@ -701,12 +704,12 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<40} {:<12} {:>6} {:<18} {:<7} {:>14} {:>16}",
-        "NODE", "ADDRESS", "DEV", "WEIGHT", "MAC", "HEALTH", "PACKETS", "BYTES"
+        "{:<20} {:<40} {:<12} {:>14} {:<18} {:<7} {:>9} {:>14} {:>16}",
+        "NODE", "ADDRESS", "DEV", "WEIGHT", "MAC", "HEALTH", "FLOWS", "PACKETS", "BYTES"
     );
     for r in &rows {
         println!(
-            "{:<20} {:<40} {:<12} {:>6} {:<18} {:<7} {:>14} {:>16}",
+            "{:<20} {:<40} {:<12} {:>14} {:<18} {:<7} {:>9} {:>14} {:>16}",
             r["name"].as_str().unwrap_or_default(),
             r["address"].as_str().unwrap_or_default(),
             if r["delivery"] == "ipip" {
@@ -714,7 +717,11 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
             } else {
                 r["dev"].as_str().unwrap_or_default()
             },
-            r["weight"],
+            match (r["weight"].as_u64(), r["drained"] == true) {
+                (Some(0), true) => "0 (drained)".to_owned(),
+                (Some(0), false) => "0 (draining)".to_owned(),
+                (w, _) => w.unwrap_or_default().to_string(),
+            },
             match (r["delivery"].as_str(), r["mac"].as_str()) {
                 (Some("ipip"), _) => "-",
                 (_, Some(mac)) => mac,
@@ -725,6 +732,7 @@ fn node_list(instance: &Instance, json: bool) -> Result<()> {
                 (true, true) => "up",
                 (true, false) => "down",
             },
+            r["flows"],
             r["packets"],
             r["bytes"]
         );

@@ -1141,7 +1141,12 @@ nodes = ["cache-c"]
 fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let lab = Lab::new().unwrap();
     let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
-    let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
+    // UDP entries idle for 4 s are gone: the drain's end is seen quickly.
+    let config = format!(
+        "flow_idle_timeout_udp = 4\n{}",
+        lab.config("drop", &steering)
+    );
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
     fwd.wait_for_node_macs();
     let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
@@ -1161,6 +1166,32 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let nodes: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
     assert_eq!(nodes[0]["weight"], 0);
+    // Its flows are live: draining, not drained. Once they have been idle
+    // past the timeout, `node list` says it is drained.
+    let on_first = before.iter().filter(|&&n| n == 0).count() as u64;
+    assert_eq!(nodes[0]["flows"], on_first, "{nodes}");
+    assert_eq!(nodes[0]["drained"], false);
+    assert!(
+        fwd.cli_ok(&["node", "list"])
+            .unwrap()
+            .contains("0 (draining)")
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+        if nodes[0]["drained"] == true {
+            assert_eq!(nodes[0]["flows"], 0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never drained: {nodes}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        fwd.cli_ok(&["node", "list"])
+            .unwrap()
+            .contains("0 (drained)")
+    );
 
     // Bad commands are refused with the reason.
     let err = fwd.cli(&["node", "drain", "cache-9"]).unwrap();

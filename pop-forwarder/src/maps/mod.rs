@@ -86,6 +86,7 @@ pub struct Tables {
     maglev: Array<MapData, u64>,
     cache_nodes: Array<MapData, CacheNode>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
+    flows_fd: std::os::fd::OwnedFd,
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
     encap_sources: Array<MapData, [u8; 16]>,
@@ -154,7 +155,9 @@ fn os_error(e: &aya::maps::MapError) -> Option<i32> {
 /// A map with a duplicate of its descriptor.
 fn with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
     let fd = match &map.0 {
-        Map::LpmTrie(data) | Map::HashMap(data) => data.fd().as_fd().try_clone_to_owned(),
+        Map::LpmTrie(data) | Map::HashMap(data) | Map::LruHashMap(data) => {
+            data.fd().as_fd().try_clone_to_owned()
+        }
         _ => bail!("map {} is not an LPM trie or a hash", map.1),
     }
     .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
@@ -217,6 +220,7 @@ impl Tables {
         let (v4, routes_v4_fd) = with_fd(take(names::ROUTES_V4)?)?;
         let (trie4, trie_v4_fd) = with_fd(take(names::ROUTES_V4_TRIE)?)?;
         let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
+        let (flows, flows_fd) = with_fd(take(names::FLOWS)?)?;
         let settings: Array<MapData, u32> = open!(names::SETTINGS);
         let ipv4_lookup = match settings.get(&settings::IPV4_LOOKUP, 0)? {
             settings::IPV4_TRIE => Ipv4Lookup::Trie,
@@ -243,7 +247,8 @@ impl Tables {
             vips: open!(names::VIPS),
             maglev: open!(names::MAGLEV),
             cache_nodes: open!(names::CACHE_NODES),
-            flows: open!(names::FLOWS),
+            flows: typed(flows.0, &flows.1)?,
+            flows_fd,
             vip_stats: open!(names::VIP_STATS),
             node_stats: open!(names::NODE_STATS),
             encap_sources: open!(names::ENCAP_SOURCES),

@@ -266,6 +266,29 @@ impl Tables {
         }))
     }
 
+    /// Live connection-table entries per node slot: those the program would
+    /// still follow (seen within their protocol's idle timeout). A drained
+    /// node (weight 0) whose count is 0 has no flow left.
+    pub fn live_flows(&self) -> Result<std::collections::HashMap<u32, u64>> {
+        let entries: Vec<(FlowKey, FlowEntry)> =
+            lookup_all(self.flows_fd.as_fd()).context("reading the connection table")?;
+        let idle =
+            |index| -> Result<u64> { Ok(u64::from(self.settings.get(&index, 0)?) * 1_000_000_000) };
+        let (tcp, other) = (
+            idle(settings::FLOW_IDLE_TCP)?,
+            idle(settings::FLOW_IDLE_UDP)?,
+        );
+        let now = monotonic_ns();
+        let mut out = std::collections::HashMap::new();
+        for (key, entry) in entries {
+            let timeout = if key.protocol == 6 { tcp } else { other };
+            if timeout == 0 || now.saturating_sub(entry.last_seen_ns) <= timeout {
+                *out.entry(entry.node).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// The node a known flow is pinned to (its entry may have expired:
     /// the program then treats it as absent).
     pub fn flow_node(&self, key: &FlowKey) -> Result<Option<u32>> {
@@ -275,4 +298,15 @@ impl Tables {
             Err(e) => Err(e).context("reading the connection table"),
         }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
