@@ -366,7 +366,17 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
     }) else {
         return pass(Counter::PassVipNoNode);
     };
-    let source = *source;
+    let mut source = *source;
+    // An IPv4 pool (`base/len` in bytes 0 to 4): the flow's entropy picks
+    // the address, so routers and NICs hashing the outer header spread a
+    // node's flows as they would the inner ones.
+    if outer_v4 && source[4] > 0 && source[4] < 32 {
+        let host = (label & (u32::MAX >> source[4])).to_be_bytes();
+        source[0] |= host[0];
+        source[1] |= host[1];
+        source[2] |= host[2];
+        source[3] |= host[3];
+    }
     let verdict = match egress(ctx, next_hop.tx_ifindex) {
         Ok(v) => Verdict {
             action: v.action,

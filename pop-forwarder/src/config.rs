@@ -56,7 +56,9 @@ pub struct Config {
     #[serde(default = "default_table_size")]
     pub maglev_table_size: u32,
     /// Outer source addresses of IP-in-IP packets to cache nodes.
-    pub encap_source_v4: Option<std::net::Ipv4Addr>,
+    /// IPv4: an address, or a prefix (a pool) whose host bits come from
+    /// each flow's hash, for routers and NICs to spread the flows.
+    pub encap_source_v4: Option<String>,
     pub encap_source_v6: Option<std::net::Ipv6Addr>,
     /// Cache nodes.
     #[serde(default)]
@@ -91,6 +93,36 @@ fn default_flow_idle_udp() -> u32 {
 
 fn default_kernel_table() -> u32 {
     254
+}
+
+/// The outer IPv4 source of IP-in-IP packets: one address (`len` 32), or a
+/// pool, `base/len`, each flow taking the address its entropy picks (as
+/// Katran does), so that ECMP and RSS on the way spread a node's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourcePool {
+    pub base: std::net::Ipv4Addr,
+    pub len: u8,
+}
+
+impl SourcePool {
+    /// `ADDRESS` or `PREFIX/LEN` (LEN 16 to 32: a pool of at most 65,536
+    /// addresses, routed back to this box or not at all).
+    pub fn parse(s: &str) -> Result<SourcePool> {
+        if s.contains('/') {
+            let p: Prefix = s.parse()?;
+            let IpAddr::V4(base) = p.addr else {
+                bail!("{s} is not an IPv4 prefix");
+            };
+            if p.len < 16 {
+                bail!("{s}: a pool is /16 to /32");
+            }
+            return Ok(SourcePool { base, len: p.len });
+        }
+        let base: std::net::Ipv4Addr = s
+            .parse()
+            .with_context(|| format!("{s:?} is not an IPv4 address or prefix"))?;
+        Ok(SourcePool { base, len: 32 })
+    }
 }
 
 /// Which address of a packet a deny-list entry matches.
@@ -590,7 +622,7 @@ pub struct Model {
     /// Connection-table idle timeouts, TCP and other protocols (seconds).
     pub flow_idle_timeout: (u32, u32),
     pub maglev_table_size: u32,
-    pub encap_source_v4: Option<std::net::Ipv4Addr>,
+    pub encap_source_v4: Option<SourcePool>,
     pub encap_source_v6: Option<std::net::Ipv6Addr>,
     /// Sorted by name: a node's slot in the node table is its position here.
     pub nodes: Vec<Node>,
@@ -742,7 +774,12 @@ impl Model {
             flow_hash_seed: config.flow_hash_seed,
             flow_idle_timeout: (config.flow_idle_timeout_tcp, config.flow_idle_timeout_udp),
             maglev_table_size: config.maglev_table_size,
-            encap_source_v4: config.encap_source_v4,
+            encap_source_v4: config
+                .encap_source_v4
+                .as_deref()
+                .map(SourcePool::parse)
+                .transpose()
+                .context("encap_source_v4")?,
             encap_source_v6: config.encap_source_v6,
             nodes,
             vips,
@@ -997,6 +1034,18 @@ mac = "02:00:00:00:00:02"
             (RouteSource::Static, 254, RouteLookup::Tables, (900, 300))
         );
         assert_eq!(m.vip_route_table, None);
+        for (pool, ok) in [
+            ("192.0.2.7", Some(("192.0.2.7", 32))),
+            ("192.0.2.0/24", Some(("192.0.2.0", 24))),
+            ("10.0.0.0/8", None),
+            ("192.0.2.1/24", None),
+            ("2001:db8::/64", None),
+        ] {
+            let got = SourcePool::parse(pool)
+                .ok()
+                .map(|p| (p.base.to_string(), p.len));
+            assert_eq!(got, ok.map(|(a, l)| (a.to_owned(), l)), "{pool}");
+        }
         assert_eq!(m.metrics_listen, None);
         let m = Model::from_toml(&format!("metrics_listen = \"9464\"\n{GOOD}")).unwrap();
         assert_eq!(m.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));

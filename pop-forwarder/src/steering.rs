@@ -3,7 +3,7 @@
 
 use std::{
     collections::VecDeque,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv6Addr},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -109,7 +109,7 @@ pub type Unresolved = Vec<(IpAddr, String)>;
 pub struct Spec {
     pub flow_hash_seed: u32,
     pub maglev_table_size: u32,
-    pub encap_source_v4: Option<Ipv4Addr>,
+    pub encap_source_v4: Option<crate::config::SourcePool>,
     pub encap_source_v6: Option<Ipv6Addr>,
     pub nodes: Vec<Node>,
     pub vips: Vec<Vip>,
@@ -427,13 +427,24 @@ impl Steering {
         let mut applied = Applied::default();
 
         // Nodes: new ones into free slots, changed ones in place.
+        // IPv4: the pool's base address, its prefix length in byte 4.
         let encap = [
-            (ENCAP_SOURCE_V4, spec.encap_source_v4.map(IpAddr::from)),
-            (ENCAP_SOURCE_V6, spec.encap_source_v6.map(IpAddr::from)),
+            (
+                ENCAP_SOURCE_V4,
+                spec.encap_source_v4.map(|pool| {
+                    let mut w = widen(IpAddr::from(pool.base));
+                    w[4] = pool.len;
+                    w
+                }),
+            ),
+            (
+                ENCAP_SOURCE_V6,
+                spec.encap_source_v6.map(|a| widen(IpAddr::from(a))),
+            ),
         ];
-        for (slot, addr) in encap {
-            if let Some(addr) = addr {
-                tables.set_encap_source(slot, widen(addr))?;
+        for (slot, source) in encap {
+            if let Some(source) = source {
+                tables.set_encap_source(slot, source)?;
             }
         }
         for (node, want) in spec.nodes.iter().zip(&resolved) {
@@ -858,7 +869,7 @@ mod tests {
         let mut ipip = ok.clone();
         ipip.nodes[0].delivery = Delivery::Ipip;
         let mut v6_over_v4 = ipip.clone();
-        v6_over_v4.encap_source_v4 = Some("10.0.0.9".parse().unwrap());
+        v6_over_v4.encap_source_v4 = Some(crate::config::SourcePool::parse("10.0.0.9").unwrap());
         v6_over_v4.vips[0].address = "2001:db8::1".parse().unwrap();
         let mut size = ok.clone();
         size.maglev_table_size = 250;

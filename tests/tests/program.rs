@@ -1912,19 +1912,7 @@ mod steering {
         } else {
             inner[0] << 4 | inner[1] >> 4
         };
-        let (source, protocol, l4) = if v4 {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&inner[12..16]);
-            (a, inner[9], usize::from(inner[0] & 0x0f) * 4)
-        } else {
-            (inner[8..24].try_into().unwrap(), inner[6], 40)
-        };
-        let ports = u32::from_be_bytes(inner[l4..l4 + 4].try_into().unwrap());
-        let label = pop_forwarder_common::ecmp::entropy_label(
-            pop_forwarder_common::maglev::address_words(&source),
-            ports,
-            protocol,
-        );
+        let label = entropy(frame);
         let mut out = Vec::new();
         out.extend_from_slice(&OUT.dst);
         out.extend_from_slice(&OUT.src);
@@ -2239,7 +2227,52 @@ mod steering {
             let c = pop_forwarder_common::checksum::ipv4_header(&other[14..34]);
             other[24..26].copy_from_slice(&c.to_be_bytes());
             assert_eq!(p.run(&other).0, XDP_TX);
+
+            // An IPv4 source pool, 10.0.0.0/16: each flow's outer source
+            // is the pool's base with the flow's entropy in the host bits,
+            // so two flows of one node leave from different addresses.
+            let mut pool = widen(ip("10.0.0.0"));
+            pool[4] = 16;
+            p.tables.set_encap_source(ENCAP_SOURCE_V4, pool).unwrap();
+            let mut sources = std::collections::HashSet::new();
+            for port in [40000u16, 40001, 40002, 40003] {
+                let frame = flow("10.0.1.2", "192.0.2.30", false, port, 53);
+                let host = (entropy(&frame) & 0xffff) as u16;
+                let source = ip(&format!("10.0.{}.{}", host >> 8, host & 0xff));
+                sources.insert(source);
+                check(
+                    p,
+                    vec![Case {
+                        name: "IPv4 in IPv4 from a source pool",
+                        frame: frame.clone(),
+                        action: XDP_REDIRECT,
+                        output: Some(encapsulated(&frame, source, ip("10.0.3.50"))),
+                        counter: Counter::Steered,
+                    }],
+                );
+            }
+            assert!(sources.len() > 1, "{sources:?}");
         });
+    }
+
+    /// The inner flow's entropy, as the IPv6 flow label and an IPv4 source
+    /// pool take it: source, ports, protocol.
+    fn entropy(frame: &[u8]) -> u32 {
+        let v4 = frame[12..14] == [0x08, 0x00];
+        let inner = &frame[14..];
+        let (source, protocol, l4) = if v4 {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&inner[12..16]);
+            (a, inner[9], usize::from(inner[0] & 0x0f) * 4)
+        } else {
+            (inner[8..24].try_into().unwrap(), inner[6], 40)
+        };
+        let ports = u32::from_be_bytes(inner[l4..l4 + 4].try_into().unwrap());
+        pop_forwarder_common::ecmp::entropy_label(
+            pop_forwarder_common::maglev::address_words(&source),
+            ports,
+            protocol,
+        )
     }
 
     /// An ICMP error from a router on the way back to a client, about the
