@@ -52,8 +52,9 @@ pub mod map_names {
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
     pub const DENY_STATS: &str = "DENY_STATS";
+    pub const DENY_FILTER: &str = "DENY_FILTER";
     pub const INTERFACE_STATS: &str = "INTERFACE_STATS";
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -80,6 +81,7 @@ pub mod map_names {
         DENY_V4,
         DENY_V6,
         DENY_STATS,
+        DENY_FILTER,
         INTERFACE_STATS,
     ];
 }
@@ -260,6 +262,85 @@ pub mod deny {
         k[1..17].copy_from_slice(&addr);
         k
     }
+
+    // The filter in front of the tries: most packets match no entry, and an
+    // LPM trie of 100,000 entries costs hundreds of nanoseconds to say so.
+    // One bit per bucket, per family and direction, set for every bucket
+    // an entry covers: a clear bit means no entry can match, and the trie
+    // is not asked. A set bit may be a false positive: the trie decides.
+
+    /// Buckets per family and direction: 2^24 bits (2 MiB).
+    pub const FILTER_BUCKET_BITS: u32 = 24;
+    /// u64 words of the filter (`DENY_FILTER`): four bitmaps (IPv4 and
+    /// IPv6, by source and by destination).
+    pub const FILTER_WORDS: u32 = 4 << (FILTER_BUCKET_BITS - 6);
+    /// `DENY_ON` flags: the list has an entry; IPv6 source (destination)
+    /// entries shorter than /16 exist, which the filter cannot mark
+    /// (2^16 buckets at most per entry): those lookups skip the filter.
+    pub const ON: u32 = 1;
+    pub const V6_SOURCE_UNFILTERED: u32 = 2;
+    pub const V6_DESTINATION_UNFILTERED: u32 = 4;
+
+    /// The bitmap (0 to 3) of a family (4 or 6) and direction.
+    pub const fn bitmap(family: u8, direction: u8) -> u32 {
+        (if family == 4 { 0 } else { 2 }) + if direction == SOURCE { 0 } else { 1 }
+    }
+
+    /// An IPv4 address's bucket: its /24.
+    pub const fn bucket_v4(addr: [u8; 4]) -> u32 {
+        u32::from_be_bytes(addr) >> 8
+    }
+
+    /// An IPv6 address's bucket: a hash of its first 32 bits (entries are
+    /// /32 to /48 mostly; longer ones share their /32's bucket).
+    pub const fn bucket_v6(top32: u32) -> u32 {
+        top32.wrapping_mul(0x9e37_79b1) >> (32 - FILTER_BUCKET_BITS)
+    }
+
+    /// The filter bit of `bucket` in `bitmap`: (u64 word, bit in it).
+    pub const fn filter_position(bitmap: u32, bucket: u32) -> (u32, u32) {
+        let bit = (bitmap << FILTER_BUCKET_BITS) | bucket;
+        (bit / 64, bit % 64)
+    }
+
+    /// Sets, in `words` (the filter seen as little-endian u32 words, twice
+    /// `FILTER_WORDS` of them), the bit of every bucket an entry of this
+    /// family, direction, address and prefix length covers. Returns false
+    /// for an IPv6 entry shorter than /16, which covers too many buckets
+    /// to mark: its direction's IPv6 lookups must skip the filter.
+    pub fn mark(words: &mut [u32], family: u8, direction: u8, addr: &[u8], len: u8) -> bool {
+        let bitmap = bitmap(family, direction);
+        let mut set = |bucket: u32| {
+            let bit = (bitmap << FILTER_BUCKET_BITS) | bucket;
+            words[(bit / 32) as usize] |= 1 << (bit % 32);
+        };
+        let top = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        if family == 4 {
+            if len >= 24 {
+                set(top >> 8);
+            } else {
+                let n = 1u32 << (24 - len);
+                let first = (top >> 8) & !(n - 1);
+                for b in first..first + n {
+                    set(b);
+                }
+            }
+            return true;
+        }
+        if len >= 32 {
+            set(bucket_v6(top));
+            true
+        } else if len >= 16 {
+            let n = 1u32 << (32 - len);
+            let first = top & !(n - 1);
+            for i in 0..n {
+                set(bucket_v6(first + i));
+            }
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// What the program did with the packets that came in on one interface,
@@ -301,8 +382,8 @@ pub mod settings {
     /// idle before it is treated as absent; 0: never.
     pub const FLOW_IDLE_TCP: u32 = 6;
     pub const FLOW_IDLE_UDP: u32 = 7;
-    /// 1 when the deny list has an entry: without one, packets skip its
-    /// lookups.
+    /// The deny list's flags (`deny::ON` and the others): 0 when it is
+    /// empty, and packets skip its lookups.
     pub const DENY_ON: u32 = 8;
     pub const COUNT: u32 = 9;
 
@@ -333,6 +414,99 @@ mod tests {
     use core::mem::size_of;
 
     use super::*;
+
+    /// The deny filter never says "no entry" where one matches: for random
+    /// entries of every length and random addresses inside and outside
+    /// them, a match always finds its bit set. And it says "no entry" for
+    /// most addresses no entry covers.
+    #[test]
+    fn the_deny_filter_has_no_false_negatives_and_few_false_positives() {
+        extern crate std;
+        use std::{vec, vec::Vec};
+        let mut words = vec![0u32; 2 * deny::FILTER_WORDS as usize];
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let bit = |words: &[u32], family: u8, direction: u8, addr: &[u8]| {
+            let top = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+            let bucket = if family == 4 {
+                deny::bucket_v4([addr[0], addr[1], addr[2], addr[3]])
+            } else {
+                deny::bucket_v6(top)
+            };
+            let (word, b) = deny::filter_position(deny::bitmap(family, direction), bucket);
+            let w =
+                u64::from(words[2 * word as usize]) | u64::from(words[2 * word as usize + 1]) << 32;
+            w & (1 << b) != 0
+        };
+        let mut entries: Vec<(u8, u8, [u8; 16], u8)> = Vec::new();
+        for i in 0..5000 {
+            let family = if i % 2 == 0 { 4 } else { 6 };
+            let direction = if i % 3 == 0 {
+                deny::SOURCE
+            } else {
+                deny::DESTINATION
+            };
+            let mut addr = [0u8; 16];
+            addr[..8].copy_from_slice(&next().to_be_bytes());
+            addr[8..].copy_from_slice(&next().to_be_bytes());
+            let len = if family == 4 {
+                8 + (next() % 25) as u8
+            } else {
+                16 + (next() % 113) as u8
+            };
+            assert!(deny::mark(&mut words, family, direction, &addr, len));
+            entries.push((family, direction, addr, len));
+        }
+        // Every address inside an entry (its first, its last, one between).
+        for (family, direction, addr, len) in &entries {
+            let bits = if *family == 4 { 32 } else { 128 };
+            let base = u128::from_be_bytes(*addr) >> (128 - bits) >> (bits - *len as u32)
+                << (bits - *len as u32);
+            let span_mask = if *len as u32 == bits {
+                0
+            } else {
+                (1u128 << (bits - *len as u32)) - 1
+            };
+            for host in [
+                0,
+                span_mask,
+                (u128::from(next()) << 64 | u128::from(next())) & span_mask,
+            ] {
+                let a = ((base | host) << (128 - bits)).to_be_bytes();
+                assert!(
+                    bit(&words, *family, *direction, &a),
+                    "{family} {direction} {a:?}/{len}"
+                );
+            }
+        }
+        // IPv6 entries shorter than /16 cannot be marked.
+        assert!(!deny::mark(&mut words, 6, deny::SOURCE, &[0x20; 16], 12));
+        // Random IPv4 destinations: the 2,500 IPv4 entries of /8 to /32
+        // (some /8s and /9s among them) cover a fair share, but far from all.
+        let hits = (0..100_000)
+            .filter(|_| bit(&words, 4, deny::DESTINATION, &next().to_be_bytes()[..4]))
+            .count();
+        assert!(hits < 90_000, "{hits}");
+        // 100,000 /24s (a large list): about 0.6 % of the buckets, so
+        // about 0.6 % of clean traffic asks the trie.
+        let mut words = vec![0u32; 2 * deny::FILTER_WORDS as usize];
+        for _ in 0..100_000 {
+            let a = (next() as u32 & 0xffff_ff00).to_be_bytes();
+            deny::mark(&mut words, 4, deny::SOURCE, &a, 24);
+        }
+        let hits = (0..100_000)
+            .filter(|_| bit(&words, 4, deny::SOURCE, &next().to_be_bytes()[..4]))
+            .count();
+        assert!(
+            hits < 1_500,
+            "{hits} of 100,000 clean addresses ask the trie"
+        );
+    }
 
     /// Everything the pinned maps' layout is made of that this crate
     /// defines: key and value sizes, table sizes, slot counts. A build that
@@ -380,6 +554,7 @@ mod tests {
             size_of::<deny::KeyV4>() as u32,
             size_of::<deny::KeyV6>() as u32,
             size_of::<InterfaceCounter>() as u32,
+            deny::FILTER_WORDS,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
@@ -387,8 +562,8 @@ mod tests {
                 4,
                 [
                     52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 9,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 27, 24, 8, 776, 65536, 1024,
-                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 28, 24, 8, 776, 65536, 1024,
+                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

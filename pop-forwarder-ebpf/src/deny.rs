@@ -7,8 +7,9 @@
 //! list costs one settings read.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use pop_forwarder_common::{MAX_DENY, TrafficCounter, deny, settings};
 
@@ -24,18 +25,36 @@ static DENY_V6: LpmTrie<deny::KeyV6, u32> = LpmTrie::with_max_entries(MAX_DENY, 
 #[map]
 static DENY_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_DENY, 0);
 
+/// The bitmaps in front of the tries (`deny::FILTER_WORDS`); the host
+/// writes them through a mapping.
+#[map]
+static DENY_FILTER: Array<u64> = Array::with_max_entries(deny::FILTER_WORDS, BPF_F_MMAPABLE);
+
+/// `DENY_ON`'s flags (0: the list is empty).
 #[inline(always)]
-fn on() -> bool {
-    SETTINGS.get(settings::DENY_ON).copied().unwrap_or(0) != 0
+fn flags() -> u32 {
+    SETTINGS.get(settings::DENY_ON).copied().unwrap_or(0)
+}
+
+/// Whether an entry may cover `bucket` of `bitmap`.
+#[inline(always)]
+fn may_match(bitmap: u32, bucket: u32) -> bool {
+    let (word, bit) = deny::filter_position(bitmap, bucket);
+    DENY_FILTER
+        .get(word)
+        .is_some_and(|w| *w & (1u64 << bit) != 0)
 }
 
 /// Whether an IPv4 packet from `src` to `dst` is denied (and counted).
 #[inline(always)]
 pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
-    if !on() {
+    if flags() == 0 {
         return false;
     }
     for (direction, addr) in [(deny::SOURCE, src), (deny::DESTINATION, dst)] {
+        if !may_match(deny::bitmap(4, direction), deny::bucket_v4(addr)) {
+            continue;
+        }
         let key = Key::new(40, deny::key_v4(direction, addr));
         if let Some(&entry) = DENY_V4.get(&key) {
             add_traffic(&DENY_STATS, entry, bytes);
@@ -48,10 +67,19 @@ pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
 /// Whether an IPv6 packet from `src` to `dst` is denied (and counted).
 #[inline(always)]
 pub fn denied_v6(src: &[u8; 16], dst: &[u8; 16], bytes: u64) -> bool {
-    if !on() {
+    let flags = flags();
+    if flags == 0 {
         return false;
     }
-    for (direction, addr) in [(deny::SOURCE, src), (deny::DESTINATION, dst)] {
+    for (direction, addr, unfiltered) in [
+        (deny::SOURCE, src, deny::V6_SOURCE_UNFILTERED),
+        (deny::DESTINATION, dst, deny::V6_DESTINATION_UNFILTERED),
+    ] {
+        let top32 = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        if flags & unfiltered == 0 && !may_match(deny::bitmap(6, direction), deny::bucket_v6(top32))
+        {
+            continue;
+        }
         let key = Key::new(136, deny::key_v6(direction, *addr));
         if let Some(&entry) = DENY_V6.get(&key) {
             add_traffic(&DENY_STATS, entry, bytes);

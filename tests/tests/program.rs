@@ -659,6 +659,20 @@ fn the_deny_list_drops_before_any_lookup_and_counts_each_entry() {
         p.tables.apply_deny(&[]).unwrap();
         assert_eq!(p.run(&v4("10.0.3.7", 64)).0, XDP_REDIRECT);
         assert_eq!(p.run(&v6("fd00:3::9", 64)).0, XDP_REDIRECT);
+        // Entries the filter in front of the tries marks in many buckets
+        // (an IPv4 /8) or cannot mark at all (an IPv6 /8: those lookups
+        // skip the filter) still match.
+        p.tables
+            .apply_deny(&[deny("destination 10.0.0.0/8"), deny("source fd00::/8")])
+            .unwrap();
+        assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_DROP);
+        assert_eq!(p.run(&v6("fd00:3::9", 64)).0, XDP_DROP);
+        p.tables
+            .apply_deny(&[deny("destination 10.0.3.0/25")])
+            .unwrap();
+        assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_DROP);
+        assert_eq!(p.run(&v4("10.0.3.200", 64)).0, XDP_REDIRECT);
+        assert_eq!(p.run(&v6("fd00:3::9", 64)).0, XDP_REDIRECT);
     });
 }
 

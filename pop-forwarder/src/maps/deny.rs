@@ -16,6 +16,12 @@ pub struct DenyEntry {
     pub bytes: u64,
 }
 
+fn widen(v4: &[u8]) -> [u8; 16] {
+    let mut w = [0; 16];
+    w[..4].copy_from_slice(v4);
+    w
+}
+
 fn direction_byte(d: DenyDirection) -> u8 {
     match d {
         DenyDirection::Source => deny::SOURCE,
@@ -151,12 +157,46 @@ impl Tables {
             self.deny_insert(entry, slot)?;
             added += 1;
         }
-        self.set_setting(
-            settings::DENY_ON,
-            u32::from(!want.is_empty()),
-            "the deny-list switch",
-        )?;
+        self.rebuild_deny_filter()?;
         Ok((added, removed))
+    }
+
+    /// Rewrites `DENY_FILTER` and the `DENY_ON` flags from the tries: every
+    /// bucket an entry covers marked. After the tries change, so that a
+    /// bucket is marked by the time a lookup can find its new entry, and
+    /// cleared only once its entries are gone.
+    pub(super) fn rebuild_deny_filter(&mut self) -> Result<()> {
+        let entries = self.deny_entries()?;
+        let mut words = vec![0u32; 2 * deny::FILTER_WORDS as usize];
+        let mut flags = if entries.is_empty() { 0 } else { deny::ON };
+        for entry in entries.keys() {
+            let (family, addr) = match entry.prefix.addr {
+                IpAddr::V4(a) => (4, widen(a.octets().as_slice())),
+                IpAddr::V6(a) => (6, a.octets()),
+            };
+            let direction = direction_byte(entry.direction);
+            if !deny::mark(&mut words, family, direction, &addr, entry.prefix.len) {
+                flags |= if direction == deny::SOURCE {
+                    deny::V6_SOURCE_UNFILTERED
+                } else {
+                    deny::V6_DESTINATION_UNFILTERED
+                };
+            }
+        }
+        if self.deny_filter.is_none() {
+            self.deny_filter = Some(Mmap::new(&self.deny_filter_map, names::DENY_FILTER)?);
+        }
+        let filter = self.deny_filter.as_mut().expect("mapped above").slice();
+        if filter.len() != words.len() {
+            bail!(
+                "map {} holds {} words, not {}",
+                names::DENY_FILTER,
+                filter.len(),
+                words.len()
+            );
+        }
+        filter.copy_from_slice(&words);
+        self.set_setting(settings::DENY_ON, flags, "the deny-list flags")
     }
 
     /// The deny list with each entry's packets and bytes.

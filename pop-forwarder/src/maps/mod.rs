@@ -97,6 +97,9 @@ pub struct Tables {
     deny_v4: LpmTrie<MapData, pop_forwarder_common::deny::KeyV4, u32>,
     deny_v6: LpmTrie<MapData, pop_forwarder_common::deny::KeyV6, u32>,
     deny_stats: PerCpuArray<MapData, TrafficCounter>,
+    deny_filter_map: MapData,
+    /// DENY_FILTER mapped into this process, once used.
+    deny_filter: Option<Mmap>,
     interface_stats: PerCpuArray<MapData, pop_forwarder_common::InterfaceCounter>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
@@ -259,6 +262,8 @@ impl Tables {
             deny_v4: open!(names::DENY_V4),
             deny_v6: open!(names::DENY_V6),
             deny_stats: open!(names::DENY_STATS),
+            deny_filter_map: array_data(take(names::DENY_FILTER)?)?,
+            deny_filter: None,
             interface_stats: open!(names::INTERFACE_STATS),
             journal: None,
             scans: std::cell::Cell::new(0),
@@ -296,11 +301,17 @@ impl Tables {
             return 0;
         };
         let mut failed = 0;
+        let deny = journal.iter().any(|u| matches!(u, Undo::Deny(..)));
         for undo in journal.into_iter().rev() {
             if let Err(e) = self.undo(&undo) {
                 log::error!("taking back a table write ({undo:?}): {e:#}");
                 failed += 1;
             }
+        }
+        // The deny filter follows the tries it fronts.
+        if deny && let Err(e) = self.rebuild_deny_filter() {
+            log::error!("rebuilding the deny filter: {e:#}");
+            failed += 1;
         }
         failed
     }
