@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 pub mod fleet;
+pub mod model;
 pub mod packets;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo [--fleet] | bench`.
+//! Project tasks: `cargo xtask setup | build | test | demo [--fleet] | fuzz | bench`.
 //!
 //! Every task first makes sure the machine has what it needs (Debian
 //! packages, the nightly's rust-src, bpf-linker built against the nightly's
@@ -60,6 +60,17 @@ enum Task {
         #[arg(long)]
         fleet: bool,
     },
+    /// Differential fuzzing, longer than the test suite's 100,000 frames:
+    /// the program and the reference model on random frames from a seed.
+    /// Needs root.
+    Fuzz {
+        /// Frames to run (half under each IPv4 lookup).
+        #[arg(long, default_value_t = 5_000_000)]
+        frames: u64,
+        /// Seed of the frames (and of the tables).
+        #[arg(long, default_value_t = 0xf00d)]
+        seed: u64,
+    },
     /// Benchmarks: Linux forwarding, a bare XDP redirect and pop-forwarder
     /// side by side (pps, loss, ns/packet, route load time); writes
     /// target/bench/bench.{md,json}. Needs root; takes several minutes.
@@ -102,6 +113,31 @@ fn main() -> Result<()> {
             build(&env, true)?;
             let (bin, default) = if fleet { ("fleet", 20) } else { ("lab", 10) };
             run_tests_bin(&env, bin, &[&seconds.unwrap_or(default).to_string()])
+        }
+        Task::Fuzz { frames, seed } => {
+            require_root()?;
+            let env = setup()?;
+            build(&env, true)?;
+            // The test reads these; the child inherits them.
+            // SAFETY: single-threaded here, before any child runs.
+            unsafe {
+                env::set_var("POP_FORWARDER_FUZZ_FRAMES", frames.to_string());
+                env::set_var("POP_FORWARDER_FUZZ_SEED", seed.to_string());
+            }
+            cargo(
+                &env,
+                &[
+                    "test",
+                    "--release",
+                    "-p",
+                    "tests",
+                    "--test",
+                    "differential",
+                    "--",
+                    "--nocapture",
+                    "program_and_model_agree_on_random_frames",
+                ],
+            )
         }
         Task::Bench { quick } => {
             require_root()?;

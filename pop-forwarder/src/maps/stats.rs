@@ -52,7 +52,8 @@ impl Tables {
         Ok((v, n))
     }
 
-    pub fn stats(&self, links: &[Link]) -> Result<Stats> {
+    /// The outcome counters alone, summed over CPUs.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
         let mut counters = BTreeMap::new();
         for c in Counter::ALL {
             let per_cpu = self
@@ -61,6 +62,11 @@ impl Tables {
                 .with_context(|| format!("reading counter {}", c.name()))?;
             counters.insert(c.name(), per_cpu.iter().sum());
         }
+        Ok(counters)
+    }
+
+    pub fn stats(&self, links: &[Link]) -> Result<Stats> {
+        let counters = self.counters()?;
         let mut next_hops = Vec::new();
         for (id, nh) in self.next_hop_slots()?.into_iter().enumerate() {
             if !nh.is_in_use() {
