@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | test | demo [--fleet] | fuzz | bench`.
+//! Project tasks: `cargo xtask setup | build | test | demo [--fleet] | fuzz | soak | bench`.
 //!
 //! Every task first makes sure the machine has what it needs (Debian
 //! packages, the nightly's rust-src, bpf-linker built against the nightly's
@@ -60,6 +60,14 @@ enum Task {
         #[arg(long)]
         fleet: bool,
     },
+    /// The soak: mixed traffic through the namespace lab for MINUTES while
+    /// routes change, then the books (sent = received = forwarded + passed
+    /// + dropped, forwarded = delivered, each kind in its counter) and the
+    /// daemon's memory at start and end. Needs root.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Differential fuzzing, longer than the test suite's 100,000 frames:
     /// the program and the reference model on random frames from a seed.
     /// Needs root.
@@ -113,6 +121,12 @@ fn main() -> Result<()> {
             build(&env, true)?;
             let (bin, default) = if fleet { ("fleet", 20) } else { ("lab", 10) };
             run_tests_bin(&env, bin, &[&seconds.unwrap_or(default).to_string()])
+        }
+        Task::Soak { minutes } => {
+            require_root()?;
+            let env = setup()?;
+            build(&env, true)?;
+            run_tests_bin(&env, "soak", &[&minutes.to_string()])
         }
         Task::Fuzz { frames, seed } => {
             require_root()?;
