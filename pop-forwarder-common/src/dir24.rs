@@ -12,8 +12,13 @@
 //! The XDP program reads the two tables (BPF array maps, mmapped by the
 //! host); the host edits them through `Dir24` as routes come and go, with
 //! the route trie as the record of which prefixes exist. Every write is one
-//! aligned u32, and a group is filled before tbl24 points at it, so a
-//! lookup racing an update sees the old or the new route, never garbage.
+//! aligned u32, and a group is filled before tbl24 points at it (a release
+//! fence between, so that neither the compiler nor the CPU reorders the
+//! stores), so a lookup racing an update sees the old or the new route,
+//! never garbage. A group that is folded back into tbl24 is retired, not
+//! freed: its entries keep answering lookups that read tbl24 before the
+//! fold, and the host reclaims it (`reclaim`) after a grace period, when
+//! no lookup can still be reading it. Only then may another /24 take it.
 
 /// How the tables sit in BPF array maps: array elements are 8-byte
 /// aligned whatever their size, so each element (a u64) holds two
@@ -162,6 +167,7 @@ impl Dir24<'_> {
             for t in &mut self.tbl8[base..base + TBL8_GROUP_SIZE as usize] {
                 *t = e | EXT;
             }
+            core::sync::atomic::fence(core::sync::atomic::Ordering::Release);
             self.tbl24[i] = VALID | EXT | group;
             group
         };
@@ -172,13 +178,15 @@ impl Dir24<'_> {
 
     /// Removes `addr/len`, whose entries fall back to `covering`: the
     /// longest remaining prefix shorter than `len` that covers it, as
-    /// (next hop, length), or None.
+    /// (next hop, length), or None. Returns the tbl8 group it retired, if
+    /// its /24 no longer needs one: still allocated, to be `reclaim`ed after
+    /// a grace period.
     pub fn remove(
         &mut self,
         addr: u32,
         len: u32,
         covering: Option<(u32, u32)>,
-    ) -> Result<(), Dir24Error> {
+    ) -> Result<Option<u32>, Dir24Error> {
         if len > 32 {
             return Err(Dir24Error::BadLength);
         }
@@ -188,30 +196,42 @@ impl Dir24<'_> {
             None => 0,
         };
         if len <= 24 {
+            // A group holds at least one prefix longer than /24 (it folds
+            // when the last one goes), so removing a prefix of /24 or
+            // shorter never folds one: nothing is retired.
             let start = tbl24_index(addr);
             for i in start..start + (1 << (24 - len)) {
                 let e = self.tbl24[i as usize];
                 if e & EXT != 0 {
-                    self.clear_group(i, e & VALUE_MASK, 0, TBL8_GROUP_SIZE, len, fallback);
+                    self.clear_group(i, e & VALUE_MASK, 0, TBL8_GROUP_SIZE, len, fallback, false);
                 } else if is_valid(e) && depth(e) == len {
                     self.tbl24[i as usize] = fallback;
                 }
             }
-            return Ok(());
+            return Ok(None);
         }
         let i = tbl24_index(addr);
         let e = self.tbl24[i as usize];
         if e & EXT != 0 {
-            self.clear_group(
+            return Ok(self.clear_group(
                 i,
                 e & VALUE_MASK,
                 addr & 0xff,
                 1 << (32 - len),
                 len,
                 fallback,
-            );
+                true,
+            ));
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Frees a group `remove` retired, once no lookup can be reading it.
+    pub fn reclaim(&mut self, group: u32) {
+        let base = (group * TBL8_GROUP_SIZE) as usize;
+        for t in &mut self.tbl8[base..base + TBL8_GROUP_SIZE as usize] {
+            *t = 0;
+        }
     }
 
     fn overwrite_group(&mut self, group: u32, first: u32, count: u32, len: u32, new: u32) {
@@ -224,7 +244,8 @@ impl Dir24<'_> {
     }
 
     /// Clears `len`'s entries in a group, then folds the group back into
-    /// tbl24 if no prefix longer than /24 is left in it.
+    /// tbl24 if no prefix longer than /24 is left in it, retiring it
+    /// (returned; its entries left as they are).
     fn clear_group(
         &mut self,
         tbl24_at: u32,
@@ -233,7 +254,8 @@ impl Dir24<'_> {
         count: u32,
         len: u32,
         fallback: u32,
-    ) {
+        may_fold: bool,
+    ) -> Option<u32> {
         let base = (group * TBL8_GROUP_SIZE) as usize;
         let range = base + first as usize..base + (first + count) as usize;
         for t in &mut self.tbl8[range] {
@@ -244,12 +266,11 @@ impl Dir24<'_> {
         let whole = &self.tbl8[base..base + TBL8_GROUP_SIZE as usize];
         let head = whole[0];
         let foldable = whole.iter().all(|&t| t == head) && (!is_valid(head) || depth(head) <= 24);
-        if foldable {
+        if foldable && may_fold {
             self.tbl24[tbl24_at as usize] = head & !EXT;
-            for t in &mut self.tbl8[base..base + TBL8_GROUP_SIZE as usize] {
-                *t = 0;
-            }
+            return Some(group);
         }
+        None
     }
 
     /// How many tbl8 groups are allocated.
@@ -302,7 +323,15 @@ mod tests {
         }
         assert_eq!(dir.groups_in_use(), 4);
         assert_eq!(dir.add(a + (9 << 8), 32, 1), Err(Dir24Error::Tbl8Full));
-        dir.remove(a | 0x80, 25, None).unwrap();
+        let retired = dir.remove(a | 0x80, 25, None).unwrap();
+        // Retired, not yet free: still counted until reclaimed, and a new
+        // /24 cannot take it.
+        assert_eq!(retired, Some(0));
+        assert_eq!(dir.groups_in_use(), 4);
+        assert_eq!(dir.add(a + (9 << 8), 32, 1), Err(Dir24Error::Tbl8Full));
+        // Its entries still answer a lookup that read tbl24 before.
+        assert_eq!(dir.tbl8[0x80], EXT);
+        dir.reclaim(0);
         assert_eq!(dir.groups_in_use(), 3);
     }
 
@@ -368,7 +397,9 @@ mod tests {
             match existing {
                 Some(pos) if !rng.next().is_multiple_of(3) => {
                     naive.0.remove(pos);
-                    dir.remove(addr, len, naive.covering(addr, len)).unwrap();
+                    if let Some(g) = dir.remove(addr, len, naive.covering(addr, len)).unwrap() {
+                        dir.reclaim(g);
+                    }
                 }
                 _ => {
                     let nh = (rng.next() % 1000) as u32;
@@ -416,8 +447,15 @@ mod tests {
             dir.add(a, 25, 1).unwrap();
             dir.add(a | 0x0001_0000, 32, 2).unwrap();
             assert_eq!(dir.add(a | 0x0002_0000, 32, 3), Err(Dir24Error::Tbl8Full));
-            dir.remove(a, 25, Some((7, 16))).unwrap();
-            dir.remove(a | 0x0001_0000, 32, None).unwrap();
+            for g in [
+                dir.remove(a, 25, Some((7, 16))).unwrap(),
+                dir.remove(a | 0x0001_0000, 32, None).unwrap(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                dir.reclaim(g);
+            }
         }
         assert!(t8.iter().all(|&t| t == 0), "every group was freed");
         assert_eq!(lookup(&t24, &t8, 0x0a00_0181), Some(7));

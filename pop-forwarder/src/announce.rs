@@ -46,9 +46,13 @@ pub fn check_table(table: u32) -> Result<(), String> {
 fn routes_in(table: u32) -> Result<BTreeMap<IpAddr, bool>> {
     let mut out = BTreeMap::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        // Only table T's routes: a box with the Internet's routes in its
+        // main table must not read them all to announce a VIP.
         let mut request = RouteMessage::default();
         request.header.address_family = family;
-        let dumped = netlink::dump(RouteNetlinkMessage::GetRoute(request))
+        request.header.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+        request.attributes.push(RouteAttribute::Table(table));
+        let dumped = netlink::dump_filtered(RouteNetlinkMessage::GetRoute(request))
             .with_context(|| format!("reading routing table {table} (rtnetlink)"))?;
         for m in dumped {
             let RouteNetlinkMessage::NewRoute(m) = m else {

@@ -1942,7 +1942,7 @@ fn metrics_families(running: &Running) -> Result<Vec<crate::metrics::Family>> {
 
     let mut entries = Family::new("table_entries", "Entries in use in the program's tables");
     let mut capacity = Family::new("table_capacity", "Entries the program's tables can hold");
-    let deny = running.tables.deny_entries()?.len();
+    let deny = running.tables.deny_len()?;
     for (table, used, max) in [
         ("deny", deny, pop_forwarder_common::MAX_DENY as usize),
         ("next_hops", stats.next_hops.len(), MAX_NEXT_HOPS as usize),

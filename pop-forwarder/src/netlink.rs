@@ -79,7 +79,21 @@ fn receive(socket: &Socket) -> io::Result<Vec<u8>> {
 /// Everything a dump request returns (NLM_F_DUMP), tried again if a change
 /// interrupted it.
 pub fn dump(request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
+    dump_on(socket()?, request)
+}
+
+/// A dump the kernel filters by the request's fields (NETLINK_GET_STRICT_CHK):
+/// a route dump with RTA_TABLE returns that table's routes only, rather than
+/// every route of every table.
+pub fn dump_filtered(request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
     let socket = socket()?;
+    socket
+        .set_netlink_get_strict_chk(true)
+        .context("asking for strict netlink checking (NETLINK_GET_STRICT_CHK)")?;
+    dump_on(socket, request)
+}
+
+fn dump_on(socket: Socket, request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
     'attempt: for _ in 0..DUMP_ATTEMPTS {
         let seq = send(&socket, request.clone(), NLM_F_REQUEST | NLM_F_DUMP)?;
         let mut out = Vec::new();

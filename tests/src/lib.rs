@@ -1094,3 +1094,41 @@ pub fn wire(
     )
     .unwrap();
 }
+
+/// A next hop as the tests write it straight into the tables: gateway
+/// `gateway` on `ifindex`, MTU `mtu`, a static MAC or none (unresolved),
+/// frames leaving with source MAC `src_mac`.
+pub fn static_next_hop(
+    ifindex: u32,
+    gateway: IpAddr,
+    mtu: u32,
+    mac: Option<[u8; 6]>,
+    src_mac: [u8; 6],
+) -> pop_forwarder_common::NextHop {
+    use pop_forwarder_common::{AF_INET, AF_INET6, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID};
+    let (gateway, family) = match gateway {
+        IpAddr::V4(a) => {
+            let mut g = [0u8; 16];
+            g[..4].copy_from_slice(&a.octets());
+            (g, AF_INET)
+        }
+        IpAddr::V6(a) => (a.octets(), AF_INET6),
+    };
+    pop_forwarder_common::NextHop {
+        ifindex,
+        mtu,
+        flags: NH_F_IN_USE
+            | if mac.is_some() {
+                NH_F_MAC_VALID | NH_F_MAC_STATIC
+            } else {
+                0
+            },
+        dst_mac: mac.unwrap_or([0; 6]),
+        src_mac,
+        gateway,
+        family,
+        vlan_tci: 0,
+        vlan_proto: 0,
+        tx_ifindex: ifindex,
+    }
+}

@@ -19,10 +19,7 @@ use pop_forwarder::{
     maps::Tables,
     net::Mac,
 };
-use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, KERNEL_NEXT_HOP, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID,
-    NextHop, PROGRAM_NAME,
-};
+use pop_forwarder_common::{Counter, KERNEL_NEXT_HOP, PROGRAM_NAME};
 use tests::{
     Netns,
     model::{self, Outcome, Rng, Target, World},
@@ -31,35 +28,6 @@ use tests::{
 fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()
 }
-
-fn next_hop(
-    ifindex: u32,
-    gateway: IpAddrBytes,
-    mtu: u32,
-    mac: Option<[u8; 6]>,
-    src: [u8; 6],
-) -> NextHop {
-    NextHop {
-        ifindex,
-        mtu,
-        flags: NH_F_IN_USE
-            | if mac.is_some() {
-                NH_F_MAC_VALID | NH_F_MAC_STATIC
-            } else {
-                0
-            },
-        dst_mac: mac.unwrap_or([0; 6]),
-        src_mac: src,
-        gateway: gateway.0,
-        family: gateway.1,
-        vlan_tci: 0,
-        vlan_proto: 0,
-        tx_ifindex: ifindex,
-    }
-}
-
-/// A gateway address as the next-hop table keeps it, and its family.
-struct IpAddrBytes([u8; 16], u32);
 
 /// Fills the tables with `world`: one next hop per route (a gateway of its
 /// own, so that each route's MAC and MTU are its own), kernel routes,
@@ -76,19 +44,20 @@ fn fill(tables: &mut Tables, world: &World) {
                 src_mac,
             } => {
                 // Gateways 100.127.x.y / fd7f::x:y: one per route.
-                let gateway = if prefix.addr.is_ipv4() {
-                    let mut g = [0u8; 16];
-                    g[..4].copy_from_slice(&[100, 127, (i >> 8) as u8, i as u8]);
-                    IpAddrBytes(g, AF_INET)
+                let gateway: std::net::IpAddr = if prefix.addr.is_ipv4() {
+                    [100, 127, (i >> 8) as u8, i as u8].into()
                 } else {
                     let mut g = [0u8; 16];
                     g[0] = 0xfd;
                     g[1] = 0x7f;
                     g[14] = (i >> 8) as u8;
                     g[15] = i as u8;
-                    IpAddrBytes(g, AF_INET6)
+                    g.into()
                 };
-                routes.push((*prefix, next_hop(ifindex, gateway, mtu, mac, src_mac)));
+                routes.push((
+                    *prefix,
+                    tests::static_next_hop(ifindex, gateway, mtu, mac, src_mac),
+                ));
             }
         }
     }

@@ -24,8 +24,7 @@ use pop_forwarder::{
     plan::Want,
 };
 use pop_forwarder_common::{
-    AF_INET, AF_INET6, Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC,
-    NH_F_MAC_VALID, NextHop, PROGRAM_NAME, VlanKey,
+    Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NextHop, PROGRAM_NAME, VlanKey,
 };
 use tests::{
     Netns,
@@ -77,32 +76,7 @@ impl Program {
 }
 
 fn next_hop(ifindex: u32, gateway: &str, mac: Option<[u8; 6]>, mtu: u32) -> NextHop {
-    let addr: std::net::IpAddr = gateway.parse().unwrap();
-    let (gateway, family) = match addr {
-        std::net::IpAddr::V4(a) => {
-            let mut g = [0u8; 16];
-            g[..4].copy_from_slice(&a.octets());
-            (g, AF_INET)
-        }
-        std::net::IpAddr::V6(a) => (a.octets(), AF_INET6),
-    };
-    NextHop {
-        ifindex,
-        mtu,
-        flags: NH_F_IN_USE
-            | if mac.is_some() {
-                NH_F_MAC_VALID | NH_F_MAC_STATIC
-            } else {
-                0
-            },
-        dst_mac: mac.unwrap_or([0; 6]),
-        src_mac: OUT.src,
-        gateway,
-        family,
-        vlan_tci: 0,
-        vlan_proto: 0,
-        tx_ifindex: ifindex,
-    }
+    tests::static_next_hop(ifindex, gateway.parse().unwrap(), mtu, mac, OUT.src)
 }
 
 /// Loads the embedded object in a fresh namespace and fills its tables:
@@ -673,6 +647,51 @@ fn the_deny_list_drops_before_any_lookup_and_counts_each_entry() {
         assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_DROP);
         assert_eq!(p.run(&v4("10.0.3.200", 64)).0, XDP_REDIRECT);
         assert_eq!(p.run(&v6("fd00:3::9", 64)).0, XDP_REDIRECT);
+    });
+}
+
+#[test]
+fn a_freed_next_hop_slot_rests_for_the_grace_period_before_reuse() {
+    with_program_using(Ipv4Lookup::Dir24, |p| {
+        let route = |s: &str| -> Prefix { s.parse().unwrap() };
+        let slot_of = |p: &Program, prefix: &str| {
+            p.tables
+                .routes(&[])
+                .unwrap()
+                .into_iter()
+                .find(|r| r.prefix == prefix)
+                .map(|r| r.next_hop)
+                .unwrap()
+        };
+        let id = p
+            .tables
+            .add_route(
+                route("10.20.0.0/16"),
+                &next_hop(p.veth, "10.0.2.77", Some(OUT.dst), 1500),
+            )
+            .unwrap();
+        // Freed: a new next hop right away takes another slot (a lookup of
+        // the deleted route may still be reading this one).
+        p.tables.del_route(route("10.20.0.0/16")).unwrap();
+        let other = p
+            .tables
+            .add_route(
+                route("10.21.0.0/16"),
+                &next_hop(p.veth, "10.0.2.78", Some(OUT.dst), 1500),
+            )
+            .unwrap();
+        assert_ne!(other, id, "a slot reused within its grace period");
+        assert_eq!(slot_of(p, "10.21.0.0/16"), other);
+        // Rested: it is free again (the lowest free slot).
+        std::thread::sleep(pop_forwarder::maps::GRACE);
+        let again = p
+            .tables
+            .add_route(
+                route("10.22.0.0/16"),
+                &next_hop(p.veth, "10.0.2.79", Some(OUT.dst), 1500),
+            )
+            .unwrap();
+        assert_eq!(again, id);
     });
 }
 

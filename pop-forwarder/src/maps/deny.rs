@@ -167,6 +167,7 @@ impl Tables {
     /// cleared only once its entries are gone.
     pub(super) fn rebuild_deny_filter(&mut self) -> Result<()> {
         let entries = self.deny_entries()?;
+        self.deny_len.set(Some(entries.len()));
         let mut words = vec![0u32; 2 * deny::FILTER_WORDS as usize];
         let mut flags = if entries.is_empty() { 0 } else { deny::ON };
         for entry in entries.keys() {
@@ -197,6 +198,17 @@ impl Tables {
         }
         filter.copy_from_slice(&words);
         self.set_setting(settings::DENY_ON, flags, "the deny-list flags")
+    }
+
+    /// How many entries the deny list has (counted once per handle, then
+    /// kept by this handle's changes: a scrape must not walk 100,000).
+    pub fn deny_len(&self) -> Result<usize> {
+        if let Some(n) = self.deny_len.get() {
+            return Ok(n);
+        }
+        let n = self.deny_entries()?.len();
+        self.deny_len.set(Some(n));
+        Ok(n)
     }
 
     /// The deny list with each entry's packets and bytes.

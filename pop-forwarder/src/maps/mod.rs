@@ -100,6 +100,10 @@ pub struct Tables {
     deny_filter_map: MapData,
     /// DENY_FILTER mapped into this process, once used.
     deny_filter: Option<Mmap>,
+    /// Slots freed lately, not to be reused before `GRACE` has passed.
+    retired: Retired,
+    /// Deny-list entries, as last counted by this handle.
+    deny_len: std::cell::Cell<Option<usize>>,
     interface_stats: PerCpuArray<MapData, pop_forwarder_common::InterfaceCounter>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
@@ -136,6 +140,37 @@ enum Undo {
     /// A deny-list entry was added (None) or removed (its slot): put it
     /// back as it was.
     Deny(crate::config::Deny, Option<u32>),
+}
+
+/// How long a freed tbl8 group, next-hop slot or ECMP group slot rests
+/// before it is reused: the RCU grace period the kernel would wait. A
+/// lookup that read a route before its change may still read what the
+/// route pointed at; XDP programs run in softirq with preemption (or, on
+/// PREEMPT_RT, migration) disabled, for microseconds a packet, so once
+/// 50 ms have passed no lookup can still hold the old pointer. Reusing the
+/// slot sooner could send its packet to another route's next hop.
+pub const GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Slots freed, with when, per kind: each reusable once `GRACE` has passed.
+#[derive(Debug, Default)]
+pub(super) struct Retired {
+    pub(super) groups: Vec<(u32, std::time::Instant)>,
+    pub(super) next_hops: Vec<(u32, std::time::Instant)>,
+    pub(super) ecmp: Vec<(u32, std::time::Instant)>,
+}
+
+/// Drops the entries of `list` older than `GRACE`, returning their slots.
+pub(super) fn settled(list: &mut Vec<(u32, std::time::Instant)>) -> Vec<u32> {
+    let (old, young): (Vec<_>, Vec<_>) = list.iter().partition(|(_, at)| at.elapsed() >= GRACE);
+    *list = young;
+    old.into_iter().map(|(slot, _)| slot).collect()
+}
+
+/// Waits until the youngest entry of `list` is `GRACE` old.
+pub(super) fn wait_out(list: &[(u32, std::time::Instant)]) {
+    if let Some(youngest) = list.iter().map(|(_, at)| *at).max() {
+        std::thread::sleep(GRACE.saturating_sub(youngest.elapsed()));
+    }
 }
 
 fn typed<T>(map: Map, name: &str) -> Result<T>
@@ -264,6 +299,8 @@ impl Tables {
             deny_stats: open!(names::DENY_STATS),
             deny_filter_map: array_data(take(names::DENY_FILTER)?)?,
             deny_filter: None,
+            retired: Retired::default(),
+            deny_len: std::cell::Cell::new(None),
             interface_stats: open!(names::INTERFACE_STATS),
             journal: None,
             scans: std::cell::Cell::new(0),

@@ -229,12 +229,24 @@ impl Tables {
             }
             return Ok((id, false));
         }
-        let id = table
-            .slots
-            .iter()
-            .position(|nh| !nh.is_in_use())
-            .with_context(|| format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)"))?
-            as u32;
+        // A slot freed less than GRACE ago may still be read by a lookup of
+        // the route that used it: take a rested one, or wait for one.
+        settled(&mut self.retired.next_hops);
+        let free = |retired: &Retired| {
+            table.slots.iter().enumerate().position(|(i, nh)| {
+                !nh.is_in_use() && !retired.next_hops.iter().any(|(r, _)| *r == i as u32)
+            })
+        };
+        let id = match free(&self.retired) {
+            Some(id) => id,
+            None => {
+                wait_out(&self.retired.next_hops);
+                settled(&mut self.retired.next_hops);
+                free(&self.retired).with_context(|| {
+                    format!("the next-hop table is full ({MAX_NEXT_HOPS} next hops)")
+                })?
+            }
+        } as u32;
         self.add_egress(want.tx_ifindex)?;
         let zeros = vec![TrafficCounter::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
         self.next_hop_stats
@@ -321,13 +333,22 @@ impl Tables {
         table: &mut NextHopTable,
         uses: &mut std::collections::HashMap<u32, usize>,
     ) -> Result<u32> {
-        let index = table
-            .groups
-            .iter()
-            .position(|g| g.count == 0)
-            .with_context(|| {
-                format!("the ECMP group table is full ({} groups)", ecmp::MAX_GROUPS)
-            })? as u32;
+        settled(&mut self.retired.ecmp);
+        let free = |retired: &Retired| {
+            table.groups.iter().enumerate().position(|(i, g)| {
+                g.count == 0 && !retired.ecmp.iter().any(|(r, _)| *r == i as u32)
+            })
+        };
+        let index = match free(&self.retired) {
+            Some(index) => index,
+            None => {
+                wait_out(&self.retired.ecmp);
+                settled(&mut self.retired.ecmp);
+                free(&self.retired).with_context(|| {
+                    format!("the ECMP group table is full ({} groups)", ecmp::MAX_GROUPS)
+                })?
+            }
+        } as u32;
         let mut group: NextHopGroup = bytemuck::Zeroable::zeroed();
         let mut keys = Vec::with_capacity(members.len());
         for (m, (nh, weight)) in members.iter().enumerate() {
@@ -378,6 +399,7 @@ impl Tables {
             let g = table.groups[index as usize];
             table.by_group.remove(&table.group_key(&g));
             self.write_group(index, &bytemuck::Zeroable::zeroed())?;
+            self.retired.ecmp.push((index, std::time::Instant::now()));
             table.groups[index as usize] = bytemuck::Zeroable::zeroed();
             for m in 0..g.count as usize {
                 self.release(u32::from(g.members[m]), uses, table)?;
@@ -404,8 +426,11 @@ impl Tables {
         uses
     }
 
+    /// Frees a next-hop slot; it rests for `GRACE` before it is reused.
     pub(super) fn free_next_hop(&mut self, id: u32) -> Result<()> {
-        self.write_next_hop(id, &NextHop::default_free())
+        self.write_next_hop(id, &NextHop::default_free())?;
+        self.retired.next_hops.push((id, std::time::Instant::now()));
+        Ok(())
     }
 
     /// Brings learned next-hop MACs, egress MTUs and source MACs in line with

@@ -190,10 +190,38 @@ impl Tables {
                 .map_err(Into::into),
             Ipv4Lookup::Dir24 => {
                 let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
-                dir.add(u32::from(a), len.into(), target.next_hop)
-                    .map_err(dir24_error)
+                match dir.add(u32::from(a), len.into(), target.next_hop) {
+                    // Groups resting after a removal: once their grace
+                    // period is over they are free.
+                    Err(Dir24Error::Tbl8Full) if !self.retired.groups.is_empty() => {
+                        self.reclaim_groups(true)?;
+                        let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
+                        dir.add(u32::from(a), len.into(), target.next_hop)
+                            .map_err(dir24_error)
+                    }
+                    done => done.map_err(dir24_error),
+                }
             }
         }
+    }
+
+    /// Frees the tbl8 groups retired at least `GRACE` ago (all of them,
+    /// after waiting, if `wait`).
+    pub(super) fn reclaim_groups(&mut self, wait: bool) -> Result<()> {
+        if wait {
+            wait_out(&self.retired.groups);
+        }
+        let groups = settled(&mut self.retired.groups);
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let mut dir = self
+            .dir24()?
+            .expect("groups are retired only under DIR-24-8");
+        for g in groups {
+            dir.reclaim(g);
+        }
+        Ok(())
     }
 
     /// Removes exactly `prefix`. For IPv4 its addresses then belong to the
@@ -226,8 +254,12 @@ impl Tables {
                 Ipv4Lookup::Dir24 => {
                     let covering = self.covering_v4(a, prefix.len)?;
                     let mut dir = self.dir24()?.expect("DIR-24-8 is in use");
-                    dir.remove(u32::from(a), prefix.len.into(), covering)
-                        .map_err(dir24_error)?;
+                    if let Some(group) = dir
+                        .remove(u32::from(a), prefix.len.into(), covering)
+                        .map_err(dir24_error)?
+                    {
+                        self.retired.groups.push((group, std::time::Instant::now()));
+                    }
                 }
             }
         }
@@ -680,13 +712,22 @@ impl Tables {
                 bail!("the change makes {n} {family} routes; the table holds {max}");
             }
         }
+        if !self.retired.groups.is_empty() {
+            self.reclaim_groups(false)?;
+        }
         if let Some(dir) = self.dir24()? {
             let cut: HashSet<u32> = new_v4
                 .iter()
                 .filter(|(a, len)| dir.needs_group(*a, *len))
                 .map(|(a, _)| dir24_layout::tbl24_index(*a))
                 .collect();
-            let free = TBL8_GROUPS - dir.groups_in_use();
+            let mut free = TBL8_GROUPS - dir.groups_in_use();
+            if cut.len() as u32 > free && !self.retired.groups.is_empty() {
+                // Groups resting after a removal will do, once rested.
+                self.reclaim_groups(true)?;
+                let dir = self.dir24()?.expect("DIR-24-8 is in use");
+                free = TBL8_GROUPS - dir.groups_in_use();
+            }
             if cut.len() as u32 > free {
                 bail!(
                     "the change cuts up {} more /24s with longer prefixes, each taking a DIR-24-8 tbl8 group; {free} of {TBL8_GROUPS} are free",
@@ -815,6 +856,9 @@ impl Tables {
                 continue;
             }
             self.write_group(index as u32, &bytemuck::Zeroable::zeroed())?;
+            self.retired
+                .ecmp
+                .push((index as u32, std::time::Instant::now()));
             groups += 1;
             for m in 0..g.count as usize {
                 if let Some(n) = uses.get_mut(&u32::from(g.members[m])) {
