@@ -54,7 +54,8 @@ pub mod map_names {
     pub const DENY_STATS: &str = "DENY_STATS";
     pub const DENY_FILTER: &str = "DENY_FILTER";
     pub const INTERFACE_STATS: &str = "INTERFACE_STATS";
-    pub const ALL: [&str; 28] = [
+    pub const TX_ERRORS: &str = "TX_ERRORS";
+    pub const ALL: [&str; 29] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -83,6 +84,7 @@ pub mod map_names {
         DENY_STATS,
         DENY_FILTER,
         INTERFACE_STATS,
+        TX_ERRORS,
     ];
 }
 
@@ -358,6 +360,33 @@ pub struct InterfaceCounter {
     pub dropped: u64,
 }
 
+/// What the kernel reported failing after the program handed a frame over
+/// (`TX_ERRORS`, by egress ifindex, per CPU), from the xdp tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct TxErrors {
+    /// Frames a devmap transmit dropped (`xdp:xdp_devmap_xmit`'s drops: a
+    /// full TX ring, a target that cannot take XDP frames).
+    pub xmit_drops: u64,
+    /// This program's redirects the kernel refused (`xdp:xdp_redirect_err`
+    /// for its program id).
+    pub redirect_errors: u64,
+}
+
+/// The xdp tracepoints' records as their format files give them (checked
+/// by the loader against /sys/kernel/tracing/events/xdp/*/format).
+pub mod tracepoints {
+    /// xdp:xdp_devmap_xmit: (field, offset).
+    pub const DEVMAP_XMIT: [(&str, usize); 3] = [("to_ifindex", 16), ("drops", 20), ("err", 28)];
+    /// xdp:xdp_redirect_err.
+    pub const REDIRECT_ERR: [(&str, usize); 4] = [
+        ("prog_id", 8),
+        ("to_ifindex", 24),
+        ("map_id", 28),
+        ("map_index", 32),
+    ];
+}
+
 /// Indexes of the `SETTINGS` array.
 pub mod settings {
     /// 1: a packet whose destination matches no route is dropped; 0: passed
@@ -385,7 +414,10 @@ pub mod settings {
     /// The deny list's flags (`deny::ON` and the others): 0 when it is
     /// empty, and packets skip its lookups.
     pub const DENY_ON: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// The id of the XDP program the instance runs: its redirect errors
+    /// are the ones counted.
+    pub const XDP_PROG_ID: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     pub const ROUTE_LOOKUP_TABLES: u32 = 0;
     pub const ROUTE_LOOKUP_FIB: u32 = 1;
@@ -403,6 +435,7 @@ mod user {
     unsafe impl aya::Pod for super::RouteKeyV4 {}
     unsafe impl aya::Pod for super::TrafficCounter {}
     unsafe impl aya::Pod for super::InterfaceCounter {}
+    unsafe impl aya::Pod for super::TxErrors {}
     unsafe impl aya::Pod for super::NeighbourKey {}
     unsafe impl aya::Pod for super::NeighbourMac {}
     unsafe impl aya::Pod for super::VlanKey {}
@@ -555,15 +588,16 @@ mod tests {
             size_of::<deny::KeyV6>() as u32,
             size_of::<InterfaceCounter>() as u32,
             deny::FILTER_WORDS,
+            size_of::<TxErrors>() as u32,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
                 4,
                 [
-                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 9,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 28, 24, 8, 776, 65536, 1024,
-                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 10,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 29, 24, 8, 776, 65536, 1024,
+                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

@@ -7,6 +7,7 @@
 
 mod deny;
 mod fib;
+mod kernel_events;
 mod maps;
 mod packet;
 mod steer;

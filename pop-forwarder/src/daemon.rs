@@ -1242,7 +1242,74 @@ fn fill_and_attach(
             .with_context(|| format!("pinning link at {}", path.display()))?;
     }
     tables.commit();
+    let program_id = program
+        .info()
+        .context("reading the loaded program's id")?
+        .id();
+    if let Err(e) = watch_transmit_errors(instance, ebpf, &mut tables, program_id) {
+        warn!("transmit errors will not be counted (stats' xmit_drops, redirect_errors): {e:#}");
+    }
     Ok((tables, steering))
+}
+
+/// Attaches the xdp tracepoint programs that count what the kernel drops
+/// after the program handed a frame over (`TX_ERRORS`), their links pinned
+/// beside the XDP links so that they outlive the daemon. A restart replaces
+/// them (a moment uncounted). Failing costs only these counts.
+fn watch_transmit_errors(
+    instance: &Instance,
+    ebpf: &mut aya::Ebpf,
+    tables: &mut Tables,
+    program_id: u32,
+) -> Result<()> {
+    use pop_forwarder_common::tracepoints;
+    tables.set_xdp_prog_id(program_id)?;
+    let events = instance::ensure_tracefs()?;
+    for (name, fields) in [
+        ("xdp_devmap_xmit", &tracepoints::DEVMAP_XMIT[..]),
+        ("xdp_redirect_err", &tracepoints::REDIRECT_ERR[..]),
+    ] {
+        let format_path = events.join("xdp").join(name).join("format");
+        let format = std::fs::read_to_string(&format_path)
+            .with_context(|| format!("reading {}", format_path.display()))?;
+        for (field, offset) in fields {
+            let found = format.lines().find_map(|l| {
+                l.contains(&format!(" {field};"))
+                    .then(|| {
+                        l.split("offset:")
+                            .nth(1)?
+                            .split(';')
+                            .next()?
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .flatten()
+            });
+            if found != Some(*offset) {
+                bail!(
+                    "xdp:{name}'s field {field} is at offset {found:?} in this kernel, not {offset}"
+                );
+            }
+        }
+        let path = instance.pin_dir().join(format!("link_tp_{name}"));
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing the old link {}", path.display()))?;
+        }
+        let program: &mut aya::programs::TracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the object has no program {name}"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let id = program
+            .attach("xdp", name)
+            .with_context(|| format!("attaching to xdp:{name}"))?;
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the tracepoint attachment is not a bpf_link")?;
+        link.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Brings the tables to the config: new ones, or adopted ones (whose
@@ -1870,6 +1937,10 @@ fn metrics_families(running: &Running) -> Result<Vec<crate::metrics::Family>> {
     );
     let mut if_bytes =
         Family::new("interface_received", "Bytes received on each interface").unit(Unit::Bytes);
+    let mut if_tx = Family::new(
+        "interface_transmit_errors",
+        "Frames sent out of the interface that the kernel dropped (xmit_drop: the devmap transmit; redirect_error: this program's redirect refused)",
+    );
     for i in &stats.interfaces {
         for (action, n) in [
             ("forwarded", i.forwarded),
@@ -1882,8 +1953,17 @@ fn metrics_families(running: &Running) -> Result<Vec<crate::metrics::Family>> {
             );
         }
         if_bytes.push(vec![("interface", i.name.clone())], Value::Counter(i.bytes));
+        for (kind, n) in [
+            ("xmit_drop", i.xmit_drops),
+            ("redirect_error", i.redirect_errors),
+        ] {
+            if_tx.push(
+                vec![("interface", i.name.clone()), ("kind", kind.into())],
+                Value::Counter(n),
+            );
+        }
     }
-    out.extend([if_packets, if_bytes]);
+    out.extend([if_packets, if_bytes, if_tx]);
 
     let state = running.steering.state();
     let vip_slots = state.vips.iter().map(|v| v.slot + 1).max().unwrap_or(0);

@@ -326,6 +326,34 @@ pub fn secure_dir(dir: &Path, allowed: u32, group: Option<u32>) -> Result<()> {
     Ok(())
 }
 
+/// The tracepoints' directory of tracefs (its `events`), mounting tracefs
+/// at /sys/kernel/tracing if it is mounted nowhere, as systemd does at
+/// boot.
+pub fn ensure_tracefs() -> Result<std::path::PathBuf> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        let events = Path::new(dir).join("events");
+        if events.join("xdp").exists() {
+            return Ok(events);
+        }
+    }
+    let path = c"/sys/kernel/tracing";
+    // SAFETY: plain mount(2) with NUL-terminated strings.
+    if unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            path.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error())
+            .context("mounting tracefs at /sys/kernel/tracing");
+    }
+    Ok(Path::new("/sys/kernel/tracing").join("events"))
+}
+
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there, as systemd does
 /// at boot (root-only, mode 0700); a fresh machine of this kind has the
 /// directory but no mount.

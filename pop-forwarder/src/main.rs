@@ -856,13 +856,27 @@ fn stats(instance: &Instance, json: bool) -> Result<()> {
     }
     println!();
     println!(
-        "{:<16} {:>16} {:>18} {:>16} {:>16} {:>16}",
-        "INTERFACE", "PACKETS IN", "BYTES IN", "FORWARDED", "PASSED", "DROPPED"
+        "{:<16} {:>14} {:>16} {:>14} {:>14} {:>14} {:>12} {:>12}",
+        "INTERFACE",
+        "PACKETS IN",
+        "BYTES IN",
+        "FORWARDED",
+        "PASSED",
+        "DROPPED",
+        "XMIT DROPS",
+        "REDIR ERRS"
     );
     for i in &stats.interfaces {
         println!(
-            "{:<16} {:>16} {:>18} {:>16} {:>16} {:>16}",
-            i.name, i.packets, i.bytes, i.forwarded, i.passed, i.dropped
+            "{:<16} {:>14} {:>16} {:>14} {:>14} {:>14} {:>12} {:>12}",
+            i.name,
+            i.packets,
+            i.bytes,
+            i.forwarded,
+            i.passed,
+            i.dropped,
+            i.xmit_drops,
+            i.redirect_errors
         );
     }
     println!();

@@ -1700,3 +1700,56 @@ fn the_deny_list_comes_from_the_file_the_cli_and_reload() {
     assert!(entry(&fwd, "destination", "10.0.2.2/32").is_some());
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn frames_the_kernel_drops_after_a_redirect_are_counted() {
+    let (lab, fwd) = routed_lab(&[]);
+    let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
+    let r1 = |fwd: &Forwarder| -> (u64, u64) {
+        let stats: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["stats", "--json"]).unwrap()).unwrap();
+        stats["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "r1")
+            .map(|i| {
+                (
+                    i["xmit_drops"].as_u64().unwrap(),
+                    i["redirect_errors"].as_u64().unwrap(),
+                )
+            })
+            .unwrap_or((0, 0))
+    };
+    // c0 without GRO: its veth has no NAPI to take XDP frames, so the
+    // devmap transmit out of r1 drops them, after the program counted them
+    // forwarded.
+    lab.c.run("ethtool", &["-K", "c0", "gro", "off"]).unwrap();
+    let before = r1(&fwd);
+    let forwarded = fwd.counter("forwarded").unwrap();
+    send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, "lost", COUNT).unwrap();
+    assert_eq!(receive(&sink, COUNT, Duration::from_millis(700)).len(), 0);
+    assert!(fwd.counter("forwarded").unwrap() >= forwarded + COUNT as u64);
+    // This kernel refuses the redirect itself (the veth does not offer
+    // XDP transmit without NAPI): a redirect error, for this program's id.
+    let after = r1(&fwd);
+    let lost = |(xmit, redirect): (u64, u64)| xmit + redirect;
+    assert!(
+        lost(after) >= lost(before) + COUNT as u64,
+        "(xmit drops, redirect errors) {before:?} -> {after:?}\n{}",
+        fwd.log()
+    );
+    // GRO back: the frames arrive, and the counts stop growing.
+    lab.c.run("ethtool", &["-K", "c0", "gro", "on"]).unwrap();
+    send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, "kept", COUNT).unwrap();
+    assert_eq!(receive(&sink, COUNT, WAIT).len(), COUNT);
+    assert_eq!(r1(&fwd), after);
+    // The tracepoint links are pinned with the instance, and go with it.
+    assert!(
+        std::path::Path::new(&format!(
+            "/sys/fs/bpf/pop-forwarder/{}/link_tp_xdp_devmap_xmit",
+            fwd.instance
+        ))
+        .exists()
+    );
+}

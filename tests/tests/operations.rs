@@ -80,11 +80,13 @@ fn metrics_are_served_parsed_and_agree_with_stats() {
         lab.config("pass", ROUTE_TO_C)
     );
     let fwd = Forwarder::start(&lab.router, &config).unwrap();
-    assert!(
-        fwd.log().contains("metrics: http://127.0.0.1:9464/metrics"),
-        "{}",
-        fwd.log()
-    );
+    // Logged once the main loop runs, a moment after the daemon records
+    // itself running (the port is bound before either).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !fwd.log().contains("metrics: http://127.0.0.1:9464/metrics") {
+        assert!(std::time::Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
     send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, "m", 20).unwrap();
     assert_eq!(receive(&sink, 20, Duration::from_secs(3)).len(), 20);

@@ -105,6 +105,7 @@ pub struct Tables {
     /// Deny-list entries, as last counted by this handle.
     deny_len: std::cell::Cell<Option<usize>>,
     interface_stats: PerCpuArray<MapData, pop_forwarder_common::InterfaceCounter>,
+    tx_errors: PerCpuArray<MapData, pop_forwarder_common::TxErrors>,
     /// How to take back the writes of the change under way (`begin`), newest
     /// last; None when no change is open.
     journal: Option<Vec<Undo>>,
@@ -302,6 +303,7 @@ impl Tables {
             retired: Retired::default(),
             deny_len: std::cell::Cell::new(None),
             interface_stats: open!(names::INTERFACE_STATS),
+            tx_errors: open!(names::TX_ERRORS),
             journal: None,
             scans: std::cell::Cell::new(0),
         })
@@ -395,6 +397,12 @@ impl Tables {
             Some(_) => crate::failpoint::hit(kind),
             None => Ok(()),
         }
+    }
+
+    /// Records the id of the instance's XDP program: the tracepoint program
+    /// counts that program's refused redirects.
+    pub fn set_xdp_prog_id(&mut self, id: u32) -> Result<()> {
+        self.set_setting(settings::XDP_PROG_ID, id, "the XDP program's id")
     }
 
     /// Writes one slot of SETTINGS, journaled.

@@ -21,6 +21,13 @@ pub struct InterfaceStats {
     pub forwarded: u64,
     pub passed: u64,
     pub dropped: u64,
+    /// Sent out of this interface but dropped by the transmit, as the
+    /// kernel reports it (`xdp:xdp_devmap_xmit`; on a box with other XDP
+    /// programs redirecting, theirs too).
+    pub xmit_drops: u64,
+    /// This program's redirects to this interface the kernel refused
+    /// (`xdp:xdp_redirect_err`).
+    pub redirect_errors: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -97,7 +104,13 @@ impl Tables {
                 per_cpu.iter().map(f).sum::<u64>()
             };
             let packets = sum(|c| c.packets);
-            if packets == 0 {
+            let tx = self
+                .tx_errors
+                .get(&link.ifindex, 0)
+                .context("reading transmit errors")?;
+            let xmit_drops: u64 = tx.iter().map(|t| t.xmit_drops).sum();
+            let redirect_errors: u64 = tx.iter().map(|t| t.redirect_errors).sum();
+            if packets == 0 && xmit_drops == 0 && redirect_errors == 0 {
                 continue;
             }
             interfaces.push(InterfaceStats {
@@ -108,6 +121,8 @@ impl Tables {
                 forwarded: sum(|c| c.forwarded),
                 passed: sum(|c| c.passed),
                 dropped: sum(|c| c.dropped),
+                xmit_drops,
+                redirect_errors,
             });
         }
         Ok(Stats {
