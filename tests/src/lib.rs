@@ -247,6 +247,26 @@ impl Lab {
         Ok(node)
     }
 
+    /// Makes c's addresses `addrs` (10.0.2.2, fd00:2::2) permanent
+    /// neighbours of the router on r1, with c0's MAC: no resolution races.
+    pub fn neighbours_c(&self, addrs: &[&str]) -> Result<()> {
+        let c_mac = mac_str(self.c.mac("c0")?);
+        for addr in addrs {
+            self.router.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &c_mac,
+                "dev",
+                "r1",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
+    }
+
     /// A config for this lab: both router interfaces, and `routes` (TOML
     /// `[[routes]]` tables) appended.
     pub fn config(&self, route_miss: &str, routes: &str) -> String {
@@ -839,20 +859,7 @@ pub fn mac_str(m: [u8; 6]) -> String {
 /// Gives the router a permanent neighbour entry for c (10.0.2.2), as the
 /// kernel would after resolving it.
 pub fn neighbour_c_v4(lab: &Lab) {
-    let c_mac = mac_str(lab.c.mac("c0").unwrap());
-    lab.router
-        .ip(&[
-            "neigh",
-            "replace",
-            "10.0.2.2",
-            "lladdr",
-            &c_mac,
-            "dev",
-            "r1",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
+    lab.neighbours_c(&["10.0.2.2"]).unwrap();
 }
 
 /// The route most tests forward on: 10.0.2.0/24 via c.

@@ -163,29 +163,7 @@ impl Bench {
     fn new(frame_len: usize) -> Result<Bench> {
         let lab = Lab::new()?;
         lab.router.run("ethtool", &["-K", "r0", "gro", "on"])?;
-        let c0 = mac(&lab.c, "c0")?.to_string();
-        lab.router.ip(&[
-            "neigh",
-            "replace",
-            "10.0.2.2",
-            "lladdr",
-            &c0,
-            "dev",
-            "r1",
-            "nud",
-            "permanent",
-        ])?;
-        lab.router.ip(&[
-            "neigh",
-            "replace",
-            "fd00:2::2",
-            "lladdr",
-            &c0,
-            "dev",
-            "r1",
-            "nud",
-            "permanent",
-        ])?;
+        lab.neighbours_c(&["10.0.2.2", "fd00:2::2"])?;
         let sink = in_ns(&lab.c, || Sink::attach("c0"))?;
         let a0 = in_ns(&lab.a, || ifindex("a0"))?;
         Ok(Bench {

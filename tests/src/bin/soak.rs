@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use tests::{
-    Capture, Forwarder, Lab, mac_str,
+    Capture, Forwarder, Lab,
     packets::{Eth, udp_v4, udp_v6},
     udp_socket,
 };
@@ -76,29 +76,7 @@ fn main() -> Result<()> {
     lab.a.ip(&["link", "set", "a0", "arp", "off"])?;
     lab.a.sysctl("net.ipv6.conf.a0.disable_ipv6", "1")?;
     lab.router.sysctl("net.ipv4.ip_forward", "1")?;
-    let c_mac = mac_str(lab.c.mac("c0")?);
-    lab.router.ip(&[
-        "neigh",
-        "replace",
-        "10.0.2.2",
-        "lladdr",
-        &c_mac,
-        "dev",
-        "r1",
-        "nud",
-        "permanent",
-    ])?;
-    lab.router.ip(&[
-        "neigh",
-        "replace",
-        "fd00:2::2",
-        "lladdr",
-        &c_mac,
-        "dev",
-        "r1",
-        "nud",
-        "permanent",
-    ])?;
+    lab.neighbours_c(&["10.0.2.2", "fd00:2::2"])?;
     let config = format!(
         "{}\n[[deny]]\nprefix = \"10.0.2.99/32\"\ndirection = \"destination\"\n",
         lab.config("pass", "")
