@@ -95,8 +95,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Packet counters by outcome, and traffic per next hop. With --watch:
-    /// rates each second (outcomes, next hops, VIPs, nodes), what moved.
+    /// Packet counters by outcome, per interface (what came in, what became
+    /// of it, what the kernel dropped on the way out) and per next hop.
+    /// With --watch: rates each second (outcomes, interfaces, next hops,
+    /// VIPs, nodes), what moved.
     Stats {
         #[arg(long, conflicts_with = "watch")]
         json: bool,
@@ -107,7 +109,8 @@ enum Command {
         #[arg(long, requires = "watch")]
         count: Option<u64>,
     },
-    /// Whether the instance runs, where it is attached, how big its tables are.
+    /// Whether the instance runs, where it is attached, how big its tables
+    /// are, which VIPs it announces and whether it is drained.
     Status {
         #[arg(long)]
         json: bool,
