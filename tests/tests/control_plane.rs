@@ -135,11 +135,15 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     let (arrived, twice) = sink.finish();
     eprintln!("{sent} datagrams sent, {arrived} arrived, {twice} twice");
     assert!(sent > 50_000, "the stream ran for {sent} datagrams only");
+    // On a loss, where it happened: the program's outcomes and the
+    // interfaces' counts (a packet handed to the kernel, a transmit
+    // dropped, or none of them: lost before r0, in the lab's veths).
     assert_eq!(
         (arrived, twice),
         (sent, 0),
-        "{} of {sent} datagrams lost\n{}",
+        "{} of {sent} datagrams lost\n{}\n{}",
         sent - arrived,
+        fwd.cli_ok(&["stats"]).unwrap_or_default(),
         fwd.log()
     );
     // The adopted counters carried on: the data plane counted them all.
