@@ -226,6 +226,28 @@ impl Dir24<'_> {
         Ok(None)
     }
 
+    /// Calls `f` with every allocated group that no tbl24 entry points at:
+    /// groups retired and not yet reclaimed, which a host that restarted
+    /// no longer remembers.
+    pub fn for_each_unreferenced_group(&self, mut f: impl FnMut(u32)) {
+        let groups = self.tbl8.len() / TBL8_GROUP_SIZE as usize;
+        let mut referenced = [0u64; TBL8_GROUPS as usize / 64];
+        for &e in self.tbl24.iter() {
+            if e & EXT != 0 {
+                let g = (e & VALUE_MASK) as usize;
+                if g < groups {
+                    referenced[g / 64] |= 1 << (g % 64);
+                }
+            }
+        }
+        for g in 0..groups {
+            let allocated = self.tbl8[g * TBL8_GROUP_SIZE as usize] & EXT != 0;
+            if allocated && referenced[g / 64] & (1 << (g % 64)) == 0 {
+                f(g as u32);
+            }
+        }
+    }
+
     /// Frees a group `remove` retired, once no lookup can be reading it.
     pub fn reclaim(&mut self, group: u32) {
         let base = (group * TBL8_GROUP_SIZE) as usize;
@@ -331,7 +353,14 @@ mod tests {
         assert_eq!(dir.add(a + (9 << 8), 32, 1), Err(Dir24Error::Tbl8Full));
         // Its entries still answer a lookup that read tbl24 before.
         assert_eq!(dir.tbl8[0x80], EXT);
+        // A host that restarted finds it among the unreferenced groups.
+        let mut found = Vec::new();
+        dir.for_each_unreferenced_group(|g| found.push(g));
+        assert_eq!(found, [0]);
         dir.reclaim(0);
+        found.clear();
+        dir.for_each_unreferenced_group(|g| found.push(g));
+        assert!(found.is_empty());
         assert_eq!(dir.groups_in_use(), 3);
     }
 

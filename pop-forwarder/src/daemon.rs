@@ -1324,7 +1324,16 @@ fn fill(
     neighbours: &[kernel::Neighbour],
 ) -> Result<steering::Steering> {
     let mut steering = match previous {
-        Some(state) => steering::Steering::adopt(tables, &state.steering)?,
+        Some(state) => {
+            // Groups the previous daemon retired and did not reclaim.
+            let orphans = tables.retire_unreferenced_groups()?;
+            if orphans > 0 {
+                info!(
+                    "{orphans} DIR-24-8 groups the previous daemon left retired are freed after the grace period"
+                );
+            }
+            steering::Steering::adopt(tables, &state.steering)?
+        }
         None => {
             tables.set_layout_version()?;
             tables.set_ipv4_lookup(model.ipv4_lookup)?;

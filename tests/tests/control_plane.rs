@@ -617,3 +617,39 @@ fn a_health_change_whose_write_fails_is_retried_until_applied() {
         "out of the node table"
     );
 }
+
+/// A DIR-24-8 group retired by a route deletion rests for the grace
+/// period before it is freed; a daemon that stops before then leaves it
+/// allocated, and the next daemon, adopting the tables, finds it and frees
+/// it in turn.
+#[test]
+fn groups_a_stopped_daemon_left_retired_are_freed_by_the_next() {
+    let (lab, mut fwd) = tests::routed_lab(&[]);
+    // A /24 with no other route (10.0.2.0/24 holds the box's own /32s,
+    // which keep its group): the /25 takes a group, its deletion retires it.
+    fwd.cli_ok(&[
+        "route",
+        "add",
+        "10.0.9.128/25",
+        "--via",
+        "10.0.2.2",
+        "--dev",
+        "r1",
+    ])
+    .unwrap();
+    fwd.cli_ok(&["route", "del", "10.0.9.128/25"]).unwrap();
+    fwd.stop().unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let needle = "1 DIR-24-8 groups the previous daemon left retired";
+    while !fwd.log().contains(needle) {
+        assert!(std::time::Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The tables still route as configured.
+    let list = fwd.cli_ok(&["route", "list"]).unwrap();
+    assert!(
+        list.contains("10.0.2.0/24") && !list.contains("10.0.9.128/25"),
+        "{list}"
+    );
+}

@@ -205,6 +205,23 @@ impl Tables {
         }
     }
 
+    /// Retires the tbl8 groups no route points at: those a previous daemon
+    /// retired and did not live to reclaim. Run when adopting pinned
+    /// tables; they are freed `GRACE` later, like any retired group.
+    pub fn retire_unreferenced_groups(&mut self) -> Result<usize> {
+        let mut found = Vec::new();
+        if let Some(dir) = self.dir24()? {
+            dir.for_each_unreferenced_group(|g| found.push(g));
+        }
+        let now = std::time::Instant::now();
+        for &g in &found {
+            if !self.retired.groups.iter().any(|(r, _)| *r == g) {
+                self.retired.groups.push((g, now));
+            }
+        }
+        Ok(found.len())
+    }
+
     /// Frees the tbl8 groups retired at least `GRACE` ago (all of them,
     /// after waiting, if `wait`).
     pub(super) fn reclaim_groups(&mut self, wait: bool) -> Result<()> {
