@@ -1140,3 +1140,19 @@ pub fn static_next_hop(
         tx_ifindex: ifindex,
     }
 }
+
+/// Runs the XDP program once on `frame` (BPF_PROG_TEST_RUN, repeat 1):
+/// its action and the frame as it left.
+pub fn test_run(xdp: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = xdp
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}

@@ -16,10 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    EbpfLoader,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::{EbpfLoader, programs::Xdp};
 use pop_forwarder::{EBPF_OBJECT, config::Ipv4Lookup, maps::Tables, net::Prefix};
 use pop_forwarder_common::{PROGRAM_NAME, map_names};
 use tests::{
@@ -130,16 +127,9 @@ fn lookups_racing_route_churn_never_leave_by_another_routes_next_hop() {
                 64,
                 b"churn",
             );
-            let mut out = vec![0u8; frame.len() + 256];
-            let result = xdp
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    data_out: Some(&mut out),
-                    ..TestRunOptions::new()
-                })
-                .expect("BPF_PROG_TEST_RUN");
+            let (action, out) = tests::test_run(xdp, &frame);
             lookups += 1;
-            match result.return_value {
+            match action {
                 XDP_REDIRECT => {
                     forwarded += 1;
                     let mac = &out[..6];

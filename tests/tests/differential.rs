@@ -9,10 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use aya::{
-    Ebpf,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::{Ebpf, programs::Xdp};
 use pop_forwarder::{
     EBPF_OBJECT,
     config::{Ipv4Lookup, RouteMissPolicy},
@@ -77,17 +74,10 @@ fn fill(tables: &mut Tables, world: &World) {
 }
 
 fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
-    let xdp: &Xdp = ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; frame.len() + 256];
-    let result = xdp
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    tests::test_run(
+        ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap(),
+        frame,
+    )
 }
 
 fn counters(tables: &Tables) -> BTreeMap<&'static str, u64> {

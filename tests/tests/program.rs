@@ -12,10 +12,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use aya::{
-    Ebpf,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::{Ebpf, programs::Xdp};
 use pop_forwarder::{
     EBPF_OBJECT,
     config::{Ipv4Lookup, RouteMissPolicy},
@@ -57,17 +54,10 @@ struct Program {
 
 impl Program {
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let xdp: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = xdp
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..TestRunOptions::new()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        tests::test_run(
+            self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap(),
+            frame,
+        )
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {
