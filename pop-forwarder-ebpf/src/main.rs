@@ -78,8 +78,10 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
         }
         _ => classify_and_forward(&ctx),
     };
+    // The tags go back on for the kernel, and on an ICMP answer sent back
+    // out of the ingress: its client is on that VLAN.
     if let Some(tags) = tags
-        && verdict.action == xdp_action::XDP_PASS
+        && (verdict.action == xdp_action::XDP_PASS || verdict.counter == Counter::IcmpTooBig)
         && !vlan::restore(&ctx, tags)
     {
         verdict = drop(Counter::DropTruncated);

@@ -193,7 +193,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
     }
     // Too big for the node's link, like a routed packet: the kernel
     // fragments it or answers ICMP.
-    if node.mtu != 0 && flow.frame_len - EthHdr::LEN > node.mtu as usize {
+    if node.mtu != 0 && flow.ip_len > node.mtu as usize {
         return Some(pass(Counter::PassTooBig));
     }
     let verdict = match egress(ctx, node.ifindex) {
@@ -260,7 +260,7 @@ fn icmp_error_flow(ctx: &XdpContext, flow: &mut Flow) -> Option<()> {
     let kind = unsafe { (*icmp)[0] };
     let embedded = offset + 8;
     let (src, dst, protocol, l4) = match flow.protocol {
-        ICMP if matches!(kind, 3 | 11 | 12) => {
+        ICMP if flow.family == 4 && matches!(kind, 3 | 11 | 12) => {
             let ip = ptr_at::<Ipv4Hdr>(ctx, embedded)?;
             // SAFETY: as above.
             let ip = unsafe { &*ip };
@@ -275,7 +275,7 @@ fn icmp_error_flow(ctx: &XdpContext, flow: &mut Flow) -> Option<()> {
                 embedded + header_len,
             )
         }
-        ICMPV6 if matches!(kind, 1..=4) => {
+        ICMPV6 if flow.family == 6 && matches!(kind, 1..=4) => {
             let ip = ptr_at::<Ipv6Hdr>(ctx, embedded)?;
             // SAFETY: as above.
             let ip = unsafe { &*ip };
