@@ -7,7 +7,11 @@
 //! and `POP_FORWARDER_FUZZ_SEED` change that; `cargo xtask fuzz` runs
 //! longer). A divergence prints the frame as hex and fails.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use aya::{Ebpf, programs::Xdp};
 use pop_forwarder::{
@@ -15,52 +19,74 @@ use pop_forwarder::{
     config::{Ipv4Lookup, RouteMissPolicy},
     maps::Tables,
     net::Mac,
+    plan::Want,
 };
-use pop_forwarder_common::{Counter, KERNEL_NEXT_HOP, PROGRAM_NAME};
+use pop_forwarder_common::{
+    Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NextHop, PROGRAM_NAME, VlanKey,
+    steering::{
+        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
+        VipKey,
+    },
+};
 use tests::{
     Netns,
-    model::{self, Outcome, Rng, Target, World},
+    model::{self, Hop, Node, Outcome, Rng, Target, World},
 };
 
 fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Fills the tables with `world`: one next hop per route (a gateway of its
-/// own, so that each route's MAC and MTU are its own), kernel routes,
-/// local addresses, the deny list, the ingress MAC, the route-miss policy.
+/// The next hop the tables hold for a model's hop.
+fn next_hop(hop: &Hop) -> NextHop {
+    let mut nh = tests::static_next_hop(hop.ifindex, hop.gateway, hop.mtu, hop.mac, hop.src_mac);
+    nh.tx_ifindex = hop.tx_ifindex;
+    if hop.connected {
+        nh.flags = NH_F_IN_USE | NH_F_CONNECTED;
+        nh.dst_mac = [0; 6];
+    }
+    if let Some((proto, tci)) = hop.vlan {
+        nh.vlan_proto = proto;
+        nh.vlan_tci = tci;
+    }
+    nh
+}
+
+/// Fills the tables with `world`: routes (one next hop per gateway, ECMP
+/// groups, connected subnets, kernel routes), local addresses, the deny
+/// list, neighbours, VLANs, the ingress MAC, the route-miss policy, and
+/// for steering its nodes, VIPs and outer sources.
 fn fill(tables: &mut Tables, world: &World) {
     let mut routes = Vec::new();
-    for (i, (prefix, target)) in world.routes.iter().enumerate() {
-        match *target {
+    for (prefix, target) in &world.routes {
+        match target {
             Target::Kernel => tables.add_route_to(*prefix, KERNEL_NEXT_HOP).unwrap(),
-            Target::Hop {
-                ifindex,
-                mtu,
-                mac,
-                src_mac,
-            } => {
-                // Gateways 100.127.x.y / fd7f::x:y: one per route.
-                let gateway: std::net::IpAddr = if prefix.addr.is_ipv4() {
-                    [100, 127, (i >> 8) as u8, i as u8].into()
-                } else {
-                    let mut g = [0u8; 16];
-                    g[0] = 0xfd;
-                    g[1] = 0x7f;
-                    g[14] = (i >> 8) as u8;
-                    g[15] = i as u8;
-                    g.into()
-                };
-                routes.push((
-                    *prefix,
-                    tests::static_next_hop(ifindex, gateway, mtu, mac, src_mac),
-                ));
-            }
+            Target::Hop(hop) => routes.push((*prefix, Want::One(next_hop(hop)))),
+            Target::Group(members) => routes.push((
+                *prefix,
+                Want::group(members.iter().map(|(h, w)| (next_hop(h), *w)).collect())
+                    .expect("a valid group"),
+            )),
         }
     }
-    tables.add_routes(&routes).unwrap();
+    tables.add_wanted_routes(&routes).unwrap();
     tables.sync_local_addrs(&world.local).unwrap();
     tables.apply_deny(&world.deny).unwrap();
+    for (addr, ifindex, mac) in &world.neighbours {
+        tables
+            .set_neighbour(*ifindex, *addr, Some(Mac(*mac)))
+            .unwrap();
+    }
+    let vlans: Vec<VlanKey> = world
+        .vlans
+        .iter()
+        .map(|&(outer, inner)| VlanKey {
+            ifindex: world.ingress,
+            outer,
+            inner,
+        })
+        .collect();
+    tables.sync_vlans(&vlans).unwrap();
     tables
         .set_interface_mac(world.ingress, Mac(world.ingress_mac))
         .unwrap();
@@ -70,6 +96,65 @@ fn fill(tables: &mut Tables, world: &World) {
         } else {
             RouteMissPolicy::Pass
         })
+        .unwrap();
+    let widen = |a: IpAddr| match a {
+        IpAddr::V4(a) => {
+            let mut w = [0u8; 16];
+            w[..4].copy_from_slice(&a.octets());
+            w
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    let family = |a: IpAddr| if a.is_ipv4() { 4 } else { 6 };
+    for (id, node) in &world.nodes {
+        let node = match *node {
+            Node::Dsr {
+                ifindex,
+                mac,
+                src_mac,
+                mtu,
+            } => CacheNode {
+                ifindex,
+                flags: NODE_F_IN_USE | if mac.is_some() { NODE_F_MAC_VALID } else { 0 },
+                dst_mac: mac.unwrap_or_default(),
+                src_mac,
+                addr: [0; 16],
+                family: 4,
+                mtu,
+            },
+            Node::Ipip { addr } => CacheNode {
+                ifindex: 0,
+                flags: NODE_F_IN_USE | NODE_F_IPIP,
+                dst_mac: [0; 6],
+                src_mac: [0; 6],
+                addr: widen(addr),
+                family: family(addr),
+                mtu: 0,
+            },
+        };
+        tables.write_node(*id, &node).unwrap();
+    }
+    for (index, vip) in world.vips.iter().enumerate() {
+        let key = VipKey {
+            addr: widen(vip.addr),
+            port: vip.port,
+            protocol: vip.protocol,
+            family: family(vip.addr) as u8,
+        };
+        tables.write_vip(index as u32, &key, &vip.table).unwrap();
+    }
+    if let Some((base, len)) = world.encap_v4 {
+        let mut w = widen(base.into());
+        w[4] = len;
+        tables.set_encap_source(ENCAP_SOURCE_V4, w).unwrap();
+    }
+    if let Some(a) = world.encap_v6 {
+        tables
+            .set_encap_source(ENCAP_SOURCE_V6, a.octets())
+            .unwrap();
+    }
+    tables
+        .set_steering(world.seed, !world.vips.is_empty())
         .unwrap();
 }
 
@@ -90,6 +175,7 @@ fn counters(tables: &Tables) -> BTreeMap<&'static str, u64> {
 fn differ(
     lookup: Ipv4Lookup,
     world_seed: u64,
+    steering: bool,
     frames: Vec<Vec<u8>>,
 ) -> BTreeMap<&'static str, u64> {
     let ns = Netns::new("d").unwrap();
@@ -101,7 +187,7 @@ fn differ(
         assert_ne!(veth, 0);
         let mut rng = Rng::new(world_seed);
         // The test run's ingress is the namespace's loopback, ifindex 1.
-        let world = model::world(&mut rng, 1, veth, 400);
+        let world = model::world(&mut rng, 1, veth, 400, steering);
         let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("loading the embedded object");
         let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
         tables.set_ipv4_lookup(lookup).unwrap();
@@ -110,6 +196,13 @@ fn differ(
         fill(&mut tables, &world);
         let mut seen: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut before = counters(&tables);
+        // Too-big answers sent, by source, and when: the program answers a
+        // source at most 8 times a second. The model keeps no time; a
+        // drop it did not expect is accepted when 8 answers to that
+        // source were sent in the second before (counted generously: the
+        // time is taken after each run, so a window may only look fuller
+        // than the program's).
+        let mut answers: HashMap<IpAddr, Vec<Instant>> = HashMap::new();
         for frame in frames {
             // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet
             // header (nor does a NIC deliver one).
@@ -117,6 +210,7 @@ fn differ(
                 continue;
             }
             let want: Outcome = model::expect(&world, &frame);
+            let started = Instant::now();
             let (action, out) = run(&ebpf, &frame);
             let after = counters(&tables);
             let moved: Vec<&str> = Counter::ALL
@@ -125,11 +219,40 @@ fn differ(
                 .filter(|n| after[n] != before[n])
                 .collect();
             before = after;
-            let got = (action, moved.clone(), out.clone());
-            let expected = (want.action, vec![want.counter.name()], want.frame.clone());
-            if got != expected {
+            let rate_limited = match want.answered {
+                Some(source)
+                    if moved == ["drop_icmp_rate_limited"] && action == model::XDP_DROP =>
+                {
+                    let window = started - Duration::from_millis(1010);
+                    let recent = answers
+                        .get(&source)
+                        .map_or(0, |t| t.iter().filter(|&&t| t > window).count());
+                    recent >= 8
+                }
+                Some(source) => {
+                    answers.entry(source).or_default().push(Instant::now());
+                    false
+                }
+                None => false,
+            };
+            // Nothing leaves a dropped frame: its bytes are not compared.
+            let bytes = |action: u32, f: &[u8]| {
+                if action == model::XDP_DROP {
+                    Vec::new()
+                } else {
+                    f.to_vec()
+                }
+            };
+            let got = (action, moved.clone(), bytes(action, &out));
+            let expected = (
+                want.action,
+                vec![want.counter.name()],
+                bytes(want.action, &want.frame),
+            );
+            if got != expected && !rate_limited {
                 panic!(
-                    "program and model disagree ({lookup}, world seed {world_seed:#x})\n\
+                    "program and model disagree ({lookup}, world seed {world_seed:#x}, \
+                     steering {steering})\n\
                      frame:    {}\n\
                      program:  action {action}, counters {moved:?}\n          {}\n\
                      model:    action {}, counter {}\n          {}",
@@ -140,7 +263,9 @@ fn differ(
                     hex(&want.frame)
                 );
             }
-            *seen.entry(want.counter.name()).or_default() += 1;
+            *seen
+                .entry(moved.first().copied().unwrap_or("none"))
+                .or_default() += 1;
         }
         seen
     })
@@ -152,7 +277,7 @@ fn differ(
 /// to 2, IPv4 options of every length and kind, VLAN tags whole and cut.
 fn corpus() -> Vec<Vec<u8>> {
     let mut rng = Rng::new(0xc0de);
-    let world = model::world(&mut Rng::new(0x5eed), 1, 2, 400);
+    let world = model::world(&mut Rng::new(0x5eed), 1, 2, 400, true);
     let base: Vec<Vec<u8>> = (0..64).map(|_| model::frame(&mut rng, &world)).collect();
     let mut out = Vec::new();
     for len in 0..60 {
@@ -233,6 +358,38 @@ fn corpus() -> Vec<Vec<u8>> {
     let mut two = base[0].clone();
     two.splice(12..12, [0x88, 0xa8, 0x00, 0x0b, 0x81, 0x00, 0x00, 0x0a]);
     out.push(two);
+    // Every outcome the model reaches, four frames each (from 50,000
+    // random frames).
+    let mut by_outcome: BTreeMap<&str, Vec<Vec<u8>>> = BTreeMap::new();
+    for _ in 0..50_000 {
+        let f = model::frame(&mut rng, &world);
+        if f.len() < 14 {
+            continue;
+        }
+        let want = model::expect(&world, &f);
+        let found = by_outcome.entry(want.counter.name()).or_default();
+        if found.len() < 4 {
+            found.push(f);
+        }
+    }
+    // A too-big answer on a VLAN the box has (answered on that VLAN),
+    // then a burst of them to the same source: rate limited after 8.
+    if let Some(f) = by_outcome.get("icmp_too_big").and_then(|v| v.first()) {
+        let mut tagged = f.clone();
+        tagged.splice(12..12, [0x81, 0x00, 0x00, 200]);
+        out.push(tagged);
+        for _ in 0..12 {
+            out.push(f.clone());
+        }
+    }
+    println!(
+        "corpus outcomes: {:?}",
+        by_outcome
+            .iter()
+            .map(|(k, v)| (*k, v.len()))
+            .collect::<Vec<_>>()
+    );
+    out.extend(by_outcome.into_values().flatten());
     out
 }
 
@@ -245,9 +402,12 @@ fn count_from_env(name: &str, default: u64) -> u64 {
 
 #[test]
 fn program_and_model_agree_on_a_corpus_of_odd_frames() {
+    let corpus = corpus();
     for lookup in [Ipv4Lookup::Dir24, Ipv4Lookup::Trie] {
-        let seen = differ(lookup, 0x5eed, corpus());
-        println!("{lookup}: {seen:?}");
+        for steering in [true, false] {
+            let seen = differ(lookup, 0x5eed, steering, corpus.clone());
+            println!("{lookup}, steering {steering}: {seen:?}");
+        }
     }
 }
 
@@ -257,26 +417,39 @@ fn program_and_model_agree_on_random_frames() {
     let seed = count_from_env("POP_FORWARDER_FUZZ_SEED", 0xf00d);
     let world_seed = seed ^ 0x5eed;
     let mut rng = Rng::new(seed);
-    let world = model::world(&mut Rng::new(world_seed), 1, 2, 400);
+    let world = model::world(&mut Rng::new(world_seed), 1, 2, 400, true);
     let batch: Vec<Vec<u8>> = (0..frames)
         .map(|_| model::frame(&mut rng, &world))
         .collect();
-    // Half under each IPv4 lookup.
-    let (a, b) = batch.split_at(batch.len() / 2);
-    let mut seen = differ(Ipv4Lookup::Dir24, world_seed, a.to_vec());
-    for (k, v) in differ(Ipv4Lookup::Trie, world_seed, b.to_vec()) {
-        *seen.entry(k).or_default() += v;
+    // Under each IPv4 lookup with VIPs, and without VIPs (their packets
+    // are then routed).
+    let (a, rest) = batch.split_at(batch.len() * 2 / 5);
+    let (b, c) = rest.split_at(rest.len() * 2 / 3);
+    let mut seen = BTreeMap::new();
+    for (lookup, steering, part) in [
+        (Ipv4Lookup::Dir24, true, a),
+        (Ipv4Lookup::Trie, true, b),
+        (Ipv4Lookup::Dir24, false, c),
+    ] {
+        for (k, v) in differ(lookup, world_seed, steering, part.to_vec()) {
+            *seen.entry(k).or_default() += v;
+        }
     }
     println!("{frames} frames (seed {seed:#x}): {seen:?}");
     // The generator reaches the outcomes that matter.
     for c in [
         "forwarded",
         "forwarded_tx",
+        "steered",
+        "icmp_too_big",
+        "pass_vip_no_node",
         "pass_local",
         "pass_ttl_exceeded",
         "pass_no_neighbour",
         "pass_too_big",
         "pass_kernel_route",
+        "pass_unknown_vlan",
+        "pass_non_ip",
         "drop_denied",
         "drop_martian_source",
         "pass_link_scope",
