@@ -14,6 +14,9 @@ pub const MAGLEV_STRIDE: u32 = DEFAULT_TABLE_SIZE;
 pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_STRIDE;
 /// Flows the connection table remembers (least recently used go first).
 pub const MAX_FLOWS: u32 = 1 << 18;
+/// Flows other than TCP seen once, not yet remembered (`FLOWS_SEEN`): a
+/// flow is remembered from its second packet if its first is still here.
+pub const MAX_FLOWS_SEEN: u32 = 1 << 16;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

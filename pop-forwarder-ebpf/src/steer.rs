@@ -23,8 +23,8 @@ use pop_forwarder_common::{
     settings,
     steering::{
         CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowEntry, FlowKey, MAGLEV_ENTRIES,
-        MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
-        PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
+        MAX_CACHE_NODES, MAX_FLOWS, MAX_FLOWS_SEEN, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP,
+        NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
     },
 };
 
@@ -162,8 +162,16 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
             // (SYN): a flood of other TCP packets for flows never seen
             // creates no entries, so it cannot push established flows out
             // of the table; such packets follow the Maglev table alone.
-            // A full table evicts its least recently used flow.
-            if flow.protocol != PROTO_TCP || tcp_syn(ctx, flow) {
+            // Any other flow is remembered from its second packet (see
+            // `seen_before`): a flood of one-packet flows (spoofed
+            // sources) creates no entries either. A full table evicts its
+            // least recently used flow.
+            let remember = if flow.protocol == PROTO_TCP {
+                tcp_syn(ctx, flow)
+            } else {
+                seen_before(&flow_key)
+            };
+            if remember {
                 let entry = FlowEntry {
                     node: id,
                     pad: 0,
@@ -223,6 +231,26 @@ fn idle_timeout_ns(protocol: u8) -> u64 {
         settings::FLOW_IDLE_UDP
     };
     u64::from(SETTINGS.get(slot).copied().unwrap_or(0)) * 1_000_000_000
+}
+
+/// Flows other than TCP seen once and not yet remembered in FLOWS. A
+/// flood of one-packet flows churns this table, not FLOWS. Not pinned: a
+/// restart forgets them (a flow is then remembered a packet later).
+#[map]
+static FLOWS_SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_FLOWS_SEEN, 0);
+
+/// Whether the flow `key` (not in FLOWS) was seen before: true on its
+/// second packet (the record is then dropped, the flow goes to FLOWS);
+/// on its first, records it and answers false.
+#[inline(always)]
+fn seen_before(key: &FlowKey) -> bool {
+    // SAFETY: the value is only tested for presence.
+    if unsafe { FLOWS_SEEN.get(key) }.is_some() {
+        let _ = FLOWS_SEEN.remove(key);
+        return true;
+    }
+    let _ = FLOWS_SEEN.insert(key, &1, 0);
+    false
 }
 
 /// Whether `flow`'s packet is a TCP SYN (its L4 header there to read).

@@ -1151,7 +1151,10 @@ fn a_drained_node_keeps_its_flows_and_takes_no_new_ones() {
     let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
     let old = senders(&lab, 32);
+    // Two datagrams a flow: a UDP flow is remembered from its second.
+    let first = round(&old, "first");
     let before = round(&old, "old");
+    assert_eq!(first, before);
     assert!(before.contains(&0) && before.contains(&1), "{before:?}");
 
     let out = fwd.cli_ok(&["node", "drain", "cache-1"]).unwrap();

@@ -1504,8 +1504,8 @@ mod steering {
     use pop_forwarder_common::{
         maglev::{self, NO_NODE},
         steering::{
-            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, NODE_F_IN_USE, NODE_F_IPIP,
-            NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
+            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, MAX_FLOWS_SEEN, NODE_F_IN_USE,
+            NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
         },
     };
     use tests::packets::flow_frame;
@@ -1633,6 +1633,8 @@ mod steering {
             p.tables.set_flow_idle(0, 1).unwrap();
             let frame = flow("10.0.1.2", "192.0.2.10", false, 42000, 9999);
             let first = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, 42000, 9999);
+            // A UDP flow is remembered from its second packet.
+            assert_eq!(p.run(&frame), steered(&frame, first));
             assert_eq!(p.run(&frame), steered(&frame, first));
             // The pool now sends every new flow to the other node; the
             // flow, known, stays where it is.
@@ -1641,8 +1643,10 @@ mod steering {
                 .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &[other; SIZE as usize])
                 .unwrap();
             assert_eq!(p.run(&frame), steered(&frame, first));
-            // Idle past its timeout, it is a new flow again: the other node.
+            // Idle past its timeout, it is a new flow again: the other node
+            // (and remembered from its second packet, as any new flow).
             std::thread::sleep(std::time::Duration::from_millis(1300));
+            assert_eq!(p.run(&frame), steered(&frame, other));
             assert_eq!(p.run(&frame), steered(&frame, other));
             // And it is remembered there.
             p.tables
@@ -1685,6 +1689,59 @@ mod steering {
             let node = maglev_node(p, 1, "2001:db8::1", "2001:db8::10", PROTO_TCP, 41100, 443);
             assert_eq!(p.run(&syn), steered(&syn, node));
             assert_eq!(p.tables.flow_node(&key(41100)).unwrap(), Some(node));
+        });
+    }
+
+    #[test]
+    fn a_udp_flow_is_remembered_from_its_second_packet() {
+        with_program(|p| {
+            setup(p);
+            let key = |src: &str, sport: u16| pop_forwarder_common::steering::FlowKey {
+                src: widen(src.parse().unwrap()),
+                dst: widen("192.0.2.10".parse().unwrap()),
+                src_port: sport,
+                dst_port: 9999,
+                protocol: PROTO_UDP,
+                family: 4,
+                pad: [0; 2],
+            };
+            // An established flow: two packets, remembered.
+            let frame = flow("10.0.1.2", "192.0.2.10", false, 43000, 9999);
+            let node = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, 43000, 9999);
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(p.tables.flow_node(&key("10.0.1.2", 43000)).unwrap(), None);
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(
+                p.tables.flow_node(&key("10.0.1.2", 43000)).unwrap(),
+                Some(node)
+            );
+            // A flood of one-packet flows from spoofed sources, more than
+            // the seen-once table holds: each steered by Maglev, none
+            // remembered, so the established flow keeps its entry.
+            let flood = MAX_FLOWS_SEEN + 4096;
+            let source = |i: u32| format!("10.2.{}.{}", i >> 8 & 0xff, i & 0xff);
+            for i in 0..flood {
+                let src = if i < 1 << 16 {
+                    source(i)
+                } else {
+                    format!("10.3.{}.{}", i >> 8 & 0xff, i & 0xff)
+                };
+                let f = flow(&src, "192.0.2.10", false, 5000, 9999);
+                let (action, _) = p.run(&f);
+                assert!(
+                    action == XDP_REDIRECT || action == XDP_TX,
+                    "{src}: {action}"
+                );
+            }
+            for i in [0, 1000, 40000, 65535] {
+                let src = source(i);
+                assert_eq!(p.tables.flow_node(&key(&src, 5000)).unwrap(), None, "{src}");
+            }
+            assert_eq!(
+                p.tables.flow_node(&key("10.0.1.2", 43000)).unwrap(),
+                Some(node)
+            );
+            assert_eq!(p.counters()["steered"], u64::from(flood) + 2);
         });
     }
 
@@ -1845,16 +1902,19 @@ mod steering {
             let other = 1 - first;
             let frame = flow("10.0.1.2", "192.0.2.10", false, 40000, 53);
             let (action, out) = steered(&frame, first);
-            check(
-                p,
-                vec![Case {
-                    name: "first packet",
-                    frame: frame.clone(),
-                    action,
-                    output: Some(out.clone()),
-                    counter: Counter::Steered,
-                }],
-            );
+            // Two packets: a UDP flow is remembered from its second.
+            for name in ["first packet", "second packet"] {
+                check(
+                    p,
+                    vec![Case {
+                        name,
+                        frame: frame.clone(),
+                        action,
+                        output: Some(out.clone()),
+                        counter: Counter::Steered,
+                    }],
+                );
+            }
             // The pool loses `first` (drained): new flows avoid it, the
             // existing flow keeps it.
             p.tables
