@@ -193,13 +193,16 @@ impl NextHopTable {
 impl Tables {
     /// Every slot of the next-hop table, free ones too.
     pub fn next_hop_slots(&self) -> Result<Vec<NextHop>> {
-        (0..MAX_NEXT_HOPS)
-            .map(|i| {
-                self.next_hops
-                    .get(&i, 0)
-                    .context("reading the next-hop table")
-            })
-            .collect()
+        use aya::maps::IterableMap as _;
+        sys::array_all(self.next_hops.map().fd().as_fd(), MAX_NEXT_HOPS)
+            .context("reading the next-hop table")
+    }
+
+    /// Every slot of the ECMP group table, free ones too.
+    pub(super) fn group_slots(&self) -> Result<Vec<NextHopGroup>> {
+        use aya::maps::IterableMap as _;
+        sys::array_all(self.next_hop_groups.map().fd().as_fd(), ecmp::MAX_GROUPS)
+            .context("reading the ECMP group table")
     }
 
     /// The id of the next hop for `want`'s gateway and interface, allocating
@@ -278,13 +281,7 @@ impl Tables {
             .filter(|(_, nh)| nh.is_in_use())
             .map(|(id, nh)| (gateway_key(nh), id as u32))
             .collect();
-        let groups = (0..ecmp::MAX_GROUPS)
-            .map(|i| {
-                self.next_hop_groups
-                    .get(&i, 0)
-                    .context("reading the ECMP group table")
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let groups = self.group_slots()?;
         let mut table = NextHopTable {
             slots,
             by_gateway,

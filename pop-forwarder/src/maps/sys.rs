@@ -133,13 +133,38 @@ pub(super) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(
     map: std::os::fd::BorrowedFd<'_>,
 ) -> std::io::Result<Vec<(K, V)>> {
+    lookup_all_by(map, 1 << 14)
+}
+
+/// Every element of an array map of `len` elements, in index order, read
+/// with BPF_MAP_LOOKUP_BATCH (arrays answer it too, since Linux 5.6): one
+/// syscall for the next-hop table rather than one per slot.
+pub(super) fn array_all<V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    len: u32,
+) -> std::io::Result<Vec<V>> {
+    let all: Vec<(u32, V)> = lookup_all_by(map, len as usize)?;
+    if all.len() != len as usize || all.iter().enumerate().any(|(i, (k, _))| *k as usize != i) {
+        return Err(std::io::Error::other(format!(
+            "a batched read of an array of {len} returned {} elements out of order or short",
+            all.len()
+        )));
+    }
+    Ok(all.into_iter().map(|(_, v)| v).collect())
+}
+
+/// `lookup_all`, `chunk` elements a syscall.
+fn lookup_all_by<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    chunk: usize,
+) -> std::io::Result<Vec<(K, V)>> {
     use std::os::fd::AsRawFd as _;
-    const CHUNK: usize = 1 << 14;
+    let chunk = chunk.max(1);
     let mut all = Vec::new();
     // SAFETY: keys and values are Pod: any bytes the kernel writes are valid.
-    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; CHUNK];
-    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; CHUNK];
-    // The position token: a hash map's bucket index.
+    let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+    let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+    // The position token: a hash map's bucket index, an array's index.
     let (mut token_in, mut token_out) = (0u64, 0u64);
     let mut first = true;
     loop {
@@ -152,7 +177,7 @@ pub(super) fn lookup_all<K: aya::Pod, V: aya::Pod>(
             out_batch: &mut token_out as *mut u64 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
+            count: chunk as u32,
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
