@@ -1328,7 +1328,9 @@ fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     let sinks = vip_sinks(&n1, &n2);
     let round = |senders: &[std::net::UdpSocket], tag: &str| landing(&fwd, &sinks, senders, tag);
     let old = senders(&lab, 32);
+    // Two datagrams a flow: a UDP flow is remembered from its second.
     assert!(round(&old, "one").iter().all(|&n| n == 0));
+    assert!(round(&old, "two").iter().all(|&n| n == 0));
 
     // A second node, then a pool of two: old flows stay, new ones spread.
     let out = fwd
