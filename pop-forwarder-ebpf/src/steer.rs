@@ -133,6 +133,11 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
                 }
                 Some(entry.node)
             } else {
+                // Idle too long, or its node is gone: the entry goes, so
+                // that a node later given the slot does not inherit the
+                // flow (a TCP flow that is not starting would otherwise
+                // keep it: only a SYN writes an entry).
+                let _ = FLOWS.remove(&flow_key);
                 None
             }
         }

@@ -1647,7 +1647,19 @@ mod steering {
             // (and remembered from its second packet, as any new flow).
             std::thread::sleep(std::time::Duration::from_millis(1300));
             assert_eq!(p.run(&frame), steered(&frame, other));
+            // The expired entry was deleted when the packet met it.
+            let key = pop_forwarder_common::steering::FlowKey {
+                src: widen("10.0.1.2".parse().unwrap()),
+                dst: widen("192.0.2.10".parse().unwrap()),
+                src_port: 42000,
+                dst_port: 9999,
+                protocol: PROTO_UDP,
+                family: 4,
+                pad: [0; 2],
+            };
+            assert_eq!(p.tables.flow_node(&key).unwrap(), None);
             assert_eq!(p.run(&frame), steered(&frame, other));
+            assert_eq!(p.tables.flow_node(&key).unwrap(), Some(other));
             // And it is remembered there.
             p.tables
                 .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &[first; SIZE as usize])
@@ -1942,13 +1954,51 @@ mod steering {
                     counter: Counter::Steered,
                 }],
             );
-            // The node goes altogether: its flows move to the pool's nodes.
+            // The node goes altogether: its flows move to the pool's nodes,
+            // and their entries go with it.
+            let key = pop_forwarder_common::steering::FlowKey {
+                src: widen("10.0.1.2".parse().unwrap()),
+                dst: widen("192.0.2.10".parse().unwrap()),
+                src_port: 40000,
+                dst_port: 53,
+                protocol: PROTO_UDP,
+                family: 4,
+                pad: [0; 2],
+            };
+            assert_eq!(p.tables.flow_node(&key).unwrap(), Some(first));
             p.tables.remove_node(first).unwrap();
+            assert_eq!(p.tables.flow_node(&key).unwrap(), None);
             let (action3, out3) = steered(&frame, other);
             check(
                 p,
                 vec![Case {
                     name: "flow of a removed node",
+                    frame: frame.clone(),
+                    action: action3,
+                    output: Some(out3.clone()),
+                    counter: Counter::Steered,
+                }],
+            );
+            // A new node takes the freed slot: the flow, whose entry went
+            // with its node, does not follow the slot to it.
+            p.tables
+                .write_node(
+                    first,
+                    &CacheNode {
+                        ifindex: p.veth,
+                        flags: NODE_F_IN_USE | NODE_F_MAC_VALID,
+                        dst_mac: [0x02, 0, 0, 0, 0, 0x77],
+                        src_mac: OUT.src,
+                        addr: [0; 16],
+                        family: 4,
+                        mtu: 1500,
+                    },
+                )
+                .unwrap();
+            check(
+                p,
+                vec![Case {
+                    name: "flow of a removed node, its slot reused",
                     frame,
                     action: action3,
                     output: Some(out3),

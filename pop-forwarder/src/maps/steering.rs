@@ -69,13 +69,37 @@ impl Tables {
     }
 
     /// Frees node slot `id`: flows pinned to it go back to their VIP's
-    /// Maglev table.
+    /// Maglev table, and their connection-table entries are deleted, so
+    /// that a node given the slot later inherits none of them (the program
+    /// also deletes such an entry when the flow's next packet meets it).
+    /// A rollback puts the node back, not the entries: its flows then
+    /// follow the Maglev table.
     pub fn remove_node(&mut self, id: u32) -> Result<()> {
         let free: CacheNode = bytemuck::Zeroable::zeroed();
         self.journal_node(id)?;
         self.cache_nodes
             .set(id, free, 0)
-            .with_context(|| format!("removing cache node {id}"))
+            .with_context(|| format!("removing cache node {id}"))?;
+        self.purge_flows_of(id)?;
+        Ok(())
+    }
+
+    /// Deletes the connection-table entries that name node slot `id`;
+    /// returns how many. (No new one can name it: the slot is free, and
+    /// the program writes entries only for usable nodes.)
+    fn purge_flows_of(&mut self, id: u32) -> Result<usize> {
+        let entries: Vec<(FlowKey, FlowEntry)> =
+            lookup_all(self.flows_fd.as_fd()).context("reading the connection table")?;
+        let mut purged = 0;
+        for (key, _) in entries.iter().filter(|(_, e)| e.node == id) {
+            match self.flows.remove(key) {
+                Ok(()) => purged += 1,
+                // Evicted or deleted by the program meanwhile.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting a removed node's flows"),
+            }
+        }
+        Ok(purged)
     }
 
     pub(super) fn journal_node(&mut self, id: u32) -> Result<()> {
