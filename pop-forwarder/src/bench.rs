@@ -47,6 +47,10 @@ pub struct FlowSpec {
 pub struct Generator {
     ebpf: Ebpf,
     frame: Vec<u8>,
+    /// `bench_gen`, or `bench_gen_min` (the harness ceiling).
+    program: &'static str,
+    /// `bench_gen_min`'s device.
+    port: Option<u32>,
 }
 
 /// struct xdp_md, the XDP test-run context (linux/bpf.h).
@@ -63,6 +67,35 @@ struct XdpMd {
 
 impl Generator {
     pub fn new(spec: &FlowSpec) -> Result<Generator> {
+        Generator::load(spec, None)
+    }
+
+    /// The least a live-frames generator can do (`bench_gen_min`): the
+    /// template copied over each frame, the frame redirected (devmap) out
+    /// of `dev`, the device it must then be sent from. Every frame the
+    /// same: for measuring the harness's own ceiling, not for routing.
+    /// Call it in `dev`'s network namespace: the kernel resolves a devmap
+    /// entry's ifindex in the namespace of the thread that writes it.
+    pub fn minimal(spec: &FlowSpec, dev: &str) -> Result<Generator> {
+        let name = std::ffi::CString::new(dev).context("device name")?;
+        // SAFETY: a NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no device {dev} in this network namespace");
+        }
+        Generator::load(spec, Some(ifindex))
+    }
+
+    /// The generator's program (its cost shows in bpf_stats).
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(self.program)
+            .context(self.program)?
+            .try_into()?)
+    }
+
+    fn load(spec: &FlowSpec, minimal: Option<u32>) -> Result<Generator> {
         let v4 = spec.src.is_ipv4();
         let min = if v4 {
             GEN_HEADER_LEN
@@ -123,23 +156,34 @@ impl Generator {
             }
             dsts.set(i as u32, b, 0)?;
         }
-        let prog: &mut Xdp = ebpf
-            .program_mut("bench_gen")
-            .context("bench_gen")?
-            .try_into()?;
+        let program = match minimal {
+            Some(ifindex) => {
+                let mut port = DevMap::try_from(ebpf.map_mut("GEN_PORT").context("GEN_PORT")?)?;
+                port.set(0, ifindex, None, 0)?;
+                "bench_gen_min"
+            }
+            None => "bench_gen",
+        };
+        let prog: &mut Xdp = ebpf.program_mut(program).context(program)?.try_into()?;
         prog.load().context("loading the generator program")?;
-        Ok(Generator { ebpf, frame })
+        Ok(Generator {
+            ebpf,
+            frame,
+            program,
+            port: minimal,
+        })
     }
 
     /// Sends `count` frames out of `ifindex` (in the calling thread's
     /// network namespace), in batches of 64 as the kernel's live-frames mode
     /// does; returns how long it took.
     pub fn send(&self, ifindex: u32, count: u32) -> Result<Duration> {
-        let prog: &Xdp = self
-            .ebpf
-            .program("bench_gen")
-            .context("bench_gen")?
-            .try_into()?;
+        if let Some(port) = self.port
+            && port != ifindex
+        {
+            bail!("the minimal generator sends out of ifindex {port}, not {ifindex}");
+        }
+        let prog = self.program()?;
         let ctx = XdpMd {
             data: 0,
             data_end: self.frame.len() as u32,
@@ -246,12 +290,30 @@ impl Sink {
 }
 
 /// The bare-redirect program attached to one interface, sending every frame
-/// to another.
+/// to another; or the bare XDP_TX program, sending it back.
 pub struct BareRedirect {
     pub ebpf: Ebpf,
+    /// `bench_redirect` or `bench_tx`.
+    pub program: &'static str,
 }
 
 impl BareRedirect {
+    /// Bare XDP_TX on `ingress`: every frame back out of it.
+    pub fn attach_tx(ingress: &str) -> Result<BareRedirect> {
+        let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare XDP_TX")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut("bench_tx")
+            .context("bench_tx")?
+            .try_into()?;
+        prog.load()?;
+        prog.attach(ingress, XdpMode::Driver)
+            .with_context(|| format!("attaching the bare XDP_TX to {ingress}"))?;
+        Ok(BareRedirect {
+            ebpf,
+            program: "bench_tx",
+        })
+    }
+
     pub fn attach(ingress: &str, egress_ifindex: u32) -> Result<BareRedirect> {
         let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare redirect")?;
         let mut port = DevMap::try_from(
@@ -266,7 +328,10 @@ impl BareRedirect {
         prog.load()?;
         prog.attach(ingress, XdpMode::Driver)
             .with_context(|| format!("attaching the redirect to {ingress}"))?;
-        Ok(BareRedirect { ebpf })
+        Ok(BareRedirect {
+            ebpf,
+            program: "bench_redirect",
+        })
     }
 }
 

@@ -152,6 +152,17 @@ fn mac(ns: &Netns, ifname: &str) -> Result<Mac> {
 /// A lab prepared for benchmarks: the sink on c0, GRO on r0 (it receives
 /// XDP-transmitted frames from a0 even when no XDP program runs on it), and
 /// permanent neighbours for the gateway in c.
+/// Where a path's sink counts: behind the router (c0), on the router's
+/// ingress itself (r0: the generator straight into the sink, no router,
+/// the harness's own ceiling), or back at the generator's device (a0: for
+/// paths that answer out of the ingress with XDP_TX).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SinkAt {
+    C0,
+    R0,
+    A0,
+}
+
 struct Bench {
     lab: Lab,
     sink: Sink,
@@ -161,10 +172,18 @@ struct Bench {
 
 impl Bench {
     fn new(frame_len: usize) -> Result<Bench> {
+        Bench::with_sink(frame_len, SinkAt::C0)
+    }
+
+    fn with_sink(frame_len: usize, at: SinkAt) -> Result<Bench> {
         let lab = Lab::new()?;
         lab.router.run("ethtool", &["-K", "r0", "gro", "on"])?;
         lab.neighbours_c(&["10.0.2.2", "fd00:2::2"])?;
-        let sink = in_ns(&lab.c, || Sink::attach("c0"))?;
+        let sink = match at {
+            SinkAt::C0 => in_ns(&lab.c, || Sink::attach("c0"))?,
+            SinkAt::R0 => in_ns(&lab.router, || Sink::attach("r0"))?,
+            SinkAt::A0 => in_ns(&lab.a, || Sink::attach("a0"))?,
+        };
         let a0 = in_ns(&lab.a, || ifindex("a0"))?;
         Ok(Bench {
             lab,
@@ -240,14 +259,36 @@ struct Forwarder {
     load_seconds: f64,
 }
 
+/// How the bench's VIP reaches its 16 nodes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum VipPath {
+    /// Direct server return: all nodes are c's c0.
+    Dsr,
+    /// IP-in-IP to 198.19.0.1 to .16, routed back out of r0 to a0: the
+    /// packet leaves with XDP_TX, as Katran's does.
+    IpipTx,
+}
+
+/// The IP-in-IP nodes' prefix (benchmarking space, RFC 2544), routed back
+/// out of r0.
+const IPIP_NODES: &str = "198.19.0.0/24";
+
 impl Forwarder {
     /// With `vip`, also steers VIP_ADDRESS (UDP, any port) over 16 cache
-    /// nodes, all of them c's c0, by direct server return.
-    fn load(lab: &Lab, routes: &[Prefix], lookup: Ipv4Lookup, vip: bool) -> Result<Forwarder> {
+    /// nodes, by direct server return or IP-in-IP (`VipPath`).
+    fn load(
+        lab: &Lab,
+        routes: &[Prefix],
+        lookup: Ipv4Lookup,
+        vip: Option<VipPath>,
+    ) -> Result<Forwarder> {
         let c0 = mac(&lab.c, "c0")?;
         let r1 = mac(&lab.router, "r1")?;
+        let a0 = mac(&lab.a, "a0")?;
+        let r0 = mac(&lab.router, "r0")?;
         in_ns(&lab.router, || {
             let r1_index = ifindex("r1")?;
+            let r0_index = ifindex("r0")?;
             let mut loader = EbpfLoader::new();
             if lookup == Ipv4Lookup::Trie {
                 loader
@@ -291,23 +332,58 @@ impl Forwarder {
             let start = Instant::now();
             tables.add_routes(&batch)?;
             let load_seconds = start.elapsed().as_secs_f64();
-            if vip {
+            if let Some(path) = vip {
                 use pop_forwarder_common::{
                     maglev::{DEFAULT_TABLE_SIZE, PoolNode, mix64, populate},
-                    steering::{CacheNode, NODE_F_IN_USE, NODE_F_MAC_VALID, PROTO_UDP, VipKey},
+                    steering::{
+                        CacheNode, ENCAP_SOURCE_V4, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
+                        PROTO_UDP, VipKey,
+                    },
                 };
-                let flags = NODE_F_IN_USE | NODE_F_MAC_VALID;
-                let node = CacheNode {
+                let dsr = CacheNode {
                     ifindex: r1_index,
-                    flags,
+                    flags: NODE_F_IN_USE | NODE_F_MAC_VALID,
                     dst_mac: c0.0,
                     src_mac: r1.0,
                     addr: [0; 16],
                     family: 4,
                     mtu: 1500,
                 };
+                if path == VipPath::IpipTx {
+                    // The nodes' prefix back out of r0, to a0; the outer
+                    // source r0's own address.
+                    let back = NextHop {
+                        ifindex: r0_index,
+                        tx_ifindex: r0_index,
+                        dst_mac: a0.0,
+                        src_mac: r0.0,
+                        gateway: pop_forwarder::steering::widen("10.0.1.2".parse()?),
+                        ..next_hop(true)
+                    };
+                    tables.add_routes(&[(IPIP_NODES.parse()?, back)])?;
+                    let mut source = pop_forwarder::steering::widen("10.0.1.1".parse()?);
+                    source[4] = 32;
+                    tables.set_encap_source(ENCAP_SOURCE_V4, source)?;
+                }
                 let mut pool = Vec::new();
                 for id in 0..16 {
+                    let node = match path {
+                        VipPath::Dsr => dsr,
+                        VipPath::IpipTx => CacheNode {
+                            ifindex: 0,
+                            flags: NODE_F_IN_USE | NODE_F_IPIP,
+                            dst_mac: [0; 6],
+                            src_mac: [0; 6],
+                            addr: pop_forwarder::steering::widen(std::net::IpAddr::from([
+                                198,
+                                19,
+                                0,
+                                1 + id as u8,
+                            ])),
+                            family: 4,
+                            mtu: 0,
+                        },
+                    };
                     tables.write_node(id, &node)?;
                     pool.push(PoolNode {
                         id,
@@ -375,6 +451,9 @@ enum Router {
     Linux,
     Redirect(BareRedirect),
     Pop(Box<Forwarder>),
+    /// No router: the generator straight into the sink. The cost shown is
+    /// the generator's own program.
+    None,
 }
 
 /// One path under test, set up once and kept alive so that runs of all
@@ -398,13 +477,9 @@ impl Scenario {
     fn program(&self) -> Result<Option<&Xdp>> {
         Ok(match &self.router {
             Router::Linux => None,
-            Router::Redirect(r) => Some(
-                r.ebpf
-                    .program("bench_redirect")
-                    .context("program")?
-                    .try_into()?,
-            ),
+            Router::Redirect(r) => Some(r.ebpf.program(r.program).context("program")?.try_into()?),
             Router::Pop(f) => Some(f.program()?),
+            Router::None => Some(self.generator.program()?),
         })
     }
 }
@@ -412,7 +487,7 @@ impl Scenario {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // --only=daemon,mirror,linux,redirect,pop,deny,fib: set up only some paths
+    // --only=daemon,mirror,linux,redirect,pop,vip,deny,fib: set up only some paths
     // (for working on one).
     let only: Option<Vec<String>> = args
         .iter()
@@ -550,6 +625,49 @@ fn main() -> Result<()> {
 
     println!("== setting up every path (each in a lab of its own)");
     let mut scenarios = Vec::new();
+    // The harness's own ceiling, in every run: generators straight into
+    // the sink, no router. `pop-forwarder generate`'s program (the one
+    // every other path is fed by), and the least a live-frames generator
+    // can do (the template copied over each frame, a devmap redirect).
+    // And the minimal generator through the bare redirect, beside the
+    // bare redirect fed by `generate` (below): what the harness costs a
+    // path with a router.
+    for (name, minimal, redirect) in [
+        ("generator ceiling (generate -> sink)", false, false),
+        ("minimal generator -> sink", true, false),
+        ("minimal generator -> bare redirect", true, true),
+    ] {
+        let bench = Bench::with_sink(
+            settings.frame_len,
+            if redirect { SinkAt::C0 } else { SinkAt::R0 },
+        )?;
+        let router = if redirect {
+            Router::Redirect(in_ns(&bench.lab.router, || {
+                BareRedirect::attach("r0", ifindex("r1")?)
+            })?)
+        } else {
+            Router::None
+        };
+        let spec = bench.flows(&v4_small)?;
+        let generator = if minimal {
+            // A devmap entry names its device in the writer's namespace:
+            // written from a's, where a0 is.
+            in_ns(&bench.lab.a, || Generator::minimal(&spec, "a0"))?
+        } else {
+            Generator::new(&spec)?
+        };
+        scenarios.push(Scenario {
+            name: name.into(),
+            family: "IPv4",
+            prefixes: 0,
+            bench,
+            router,
+            generator,
+            throughput: true,
+            runs: Vec::new(),
+            cost: Vec::new(),
+        });
+    }
     // `from`: the destinations come from the first `from` routes only. With
     // HOT_ROUTES the table's few lines and pages they touch stay cached: the
     // program's cost without its memory misses. With SMALL_TABLE, the full
@@ -568,7 +686,7 @@ fn main() -> Result<()> {
         } else {
             "IPv6"
         };
-        let prefixes = if matches!(router, Router::Redirect(_)) {
+        let prefixes = if matches!(router, Router::Redirect(_) | Router::None) {
             0
         } else {
             routes.len()
@@ -666,7 +784,7 @@ fn main() -> Result<()> {
             }
             let bench = Bench::new(settings.frame_len)?;
             let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
-            let fwd = Forwarder::load(&bench.lab, routes, lookup, false)?;
+            let fwd = Forwarder::load(&bench.lab, routes, lookup, None)?;
             let v4 = routes[0].addr.is_ipv4();
             if v4 && routes.len() == full_v4 && from.is_none() {
                 // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
@@ -709,10 +827,12 @@ fn main() -> Result<()> {
                 from,
             )?;
         }
+    }
+    if wanted("vip") {
         // The VIP path: 1,000 routes, and one VIP over 16 nodes; the
         // generator's 16 sources x 64 ports make 1,024 flows to it.
         let bench = Bench::new(settings.frame_len)?;
-        let fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, true)?;
+        let fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, Some(VipPath::Dsr))?;
         let vip = [Prefix {
             addr: VIP_ADDRESS.parse()?,
             len: 32,
@@ -725,13 +845,41 @@ fn main() -> Result<()> {
             true,
             None,
         )?;
+        // The VIP by IP-in-IP, answered out of the ingress (XDP_TX), the
+        // path Katran takes, beside a bare XDP_TX program: both counted
+        // back at a0.
+        let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
+        let fwd = Forwarder::load(
+            &bench.lab,
+            &v4_small,
+            Ipv4Lookup::Dir24,
+            Some(VipPath::IpipTx),
+        )?;
+        add(
+            "pop-forwarder vip (IP-in-IP, XDP_TX)".into(),
+            &vip,
+            bench,
+            Router::Pop(Box::new(fwd)),
+            true,
+            None,
+        )?;
+        let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
+        let tx = in_ns(&bench.lab.router, || BareRedirect::attach_tx("r0"))?;
+        add(
+            "bare XDP_TX".into(),
+            &vip,
+            bench,
+            Router::Redirect(tx),
+            true,
+            None,
+        )?;
     }
     // The deny list at 100,000 entries (half by source, half by
     // destination), none matching the traffic: what two LPM-trie lookups
     // that miss cost every packet, beside the same table without them.
     if wanted("deny") {
         let bench = Bench::new(settings.frame_len)?;
-        let mut fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, false)?;
+        let mut fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, None)?;
         let overlaps = |p: &Prefix| {
             v4_small
                 .iter()
@@ -776,7 +924,7 @@ fn main() -> Result<()> {
             let bench = Bench::new(settings.frame_len)?;
             bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
             kernel_routes(&bench.lab, routes)?;
-            let mut fwd = Forwarder::load(&bench.lab, &[], Ipv4Lookup::Dir24, false)?;
+            let mut fwd = Forwarder::load(&bench.lab, &[], Ipv4Lookup::Dir24, None)?;
             fwd.tables.set_route_lookup(RouteLookup::KernelFib)?;
             add(
                 "pop-forwarder ipv4 kernel-fib".into(),
@@ -1100,6 +1248,29 @@ fn summarise(report: &mut Report, full_v4: usize) {
         ceiling,
         pps("linux ipv4", 1_000),
     );
+    // The VIP by IP-in-IP with XDP_TX against a bare XDP_TX program: the
+    // delivered ratio, and the path's own work (its cost less the bare
+    // program's, per round).
+    let (ipip, bare_tx) = ("pop-forwarder vip (IP-in-IP, XDP_TX)", "bare XDP_TX");
+    insert(
+        "vip_ipip_tx_vs_bare_tx".into(),
+        pps(ipip, 1),
+        pps(bare_tx, 0),
+    );
+    let own_work = cost(ipip, 1).zip(cost(bare_tx, 0)).map(|(a, b)| {
+        let mut d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        median(&mut d)
+    });
+    insert(
+        "bare_redirect_generate_vs_minimal_generator".into(),
+        ceiling,
+        pps("minimal generator -> bare redirect", 0),
+    );
+    insert(
+        "generator_ceiling_vs_minimal_generator".into(),
+        pps("generator ceiling (generate -> sink)", 0),
+        pps("minimal generator -> sink", 0),
+    );
     for lookup in [Ipv4Lookup::Dir24, Ipv4Lookup::Trie] {
         let name = format!("pop-forwarder ipv4 {lookup}");
         for (label, n) in [("1k", 1_000), ("full", full_v4)] {
@@ -1163,6 +1334,30 @@ fn summarise(report: &mut Report, full_v4: usize) {
             let v = r.median;
             targets.push((format!("routing {what}: {v:.2}x"), v >= want));
         }
+    }
+    if let Some(ns) = own_work {
+        report
+            .control_plane
+            .insert("vip_ipip_tx_own_work_ns".into(), ns);
+        targets.push((
+            format!("the IP-in-IP VIP path's own work (its cost less bare XDP_TX's) <= 150 ns: {ns:.0} ns"),
+            ns <= 150.0,
+        ));
+    }
+    if let Some(v) = ratios.get("vip_ipip_tx_vs_bare_tx").map(|r| r.median) {
+        targets.push((
+            format!("the IP-in-IP VIP path delivers >= 0.75x bare XDP_TX: {v:.2}x"),
+            v >= 0.75,
+        ));
+    }
+    if let Some(v) = ratios
+        .get("generator_ceiling_vs_minimal_generator")
+        .map(|r| r.median)
+    {
+        targets.push((
+            format!("the generator's ceiling within 10 % of the minimal generator's: {v:.2}x"),
+            v >= 0.9,
+        ));
     }
     if let Some(v) = ratios
         .get("ipv4_dir-24-8_cost_full_vs_1k")
