@@ -274,7 +274,10 @@ enum VipPath {
 const IPIP_NODES: &str = "198.19.0.0/24";
 
 impl Forwarder {
-    /// With `vip`, also steers VIP_ADDRESS (UDP, any port) over 16 cache
+    /// With `vip`, also steers VIP_ADDRESS (UDP port 9, the generator's
+    /// destination port: one VIP lookup a packet, as for the common
+    /// port-specific VIP; an any-port VIP costs a second, after the
+    /// exact port misses) over 16 cache
     /// nodes, by direct server return or IP-in-IP (`VipPath`).
     fn load(
         lab: &Lab,
@@ -395,7 +398,7 @@ impl Forwarder {
                 populate(&mut pool, &mut table, &mut [(0, 0, 0, 0); 16]);
                 let key = VipKey {
                     addr: pop_forwarder::steering::widen(VIP_ADDRESS.parse()?),
-                    port: 0,
+                    port: 9,
                     protocol: PROTO_UDP,
                     family: 4,
                 };
