@@ -300,20 +300,11 @@ pub struct BareRedirect {
 impl BareRedirect {
     /// Bare XDP_TX on `ingress`: every frame back out of it.
     pub fn attach_tx(ingress: &str) -> Result<BareRedirect> {
-        let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare XDP_TX")?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("bench_tx")
-            .context("bench_tx")?
-            .try_into()?;
-        prog.load()?;
-        prog.attach(ingress, XdpMode::Driver)
-            .with_context(|| format!("attaching the bare XDP_TX to {ingress}"))?;
-        Ok(BareRedirect {
-            ebpf,
-            program: "bench_tx",
-        })
+        let ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare XDP_TX")?;
+        BareRedirect::attach_program(ebpf, "bench_tx", ingress)
     }
 
+    /// Bare redirect on `ingress`: every frame to `egress_ifindex`.
     pub fn attach(ingress: &str, egress_ifindex: u32) -> Result<BareRedirect> {
         let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare redirect")?;
         let mut port = DevMap::try_from(
@@ -321,17 +312,19 @@ impl BareRedirect {
                 .context("REDIRECT_PORT")?,
         )?;
         port.set(0, egress_ifindex, None, 0)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut("bench_redirect")
-            .context("bench_redirect")?
-            .try_into()?;
+        BareRedirect::attach_program(ebpf, "bench_redirect", ingress)
+    }
+
+    fn attach_program(
+        mut ebpf: Ebpf,
+        program: &'static str,
+        ingress: &str,
+    ) -> Result<BareRedirect> {
+        let prog: &mut Xdp = ebpf.program_mut(program).context(program)?.try_into()?;
         prog.load()?;
         prog.attach(ingress, XdpMode::Driver)
-            .with_context(|| format!("attaching the redirect to {ingress}"))?;
-        Ok(BareRedirect {
-            ebpf,
-            program: "bench_redirect",
-        })
+            .with_context(|| format!("attaching {program} to {ingress}"))?;
+        Ok(BareRedirect { ebpf, program })
     }
 }
 

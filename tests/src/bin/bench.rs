@@ -1311,31 +1311,42 @@ fn summarise(report: &mut Report, full_v4: usize) {
     );
     // The targets are checked on the default IPv4 lookup, DIR-24-8.
     let mut targets = Vec::new();
+    // (ratio, at least, what) for the targets that are ratios to reach.
     for (key, want, what) in [
         (
             "ipv4_dir-24-8_1k_vs_linux",
             3.0,
-            ">= 3x Linux forwarding, small table",
+            "routing >= 3x Linux forwarding, small table",
         ),
         (
             "ipv4_dir-24-8_full_vs_linux",
             3.0,
-            ">= 3x Linux forwarding, full table",
+            "routing >= 3x Linux forwarding, full table",
         ),
         (
             "ipv4_dir-24-8_1k_vs_ceiling",
             0.9,
-            ">= 0.9x the bare-redirect ceiling, small table",
+            "routing >= 0.9x the bare-redirect ceiling, small table",
         ),
         (
             "ipv4_dir-24-8_full_vs_ceiling",
             0.9,
-            ">= 0.9x the bare-redirect ceiling, full table",
+            "routing >= 0.9x the bare-redirect ceiling, full table",
+        ),
+        (
+            "vip_ipip_tx_vs_bare_tx",
+            0.75,
+            "the IP-in-IP VIP path delivers >= 0.75x bare XDP_TX",
+        ),
+        (
+            "generator_ceiling_vs_minimal_generator",
+            0.9,
+            "the generator's ceiling within 10 % of the minimal generator's",
         ),
     ] {
         if let Some(r) = ratios.get(key) {
             let v = r.median;
-            targets.push((format!("routing {what}: {v:.2}x"), v >= want));
+            targets.push((format!("{what}: {v:.2}x"), v >= want));
         }
     }
     if let Some(ns) = own_work {
@@ -1345,21 +1356,6 @@ fn summarise(report: &mut Report, full_v4: usize) {
         targets.push((
             format!("the IP-in-IP VIP path's own work (its cost less bare XDP_TX's) <= 150 ns: {ns:.0} ns"),
             ns <= 150.0,
-        ));
-    }
-    if let Some(v) = ratios.get("vip_ipip_tx_vs_bare_tx").map(|r| r.median) {
-        targets.push((
-            format!("the IP-in-IP VIP path delivers >= 0.75x bare XDP_TX: {v:.2}x"),
-            v >= 0.75,
-        ));
-    }
-    if let Some(v) = ratios
-        .get("generator_ceiling_vs_minimal_generator")
-        .map(|r| r.median)
-    {
-        targets.push((
-            format!("the generator's ceiling within 10 % of the minimal generator's: {v:.2}x"),
-            v >= 0.9,
         ));
     }
     if let Some(v) = ratios
