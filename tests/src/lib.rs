@@ -1141,6 +1141,26 @@ pub fn static_next_hop(
     }
 }
 
+/// Runs `f` in a fresh namespace (named from `tag`) that has a veth `eg0`
+/// up (its peer `eg1` down): the redirect target of the tests that run the
+/// program with BPF_PROG_TEST_RUN, whose ingress is the namespace's lo
+/// (ifindex 1). `f` gets eg0's ifindex. The namespace goes when `f`
+/// returns, or panics (Err).
+pub fn with_egress_veth<T: Send + 'static>(
+    tag: &str,
+    f: impl FnOnce(u32) -> T + Send + 'static,
+) -> Result<T> {
+    let ns = Netns::new(tag)?;
+    ns.ip(&["link", "add", "eg0", "type", "veth", "peer", "name", "eg1"])?;
+    ns.ip(&["link", "set", "eg0", "up"])?;
+    ns.enter(move || {
+        // SAFETY: a NUL-terminated name.
+        let veth = unsafe { libc::if_nametoindex(c"eg0".as_ptr()) };
+        assert_ne!(veth, 0, "eg0 is in this namespace");
+        f(veth)
+    })
+}
+
 /// Runs the XDP program once on `frame` (BPF_PROG_TEST_RUN, repeat 1):
 /// its action and the frame as it left.
 pub fn test_run(xdp: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {

@@ -19,10 +19,7 @@ use std::{
 use aya::{EbpfLoader, programs::Xdp};
 use pop_forwarder::{EBPF_OBJECT, config::Ipv4Lookup, maps::Tables, net::Prefix};
 use pop_forwarder_common::{PROGRAM_NAME, map_names};
-use tests::{
-    Netns,
-    packets::{Eth, udp_v4},
-};
+use tests::packets::{Eth, udp_v4};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -48,15 +45,10 @@ fn prefix(net: u8, len: u8) -> Prefix {
 
 #[test]
 fn lookups_racing_route_churn_never_leave_by_another_routes_next_hop() {
-    let ns = Netns::new("ch").unwrap();
-    ns.ip(&["link", "add", "eg0", "type", "veth", "peer", "name", "eg1"])
-        .unwrap();
-    ns.ip(&["link", "set", "eg0", "up"]).unwrap();
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", tests::unique("churn")));
     std::fs::create_dir_all(&pins).unwrap();
     let dir = pins.clone();
-    let result = ns.enter(move || {
-        let egress = unsafe { libc::if_nametoindex(c"eg0".as_ptr()) };
+    let result = tests::with_egress_veth("ch", move |egress| {
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, dir.join(name));

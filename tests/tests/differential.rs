@@ -28,10 +28,7 @@ use pop_forwarder_common::{
         VipKey,
     },
 };
-use tests::{
-    Netns,
-    model::{self, Hop, Node, Outcome, Rng, Target, World},
-};
+use tests::model::{self, Hop, Node, Outcome, Rng, Target, World};
 
 fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()
@@ -178,13 +175,7 @@ fn differ(
     steering: bool,
     frames: Vec<Vec<u8>>,
 ) -> BTreeMap<&'static str, u64> {
-    let ns = Netns::new("d").unwrap();
-    ns.ip(&["link", "add", "eg0", "type", "veth", "peer", "name", "eg1"])
-        .unwrap();
-    ns.ip(&["link", "set", "eg0", "up"]).unwrap();
-    ns.enter(move || {
-        let veth = unsafe { libc::if_nametoindex(c"eg0".as_ptr()) };
-        assert_ne!(veth, 0);
+    tests::with_egress_veth("d", move |veth| {
         let mut rng = Rng::new(world_seed);
         // The test run's ingress is the namespace's loopback, ifindex 1.
         let world = model::world(&mut rng, 1, veth, 400, steering);

@@ -23,10 +23,7 @@ use pop_forwarder::{
 use pop_forwarder_common::{
     Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NextHop, PROGRAM_NAME, VlanKey,
 };
-use tests::{
-    Netns,
-    packets::{Eth, forwarded, udp_v4, udp_v6, with_ipv4_options},
-};
+use tests::packets::{Eth, forwarded, udp_v4, udp_v6, with_ipv4_options};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -91,13 +88,7 @@ fn with_program(test: impl Fn(&mut Program) + Send + Sync + Clone + 'static) {
 }
 
 fn with_program_using(lookup: Ipv4Lookup, test: impl FnOnce(&mut Program) + Send + 'static) {
-    let ns = Netns::new("p").unwrap();
-    ns.ip(&["link", "add", "eg0", "type", "veth", "peer", "name", "eg1"])
-        .unwrap();
-    ns.ip(&["link", "set", "eg0", "up"]).unwrap();
-    ns.enter(move || {
-        let veth = unsafe { libc::if_nametoindex(c"eg0".as_ptr()) };
-        assert_ne!(veth, 0);
+    tests::with_egress_veth("p", move |veth| {
         let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("loading the embedded object");
         let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
         tables.set_ipv4_lookup(lookup).unwrap();
@@ -1504,7 +1495,7 @@ mod steering {
     use pop_forwarder_common::{
         maglev::{self, NO_NODE},
         steering::{
-            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, MAX_FLOWS_SEEN, NODE_F_IN_USE,
+            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowKey, MAX_FLOWS_SEEN, NODE_F_IN_USE,
             NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
         },
     };
@@ -1606,6 +1597,20 @@ mod steering {
         p.tables.maglev_entry(index, hash % SIZE).unwrap()
     }
 
+    /// The connection table's key of a flow.
+    fn flow_key(src: &str, dst: &str, protocol: u8, sport: u16, dport: u16) -> FlowKey {
+        let dst = dst.parse().unwrap();
+        FlowKey {
+            src: widen(src.parse().unwrap()),
+            dst: widen(dst),
+            src_port: sport,
+            dst_port: dport,
+            protocol,
+            family: family(dst),
+            pad: [0; 2],
+        }
+    }
+
     /// What a frame becomes when steered to `node`: MACs only, IP as it was.
     fn steered(frame: &[u8], node: u32) -> (u32, Vec<u8>) {
         let mut out = frame.to_vec();
@@ -1648,15 +1653,7 @@ mod steering {
             std::thread::sleep(std::time::Duration::from_millis(1300));
             assert_eq!(p.run(&frame), steered(&frame, other));
             // The expired entry was deleted when the packet met it.
-            let key = pop_forwarder_common::steering::FlowKey {
-                src: widen("10.0.1.2".parse().unwrap()),
-                dst: widen("192.0.2.10".parse().unwrap()),
-                src_port: 42000,
-                dst_port: 9999,
-                protocol: PROTO_UDP,
-                family: 4,
-                pad: [0; 2],
-            };
+            let key = flow_key("10.0.1.2", "192.0.2.10", PROTO_UDP, 42000, 9999);
             assert_eq!(p.tables.flow_node(&key).unwrap(), None);
             assert_eq!(p.run(&frame), steered(&frame, other));
             assert_eq!(p.tables.flow_node(&key).unwrap(), Some(other));
@@ -1672,15 +1669,7 @@ mod steering {
     fn only_a_tcp_syn_makes_a_connection_table_entry() {
         with_program(|p| {
             setup(p);
-            let key = |sport: u16| pop_forwarder_common::steering::FlowKey {
-                src: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
-                dst: "2001:db8::10".parse::<Ipv6Addr>().unwrap().octets(),
-                src_port: sport,
-                dst_port: 443,
-                protocol: PROTO_TCP,
-                family: 6,
-                pad: [0; 2],
-            };
+            let key = |sport| flow_key("2001:db8::1", "2001:db8::10", PROTO_TCP, sport, 443);
             // A flood of mid-connection packets (ACKs) for flows never seen:
             // steered by Maglev, remembered never, so established flows keep
             // their entries.
@@ -1708,15 +1697,7 @@ mod steering {
     fn a_udp_flow_is_remembered_from_its_second_packet() {
         with_program(|p| {
             setup(p);
-            let key = |src: &str, sport: u16| pop_forwarder_common::steering::FlowKey {
-                src: widen(src.parse().unwrap()),
-                dst: widen("192.0.2.10".parse().unwrap()),
-                src_port: sport,
-                dst_port: 9999,
-                protocol: PROTO_UDP,
-                family: 4,
-                pad: [0; 2],
-            };
+            let key = |src: &str, sport| flow_key(src, "192.0.2.10", PROTO_UDP, sport, 9999);
             // An established flow: two packets, remembered.
             let frame = flow("10.0.1.2", "192.0.2.10", false, 43000, 9999);
             let node = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, 43000, 9999);
@@ -1956,15 +1937,7 @@ mod steering {
             );
             // The node goes altogether: its flows move to the pool's nodes,
             // and their entries go with it.
-            let key = pop_forwarder_common::steering::FlowKey {
-                src: widen("10.0.1.2".parse().unwrap()),
-                dst: widen("192.0.2.10".parse().unwrap()),
-                src_port: 40000,
-                dst_port: 53,
-                protocol: PROTO_UDP,
-                family: 4,
-                pad: [0; 2],
-            };
+            let key = flow_key("10.0.1.2", "192.0.2.10", PROTO_UDP, 40000, 53);
             assert_eq!(p.tables.flow_node(&key).unwrap(), Some(first));
             p.tables.remove_node(first).unwrap();
             assert_eq!(p.tables.flow_node(&key).unwrap(), None);
