@@ -47,9 +47,8 @@ pub struct FlowSpec {
 pub struct Generator {
     ebpf: Ebpf,
     frame: Vec<u8>,
-    /// `bench_gen`, or `bench_gen_min` (the harness ceiling).
-    program: &'static str,
-    /// `bench_gen_min`'s device.
+    /// The minimal generator's device (`bench_gen_min`); None for
+    /// `bench_gen`.
     port: Option<u32>,
 }
 
@@ -88,11 +87,18 @@ impl Generator {
 
     /// The generator's program (its cost shows in bpf_stats).
     pub fn program(&self) -> Result<&Xdp> {
-        Ok(self
-            .ebpf
-            .program(self.program)
-            .context(self.program)?
-            .try_into()?)
+        let name = Generator::program_name(self.port);
+        Ok(self.ebpf.program(name).context(name)?.try_into()?)
+    }
+
+    /// `bench_gen_min` for the minimal generator (it has a device), else
+    /// `bench_gen`.
+    fn program_name(port: Option<u32>) -> &'static str {
+        if port.is_some() {
+            "bench_gen_min"
+        } else {
+            "bench_gen"
+        }
     }
 
     fn load(spec: &FlowSpec, minimal: Option<u32>) -> Result<Generator> {
@@ -156,20 +162,16 @@ impl Generator {
             }
             dsts.set(i as u32, b, 0)?;
         }
-        let program = match minimal {
-            Some(ifindex) => {
-                let mut port = DevMap::try_from(ebpf.map_mut("GEN_PORT").context("GEN_PORT")?)?;
-                port.set(0, ifindex, None, 0)?;
-                "bench_gen_min"
-            }
-            None => "bench_gen",
-        };
+        if let Some(ifindex) = minimal {
+            let mut port = DevMap::try_from(ebpf.map_mut("GEN_PORT").context("GEN_PORT")?)?;
+            port.set(0, ifindex, None, 0)?;
+        }
+        let program = Generator::program_name(minimal);
         let prog: &mut Xdp = ebpf.program_mut(program).context(program)?.try_into()?;
         prog.load().context("loading the generator program")?;
         Ok(Generator {
             ebpf,
             frame,
-            program,
             port: minimal,
         })
     }

@@ -80,26 +80,23 @@ impl Tables {
         self.cache_nodes
             .set(id, free, 0)
             .with_context(|| format!("removing cache node {id}"))?;
-        self.purge_flows_of(id)?;
-        Ok(())
+        self.purge_flows_of(id)
     }
 
-    /// Deletes the connection-table entries that name node slot `id`;
-    /// returns how many. (No new one can name it: the slot is free, and
-    /// the program writes entries only for usable nodes.)
-    fn purge_flows_of(&mut self, id: u32) -> Result<usize> {
+    /// Deletes the connection-table entries that name node slot `id`. (No
+    /// new one can name it: the slot is free, and the program writes
+    /// entries only for usable nodes.)
+    fn purge_flows_of(&mut self, id: u32) -> Result<()> {
         let entries: Vec<(FlowKey, FlowEntry)> =
             lookup_all(self.flows_fd.as_fd()).context("reading the connection table")?;
-        let mut purged = 0;
         for (key, _) in entries.iter().filter(|(_, e)| e.node == id) {
             match self.flows.remove(key) {
-                Ok(()) => purged += 1,
-                // Evicted or deleted by the program meanwhile.
-                Err(aya::maps::MapError::KeyNotFound) => {}
+                // Evicted or deleted by the program meanwhile: gone too.
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e).context("deleting a removed node's flows"),
             }
         }
-        Ok(purged)
+        Ok(())
     }
 
     pub(super) fn journal_node(&mut self, id: u32) -> Result<()> {

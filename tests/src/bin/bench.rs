@@ -833,39 +833,33 @@ fn main() -> Result<()> {
     }
     if wanted("vip") {
         // The VIP path: 1,000 routes, and one VIP over 16 nodes; the
-        // generator's 16 sources x 64 ports make 1,024 flows to it.
-        let bench = Bench::new(settings.frame_len)?;
-        let fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, Some(VipPath::Dsr))?;
+        // generator's 16 sources x 64 ports make 1,024 flows to it. By
+        // direct server return (counted behind the router), and by
+        // IP-in-IP answered out of the ingress (XDP_TX), the path Katran
+        // takes, beside a bare XDP_TX program (both counted back at a0).
         let vip = [Prefix {
             addr: VIP_ADDRESS.parse()?,
             len: 32,
         }];
-        add(
-            "pop-forwarder vip (DSR)".into(),
-            &vip,
-            bench,
-            Router::Pop(Box::new(fwd)),
-            true,
-            None,
-        )?;
-        // The VIP by IP-in-IP, answered out of the ingress (XDP_TX), the
-        // path Katran takes, beside a bare XDP_TX program: both counted
-        // back at a0.
-        let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
-        let fwd = Forwarder::load(
-            &bench.lab,
-            &v4_small,
-            Ipv4Lookup::Dir24,
-            Some(VipPath::IpipTx),
-        )?;
-        add(
-            "pop-forwarder vip (IP-in-IP, XDP_TX)".into(),
-            &vip,
-            bench,
-            Router::Pop(Box::new(fwd)),
-            true,
-            None,
-        )?;
+        for (name, path, sink) in [
+            ("pop-forwarder vip (DSR)", VipPath::Dsr, SinkAt::C0),
+            (
+                "pop-forwarder vip (IP-in-IP, XDP_TX)",
+                VipPath::IpipTx,
+                SinkAt::A0,
+            ),
+        ] {
+            let bench = Bench::with_sink(settings.frame_len, sink)?;
+            let fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, Some(path))?;
+            add(
+                name.into(),
+                &vip,
+                bench,
+                Router::Pop(Box::new(fwd)),
+                true,
+                None,
+            )?;
+        }
         let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
         let tx = in_ns(&bench.lab.router, || BareRedirect::attach_tx("r0"))?;
         add(
