@@ -87,6 +87,11 @@ enum Task {
         /// the numbers.
         #[arg(long)]
         quick: bool,
+        /// Set up only these sections, comma-separated: daemon, mirror,
+        /// linux, redirect, pop, vip, deny, fib (the harness rows always
+        /// run).
+        #[arg(long, value_name = "SECTIONS")]
+        only: Option<String>,
     },
 }
 
@@ -153,11 +158,19 @@ fn main() -> Result<()> {
                 ],
             )
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             require_root()?;
             let env = setup()?;
             build(&env, true)?;
-            run_tests_bin(&env, "bench", if quick { &["--quick"] } else { &[] })
+            let mut args = Vec::new();
+            if quick {
+                args.push("--quick".to_owned());
+            }
+            if let Some(only) = only {
+                args.push(format!("--only={only}"));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_tests_bin(&env, "bench", &args)
         }
     }
 }
