@@ -9,6 +9,7 @@ pub mod bench;
 pub mod checksum;
 pub mod counters;
 pub mod dir24;
+pub mod dxr6;
 pub mod ecmp;
 pub mod maglev;
 pub mod steering;
@@ -21,7 +22,7 @@ pub use counters::{Counter, ICMP_TOO_BIG_PER_SECOND};
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -55,7 +56,9 @@ pub mod map_names {
     pub const DENY_FILTER: &str = "DENY_FILTER";
     pub const INTERFACE_STATS: &str = "INTERFACE_STATS";
     pub const TX_ERRORS: &str = "TX_ERRORS";
-    pub const ALL: [&str; 29] = [
+    pub const IPV6_CHUNKS: &str = "IPV6_CHUNKS";
+    pub const IPV6_RANGES: &str = "IPV6_RANGES";
+    pub const ALL: [&str; 31] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -85,6 +88,8 @@ pub mod map_names {
         DENY_FILTER,
         INTERFACE_STATS,
         TX_ERRORS,
+        IPV6_CHUNKS,
+        IPV6_RANGES,
     ];
 }
 
@@ -393,7 +398,7 @@ pub mod settings {
     /// to the kernel.
     pub const ROUTE_MISS_DROP: u32 = 0;
     /// How the program looks IPv4 destinations up: `IPV4_DIR24` (the
-    /// default, zero) or `IPV4_TRIE`. IPv6 always uses its trie.
+    /// default, zero) or `IPV4_TRIE`.
     pub const IPV4_LOOKUP: u32 = 1;
     /// Seed of the flow hash: the same on every forwarder of a PoP.
     pub const FLOW_HASH_SEED: u32 = 2;
@@ -417,13 +422,19 @@ pub mod settings {
     /// The id of the XDP program the instance runs: its redirect errors
     /// are the ones counted.
     pub const XDP_PROG_ID: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// How the program looks IPv6 destinations up: `IPV6_DXR` (the default,
+    /// zero: the range table of `dxr6`) or `IPV6_TRIE`.
+    pub const IPV6_LOOKUP: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     pub const ROUTE_LOOKUP_TABLES: u32 = 0;
     pub const ROUTE_LOOKUP_FIB: u32 = 1;
 
     pub const IPV4_DIR24: u32 = 0;
     pub const IPV4_TRIE: u32 = 1;
+
+    pub const IPV6_DXR: u32 = 0;
+    pub const IPV6_TRIE: u32 = 1;
 }
 
 #[cfg(feature = "user")]
@@ -589,15 +600,20 @@ mod tests {
             size_of::<InterfaceCounter>() as u32,
             deny::FILTER_WORDS,
             size_of::<TxErrors>() as u32,
+            dxr6::CHUNK_BITS,
+            dxr6::RANGE_SLOTS,
+            dxr6::SHORT_MAX_LEN,
+            dxr6::TARGET_MASK,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                4,
+                5,
                 [
-                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 10,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 29, 24, 8, 776, 65536, 1024,
-                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 11,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 31, 24, 8, 776, 65536, 1024,
+                    8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16, 20, 4194304, 52,
+                    16383,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

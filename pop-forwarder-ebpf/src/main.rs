@@ -389,7 +389,7 @@ fn forward_v6(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         }
         return fib::forward_v6(ctx, eth, ip, total_len);
     }
-    let route = lookup_route_v6(ip.dst_addr);
+    let route = lookup_route_v6(&ip.dst_addr);
     if route == Some(LOCAL_NEXT_HOP) {
         return pass(Counter::PassLocal);
     }

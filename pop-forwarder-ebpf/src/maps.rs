@@ -12,6 +12,7 @@ use pop_forwarder_common::{
     MAX_INTERFACES, MAX_LOCAL_ADDRS, MAX_NEIGHBOURS, MAX_NEXT_HOPS, MAX_ROUTES_V4, MAX_ROUTES_V6,
     NH_F_CONNECTED, NeighbourKey, NeighbourMac, NextHop, RouteKeyV4, RouteTarget, TrafficCounter,
     dir24::{self, TBL8_ENTRIES, TBL24_ENTRIES, Tbl24},
+    dxr6,
     ecmp::{self, NextHopGroup},
     settings,
 };
@@ -45,8 +46,19 @@ static IPV4_TBL8: Array<u64> = Array::with_max_entries(
     BPF_F_MMAPABLE as u32,
 );
 
+/// The IPv6 routes: the host's record, which the program reads only if
+/// so configured; it looks IPv6 up in the range table below by default.
 #[map]
 static ROUTES_V6: LpmTrie<[u8; 16], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V6, 0);
+
+/// The IPv6 range table (see pop_forwarder_common::dxr6): one entry per
+/// /20, and the sorted address ranges of the /20s that longer routes cut.
+/// Mmappable, like DIR-24-8.
+#[map]
+static IPV6_CHUNKS: Array<u64> = Array::with_max_entries(dxr6::CHUNKS, BPF_F_MMAPABLE as u32);
+
+#[map]
+static IPV6_RANGES: Array<u64> = Array::with_max_entries(dxr6::RANGE_SLOTS, BPF_F_MMAPABLE as u32);
 
 #[map]
 static NEXT_HOPS: Array<NextHop> = Array::with_max_entries(MAX_NEXT_HOPS, 0);
@@ -174,8 +186,24 @@ pub fn lookup_route_v4(dst: [u8; 4]) -> Option<u32> {
 }
 
 #[inline(always)]
-pub fn lookup_route_v6(dst: [u8; 16]) -> Option<u32> {
-    ROUTES_V6.get(Key::new(128, dst)).map(|t| t.next_hop)
+pub fn lookup_route_v6(dst: &[u8; 16]) -> Option<u32> {
+    if let Some(&settings::IPV6_TRIE) = SETTINGS.get(settings::IPV6_LOOKUP) {
+        return ROUTES_V6.get(Key::new(128, *dst)).map(|t| t.next_hop);
+    }
+    let words = dst.as_ptr() as *const u64;
+    // SAFETY: 16 readable bytes; read unaligned (a header field).
+    let (hi, lo) = unsafe {
+        (
+            u64::from_be(words.read_unaligned()),
+            u64::from_be(words.add(1).read_unaligned()),
+        )
+    };
+    let entry = *IPV6_CHUNKS.get(dxr6::chunk_index(hi))?;
+    match dxr6::ranges_of(entry) {
+        None => dxr6::fallback(entry),
+        Some(r) => dxr6::range_target(dxr6::find(&r, hi, lo, |i| IPV6_RANGES.get(i).copied())?)
+            .or(dxr6::fallback(entry)),
+    }
 }
 
 /// The verdict for a destination that no route covers, by the configured

@@ -364,7 +364,7 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
     let route = if outer_v4 {
         lookup_route_v4([node.addr[0], node.addr[1], node.addr[2], node.addr[3]])
     } else {
-        lookup_route_v6(node.addr)
+        lookup_route_v6(&node.addr)
     };
     let Some(target) = route.filter(|&id| id != LOCAL_NEXT_HOP) else {
         return pass(Counter::PassVipNoNode);

@@ -21,6 +21,9 @@ pub struct Config {
     /// How IPv4 destinations are looked up.
     #[serde(default)]
     pub ipv4_lookup: Ipv4Lookup,
+    /// How IPv6 destinations are looked up.
+    #[serde(default)]
+    pub ipv6_lookup: Ipv6Lookup,
     /// Whether routed packets are looked up in the program's tables or in
     /// the kernel's FIB.
     #[serde(default)]
@@ -508,6 +511,30 @@ impl fmt::Display for Ipv4Lookup {
     }
 }
 
+/// The IPv6 lookup structure the program reads.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum Ipv6Lookup {
+    /// A range table (56 MiB: a direct index over the first 20 bits, then a
+    /// binary search over the few address ranges of that /20; see
+    /// pop_forwarder_common::dxr6), whose cost barely grows with the table.
+    #[default]
+    #[serde(rename = "dxr")]
+    Dxr,
+    /// The kernel's LPM trie (memory grows with the table, lookups slow
+    /// down as it grows).
+    #[serde(rename = "lpm-trie")]
+    Trie,
+}
+
+impl fmt::Display for Ipv6Lookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ipv6Lookup::Dxr => "dxr",
+            Ipv6Lookup::Trie => "lpm-trie",
+        })
+    }
+}
+
 /// How routed packets are looked up.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum RouteLookup {
@@ -613,6 +640,7 @@ pub fn check_interface_name(name: &str) -> Result<()> {
 pub struct Model {
     pub route_miss: RouteMissPolicy,
     pub ipv4_lookup: Ipv4Lookup,
+    pub ipv6_lookup: Ipv6Lookup,
     pub route_lookup: RouteLookup,
     pub interfaces: Vec<(String, XdpMode)>,
     pub route_source: RouteSource,
@@ -766,6 +794,7 @@ impl Model {
         Model {
             route_miss: config.route_miss,
             ipv4_lookup: config.ipv4_lookup,
+            ipv6_lookup: config.ipv6_lookup,
             route_lookup: config.route_lookup,
             interfaces,
             route_source: config.route_source,
@@ -868,6 +897,7 @@ mod tests {
     const GOOD: &str = r#"
 route_miss = "drop"
 ipv4_lookup = "lpm-trie"
+ipv6_lookup = "lpm-trie"
 [[interfaces]]
 name = "r0"
 [[interfaces]]
@@ -950,6 +980,7 @@ mac = "02:00:00:00:00:03"
         let m = Model::from_toml(GOOD).unwrap();
         assert_eq!(m.route_miss, RouteMissPolicy::Drop);
         assert_eq!(m.ipv4_lookup, Ipv4Lookup::Trie);
+        assert_eq!(m.ipv6_lookup, Ipv6Lookup::Trie);
         assert_eq!(
             m.interfaces,
             vec![("r0".into(), XdpMode::Native), ("r1".into(), XdpMode::Skb)]

@@ -18,7 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     EBPF_OBJECT, announce,
-    config::{Delivery, Ipv4Lookup, Model, Node, Route, RouteSource, Vip, XdpMode},
+    config::{Delivery, Ipv4Lookup, Ipv6Lookup, Model, Node, Route, RouteSource, Vip, XdpMode},
     control,
     health::HealthEvent,
     instance::{self, AttachedInterface, Instance, State},
@@ -434,7 +434,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
         }
     };
     info!(
-        "instance {:?}: {} on {} with {} routes (IPv4 lookup: {}); maps pinned at {}",
+        "instance {:?}: {} on {} with {} routes (IPv4 lookup: {}, IPv6 lookup: {}); maps pinned at {}",
         instance.name,
         if adopted {
             "adopted the pinned data plane (program swapped in place, no packet lost)"
@@ -449,6 +449,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             .join(", "),
         model.routes.len(),
         model.ipv4_lookup,
+        model.ipv6_lookup,
         instance.pin_dir().display()
     );
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel(16);
@@ -981,6 +982,12 @@ fn start(
             .map_max_entries(map_names::IPV4_TBL24, 1)
             .map_max_entries(map_names::IPV4_TBL8, 1);
     }
+    if model.ipv6_lookup == Ipv6Lookup::Trie {
+        // Nor the range table's 56 MiB.
+        loader
+            .map_max_entries(map_names::IPV6_CHUNKS, 1)
+            .map_max_entries(map_names::IPV6_RANGES, 1);
+    }
     // Every table is pinned by name: created and pinned on the first start,
     // reused from its pin on every later one.
     let pins: Vec<_> = map_names::ALL
@@ -1135,6 +1142,13 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
             "ipv4_lookup: the pinned tables use {}, the config asks for {}; changing it needs a fresh start: {how}",
             pinned.ipv4_lookup(),
             model.ipv4_lookup
+        );
+    }
+    if pinned.ipv6_lookup() != model.ipv6_lookup {
+        bail!(
+            "ipv6_lookup: the pinned tables use {}, the config asks for {}; changing it needs a fresh start: {how}",
+            pinned.ipv6_lookup(),
+            model.ipv6_lookup
         );
     }
     let state = instance.read_state();
@@ -1337,6 +1351,7 @@ fn fill(
         None => {
             tables.set_layout_version()?;
             tables.set_ipv4_lookup(model.ipv4_lookup)?;
+            tables.set_ipv6_lookup(model.ipv6_lookup)?;
             steering::Steering::default()
         }
     };
@@ -1470,6 +1485,12 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         bail!(
             "ipv4_lookup changed to {}; that needs `detach`, then `run`",
             model.ipv4_lookup
+        );
+    }
+    if model.ipv6_lookup != running.tables.ipv6_lookup() {
+        bail!(
+            "ipv6_lookup changed to {}; that needs `detach`, then `run`",
+            model.ipv6_lookup
         );
     }
     if model.metrics_listen != running.metrics_listen {

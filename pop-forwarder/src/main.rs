@@ -1026,6 +1026,7 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "routes_v6": v6,
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
         "ipv4_lookup": tables.ipv4_lookup().to_string(),
+        "ipv6_lookup": tables.ipv6_lookup().to_string(),
         "vip_route_table": state.as_ref().and_then(|s| s.vip_route_table),
         "draining": state.as_ref().is_some_and(|s| s.draining),
         "announced": announced,
@@ -1070,6 +1071,10 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
     println!(
         "ipv4 lookup: {}",
         report["ipv4_lookup"].as_str().unwrap_or_default()
+    );
+    println!(
+        "ipv6 lookup: {}",
+        report["ipv6_lookup"].as_str().unwrap_or_default()
     );
     match (state.as_ref().and_then(|s| s.vip_route_table), &announced) {
         (Some(table), Some(announced)) => println!(

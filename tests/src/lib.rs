@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use pop_forwarder::config::{Ipv4Lookup, Ipv6Lookup};
 
 pub mod fleet;
 pub mod model;
@@ -1175,4 +1176,13 @@ pub fn test_run(xdp: &aya::programs::Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
         .expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
+}
+
+/// The IPv6 lookup a test pairs with an IPv4 one: the arrays together
+/// (DIR-24-8 and the range table), the LPM tries together.
+pub fn ipv6_lookup_with(lookup: Ipv4Lookup) -> Ipv6Lookup {
+    match lookup {
+        Ipv4Lookup::Dir24 => Ipv6Lookup::Dxr,
+        Ipv4Lookup::Trie => Ipv6Lookup::Trie,
+    }
 }

@@ -1340,7 +1340,7 @@ pub fn world(rng: &mut Rng, ingress: u32, egress: u32, routes: usize, steering: 
             let a = (base | (rng.next() as u32 & 0x00ff_ffff)) & (u32::MAX << (32 - len));
             Prefix::containing(IpAddr::from(a.to_be_bytes()), len).unwrap()
         } else {
-            let len = *rng.pick(&[16u8, 32, 48, 56, 64, 96, 127, 128]);
+            let len = *rng.pick(&[16u8, 20, 21, 32, 48, 56, 64, 96, 127, 128]);
             let any = u128::from(rng.next()) << 64;
             let base = *rng.pick(&[0x2001_0db8u128 << 96, 0xfd00u128 << 112, any]);
             let a = (base | u128::from(rng.next() as u32) << 64 | u128::from(rng.next()))

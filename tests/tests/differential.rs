@@ -182,6 +182,9 @@ fn differ(
         let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("loading the embedded object");
         let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
         tables.set_ipv4_lookup(lookup).unwrap();
+        tables
+            .set_ipv6_lookup(tests::ipv6_lookup_with(lookup))
+            .unwrap();
         let xdp: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
         xdp.load().expect("the verifier accepts the program");
         fill(&mut tables, &world);

@@ -78,11 +78,14 @@ fn next_hop(ifindex: u32, gateway: &str, mac: Option<[u8; 6]>, mtu: u32) -> Next
 /// | 10.0.6.7/32     | 10.0.1.9 on lo: XDP_TX                    |
 /// | fd00:3::/64     | fd00:2::2 on veth, MAC OUT.dst           |
 ///
-/// Local addresses: 10.0.0.1 and fd00::1. Every test runs twice: IPv4
-/// looked up in DIR-24-8 and in the LPM trie.
+/// Local addresses: 10.0.0.1 and fd00::1. Every test runs twice: looked up
+/// in DIR-24-8 and the IPv6 range table, and in the LPM tries.
 fn with_program(test: impl Fn(&mut Program) + Send + Sync + Clone + 'static) {
     for lookup in [Ipv4Lookup::Dir24, Ipv4Lookup::Trie] {
-        eprintln!("IPv4 lookup: {lookup}");
+        eprintln!(
+            "IPv4 lookup: {lookup}, IPv6 lookup: {}",
+            tests::ipv6_lookup_with(lookup)
+        );
         with_program_using(lookup, test.clone());
     }
 }
@@ -92,6 +95,9 @@ fn with_program_using(lookup: Ipv4Lookup, test: impl FnOnce(&mut Program) + Send
         let mut ebpf = Ebpf::load(EBPF_OBJECT).expect("loading the embedded object");
         let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
         tables.set_ipv4_lookup(lookup).unwrap();
+        tables
+            .set_ipv6_lookup(tests::ipv6_lookup_with(lookup))
+            .unwrap();
         let xdp: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
         xdp.load().expect("the verifier accepts the program");
         let routes = [
@@ -704,6 +710,85 @@ fn interface_counters_say_what_became_of_the_packets_of_each_ingress() {
                 after.3 - before.3
             ),
             (4, 2, 1, 1)
+        );
+    });
+}
+
+/// IPv6 routes nest across the range table's /20s: a /16 over many /20s,
+/// a /64 and a /65 (ranges keyed by all 128 bits) inside one of them, a
+/// /128; deleting a route hands its addresses to the covering one, in the
+/// range table as in the trie.
+#[test]
+fn ipv6_longest_prefix_wins_at_any_length_and_deletes_fall_back() {
+    with_program(|p| {
+        let veth = p.veth;
+        let tx = next_hop(1, "fd00:9::9", Some(OUT.dst), 1500);
+        let routes: Vec<(Prefix, NextHop)> = [
+            ("fd00::/16", next_hop(veth, "fd00:2::7", None, 1500)),
+            ("fd00:3:0:0:8000::/65", tx),
+            ("fd00:3::42/128", tx),
+        ]
+        .iter()
+        .map(|(r, nh)| (r.parse().unwrap(), *nh))
+        .collect();
+        p.tables.add_routes(&routes).unwrap();
+        let tx_case = |name, dst| Case {
+            name,
+            frame: v6(dst, 64),
+            action: XDP_TX,
+            output: Some(forwarded(&v6(dst, 64), OUT)),
+            counter: Counter::ForwardedTx,
+        };
+        let via_veth = |name, dst| Case {
+            name,
+            frame: v6(dst, 64),
+            action: XDP_REDIRECT,
+            output: Some(forwarded(&v6(dst, 64), OUT)),
+            counter: Counter::Forwarded,
+        };
+        let no_mac = |name, dst| Case {
+            name,
+            frame: v6(dst, 64),
+            action: XDP_PASS,
+            output: None,
+            counter: Counter::PassNoNeighbour,
+        };
+        check(
+            p,
+            vec![
+                via_veth("fd00:3::7 (the /64)", "fd00:3::7"),
+                tx_case("fd00:3::8000:0:0:1 (the /65)", "fd00:3::8000:0:0:1"),
+                tx_case("fd00:3::42 (the /128)", "fd00:3::42"),
+                via_veth("fd00:3::43 (the /64)", "fd00:3::43"),
+                no_mac("fd00:ffff::1 (the /16, another /20)", "fd00:ffff::1"),
+                no_mac("fd00:3:1::1 (the /16, beside the /64)", "fd00:3:1::1"),
+            ],
+        );
+        p.tables.del_route("fd00:3::/64".parse().unwrap()).unwrap();
+        p.tables
+            .del_route("fd00:3::42/128".parse().unwrap())
+            .unwrap();
+        check(
+            p,
+            vec![
+                no_mac("fd00:3::7 after its /64 went", "fd00:3::7"),
+                no_mac("fd00:3::42 after its /128 went", "fd00:3::42"),
+                tx_case("fd00:3::8000:0:0:1 still on the /65", "fd00:3::8000:0:0:1"),
+            ],
+        );
+        p.tables.del_route("fd00::/16".parse().unwrap()).unwrap();
+        check(
+            p,
+            vec![
+                Case {
+                    name: "fd00:ffff::1 after the /16 went",
+                    frame: v6("fd00:ffff::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassRouteMiss,
+                },
+                tx_case("fd00:3::8000:0:0:1 on the /65 still", "fd00:3::8000:0:0:1"),
+            ],
         );
     });
 }

@@ -185,9 +185,13 @@ impl Tables {
             }
         }
         if self.deny_filter.is_none() {
-            self.deny_filter = Some(Mmap::new(&self.deny_filter_map, names::DENY_FILTER)?);
+            self.deny_filter = Some(Mmap::new(&self.deny_filter_map, names::DENY_FILTER, 8)?);
         }
-        let filter = self.deny_filter.as_mut().expect("mapped above").slice();
+        let filter = self
+            .deny_filter
+            .as_mut()
+            .expect("mapped above")
+            .slice::<u32>();
         if filter.len() != words.len() {
             bail!(
                 "map {} holds {} words, not {}",

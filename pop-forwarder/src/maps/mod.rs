@@ -12,7 +12,7 @@
 //! serve them all (`use super::*`).
 
 use crate::{
-    config::{Ipv4Lookup, Route, RouteLookup, RouteMissPolicy},
+    config::{Ipv4Lookup, Ipv6Lookup, Route, RouteLookup, RouteMissPolicy},
     kernel::{self, Link, Neighbour},
     net::{Mac, Prefix},
     plan::{GatewayKey, GroupKey, RoutePlan, Want, gateway_key, plan_routes},
@@ -28,6 +28,7 @@ use pop_forwarder_common::{
     NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NeighbourKey, NeighbourMac,
     NextHop, RouteKeyV4, RouteTarget, TrafficCounter, VlanKey,
     dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
+    dxr6::{Block, Dxr6, Dxr6Error, Tables6},
     ecmp::{self, NextHopGroup},
     map_names as names, settings,
     steering::{CacheNode, FlowEntry, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
@@ -62,7 +63,7 @@ pub struct Tables {
     routes_v4: HashMap<MapData, RouteKeyV4, RouteTarget>,
     /// The IPv4 lookup trie, filled only when the program reads it.
     trie_v4: LpmTrie<MapData, [u8; 4], RouteTarget>,
-    /// IPv6 routes: record and lookup in one.
+    /// IPv6 routes by prefix: the record, and the lookup if so configured.
     routes_v6: LpmTrie<MapData, [u8; 16], RouteTarget>,
     /// Second descriptors of the route maps, for batch updates.
     routes_v4_fd: std::os::fd::OwnedFd,
@@ -71,6 +72,8 @@ pub struct Tables {
     /// What the program reads for IPv4 (SETTINGS, read once: it is set
     /// before the first route and never changes).
     ipv4_lookup: Ipv4Lookup,
+    /// What the program reads for IPv6 (likewise).
+    ipv6_lookup: Ipv6Lookup,
     next_hops: Array<MapData, NextHop>,
     next_hop_stats: PerCpuArray<MapData, TrafficCounter>,
     local_v4: HashMap<MapData, [u8; 4], u8>,
@@ -82,6 +85,11 @@ pub struct Tables {
     tbl8: MapData,
     /// The DIR-24-8 tables mapped into this process, once needed.
     dir24: Option<(Mmap, Mmap)>,
+    chunks6: MapData,
+    ranges6: MapData,
+    /// The IPv6 range table mapped into this process with its host side,
+    /// once needed.
+    dxr6: Option<Dxr6Host>,
     vips: HashMap<MapData, VipKey, VipInfo>,
     maglev: Array<MapData, u64>,
     cache_nodes: Array<MapData, CacheNode>,
@@ -152,23 +160,44 @@ enum Undo {
 /// slot sooner could send its packet to another route's next hop.
 pub const GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// The IPv6 range table as this process edits it.
+pub(super) struct Dxr6Host {
+    chunks: Mmap,
+    ranges: Mmap,
+    dxr: Dxr6,
+}
+
+impl Dxr6Host {
+    pub(super) fn parts(&mut self) -> (&mut Dxr6, Tables6<'_>) {
+        (
+            &mut self.dxr,
+            Tables6 {
+                chunks: self.chunks.slice(),
+                ranges: self.ranges.slice(),
+            },
+        )
+    }
+}
+
 /// Slots freed, with when, per kind: each reusable once `GRACE` has passed.
 #[derive(Debug, Default)]
 pub(super) struct Retired {
+    /// Blocks of the IPv6 range table.
+    pub(super) blocks: Vec<(Block, std::time::Instant)>,
     pub(super) groups: Vec<(u32, std::time::Instant)>,
     pub(super) next_hops: Vec<(u32, std::time::Instant)>,
     pub(super) ecmp: Vec<(u32, std::time::Instant)>,
 }
 
 /// Drops the entries of `list` older than `GRACE`, returning their slots.
-pub(super) fn settled(list: &mut Vec<(u32, std::time::Instant)>) -> Vec<u32> {
+pub(super) fn settled<T: Copy>(list: &mut Vec<(T, std::time::Instant)>) -> Vec<T> {
     let (old, young): (Vec<_>, Vec<_>) = list.iter().partition(|(_, at)| at.elapsed() >= GRACE);
     *list = young;
     old.into_iter().map(|(slot, _)| slot).collect()
 }
 
 /// Waits until the youngest entry of `list` is `GRACE` old.
-pub(super) fn wait_out(list: &[(u32, std::time::Instant)]) {
+pub(super) fn wait_out<T>(list: &[(T, std::time::Instant)]) {
     if let Some(youngest) = list.iter().map(|(_, at)| *at).max() {
         std::thread::sleep(GRACE.saturating_sub(youngest.elapsed()));
     }
@@ -265,6 +294,10 @@ impl Tables {
             settings::IPV4_TRIE => Ipv4Lookup::Trie,
             _ => Ipv4Lookup::Dir24,
         };
+        let ipv6_lookup = match settings.get(&settings::IPV6_LOOKUP, 0)? {
+            settings::IPV6_TRIE => Ipv6Lookup::Trie,
+            _ => Ipv6Lookup::Dxr,
+        };
         Ok(Tables {
             routes_v4: typed(v4.0, &v4.1)?,
             trie_v4: typed(trie4.0, &trie4.1)?,
@@ -273,6 +306,7 @@ impl Tables {
             trie_v4_fd,
             routes_v6_fd,
             ipv4_lookup,
+            ipv6_lookup,
             next_hops: open!(names::NEXT_HOPS),
             next_hop_stats: open!(names::NEXT_HOP_STATS),
             local_v4: open!(names::LOCAL_V4),
@@ -283,6 +317,9 @@ impl Tables {
             tbl24: array_data(take(names::IPV4_TBL24)?)?,
             tbl8: array_data(take(names::IPV4_TBL8)?)?,
             dir24: None,
+            chunks6: array_data(take(names::IPV6_CHUNKS)?)?,
+            ranges6: array_data(take(names::IPV6_RANGES)?)?,
+            dxr6: None,
             vips: open!(names::VIPS),
             maglev: open!(names::MAGLEV),
             cache_nodes: open!(names::CACHE_NODES),
@@ -432,6 +469,21 @@ impl Tables {
         Ok(())
     }
 
+    /// How the program looks IPv6 up. Set once, before any IPv6 route.
+    pub fn set_ipv6_lookup(&mut self, lookup: Ipv6Lookup) -> Result<()> {
+        if self.routes_v6.keys().next().is_some() {
+            bail!("the IPv6 lookup can only be chosen while there are no IPv6 routes");
+        }
+        let value = match lookup {
+            Ipv6Lookup::Dxr => settings::IPV6_DXR,
+            Ipv6Lookup::Trie => settings::IPV6_TRIE,
+        };
+        self.set_setting(settings::IPV6_LOOKUP, value, "the IPv6 lookup setting")?;
+        self.ipv6_lookup = lookup;
+        self.dxr6 = None;
+        Ok(())
+    }
+
     /// Whether the program looks routed packets up in its tables or in the
     /// kernel's FIB; may change at any time.
     pub fn set_route_lookup(&mut self, lookup: RouteLookup) -> Result<()> {
@@ -444,6 +496,10 @@ impl Tables {
 
     pub fn ipv4_lookup(&self) -> Ipv4Lookup {
         self.ipv4_lookup
+    }
+
+    pub fn ipv6_lookup(&self) -> Ipv6Lookup {
+        self.ipv6_lookup
     }
 
     /// Records that these maps have this build's layout: written once, when

@@ -1,6 +1,7 @@
 //! Routes: the IPv4 record and the structure the program reads (DIR-24-8
-//! or the LPM trie), the IPv6 trie, and this box's own addresses as /32
-//! and /128 routes. A change is planned (`plan`), checked for room, then
+//! or the LPM trie), the IPv6 record (an LPM trie) and the structure the
+//! program reads (the range table or that trie), and this box's own
+//! addresses as /32 and /128 routes. A change is planned (`plan`), checked for room, then
 //! written, new next hop before the route that uses it.
 
 use super::*;
@@ -64,8 +65,8 @@ impl Tables {
         }
         if self.dir24.is_none() {
             self.dir24 = Some((
-                Mmap::new(&self.tbl24, names::IPV4_TBL24)?,
-                Mmap::new(&self.tbl8, names::IPV4_TBL8)?,
+                Mmap::new(&self.tbl24, names::IPV4_TBL24, 8)?,
+                Mmap::new(&self.tbl8, names::IPV4_TBL8, 8)?,
             ));
         }
         let (t24, t8) = self.dir24.as_mut().expect("mapped above");
@@ -73,6 +74,102 @@ impl Tables {
             tbl24: t24.slice(),
             tbl8: t8.slice(),
         }))
+    }
+
+    /// The IPv6 range table, if the program uses it. The first use maps it
+    /// and builds the host's side from the record (the table may be an
+    /// adopted one: blocks no chunk points at are free, after a grace
+    /// period, since the previous writer may have retired them just now).
+    pub(super) fn dxr6(&mut self) -> Result<Option<&mut Dxr6Host>> {
+        if self.ipv6_lookup != Ipv6Lookup::Dxr {
+            return Ok(None);
+        }
+        if self.dxr6.is_none() {
+            let mut chunks = Mmap::new(&self.chunks6, names::IPV6_CHUNKS, 8)?;
+            let mut ranges = Mmap::new(&self.ranges6, names::IPV6_RANGES, 8)?;
+            let mut record = Vec::new();
+            for item in self.routes_v6.iter() {
+                let (key, target) = item.context("reading the IPv6 routes")?;
+                record.push((
+                    u128::from_be_bytes(key.data()),
+                    key.prefix_len() as u8,
+                    target.next_hop,
+                ));
+            }
+            let tables = Tables6 {
+                chunks: chunks.slice(),
+                ranges: ranges.slice(),
+            };
+            let adopted = tables.chunks.iter().any(|&e| e != 0);
+            let dxr = Dxr6::adopt(&tables, record).map_err(|e| anyhow!("{e}"))?;
+            if adopted {
+                std::thread::sleep(GRACE);
+            }
+            self.dxr6 = Some(Dxr6Host {
+                chunks,
+                ranges,
+                dxr,
+            });
+        }
+        Ok(self.dxr6.as_mut())
+    }
+
+    /// Adds (or repoints) an IPv6 route in the range table, if in use.
+    pub(super) fn index_v6(&mut self, a: std::net::Ipv6Addr, len: u8, target: u32) -> Result<()> {
+        let Some(host) = self.dxr6()? else {
+            return Ok(());
+        };
+        let (dxr, mut t) = host.parts();
+        let mut done = dxr.insert(&mut t, u128::from(a), len, target);
+        if done == Err(Dxr6Error::RangesFull) && !self.retired.blocks.is_empty() {
+            // Blocks resting after a change will do, once rested.
+            self.reclaim_blocks(true)?;
+            let (dxr, mut t) = self.dxr6()?.expect("in use").parts();
+            done = dxr.insert(&mut t, u128::from(a), len, target);
+        }
+        self.retire_block(done.map_err(|e| anyhow!("{e}"))?);
+        Ok(())
+    }
+
+    /// Removes an IPv6 route from the range table, if in use.
+    pub(super) fn unindex_v6(&mut self, a: std::net::Ipv6Addr, len: u8) -> Result<()> {
+        let Some(host) = self.dxr6()? else {
+            return Ok(());
+        };
+        let (dxr, mut t) = host.parts();
+        let mut done = dxr.remove(&mut t, u128::from(a), len);
+        if done == Err(Dxr6Error::RangesFull) && !self.retired.blocks.is_empty() {
+            self.reclaim_blocks(true)?;
+            let (dxr, mut t) = self.dxr6()?.expect("in use").parts();
+            done = dxr.remove(&mut t, u128::from(a), len);
+        }
+        self.retire_block(done.map_err(|e| anyhow!("{e}"))?);
+        Ok(())
+    }
+
+    fn retire_block(&mut self, block: Option<Block>) {
+        if let Some(b) = block {
+            self.retired.blocks.push((b, std::time::Instant::now()));
+        }
+    }
+
+    /// Frees the range-table blocks retired at least `GRACE` ago (all of
+    /// them, after waiting, if `wait`).
+    pub(super) fn reclaim_blocks(&mut self, wait: bool) -> Result<()> {
+        if wait {
+            wait_out(&self.retired.blocks);
+        }
+        let blocks = settled(&mut self.retired.blocks);
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let host = self
+            .dxr6()?
+            .expect("blocks are retired only by the range table");
+        for b in blocks {
+            host.dxr.reclaim(b);
+        }
+        Ok(())
     }
 
     /// Whether a route to exactly `prefix` exists.
@@ -148,10 +245,17 @@ impl Tables {
             }
             Err(e) => return Err(e).with_context(|| format!("inserting the route to {prefix}")),
         }
-        if let IpAddr::V4(a) = prefix.addr
-            && let Err(e) = self.index_v4(a, prefix.len, target)
-        {
-            let _ = self.routes_v4.remove(&key_v4(prefix.len, a));
+        let indexed = match prefix.addr {
+            IpAddr::V4(a) => self.index_v4(a, prefix.len, target),
+            IpAddr::V6(a) => self.index_v6(a, prefix.len, next_hop),
+        };
+        if let Err(e) = indexed {
+            let _ = match prefix.addr {
+                IpAddr::V4(a) => self.routes_v4.remove(&key_v4(prefix.len, a)),
+                IpAddr::V6(a) => self
+                    .routes_v6
+                    .remove(&Key::new(prefix.len.into(), a.octets())),
+            };
             return Err(e).with_context(|| format!("inserting the route to {prefix}"));
         }
         if let Some(journal) = &mut self.journal {
@@ -169,9 +273,11 @@ impl Tables {
                 self.index_v4(a, prefix.len, target)
             }
             IpAddr::V6(a) => {
-                Ok(self
-                    .routes_v6
-                    .insert(&Key::new(prefix.len.into(), a.octets()), target, 0)?)
+                let key = Key::new(prefix.len.into(), a.octets());
+                let old = self.routes_v6.get(&key, 0)?;
+                self.routes_v6.insert(&key, target, 0)?;
+                self.index_v6(a, prefix.len, target.next_hop)
+                    .inspect_err(|_| drop(self.routes_v6.insert(&key, old, 0)))
             }
         }
     }
@@ -261,6 +367,16 @@ impl Tables {
                 bail!("there is no route to {prefix}")
             }
             Err(e) => return Err(e).with_context(|| format!("removing the route to {prefix}")),
+        }
+        if let IpAddr::V6(a) = prefix.addr
+            && let Err(e) = self.unindex_v6(a, prefix.len)
+        {
+            if let Some(old) = old {
+                let _ = self
+                    .routes_v6
+                    .insert(&Key::new(prefix.len.into(), a.octets()), old, 0);
+            }
+            return Err(e).with_context(|| format!("removing the route to {prefix}"));
         }
         if let IpAddr::V4(a) = prefix.addr {
             match self.ipv4_lookup {
@@ -470,6 +586,52 @@ impl Tables {
             let result = update_batch(self.routes_v6_fd.as_fd(), &keys, &values);
             let done = result.as_ref().err().map_or(chunk.len(), |(n, _)| *n);
             inserted.extend(chunk[..done].iter().map(|&i| routes[i]));
+            // Then the range table, each /20 rebuilt once. Routes it could
+            // not take stay in the record and in `inserted`: the change's
+            // undo removes them from both.
+            if let Some(host) = self.dxr6()? {
+                let batch: Vec<(u128, u8, u32)> = chunk[..done]
+                    .iter()
+                    .map(|&i| match routes[i].addr {
+                        IpAddr::V6(a) => (u128::from(a), routes[i].len, targets[i].next_hop),
+                        IpAddr::V4(_) => unreachable!("partitioned by family"),
+                    })
+                    .collect();
+                let (dxr, mut t) = host.parts();
+                let mut retired = Vec::new();
+                let mut written = dxr.insert_many(&mut t, &batch, &mut retired);
+                if let Err((Dxr6Error::RangesFull, left)) = &written
+                    && !self.retired.blocks.is_empty()
+                {
+                    let left: HashSet<(u128, u8)> = left.iter().copied().collect();
+                    let rest: Vec<_> = batch
+                        .iter()
+                        .filter(|(a, l, _)| left.contains(&(*a, *l)))
+                        .copied()
+                        .collect();
+                    let now = std::time::Instant::now();
+                    self.retired
+                        .blocks
+                        .extend(retired.drain(..).map(|b| (b, now)));
+                    self.reclaim_blocks(true)?;
+                    let (dxr, mut t) = self.dxr6()?.expect("in use").parts();
+                    written = dxr.insert_many(&mut t, &rest, &mut retired);
+                }
+                let now = std::time::Instant::now();
+                self.retired
+                    .blocks
+                    .extend(retired.into_iter().map(|b| (b, now)));
+                if let Err((e, left)) = written {
+                    let (a, l) = left[0];
+                    return Err(anyhow!("{e}")).with_context(|| {
+                        format!(
+                            "inserting the route to {}/{l} (and {} more)",
+                            std::net::Ipv6Addr::from(a),
+                            left.len() - 1
+                        )
+                    });
+                }
+            }
             if let Err((n, e)) = result {
                 return Err(batch_error(routes[chunk[n.min(chunk.len() - 1)]], e));
             }

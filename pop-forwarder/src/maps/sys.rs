@@ -1,32 +1,34 @@
 //! The raw syscalls and mappings aya 0.14 lacks: batched updates and
 //! lookups (BPF_MAP_UPDATE_BATCH, BPF_MAP_LOOKUP_BATCH) and BPF array maps
-//! mapped into this process (the DIR-24-8 tables).
+//! mapped into this process (the DIR-24-8 and IPv6 range tables).
 
 use super::*;
 
-/// A BPF array map of u64 pairs mapped into this process as u32 entries
-/// (BPF_F_MMAPABLE; see dir24::ENTRIES_PER_ELEMENT).
+/// A BPF array map mapped into this process (BPF_F_MMAPABLE): the DIR-24-8
+/// tables (u64 pairs read as u32 entries, see dir24::ENTRIES_PER_ELEMENT),
+/// the IPv6 range table, the deny filter.
 pub(super) struct Mmap {
-    ptr: *mut u32,
-    entries: usize,
+    ptr: *mut u8,
+    len: usize,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value.
 unsafe impl Send for Mmap {}
 
 impl Mmap {
-    pub(super) fn new(map: &MapData, name: &str) -> Result<Mmap> {
+    /// Maps `map`, which must hold `value_size`-byte values.
+    pub(super) fn new(map: &MapData, name: &str, value_size: u32) -> Result<Mmap> {
         use std::os::fd::AsRawFd as _;
         let info = map.info().with_context(|| format!("map {name}"))?;
-        if info.value_size() != 8 {
+        if info.value_size() != value_size {
             bail!(
-                "map {name} holds {}-byte values, not u32 pairs",
+                "map {name} holds {}-byte values, not {value_size}",
                 info.value_size()
             );
         }
-        let entries =
-            info.max_entries() as usize * pop_forwarder_common::dir24::ENTRIES_PER_ELEMENT as usize;
-        let len = entries * 4;
+        // Array elements are 8-byte aligned, so with these sizes (multiples
+        // of 8) they lie back to back.
+        let len = info.max_entries() as usize * value_size as usize;
         // SAFETY: mmap of a BPF map fd we hold; checked for MAP_FAILED.
         let ptr = unsafe {
             libc::mmap(
@@ -44,20 +46,22 @@ impl Mmap {
         }
         Ok(Mmap {
             ptr: ptr.cast(),
-            entries,
+            len,
         })
     }
 
-    pub(super) fn slice(&mut self) -> &mut [u32] {
-        // SAFETY: the mapping holds `entries` u32s and lives as long as self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.entries) }
+    /// The mapping as `T`s (page-aligned, so aligned for any `T`).
+    pub(super) fn slice<T: bytemuck::Pod>(&mut self) -> &mut [T] {
+        // SAFETY: the mapping holds `len` bytes and lives as long as self.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) };
+        bytemuck::cast_slice_mut(bytes)
     }
 }
 
 impl Drop for Mmap {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.cast(), self.entries * 4) };
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
