@@ -27,14 +27,14 @@ use pop_forwarder::{
         BareRedirect, BpfStats, FlowSpec, Generator, Sink, destinations, map_memlock, routes_v4,
         routes_v6,
     },
-    config::{Ipv4Lookup, RouteLookup, RouteMissPolicy},
+    config::{Ipv4Lookup, Ipv6Lookup, RouteLookup, RouteMissPolicy},
     maps::Tables,
     net::{Mac, Prefix},
 };
 use pop_forwarder_common::{
     AF_INET, AF_INET6, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NextHop, PROGRAM_NAME,
     dir24::{TBL8_ENTRIES, TBL24_ENTRIES},
-    map_names,
+    dxr6, map_names,
 };
 use serde::Serialize;
 use tests::{Lab, Netns};
@@ -52,6 +52,8 @@ const VIP_ADDRESS: &str = "198.18.0.11";
 const SEED: u64 = 0x005e_ed0f_b00c;
 /// Entries of the deny-list path's list.
 const DENY_ENTRIES: usize = 100_000;
+/// The lookups of every path but the rows that compare them.
+const DEFAULT_LOOKUPS: (Ipv4Lookup, Ipv6Lookup) = (Ipv4Lookup::Dir24, Ipv6Lookup::Dxr);
 
 #[derive(Clone, Copy)]
 struct Settings {
@@ -282,7 +284,7 @@ impl Forwarder {
     fn load(
         lab: &Lab,
         routes: &[Prefix],
-        lookup: Ipv4Lookup,
+        (lookup, lookup6): (Ipv4Lookup, Ipv6Lookup),
         vip: Option<VipPath>,
     ) -> Result<Forwarder> {
         let c0 = mac(&lab.c, "c0")?;
@@ -298,10 +300,16 @@ impl Forwarder {
                     .map_max_entries(map_names::IPV4_TBL24, 1)
                     .map_max_entries(map_names::IPV4_TBL8, 1);
             }
+            if lookup6 == Ipv6Lookup::Trie {
+                loader
+                    .map_max_entries(map_names::IPV6_CHUNKS, 1)
+                    .map_max_entries(map_names::IPV6_RANGES, 1);
+            }
             let mut ebpf = loader.load(EBPF_OBJECT)?;
             let mut tables = Tables::from_ebpf(&mut ebpf)?;
             tables.set_route_miss(RouteMissPolicy::Drop)?;
             tables.set_ipv4_lookup(lookup)?;
+            tables.set_ipv6_lookup(lookup6)?;
             // r1 in the egress devmap whatever the routes (the kernel-fib
             // path has none). Here, inside the router's namespace: the
             // kernel resolves a devmap's ifindex in the writer's namespace.
@@ -508,7 +516,7 @@ fn main() -> Result<()> {
             run_time: Duration::from_millis(500),
             frame_len: 64,
             full_v4: 100_000,
-            full_v6: 10_000,
+            full_v6: 20_000,
         }
     } else {
         Settings {
@@ -516,7 +524,7 @@ fn main() -> Result<()> {
             run_time: Duration::from_secs(1),
             frame_len: 64,
             full_v4: 1_000_000,
-            full_v6: 100_000,
+            full_v6: 200_000,
         }
     };
     let (full_v4, full_v6) = (settings.full_v4, settings.full_v6);
@@ -536,6 +544,10 @@ fn main() -> Result<()> {
     );
     let v6_small = routes_v6(1_000, SEED);
     let v6_full = routes_v6(full_v6, SEED);
+    anyhow::ensure!(
+        v6_full[..SMALL_TABLE] == v6_small[..],
+        "the small IPv6 table is not the first {SMALL_TABLE} routes of the full one"
+    );
     let family = |routes: &[Prefix]| {
         if routes[0].addr.is_ipv4() {
             "ipv4"
@@ -762,21 +774,32 @@ fn main() -> Result<()> {
     }
     if wanted("pop") {
         let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
+        let dxr6_mib = f64::from(dxr6::CHUNKS + dxr6::RANGE_SLOTS) * 8.0 / f64::from(1 << 20);
         // (routes, lookup, throughput measured, destinations from the
         // first so many routes)
-        let cases: [(&Vec<Prefix>, Ipv4Lookup, bool, Option<usize>); 10] = [
-            (&v4_small, Ipv4Lookup::Dir24, true, None),
-            (&v4_mid, Ipv4Lookup::Dir24, false, None),
-            (&v4_full, Ipv4Lookup::Dir24, true, None),
-            (&v4_full, Ipv4Lookup::Dir24, false, Some(SMALL_TABLE)),
-            (&v4_full, Ipv4Lookup::Dir24, false, Some(HOT_ROUTES)),
-            (&v4_small, Ipv4Lookup::Trie, true, None),
-            (&v4_mid, Ipv4Lookup::Trie, false, None),
-            (&v4_full, Ipv4Lookup::Trie, true, None),
-            (&v6_small, Ipv4Lookup::Dir24, true, None),
-            (&v6_full, Ipv4Lookup::Dir24, false, None),
+        let dxr = Ipv6Lookup::Dxr;
+        type Case<'a> = (
+            &'a Vec<Prefix>,
+            (Ipv4Lookup, Ipv6Lookup),
+            bool,
+            Option<usize>,
+        );
+        let cases: [Case; 13] = [
+            (&v4_small, (Ipv4Lookup::Dir24, dxr), true, None),
+            (&v4_mid, (Ipv4Lookup::Dir24, dxr), false, None),
+            (&v4_full, (Ipv4Lookup::Dir24, dxr), true, None),
+            (&v4_full, (Ipv4Lookup::Dir24, dxr), false, Some(SMALL_TABLE)),
+            (&v4_full, (Ipv4Lookup::Dir24, dxr), false, Some(HOT_ROUTES)),
+            (&v4_small, (Ipv4Lookup::Trie, dxr), true, None),
+            (&v4_mid, (Ipv4Lookup::Trie, dxr), false, None),
+            (&v4_full, (Ipv4Lookup::Trie, dxr), true, None),
+            (&v6_small, (Ipv4Lookup::Dir24, dxr), true, None),
+            (&v6_full, (Ipv4Lookup::Dir24, dxr), false, None),
+            (&v6_full, (Ipv4Lookup::Dir24, dxr), false, Some(SMALL_TABLE)),
+            (&v6_small, (Ipv4Lookup::Dir24, Ipv6Lookup::Trie), true, None),
+            (&v6_full, (Ipv4Lookup::Dir24, Ipv6Lookup::Trie), false, None),
         ];
-        for (routes, lookup, throughput, from) in cases {
+        for (routes, (lookup, lookup6), throughput, from) in cases {
             if quick
                 && routes.len() == v4_mid.len()
                 && routes.len() == full_v4
@@ -787,7 +810,8 @@ fn main() -> Result<()> {
             }
             let bench = Bench::new(settings.frame_len)?;
             let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
-            let fwd = Forwarder::load(&bench.lab, routes, lookup, None)?;
+            let before6 = map_memlock(11, 20)?;
+            let fwd = Forwarder::load(&bench.lab, routes, (lookup, lookup6), None)?;
             let v4 = routes[0].addr.is_ipv4();
             if v4 && routes.len() == full_v4 && from.is_none() {
                 // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
@@ -819,8 +843,30 @@ fn main() -> Result<()> {
                     format!("pop-forwarder ipv4 {lookup}, {HOT_ROUTES} hot routes")
                 }
                 (true, Some(n)) => format!("pop-forwarder ipv4 {lookup}, traffic of {n} routes"),
-                (false, _) => "pop-forwarder ipv6".to_owned(),
+                (false, None) => format!("pop-forwarder ipv6 {lookup6}"),
+                (false, Some(n)) => format!("pop-forwarder ipv6 {lookup6}, traffic of {n} routes"),
             };
+            if !v4 && routes.len() == full_v6 && from.is_none() {
+                // The IPv6 record and trie (BPF_MAP_TYPE_LPM_TRIE, 20-byte
+                // keys) this forwarder added, and the range table's arrays.
+                let trie = (map_memlock(11, 20)? - before6) as f64 / f64::from(1 << 20);
+                let mib = if lookup6 == Ipv6Lookup::Dxr {
+                    trie + dxr6_mib
+                } else {
+                    trie
+                };
+                report.control_plane.insert(
+                    format!("pop_{lookup6}_load_{full_v6}_v6_routes_s"),
+                    fwd.load_seconds,
+                );
+                report
+                    .control_plane
+                    .insert(format!("pop_{lookup6}_{full_v6}_v6_routes_mib"), mib);
+                println!(
+                    "  pop-forwarder ({lookup6}): {full_v6} IPv6 routes loaded in {:.2} s; maps hold {mib:.1} MiB",
+                    fwd.load_seconds
+                );
+            }
             add(
                 name,
                 routes,
@@ -850,7 +896,7 @@ fn main() -> Result<()> {
             ),
         ] {
             let bench = Bench::with_sink(settings.frame_len, sink)?;
-            let fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, Some(path))?;
+            let fwd = Forwarder::load(&bench.lab, &v4_small, DEFAULT_LOOKUPS, Some(path))?;
             add(
                 name.into(),
                 &vip,
@@ -876,7 +922,7 @@ fn main() -> Result<()> {
     // that miss cost every packet, beside the same table without them.
     if wanted("deny") {
         let bench = Bench::new(settings.frame_len)?;
-        let mut fwd = Forwarder::load(&bench.lab, &v4_small, Ipv4Lookup::Dir24, None)?;
+        let mut fwd = Forwarder::load(&bench.lab, &v4_small, DEFAULT_LOOKUPS, None)?;
         let overlaps = |p: &Prefix| {
             v4_small
                 .iter()
@@ -921,7 +967,7 @@ fn main() -> Result<()> {
             let bench = Bench::new(settings.frame_len)?;
             bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
             kernel_routes(&bench.lab, routes)?;
-            let mut fwd = Forwarder::load(&bench.lab, &[], Ipv4Lookup::Dir24, None)?;
+            let mut fwd = Forwarder::load(&bench.lab, &[], DEFAULT_LOOKUPS, None)?;
             fwd.tables.set_route_lookup(RouteLookup::KernelFib)?;
             add(
                 "pop-forwarder ipv4 kernel-fib".into(),
@@ -1035,8 +1081,7 @@ fn main() -> Result<()> {
             report.cost.push(c);
         }
     }
-    let _ = full_v6;
-    summarise(&mut report, full_v4);
+    summarise(&mut report, full_v4, full_v6);
     write_report(&report, &out_dir)
 }
 
@@ -1219,7 +1264,7 @@ fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput
         .find(|t| t.name == name && t.prefixes == prefixes)
 }
 
-fn summarise(report: &mut Report, full_v4: usize) {
+fn summarise(report: &mut Report, full_v4: usize, full_v6: usize) {
     // Per-round figures: delivered pps, and ns/packet.
     let pps = |name: &str, n: usize| find(report, name, n).map(|t| t.runs.as_slice());
     let ceiling = report
@@ -1298,10 +1343,26 @@ fn summarise(report: &mut Report, full_v4: usize) {
         ),
         cost("pop-forwarder ipv4 dir-24-8", SMALL_TABLE),
     );
+    for lookup in [Ipv6Lookup::Dxr, Ipv6Lookup::Trie] {
+        let name = format!("pop-forwarder ipv6 {lookup}");
+        insert(
+            format!("ipv6_{lookup}_1k_vs_linux"),
+            pps(&name, 1_000),
+            pps("linux ipv6", 1_000),
+        );
+        insert(
+            format!("ipv6_{lookup}_cost_full_vs_1k"),
+            cost(&name, full_v6),
+            cost(&name, 1_000),
+        );
+    }
     insert(
-        "ipv6_1k_vs_linux".into(),
-        pps("pop-forwarder ipv6", 1_000),
-        pps("linux ipv6", 1_000),
+        "ipv6_dxr_cost_full_vs_1k_same_traffic".into(),
+        cost(
+            &format!("pop-forwarder ipv6 dxr, traffic of {SMALL_TABLE} routes"),
+            full_v6,
+        ),
+        cost("pop-forwarder ipv6 dxr", SMALL_TABLE),
     );
     // The targets are checked on the default IPv4 lookup, DIR-24-8.
     let mut targets = Vec::new();
@@ -1358,6 +1419,12 @@ fn summarise(report: &mut Report, full_v4: usize) {
     {
         targets.push((
             format!("route-path cost at {full_v4} prefixes <= 1.5x its cost at 1k: {v:.2}x"),
+            v <= 1.5,
+        ));
+    }
+    if let Some(v) = ratios.get("ipv6_dxr_cost_full_vs_1k").map(|r| r.median) {
+        targets.push((
+            format!("IPv6 route cost at {full_v6} prefixes <= 1.5x its cost at 1k: {v:.2}x"),
             v <= 1.5,
         ));
     }
