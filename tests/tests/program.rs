@@ -912,6 +912,131 @@ fn a_batch_that_fails_leaves_the_tables_as_they_were() {
     });
 }
 
+/// Pins removed on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A second writer on pinned tables (a restarted daemon) takes the IPv6
+/// range table over from the route record and the /20 entries: what the
+/// first wrote keeps answering while the second deletes, adds and
+/// allocates blocks of its own beside the first's.
+#[test]
+fn a_restarted_writer_adopts_the_ipv6_range_table() {
+    tests::with_egress_veth("a", |veth| {
+        let dir = PinDir(std::path::Path::new("/sys/fs/bpf").join(tests::unique("pins")));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let load = || {
+            let mut loader = aya::EbpfLoader::new();
+            for name in pop_forwarder_common::map_names::ALL {
+                loader.map_pin_path(name, dir.0.join(name));
+            }
+            loader.load(EBPF_OBJECT).unwrap()
+        };
+        let tx = next_hop(1, "fd00:9::9", Some(OUT.dst), 1500);
+        // A /48 alone in each of 200 /20s from `first`, `at` /48s into
+        // it (so that one writer's ranges differ from the other's).
+        let spread = |first: u128, at: u128| -> Vec<(Prefix, NextHop)> {
+            (first..first + 200)
+                .map(|chunk| {
+                    let net = (chunk << 108) | (at << 80);
+                    (
+                        Prefix::containing(Ipv6Addr::from(net).into(), 48).unwrap(),
+                        tx,
+                    )
+                })
+                .collect()
+        };
+        let host_in = |p: &Prefix| match p.addr {
+            std::net::IpAddr::V6(a) => Ipv6Addr::from(u128::from(a) | 0x1234).to_string(),
+            _ => unreachable!(),
+        };
+        let first = spread(0x20010, 7);
+        let second = spread(0x20100, 9);
+        let mut earlier = load();
+        let mut a = Tables::from_ebpf(&mut earlier).unwrap();
+        let mut routes = first.clone();
+        routes.push(("fd00:3::/64".parse().unwrap(), tx));
+        routes.push(("fd00:3:0:1::/64".parse().unwrap(), tx));
+        a.add_routes(&routes).unwrap();
+
+        let mut ebpf = load();
+        let mut tables = Tables::from_ebpf(&mut ebpf).unwrap();
+        let xdp: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).unwrap().try_into().unwrap();
+        xdp.load().expect("the verifier accepts the program");
+        tables.del_route("fd00:3::/64".parse().unwrap()).unwrap();
+        let mut more = second.clone();
+        more.push(("fd00:3:0:2::/64".parse().unwrap(), tx));
+        tables.add_routes(&more).unwrap();
+        let p = Program { ebpf, tables, veth };
+        let tx_case = |dst: String| {
+            let frame = v6(&dst, 64);
+            let (action, out) = p.run(&frame);
+            assert_eq!(action, XDP_TX, "{dst}");
+            assert_eq!(out, forwarded(&frame, OUT), "{dst}");
+        };
+        for (prefix, _) in first.iter().chain(&second) {
+            tx_case(host_in(prefix));
+        }
+        tx_case("fd00:3:0:1::1".into());
+        tx_case("fd00:3:0:2::1".into());
+        assert_eq!(p.run(&v6("fd00:3::7", 64)).0, XDP_PASS, "its /64 went");
+        drop(a);
+    })
+    .unwrap();
+}
+
+/// A batch of IPv6 routes the range table cannot take (one /20 past
+/// 65,535 ranges: 32,768 /48s, none adjacent) is refused whole: record,
+/// range table and next hops as they were.
+#[test]
+fn an_ipv6_batch_the_range_table_cannot_take_changes_nothing() {
+    with_program_using(Ipv4Lookup::Dir24, |p| {
+        let before = p.tables.routes(&[]).unwrap().len();
+        let slots_before = p.tables.next_hop_slots().unwrap();
+        let nh = next_hop(1, "fd00:9::9", Some(OUT.dst), 1500);
+        let batch: Vec<(Prefix, NextHop)> = (0..32_768u128)
+            .map(|i| {
+                let net = (0xfd005u128 << 108) | (i * 2) << 80;
+                (
+                    Prefix::containing(Ipv6Addr::from(net).into(), 48).unwrap(),
+                    nh,
+                )
+            })
+            .collect();
+        let err = format!("{:#}", p.tables.add_routes(&batch).unwrap_err());
+        assert!(err.contains("more than 65,535 ranges"), "{err}");
+        assert_eq!(p.tables.routes(&[]).unwrap().len(), before);
+        assert_eq!(p.tables.next_hop_slots().unwrap(), slots_before);
+        check(
+            p,
+            vec![
+                Case {
+                    name: "fd00:5000::1 unrouted",
+                    frame: v6("fd00:5000::1", 64),
+                    action: XDP_PASS,
+                    output: None,
+                    counter: Counter::PassRouteMiss,
+                },
+                Case {
+                    name: "fd00:3::7 as before",
+                    frame: v6("fd00:3::7", 64),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&v6("fd00:3::7", 64), OUT)),
+                    counter: Counter::Forwarded,
+                },
+            ],
+        );
+        // The range table has room for routes that fit, after all that.
+        p.tables.add_routes(&batch[..1000]).unwrap();
+        assert_eq!(p.run(&v6("fd00:5000::1", 64)).0, XDP_TX);
+    });
+}
+
 #[test]
 fn local_addresses_are_routes_the_operator_cannot_touch() {
     with_program(|p| {
