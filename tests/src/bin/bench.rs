@@ -52,6 +52,10 @@ const VIP_ADDRESS: &str = "198.18.0.11";
 const SEED: u64 = 0x005e_ed0f_b00c;
 /// Entries of the deny-list path's list.
 const DENY_ENTRIES: usize = 100_000;
+/// The IP-in-IP VIP rows by the connection table's state.
+const IPIP_1_FLOW: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), 1 flow";
+const IPIP_100K_FLOWS: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), 102400 flows";
+const IPIP_NEW_FLOWS: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), every frame a new flow";
 /// The lookups of every path but the rows that compare them.
 const DEFAULT_LOOKUPS: (Ipv4Lookup, Ipv6Lookup) = (Ipv4Lookup::Dir24, Ipv6Lookup::Dxr);
 
@@ -470,6 +474,19 @@ enum Router {
 /// One path under test, set up once and kept alive so that runs of all
 /// paths can be interleaved: drift in this VM's speed then falls on every
 /// path alike instead of on whichever ran last.
+/// The generator's flows for a path, other than the default 16 sources x
+/// 64 source ports: within each 4,096 frames the source stays and the
+/// port steps, so with 64 ports a flow's next frame comes 64 frames later
+/// and with 4,096 a whole cycle of sources later.
+#[derive(Clone, Copy)]
+struct Flows {
+    sources: u32,
+    ports: u32,
+    warm_up: Duration,
+}
+
+const WARM_UP: Duration = Duration::from_millis(300);
+
 struct Scenario {
     name: String,
     family: &'static str,
@@ -479,6 +496,9 @@ struct Scenario {
     generator: Generator,
     /// Measure delivered pps (besides ns/packet for XDP paths).
     throughput: bool,
+    /// Traffic sent before the rounds (neighbour entries, page pools,
+    /// caches; the connection table, for the rows that fill it).
+    warm_up: Duration,
     runs: Vec<(u64, u64, f64)>,
     /// (ns, packets) the program ran, per round.
     cost: Vec<(u64, u64)>,
@@ -679,6 +699,7 @@ fn main() -> Result<()> {
             router,
             generator,
             throughput: true,
+            warm_up: WARM_UP,
             runs: Vec::new(),
             cost: Vec::new(),
         });
@@ -692,10 +713,16 @@ fn main() -> Result<()> {
                    bench: Bench,
                    router: Router,
                    throughput: bool,
-                   from: Option<usize>|
+                   from: Option<usize>,
+                   flows: Option<Flows>|
      -> Result<()> {
         let from = &routes[..from.unwrap_or(routes.len()).min(routes.len())];
-        let generator = Generator::new(&bench.flows(from)?)?;
+        let mut spec = bench.flows(from)?;
+        if let Some(f) = flows {
+            spec.src_count = f.sources;
+            spec.src_port_count = f.ports;
+        }
+        let generator = Generator::new(&spec)?;
         let family = if routes[0].addr.is_ipv4() {
             "IPv4"
         } else {
@@ -714,6 +741,7 @@ fn main() -> Result<()> {
             router,
             generator,
             throughput,
+            warm_up: flows.map_or(WARM_UP, |f| f.warm_up),
             runs: Vec::new(),
             cost: Vec::new(),
         });
@@ -755,6 +783,7 @@ fn main() -> Result<()> {
                 Router::Linux,
                 true,
                 None,
+                None,
             )?;
         }
     }
@@ -769,6 +798,7 @@ fn main() -> Result<()> {
             bench,
             Router::Redirect(redirect),
             true,
+            None,
             None,
         )?;
     }
@@ -874,6 +904,7 @@ fn main() -> Result<()> {
                 Router::Pop(Box::new(fwd)),
                 throughput,
                 from,
+                None,
             )?;
         }
     }
@@ -904,6 +935,58 @@ fn main() -> Result<()> {
                 Router::Pop(Box::new(fwd)),
                 true,
                 None,
+                None,
+            )?;
+        }
+        // The IP-in-IP path by how many flows the connection table holds
+        // (the conditions): one; 102,400 (1,600 sources x 64
+        // ports), each remembered from its second frame, 64 frames after
+        // its first, all of them in the table once the generator has gone
+        // through its sources (7 M frames: the warm-up); and none, every
+        // frame a new flow (1,024 sources x 4,096 ports: a flow comes back
+        // 4 M frames later, after 4 M other new flows have gone through
+        // the seen-once table's 262,144 slots).
+        for (name, flows) in [
+            (
+                IPIP_1_FLOW,
+                Flows {
+                    sources: 1,
+                    ports: 1,
+                    warm_up: WARM_UP,
+                },
+            ),
+            (
+                IPIP_100K_FLOWS,
+                Flows {
+                    sources: 1600,
+                    ports: 64,
+                    warm_up: Duration::from_secs(if quick { 1 } else { 10 }),
+                },
+            ),
+            (
+                IPIP_NEW_FLOWS,
+                Flows {
+                    sources: 1024,
+                    ports: 4096,
+                    warm_up: WARM_UP,
+                },
+            ),
+        ] {
+            let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
+            let fwd = Forwarder::load(
+                &bench.lab,
+                &v4_small,
+                DEFAULT_LOOKUPS,
+                Some(VipPath::IpipTx),
+            )?;
+            add(
+                name.into(),
+                &vip,
+                bench,
+                Router::Pop(Box::new(fwd)),
+                false,
+                None,
+                Some(flows),
             )?;
         }
         let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
@@ -914,6 +997,7 @@ fn main() -> Result<()> {
             bench,
             Router::Redirect(tx),
             true,
+            None,
             None,
         )?;
     }
@@ -957,6 +1041,7 @@ fn main() -> Result<()> {
             Router::Pop(Box::new(fwd)),
             true,
             None,
+            None,
         )?;
     }
     // route_lookup = "kernel-fib": the program asks the kernel's FIB per
@@ -976,6 +1061,7 @@ fn main() -> Result<()> {
                 Router::Pop(Box::new(fwd)),
                 true,
                 None,
+                None,
             )?;
         }
     }
@@ -985,8 +1071,7 @@ fn main() -> Result<()> {
         settings.runs, settings.run_time
     );
     for s in &scenarios {
-        // Warm-up: neighbour entries, page pools, caches.
-        s.bench.run_once(&s.generator, Duration::from_millis(300))?;
+        s.bench.run_once(&s.generator, s.warm_up)?;
     }
     for round in 0..settings.runs {
         for s in scenarios.iter_mut().filter(|s| s.throughput) {
@@ -1299,10 +1384,31 @@ fn summarise(report: &mut Report, full_v4: usize, full_v6: usize) {
         pps(ipip, 1),
         pps(bare_tx, 0),
     );
-    let own_work = cost(ipip, 1).zip(cost(bare_tx, 0)).map(|(a, b)| {
-        let mut d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
-        median(&mut d)
-    });
+    let own_work = |name: &str| {
+        cost(name, 1).zip(cost(bare_tx, 0)).map(|(a, b)| {
+            let mut d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+            median(&mut d)
+        })
+    };
+    // (row, control-plane key, what): the IP-in-IP path's own work with
+    // 1,024 flows, and by the connection table's state.
+    let own_works: Vec<(&str, &str, Option<f64>)> = [
+        (ipip, "vip_ipip_tx_own_work_ns", "1,024 flows"),
+        (IPIP_1_FLOW, "vip_ipip_tx_1_flow_own_work_ns", "1 flow"),
+        (
+            IPIP_100K_FLOWS,
+            "vip_ipip_tx_102400_flows_own_work_ns",
+            "102,400 flows",
+        ),
+        (
+            IPIP_NEW_FLOWS,
+            "vip_ipip_tx_new_flows_own_work_ns",
+            "every frame a new flow",
+        ),
+    ]
+    .into_iter()
+    .map(|(row, key, what)| (key, what, own_work(row)))
+    .collect();
     insert(
         "bare_redirect_generate_vs_minimal_generator".into(),
         ceiling,
@@ -1404,12 +1510,11 @@ fn summarise(report: &mut Report, full_v4: usize, full_v6: usize) {
             targets.push((format!("{what}: {v:.2}x"), v >= want));
         }
     }
-    if let Some(ns) = own_work {
-        report
-            .control_plane
-            .insert("vip_ipip_tx_own_work_ns".into(), ns);
+    for (key, what, ns) in own_works {
+        let Some(ns) = ns else { continue };
+        report.control_plane.insert(key.into(), ns);
         targets.push((
-            format!("the IP-in-IP VIP path's own work (its cost less bare XDP_TX's) <= 150 ns: {ns:.0} ns"),
+            format!("the IP-in-IP VIP path's own work (its cost less bare XDP_TX's) <= 150 ns, {what}: {ns:.0} ns"),
             ns <= 150.0,
         ));
     }
