@@ -14,9 +14,20 @@ pub const MAGLEV_STRIDE: u32 = DEFAULT_TABLE_SIZE;
 pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_STRIDE;
 /// Flows the connection table remembers (least recently used go first).
 pub const MAX_FLOWS: u32 = 1 << 18;
-/// Flows other than TCP seen once, not yet remembered (`FLOWS_SEEN`): a
-/// flow is remembered from its second packet if its first is still here.
-pub const MAX_FLOWS_SEEN: u32 = 1 << 16;
+/// Slots of the seen-once table (`FLOWS_SEEN`): flows other than TCP seen
+/// once, not yet remembered. A flow is remembered from its second packet
+/// if its first is still noted: one slot per flow hash (direct-mapped,
+/// `seen_slot`), which a later new flow on the same slot takes over.
+pub const FLOWS_SEEN_SLOTS: u32 = 1 << 18;
+
+/// A flow's slot in the seen-once table, and the tag that notes it there
+/// (its whole hash; never 0, the empty slot's), from its flow hash. Two
+/// flows with one hash share a note: the second is remembered from its
+/// first packet, which costs an entry, nothing else.
+#[inline(always)]
+pub const fn seen_slot(hash: u32) -> (u32, u64) {
+    (hash % FLOWS_SEEN_SLOTS, hash as u64 | 1 << 32)
+}
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

@@ -22,8 +22,8 @@ use pop_forwarder_common::{
     maglev::{self, NO_NODE},
     settings,
     steering::{
-        CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowEntry, FlowKey, MAGLEV_ENTRIES,
-        MAX_CACHE_NODES, MAX_FLOWS, MAX_FLOWS_SEEN, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP,
+        self, CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOWS_SEEN_SLOTS, FlowEntry, FlowKey,
+        MAGLEV_ENTRIES, MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP,
         NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
     },
 };
@@ -174,7 +174,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
             let remember = if flow.protocol == PROTO_TCP {
                 tcp_syn(ctx, flow)
             } else {
-                seen_before(&flow_key)
+                seen_before(hash)
             };
             if remember {
                 let entry = FlowEntry {
@@ -238,23 +238,33 @@ fn idle_timeout_ns(protocol: u8) -> u64 {
     u64::from(SETTINGS.get(slot).copied().unwrap_or(0)) * 1_000_000_000
 }
 
-/// Flows other than TCP seen once and not yet remembered in FLOWS. A
-/// flood of one-packet flows churns this table, not FLOWS. Not pinned: a
-/// restart forgets them (a flow is then remembered a packet later).
+/// Flows other than TCP seen once and not yet remembered in FLOWS, by flow
+/// hash, direct-mapped (see `steering::seen_slot`): a lookup and a write
+/// of one array slot, whatever the traffic, so that a flood of one-packet
+/// flows (spoofed sources) costs what a Maglev lookup does and churns this
+/// table, not FLOWS. Not pinned: a restart forgets them (a flow is then
+/// remembered a packet later).
 #[map]
-static FLOWS_SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_FLOWS_SEEN, 0);
+static FLOWS_SEEN: Array<u64> = Array::with_max_entries(FLOWS_SEEN_SLOTS, 0);
 
-/// Whether the flow `key` (not in FLOWS) was seen before: true on its
-/// second packet (the record is then dropped, the flow goes to FLOWS);
-/// on its first, records it and answers false.
+/// Whether the flow of `hash` (not in FLOWS) was seen before: true on its
+/// second packet (the note is then cleared, the flow goes to FLOWS); on
+/// its first, notes it and answers false.
 #[inline(always)]
-fn seen_before(key: &FlowKey) -> bool {
-    // SAFETY: the value is only tested for presence.
-    if unsafe { FLOWS_SEEN.get(key) }.is_some() {
-        let _ = FLOWS_SEEN.remove(key);
-        return true;
+fn seen_before(hash: u32) -> bool {
+    let (slot, tag) = steering::seen_slot(hash);
+    let Some(noted) = FLOWS_SEEN.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: a slot of this array; a racing CPU's write to it loses one
+    // note, which the table's design allows anyway.
+    unsafe {
+        if *noted == tag {
+            *noted = 0;
+            return true;
+        }
+        *noted = tag;
     }
-    let _ = FLOWS_SEEN.insert(key, &1, 0);
     false
 }
 

@@ -1705,7 +1705,7 @@ mod steering {
     use pop_forwarder_common::{
         maglev::{self, NO_NODE},
         steering::{
-            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FlowKey, MAX_FLOWS_SEEN, NODE_F_IN_USE,
+            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOWS_SEEN_SLOTS, FlowKey, NODE_F_IN_USE,
             NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
         },
     };
@@ -1918,10 +1918,10 @@ mod steering {
                 p.tables.flow_node(&key("10.0.1.2", 43000)).unwrap(),
                 Some(node)
             );
-            // A flood of one-packet flows from spoofed sources, more than
-            // the seen-once table holds: each steered by Maglev, none
+            // A flood of one-packet flows from spoofed sources, a quarter
+            // of the seen-once table's slots: each steered by Maglev, none
             // remembered, so the established flow keeps its entry.
-            let flood = MAX_FLOWS_SEEN + 4096;
+            let flood = FLOWS_SEEN_SLOTS / 4;
             let source = |i: u32| format!("10.2.{}.{}", i >> 8 & 0xff, i & 0xff);
             for i in 0..flood {
                 let src = if i < 1 << 16 {
