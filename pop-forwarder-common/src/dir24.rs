@@ -322,6 +322,7 @@ mod tests {
     use std::{vec, vec::Vec};
 
     use super::*;
+    use crate::test_rng::Rng;
 
     #[test]
     fn groups_are_counted_and_foreseen() {
@@ -387,16 +388,6 @@ mod tests {
 
     fn mask(len: u32) -> u32 {
         u32::MAX.checked_shl(32 - len).unwrap_or(0)
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
     }
 
     fn tables(groups: u32) -> (Vec<u32>, Vec<u32>) {

@@ -435,7 +435,9 @@ mod host {
             let key = (net_of(addr, len), len);
             let old = self.routes.insert(key, target);
             if u32::from(len) <= CHUNK_BITS {
-                self.set_fallback(t, key.0, len, len + 1, Some(target));
+                // Each chunk it covers whose fallback is no longer takes it.
+                let depth = len + 1;
+                self.set_fallbacks(t, key, (depth, Some(target)), |have| have <= depth);
                 return Ok(None);
             }
             self.rebuild(t, chunk_of(key.0)).inspect_err(|_| {
@@ -474,7 +476,8 @@ mod host {
                 let key = (net_of(addr, len), len);
                 let old = self.routes.insert(key, target);
                 if u32::from(len) <= CHUNK_BITS {
-                    self.set_fallback(t, key.0, len, len + 1, Some(target));
+                    let depth = len + 1;
+                    self.set_fallbacks(t, key, (depth, Some(target)), |have| have <= depth);
                 } else {
                     touched.entry(chunk_of(key.0)).or_default().push((key, old));
                 }
@@ -527,7 +530,8 @@ mod host {
                     Some((l, target)) => (l + 1, Some(target)),
                     None => (0, None),
                 };
-                self.replace_fallback(t, key.0, len, depth, target);
+                // The chunks whose fallback it was take the next one.
+                self.set_fallbacks(t, key, (depth, target), |have| have == len + 1);
                 return Ok(None);
             }
             self.rebuild(t, chunk_of(key.0)).inspect_err(|_| {
@@ -540,35 +544,18 @@ mod host {
             self.alloc.free(block.base, block.order);
         }
 
-        /// A route of length `len` <= 20 over `net` now is `target`: each
-        /// chunk it covers whose fallback is no longer takes it.
-        fn set_fallback(
+        /// Gives the chunks of a route of length `len` <= 20 over `net`
+        /// whose fallback length passes `take` the fallback `target`, of
+        /// length `depth` - 1 (0: none).
+        fn set_fallbacks(
             &mut self,
             t: &mut Tables6<'_>,
-            net: u128,
-            len: u8,
-            depth: u8,
-            target: Option<u32>,
+            (net, len): (u128, u8),
+            (depth, target): (u8, Option<u32>),
+            take: impl Fn(u8) -> bool,
         ) {
             for c in Self::span(net, len) {
-                if self.fallback_len[c as usize] <= depth {
-                    self.write_fallback(t, c, depth, target);
-                }
-            }
-        }
-
-        /// The route of length `len` over `net` is gone: the chunks whose
-        /// fallback it was take the next one (`depth`, `target`).
-        fn replace_fallback(
-            &mut self,
-            t: &mut Tables6<'_>,
-            net: u128,
-            len: u8,
-            depth: u8,
-            target: Option<u32>,
-        ) {
-            for c in Self::span(net, len) {
-                if self.fallback_len[c as usize] == len + 1 {
+                if take(self.fallback_len[c as usize]) {
                     self.write_fallback(t, c, depth, target);
                 }
             }
@@ -687,6 +674,7 @@ mod tests {
         host::{Buddy, chunk_of},
         *,
     };
+    use crate::test_rng::Rng;
 
     /// The reference: longest match by scanning every route.
     #[derive(Default)]
@@ -704,19 +692,6 @@ mod tests {
 
     fn mask(len: u8) -> u128 {
         u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn wide(&mut self) -> u128 {
-            (u128::from(self.next()) << 64) | u128::from(self.next())
-        }
     }
 
     struct Owned {

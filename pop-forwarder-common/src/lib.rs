@@ -16,6 +16,25 @@ pub mod steering;
 
 pub use counters::{Counter, ICMP_TOO_BIG_PER_SECOND};
 
+/// The unit tests' deterministic random numbers (xorshift64).
+#[cfg(test)]
+mod test_rng {
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        pub fn wide(&mut self) -> u128 {
+            (u128::from(self.next()) << 64) | u128::from(self.next())
+        }
+    }
+}
+
 /// The layout of the pinned maps: their names, types, key and value
 /// layouts, sizes and the meaning of every entry. A daemon (or a new build
 /// of the program) adopts an instance's pinned maps only if they carry this

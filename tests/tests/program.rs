@@ -732,27 +732,18 @@ fn ipv6_longest_prefix_wins_at_any_length_and_deletes_fall_back() {
         .map(|(r, nh)| (r.parse().unwrap(), *nh))
         .collect();
         p.tables.add_routes(&routes).unwrap();
-        let tx_case = |name, dst| Case {
+        // A frame to `dst` and what becomes of it: forwarded (XDP_TX out
+        // of the ingress, or redirected), or passed unchanged.
+        let case = |name, dst, action, counter| Case {
             name,
             frame: v6(dst, 64),
-            action: XDP_TX,
-            output: Some(forwarded(&v6(dst, 64), OUT)),
-            counter: Counter::ForwardedTx,
+            action,
+            output: (action != XDP_PASS).then(|| forwarded(&v6(dst, 64), OUT)),
+            counter,
         };
-        let via_veth = |name, dst| Case {
-            name,
-            frame: v6(dst, 64),
-            action: XDP_REDIRECT,
-            output: Some(forwarded(&v6(dst, 64), OUT)),
-            counter: Counter::Forwarded,
-        };
-        let no_mac = |name, dst| Case {
-            name,
-            frame: v6(dst, 64),
-            action: XDP_PASS,
-            output: None,
-            counter: Counter::PassNoNeighbour,
-        };
+        let tx_case = |name, dst| case(name, dst, XDP_TX, Counter::ForwardedTx);
+        let via_veth = |name, dst| case(name, dst, XDP_REDIRECT, Counter::Forwarded);
+        let no_mac = |name, dst| case(name, dst, XDP_PASS, Counter::PassNoNeighbour);
         check(
             p,
             vec![
@@ -780,13 +771,12 @@ fn ipv6_longest_prefix_wins_at_any_length_and_deletes_fall_back() {
         check(
             p,
             vec![
-                Case {
-                    name: "fd00:ffff::1 after the /16 went",
-                    frame: v6("fd00:ffff::1", 64),
-                    action: XDP_PASS,
-                    output: None,
-                    counter: Counter::PassRouteMiss,
-                },
+                case(
+                    "fd00:ffff::1 after the /16 went",
+                    "fd00:ffff::1",
+                    XDP_PASS,
+                    Counter::PassRouteMiss,
+                ),
                 tx_case("fd00:3::8000:0:0:1 on the /65 still", "fd00:3::8000:0:0:1"),
             ],
         );

@@ -116,32 +116,30 @@ impl Tables {
 
     /// Adds (or repoints) an IPv6 route in the range table, if in use.
     pub(super) fn index_v6(&mut self, a: std::net::Ipv6Addr, len: u8, target: u32) -> Result<()> {
-        let Some(host) = self.dxr6()? else {
-            return Ok(());
-        };
-        let (dxr, mut t) = host.parts();
-        let mut done = dxr.insert(&mut t, u128::from(a), len, target);
-        if done == Err(Dxr6Error::RangesFull) && !self.retired.blocks.is_empty() {
-            // Blocks resting after a change will do, once rested.
-            self.reclaim_blocks(true)?;
-            let (dxr, mut t) = self.dxr6()?.expect("in use").parts();
-            done = dxr.insert(&mut t, u128::from(a), len, target);
-        }
-        self.retire_block(done.map_err(|e| anyhow!("{e}"))?);
-        Ok(())
+        self.edit_dxr6(|dxr, t| dxr.insert(t, u128::from(a), len, target))
     }
 
     /// Removes an IPv6 route from the range table, if in use.
     pub(super) fn unindex_v6(&mut self, a: std::net::Ipv6Addr, len: u8) -> Result<()> {
+        self.edit_dxr6(|dxr, t| dxr.remove(t, u128::from(a), len))
+    }
+
+    /// Runs `edit` on the range table, if in use; again, once the resting
+    /// blocks are free, if it ran out of room. Retires the block it
+    /// replaced.
+    fn edit_dxr6(
+        &mut self,
+        edit: impl Fn(&mut Dxr6, &mut Tables6<'_>) -> Result<Option<Block>, Dxr6Error>,
+    ) -> Result<()> {
         let Some(host) = self.dxr6()? else {
             return Ok(());
         };
         let (dxr, mut t) = host.parts();
-        let mut done = dxr.remove(&mut t, u128::from(a), len);
+        let mut done = edit(dxr, &mut t);
         if done == Err(Dxr6Error::RangesFull) && !self.retired.blocks.is_empty() {
             self.reclaim_blocks(true)?;
             let (dxr, mut t) = self.dxr6()?.expect("in use").parts();
-            done = dxr.remove(&mut t, u128::from(a), len);
+            done = edit(dxr, &mut t);
         }
         self.retire_block(done.map_err(|e| anyhow!("{e}"))?);
         Ok(())
