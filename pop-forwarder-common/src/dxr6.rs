@@ -9,10 +9,12 @@
 //! - its fallback: the longest route of length <= 20 covering the chunk
 //!   (or none), and
 //! - if routes longer than /20 start in the chunk, where its ranges are:
-//!   `count` consecutive `Range6` in `RANGES` from `base`, sorted, the
-//!   first starting at the chunk's first address. A range's target is the
-//!   longest of those longer routes covering it, or none, which means the
-//!   fallback.
+//!   `count` consecutive ranges in `RANGES` (u64 slots) from `base`,
+//!   sorted, the first starting at the chunk's first address; short ones
+//!   (one slot) if the chunk's routes are all /52 or shorter, long ones
+//!   (three slots) otherwise (see `SHORT_MAX_LEN`). A range's target is
+//!   the longest of those longer routes covering it, or none, which means
+//!   the fallback.
 //!
 //! A lookup reads the chunk entry, then binary-searches at most `count`
 //! ranges (at most `SEARCH_STEPS` reads; most chunks hold one to five

@@ -620,13 +620,14 @@ impl Tables {
                     .blocks
                     .extend(retired.into_iter().map(|b| (b, now)));
                 if let Err((e, left)) = written {
-                    let (a, l) = left[0];
-                    return Err(anyhow!("{e}")).with_context(|| {
-                        format!(
+                    let err = anyhow!("{e}");
+                    return Err(match left.first() {
+                        Some(&(a, l)) => err.context(format!(
                             "inserting the route to {}/{l} (and {} more)",
                             std::net::Ipv6Addr::from(a),
                             left.len() - 1
-                        )
+                        )),
+                        None => err,
                     });
                 }
             }
