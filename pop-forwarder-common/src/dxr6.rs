@@ -348,6 +348,51 @@ mod host {
         addr & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
     }
 
+    /// The sorted ranges of `chunk` cut by `routes` (longer than /20, in
+    /// (network, length) order, with their targets): each start and its
+    /// target (`RANGE_VALID` | target, or 0), adjacent ranges with the same
+    /// target merged.
+    fn sweep(chunk: u32, routes: impl Iterator<Item = ((u128, u8), u32)>) -> Vec<(u128, u32)> {
+        let first = u128::from(chunk) << (128 - CHUNK_BITS);
+        let last = first | (u128::MAX >> CHUNK_BITS);
+        let mut out: Vec<(u128, u32)> = vec![(first, 0)];
+        let emit = |out: &mut Vec<(u128, u32)>, start: u128, target: u32| {
+            let end = out.len() - 1;
+            if out[end].0 == start {
+                out[end].1 = target;
+                if end > 0 && out[end - 1].1 == target {
+                    out.pop();
+                }
+            } else if out[end].1 != target {
+                out.push((start, target));
+            }
+        };
+        // Routes nest or are disjoint; by (network, length) each comes after
+        // the routes that contain it. `open` holds the routes containing the
+        // current position: (last address, target).
+        let mut open: Vec<(u128, u32)> = Vec::new();
+        let close_before =
+            |open: &mut Vec<(u128, u32)>, out: &mut Vec<(u128, u32)>, at: Option<u128>| {
+                while let Some(&(end, _)) = open.last() {
+                    if at.is_some_and(|a| end >= a) {
+                        break;
+                    }
+                    open.pop();
+                    if end < last {
+                        emit(out, end + 1, open.last().map_or(0, |o| o.1));
+                    }
+                }
+            };
+        for ((net, len), target) in routes {
+            close_before(&mut open, &mut out, Some(net));
+            let target = RANGE_VALID | target;
+            emit(&mut out, net, target);
+            open.push((net | u128::MAX.checked_shr(len.into()).unwrap_or(0), target));
+        }
+        close_before(&mut open, &mut out, None);
+        out
+    }
+
     pub(super) const fn chunk_of(addr: u128) -> u32 {
         chunk_index((addr >> 64) as u64)
     }
@@ -577,48 +622,68 @@ mod host {
         /// start and its target (`RANGE_VALID` | target, or 0), adjacent
         /// ranges with the same target merged.
         fn ranges(&self, chunk: u32) -> Vec<(u128, u32)> {
+            sweep(
+                chunk,
+                self.in_chunk(chunk).map(|(&key, &target)| (key, target)),
+            )
+        }
+
+        /// The routes longer than /20 in `chunk`, in (network, length) order.
+        fn in_chunk(&self, chunk: u32) -> impl Iterator<Item = (&(u128, u8), &u32)> {
             let first = u128::from(chunk) << (128 - CHUNK_BITS);
             let last = first | (u128::MAX >> CHUNK_BITS);
-            let mut out: Vec<(u128, u32)> = vec![(first, 0)];
-            let emit = |out: &mut Vec<(u128, u32)>, start: u128, target: u32| {
-                let end = out.len() - 1;
-                if out[end].0 == start {
-                    out[end].1 = target;
-                    if end > 0 && out[end - 1].1 == target {
-                        out.pop();
-                    }
-                } else if out[end].1 != target {
-                    out.push((start, target));
-                }
-            };
-            // Routes nest or are disjoint; by (network, length) each comes
-            // after the routes that contain it. `open` holds the routes
-            // containing the current position: (last address, target).
-            let mut open: Vec<(u128, u32)> = Vec::new();
-            let close_before =
-                |open: &mut Vec<(u128, u32)>, out: &mut Vec<(u128, u32)>, at: Option<u128>| {
-                    while let Some(&(end, _)) = open.last() {
-                        if at.is_some_and(|a| end >= a) {
-                            break;
-                        }
-                        open.pop();
-                        if end < last {
-                            emit(out, end + 1, open.last().map_or(0, |o| o.1));
-                        }
-                    }
-                };
-            for (&(net, len), &target) in self
-                .routes
+            self.routes
                 .range((first, 0)..=(last, 128))
                 .filter(|((_, len), _)| u32::from(*len) > CHUNK_BITS)
-            {
-                close_before(&mut open, &mut out, Some(net));
-                let target = RANGE_VALID | target;
-                emit(&mut out, net, target);
-                open.push((net | u128::MAX.checked_shr(len.into()).unwrap_or(0), target));
+        }
+
+        /// The slots that adding (or repointing) `routes` would take in new
+        /// blocks, foreseen before any write: for each /20 in which a route
+        /// longer than /20 changes, the block its ranges would need,
+        /// counted as if no neighbouring ranges merged (an upper bound).
+        /// Fails if a /20 would pass `MAX_CHUNK_RANGES` (`ChunkFull`) or if
+        /// more slots are needed than are free (`RangesFull`); the
+        /// allocator's fragmentation may still fail a change that passes.
+        pub fn room_for(&self, routes: &[(u128, u8)]) -> Result<u64, Dxr6Error> {
+            let mut by_chunk: BTreeMap<u32, Vec<(u128, u8)>> = BTreeMap::new();
+            for &(addr, len) in routes {
+                if len > 128 {
+                    return Err(Dxr6Error::BadLength);
+                }
+                if u32::from(len) > CHUNK_BITS {
+                    let net = net_of(addr, len);
+                    by_chunk.entry(chunk_of(net)).or_default().push((net, len));
+                }
             }
-            close_before(&mut open, &mut out, None);
-            out
+            let mut need = 0u64;
+            for (chunk, new) in by_chunk {
+                let mut all: Vec<(u128, u8)> = self
+                    .in_chunk(chunk)
+                    .map(|(&key, _)| key)
+                    .chain(new)
+                    .collect();
+                all.sort_unstable();
+                all.dedup();
+                // A target of its own for every route: nothing merges.
+                let ranges = sweep(chunk, all.into_iter().zip(0..));
+                let count = ranges.len() as u32;
+                if count > MAX_CHUNK_RANGES {
+                    return Err(Dxr6Error::ChunkFull);
+                }
+                let long = ranges
+                    .iter()
+                    .any(|(start, _)| start & (u128::MAX >> SHORT_MAX_LEN) != 0);
+                let block = block_of(&Ranges {
+                    base: 0,
+                    count,
+                    long,
+                });
+                need += 1 << block.order;
+            }
+            if need > self.free_ranges() {
+                return Err(Dxr6Error::RangesFull);
+            }
+            Ok(need)
         }
 
         /// Writes `chunk`'s ranges into a new block and switches the chunk
@@ -831,11 +896,16 @@ mod tests {
         }
         let mut batch = Owned::new(1 << 16);
         let mut dxr_batch = Dxr6::adopt(&batch.t(), []).unwrap();
+        let keys: Vec<(u128, u8)> = routes.iter().map(|&(a, l, _)| (a, l)).collect();
+        let foreseen = dxr_batch.room_for(&keys).unwrap();
         let mut retired = Vec::new();
         dxr_batch
             .insert_many(&mut batch.t(), &routes, &mut retired)
             .unwrap();
         assert!(retired.is_empty());
+        // The foresight is an upper bound of what the batch took.
+        let taken = (1 << 16) - dxr_batch.free_ranges();
+        assert!(taken <= foreseen && taken > 0, "{taken} > {foreseen}");
         let mut naive = Naive::default();
         for &(a, l, t) in &routes {
             naive.0.insert((a, l), t);
@@ -872,6 +942,15 @@ mod tests {
         let routes: Vec<(u128, u8, u32)> = (0..6u128)
             .map(|i| ((0x2001u128 << 112) | (i << 108) | (5 << 80), 48, i as u32))
             .collect();
+        // Foreseen before any write: four fit, six do not.
+        let keys: Vec<(u128, u8)> = routes.iter().map(|&(a, l, _)| (a, l)).collect();
+        assert_eq!(dxr.room_for(&keys[..4]), Ok(16));
+        assert_eq!(dxr.room_for(&keys), Err(Dxr6Error::RangesFull));
+        // 32,768 /48s, none adjacent, in one /20: 65,537 ranges.
+        let crowded: Vec<(u128, u8)> = (0..32_768u128)
+            .map(|i| ((0x2001u128 << 112) | (i * 2) << 80, 48))
+            .collect();
+        assert_eq!(dxr.room_for(&crowded), Err(Dxr6Error::ChunkFull));
         let mut retired = Vec::new();
         let (e, left) = dxr
             .insert_many(&mut tables.t(), &routes, &mut retired)

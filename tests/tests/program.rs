@@ -998,8 +998,18 @@ fn an_ipv6_batch_the_range_table_cannot_take_changes_nothing() {
                 )
             })
             .collect();
+        // Written, then taken back when the range table refuses it.
         let err = format!("{:#}", p.tables.add_routes(&batch).unwrap_err());
         assert!(err.contains("more than 65,535 ranges"), "{err}");
+        assert_eq!(p.tables.routes(&[]).unwrap().len(), before);
+        assert_eq!(p.tables.next_hop_slots().unwrap(), slots_before);
+        // As a planned change (a reload, the kernel mirror): refused before
+        // any write.
+        let err = format!("{:#}", p.tables.upsert_routes(&one(&batch)).unwrap_err());
+        assert!(
+            err.contains("the change's IPv6 routes") && err.contains("more than 65,535 ranges"),
+            "{err}"
+        );
         assert_eq!(p.tables.routes(&[]).unwrap().len(), before);
         assert_eq!(p.tables.next_hop_slots().unwrap(), slots_before);
         check(

@@ -28,7 +28,7 @@ use pop_forwarder_common::{
     NH_F_CONNECTED, NH_F_IN_USE, NH_F_MAC_STATIC, NH_F_MAC_VALID, NeighbourKey, NeighbourMac,
     NextHop, RouteKeyV4, RouteTarget, TrafficCounter, VlanKey,
     dir24::{self as dir24_layout, Dir24, Dir24Error, TBL8_GROUPS},
-    dxr6::{Block, Dxr6, Dxr6Error, Tables6},
+    dxr6::{self as dxr6_layout, Block, Dxr6, Dxr6Error, Tables6},
     ecmp::{self, NextHopGroup},
     map_names as names, settings,
     steering::{CacheNode, FlowEntry, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},

@@ -890,6 +890,37 @@ impl Tables {
                 bail!("the change makes {n} {family} routes; the table holds {max}");
             }
         }
+        // The IPv6 range table: the blocks the /20s the change touches
+        // would take (new routes, and changed ones: a repointed route's /20
+        // is rebuilt too).
+        let v6: Vec<(u128, u8)> = new
+            .iter()
+            .chain(changed)
+            .filter_map(|(p, _)| match p.addr {
+                IpAddr::V6(a) => Some((u128::from(a), p.len)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        if !v6.is_empty() && self.dxr6()?.is_some() {
+            let room = |t: &mut Tables| t.dxr6().map(|h| h.expect("in use").dxr.room_for(&v6));
+            let mut room_now = room(self)?;
+            if room_now == Err(Dxr6Error::RangesFull) && !self.retired.blocks.is_empty() {
+                // Blocks resting after a change will do, once rested.
+                self.reclaim_blocks(true)?;
+                room_now = room(self)?;
+            }
+            match room_now {
+                Ok(_) => {}
+                Err(Dxr6Error::RangesFull) => {
+                    let free = self.dxr6()?.expect("in use").dxr.free_ranges();
+                    bail!(
+                        "the change's IPv6 routes need more of the range table than is free ({free} of {} slots; see README, The IPv6 range table)",
+                        dxr6_layout::RANGE_SLOTS
+                    )
+                }
+                Err(e) => bail!("the change's IPv6 routes: {e}"),
+            }
+        }
         if !self.retired.groups.is_empty() {
             self.reclaim_groups(false)?;
         }
