@@ -348,6 +348,25 @@ mod host {
         addr & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
     }
 
+    /// How a chunk's `ranges` would be stored: long or short, and the
+    /// block they take (its base left 0); `ChunkFull` past
+    /// `MAX_CHUNK_RANGES`.
+    fn layout(ranges: &[(u128, u32)]) -> Result<(bool, Block), Dxr6Error> {
+        let count = ranges.len() as u32;
+        if count > MAX_CHUNK_RANGES {
+            return Err(Dxr6Error::ChunkFull);
+        }
+        let long = ranges
+            .iter()
+            .any(|(start, _)| start & (u128::MAX >> SHORT_MAX_LEN) != 0);
+        let block = block_of(&Ranges {
+            base: 0,
+            count,
+            long,
+        });
+        Ok((long, block))
+    }
+
     /// The sorted ranges of `chunk` cut by `routes` (longer than /20, in
     /// (network, length) order, with their targets): each start and its
     /// target (`RANGE_VALID` | target, or 0), adjacent ranges with the same
@@ -665,19 +684,7 @@ mod host {
                 all.sort_unstable();
                 all.dedup();
                 // A target of its own for every route: nothing merges.
-                let ranges = sweep(chunk, all.into_iter().zip(0..));
-                let count = ranges.len() as u32;
-                if count > MAX_CHUNK_RANGES {
-                    return Err(Dxr6Error::ChunkFull);
-                }
-                let long = ranges
-                    .iter()
-                    .any(|(start, _)| start & (u128::MAX >> SHORT_MAX_LEN) != 0);
-                let block = block_of(&Ranges {
-                    base: 0,
-                    count,
-                    long,
-                });
+                let (_, block) = layout(&sweep(chunk, all.into_iter().zip(0..)))?;
                 need += 1 << block.order;
             }
             if need > self.free_ranges() {
@@ -698,17 +705,7 @@ mod host {
                 return Ok(old);
             }
             let count = ranges.len() as u32;
-            if count > MAX_CHUNK_RANGES {
-                return Err(Dxr6Error::ChunkFull);
-            }
-            let long = ranges
-                .iter()
-                .any(|(start, _)| start & (u128::MAX >> SHORT_MAX_LEN) != 0);
-            let block = block_of(&Ranges {
-                base: 0,
-                count,
-                long,
-            });
+            let (long, block) = layout(&ranges)?;
             let base = self.alloc.alloc(block.order).ok_or(Dxr6Error::RangesFull)?;
             let slots = &mut t.ranges[base as usize..];
             for (i, &(start, target)) in ranges.iter().enumerate() {

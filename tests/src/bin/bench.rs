@@ -230,6 +230,30 @@ impl Bench {
     }
 }
 
+/// The control-plane rows of a full table's load: `count` routes of
+/// `family` ("v4", "v6") loaded under `lookup` in `seconds`, the maps
+/// holding `mib`.
+fn report_load(
+    report: &mut Report,
+    lookup: &str,
+    count: usize,
+    family: &str,
+    seconds: f64,
+    mib: f64,
+) {
+    report.control_plane.insert(
+        format!("pop_{lookup}_load_{count}_{family}_routes_s"),
+        seconds,
+    );
+    report
+        .control_plane
+        .insert(format!("pop_{lookup}_{count}_{family}_routes_mib"), mib);
+    let ip = if family == "v4" { "IPv4" } else { "IPv6" };
+    println!(
+        "  pop-forwarder ({lookup}): {count} {ip} routes loaded in {seconds:.2} s; maps hold {mib:.1} MiB"
+    );
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
@@ -855,16 +879,13 @@ fn main() -> Result<()> {
                 } else {
                     maps
                 };
-                report.control_plane.insert(
-                    format!("pop_{lookup}_load_{full_v4}_v4_routes_s"),
+                report_load(
+                    &mut report,
+                    &lookup.to_string(),
+                    full_v4,
+                    "v4",
                     fwd.load_seconds,
-                );
-                report
-                    .control_plane
-                    .insert(format!("pop_{lookup}_{full_v4}_v4_routes_mib"), mib);
-                println!(
-                    "  pop-forwarder ({lookup}): {full_v4} IPv4 routes loaded in {:.2} s; maps hold {mib:.1} MiB",
-                    fwd.load_seconds
+                    mib,
                 );
             }
             let name = match (v4, from) {
@@ -885,16 +906,13 @@ fn main() -> Result<()> {
                 } else {
                     trie
                 };
-                report.control_plane.insert(
-                    format!("pop_{lookup6}_load_{full_v6}_v6_routes_s"),
+                report_load(
+                    &mut report,
+                    &lookup6.to_string(),
+                    full_v6,
+                    "v6",
                     fwd.load_seconds,
-                );
-                report
-                    .control_plane
-                    .insert(format!("pop_{lookup6}_{full_v6}_v6_routes_mib"), mib);
-                println!(
-                    "  pop-forwarder ({lookup6}): {full_v6} IPv6 routes loaded in {:.2} s; maps hold {mib:.1} MiB",
-                    fwd.load_seconds
+                    mib,
                 );
             }
             add(
