@@ -1126,6 +1126,25 @@ mac = "02:00:00:00:00:02"
             );
             assert!(e.contains(why), "{line}: {e}");
         }
+        // The lookups GOOD sets, given values there are none of.
+        for (line, bad, why) in [
+            (
+                "ipv6_lookup = \"lpm-trie\"",
+                "ipv6_lookup = \"poptrie\"",
+                "unknown variant `poptrie`",
+            ),
+            (
+                "ipv4_lookup = \"lpm-trie\"",
+                "ipv4_lookup = \"dir-16-8\"",
+                "unknown variant `dir-16-8`",
+            ),
+        ] {
+            let e = format!(
+                "{:#}",
+                Model::from_toml(&GOOD.replace(line, bad)).unwrap_err()
+            );
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
