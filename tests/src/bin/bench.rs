@@ -549,6 +549,18 @@ fn main() -> Result<()> {
         .find_map(|a| a.strip_prefix("--only="))
         .map(|v| v.split(',').map(str::to_owned).collect());
     let wanted = |section: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == section));
+    // --row=TEXT keeps only the paths whose name holds TEXT, and
+    // --run-ms=N sets how long each run sends: with both, one path runs
+    // long enough to profile (perf record) while the rest of the bench is
+    // skipped. The ratios and targets of missing paths are not printed.
+    let row: Option<String> = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--row="))
+        .map(str::to_owned);
+    let run_ms: Option<u64> = match args.iter().find_map(|a| a.strip_prefix("--run-ms=")) {
+        Some(ms) => Some(ms.parse().context("--run-ms takes a number of milliseconds")?),
+        None => None,
+    };
     let out_dir = PathBuf::from(
         args.iter()
             .find_map(|a| a.strip_prefix("--out="))
@@ -570,6 +582,13 @@ fn main() -> Result<()> {
             full_v4: 1_000_000,
             full_v6: 200_000,
         }
+    };
+    let settings = match run_ms {
+        Some(ms) => Settings {
+            run_time: Duration::from_millis(ms),
+            ..settings
+        },
+        None => settings,
     };
     let (full_v4, full_v6) = (settings.full_v4, settings.full_v6);
     let mut report = Report {
@@ -1084,6 +1103,10 @@ fn main() -> Result<()> {
         }
     }
 
+    if let Some(row) = &row {
+        scenarios.retain(|s| s.name.contains(row.as_str()));
+        anyhow::ensure!(!scenarios.is_empty(), "--row={row}: no path's name holds it");
+    }
     println!(
         "== throughput: {} rounds of {:?} per path, paths interleaved (BPF statistics off)",
         settings.runs, settings.run_time
