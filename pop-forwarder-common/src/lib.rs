@@ -41,7 +41,7 @@ mod test_rng {
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -77,7 +77,8 @@ pub mod map_names {
     pub const TX_ERRORS: &str = "TX_ERRORS";
     pub const IPV6_CHUNKS: &str = "IPV6_CHUNKS";
     pub const IPV6_RANGES: &str = "IPV6_RANGES";
-    pub const ALL: [&str; 31] = [
+    pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const ALL: [&str; 32] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -109,6 +110,7 @@ pub mod map_names {
         TX_ERRORS,
         IPV6_CHUNKS,
         IPV6_RANGES,
+        VIP_FILTER,
     ];
 }
 
@@ -623,16 +625,18 @@ mod tests {
             dxr6::RANGE_SLOTS,
             dxr6::SHORT_MAX_LEN,
             dxr6::TARGET_MASK,
+            steering::VIP_FILTER_BUCKETS,
+            steering::EPOCH_MASK,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                5,
+                6,
                 [
                     52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 11,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 31, 24, 8, 776, 65536, 1024,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 32, 24, 8, 776, 65536, 1024,
                     8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16, 20, 4194304, 52,
-                    16383,
+                    16383, 4096, 16777215,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

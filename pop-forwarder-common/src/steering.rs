@@ -5,6 +5,7 @@ use crate::maglev::DEFAULT_TABLE_SIZE;
 
 /// Capacity of the VIP table.
 pub const MAX_VIPS: u32 = 64;
+const _: () = assert!(MAX_VIPS <= 256, "FlowEntry::vip keeps a VIP slot in 8 bits");
 /// Capacity of the cache-node table; node ids index it.
 pub const MAX_CACHE_NODES: u32 = 1024;
 /// Room for one Maglev table per VIP slot; a VIP's table may be smaller (a
@@ -102,20 +103,75 @@ pub struct CacheNode {
     pub mtu: u32,
 }
 
+/// Buckets of VIP_FILTER, by VIP address (`vip_bucket`). A bucket holds 0
+/// while no VIP address has fallen in it, and from then on its epoch
+/// (never 0), which the host bumps whenever a VIP with an address in it is
+/// added or removed. A packet whose destination's bucket is 0 is no VIP's:
+/// it is routed without a VIP or connection-table lookup. A connection-table
+/// entry records the epoch it was written in (`FlowEntry::vip`); while the
+/// bucket still holds it, no VIP of that address has come or gone since,
+/// and the entry's VIP slot is still the VIP that takes the flow.
+pub const VIP_FILTER_BUCKETS: u32 = 4096;
+
+/// The VIP_FILTER bucket of an address, given as its `address_words`
+/// (an IPv4 address and the IPv6 address of the same leading bytes share
+/// one: a bucket tells only which addresses can be no VIP).
+#[inline(always)]
+pub const fn vip_bucket(addr: [u64; 2]) -> u32 {
+    let h = (addr[0] ^ addr[1].rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> (64 - VIP_FILTER_BUCKETS.trailing_zeros())) as u32
+}
+
+/// Epochs count modulo 2^24 (`FlowEntry::vip` keeps 24 bits of one),
+/// skipping 0.
+pub const EPOCH_MASK: u32 = (1 << 24) - 1;
+
+/// The epoch after `epoch`.
+#[inline(always)]
+pub const fn next_epoch(epoch: u32) -> u32 {
+    match (epoch + 1) & EPOCH_MASK {
+        0 => 1,
+        e => e,
+    }
+}
+
 /// Slots of ENCAP_SOURCES: the outer source address of IP-in-IP packets.
 pub const ENCAP_SOURCE_V4: u32 = 0;
 pub const ENCAP_SOURCE_V6: u32 = 1;
 
-/// Value of the connection table: the flow's node, and when the program
-/// last saw the flow (`bpf_ktime_get_coarse_ns`, updated at most once a
-/// second). An entry idle longer than its protocol's timeout
-/// (`settings::FLOW_IDLE_TCP` / `FLOW_IDLE_UDP`) is treated as absent.
+/// Value of the connection table: the flow's node, the VIP that took it
+/// (`vip`), and when the program last saw the flow
+/// (`bpf_ktime_get_coarse_ns`, updated at most once a second). An entry
+/// idle longer than its protocol's timeout (`settings::FLOW_IDLE_TCP` /
+/// `FLOW_IDLE_UDP`) is treated as absent.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlowEntry {
     pub node: u32,
-    pub pad: u32,
+    /// The VIP's slot (low 8 bits) and its address's VIP_FILTER epoch when
+    /// this was written (the 24 bits above): see `VIP_FILTER_BUCKETS`.
+    pub vip: u32,
     pub last_seen_ns: u64,
+}
+
+impl FlowEntry {
+    /// `vip` of VIP slot `index` in `epoch`.
+    #[inline(always)]
+    pub const fn vip_of(index: u32, epoch: u32) -> u32 {
+        index & 0xff | (epoch & EPOCH_MASK) << 8
+    }
+
+    /// The VIP slot this entry names.
+    #[inline(always)]
+    pub const fn vip_index(&self) -> u32 {
+        self.vip & 0xff
+    }
+
+    /// The VIP_FILTER epoch this entry was written in.
+    #[inline(always)]
+    pub const fn epoch(&self) -> u32 {
+        self.vip >> 8
+    }
 }
 
 /// Idle timeouts of connection-table entries by default, in seconds (as

@@ -7,7 +7,8 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::{
-        bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_xdp_adjust_head,
+        bpf_xdp_adjust_tail,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -24,7 +25,7 @@ use pop_forwarder_common::{
     steering::{
         self, CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOWS_SEEN_SLOTS, FlowEntry, FlowKey,
         MAGLEV_ENTRIES, MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP,
-        NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipInfo, VipKey,
+        NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VIP_FILTER_BUCKETS, VipInfo, VipKey,
     },
 };
 
@@ -58,6 +59,10 @@ static VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MA
 /// Outer source addresses of IP-in-IP (ENCAP_SOURCE_V4, ENCAP_SOURCE_V6).
 #[map]
 static ENCAP_SOURCES: Array<[u8; 16]> = Array::with_max_entries(2, 0);
+
+/// See `steering::VIP_FILTER_BUCKETS`.
+#[map]
+static VIP_FILTER: Array<u32> = Array::with_max_entries(VIP_FILTER_BUCKETS, 0);
 
 #[map]
 static NODE_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_CACHE_NODES, 0);
@@ -96,18 +101,15 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
     // flow is rewritten in place (a second Flow would not fit the stack).
     icmp_error_flow(ctx, flow);
     let flow = &*flow;
+    // An address no VIP has ever had is routed at the cost of this one
+    // read; otherwise it is the address's epoch (see VIP_FILTER_BUCKETS),
+    // read before any VIP lookup so that an entry written in it was
+    // written after the VIP changes it stands for.
+    let epoch = *VIP_FILTER.get(steering::vip_bucket(maglev::address_words(&flow.dst)))?;
+    if epoch == 0 {
+        return None;
+    }
     let (src_port, dst_port) = ports(ctx, flow);
-    let key = VipKey {
-        addr: flow.dst,
-        port: dst_port,
-        protocol: flow.protocol,
-        family: flow.family,
-    };
-    // SAFETY: map values are only copied out.
-    let vip = match unsafe { VIPS.get(&key) } {
-        Some(vip) => *vip,
-        None => *unsafe { VIPS.get(&key.any_port()) }?,
-    };
     let flow_key = FlowKey {
         src: flow.src,
         dst: flow.dst,
@@ -117,8 +119,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         family: flow.family,
         pad: [0; 2],
     };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now_ns();
     let known = match FLOWS.get_ptr_mut(&flow_key) {
         Some(entry) => {
             // SAFETY: an LRU hash value of this map's type; a racing CPU's
@@ -131,7 +132,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
                 if idle >= 1_000_000_000 {
                     entry.last_seen_ns = now;
                 }
-                Some(entry.node)
+                Some(entry)
             } else {
                 // Idle too long, or its node is gone: the entry goes, so
                 // that a node later given the slot does not inherit the
@@ -143,9 +144,20 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         }
         None => None,
     };
-    let node_id = match known {
-        Some(id) => id,
+    let (vip_index, node_id) = match known {
+        // A known flow of an address whose VIPs are as they were: the
+        // entry names its VIP, no VIP lookup needed.
+        Some(entry) if entry.epoch() == epoch => (entry.vip_index(), entry.node),
+        // The address's VIPs changed since the entry was written: the flow
+        // stays on its node if a VIP still takes it, and the entry learns
+        // which one.
+        Some(entry) => {
+            let vip = lookup_vip(flow, dst_port)?;
+            entry.vip = FlowEntry::vip_of(vip.index, epoch);
+            (vip.index, entry.node)
+        }
         None => {
+            let vip = lookup_vip(flow, dst_port)?;
             let seed = SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0);
             let hash = maglev::flow_hash(
                 u64::from(seed),
@@ -179,12 +191,12 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
             if remember {
                 let entry = FlowEntry {
                     node: id,
-                    pad: 0,
+                    vip: FlowEntry::vip_of(vip.index, epoch),
                     last_seen_ns: now,
                 };
                 let _ = FLOWS.insert(&flow_key, &entry, 0);
             }
-            id
+            (vip.index, id)
         }
     };
     let Some(node) = usable(node_id) else {
@@ -199,7 +211,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         );
         let verdict = encapsulate(ctx, node, flow, label);
         if verdict.counter == Counter::Steered {
-            add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
+            add_traffic(&VIP_STATS, vip_index, flow.frame_len as u64);
             add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
         }
         return Some(verdict);
@@ -221,9 +233,54 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         copy_bytes(&mut (*eth).dst_addr, &node.dst_mac);
         copy_bytes(&mut (*eth).src_addr, &node.src_mac);
     }
-    add_traffic(&VIP_STATS, vip.index, flow.frame_len as u64);
+    add_traffic(&VIP_STATS, vip_index, flow.frame_len as u64);
     add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
     Some(verdict)
+}
+
+/// The VIP that takes `flow` (to `dst_port`): the one of its port, or else
+/// the one of every port of its protocol.
+#[inline(always)]
+fn lookup_vip(flow: &Flow, dst_port: u16) -> Option<VipInfo> {
+    let key = VipKey {
+        addr: flow.dst,
+        port: dst_port,
+        protocol: flow.protocol,
+        family: flow.family,
+    };
+    // SAFETY: map values are only copied out.
+    match unsafe { VIPS.get(&key) } {
+        Some(vip) => Some(*vip),
+        None => unsafe { VIPS.get(&key.any_port()) }.copied(),
+    }
+}
+
+/// Per CPU: the jiffy at which `coarse_now_ns` last read the clock, and
+/// what it read.
+#[map]
+static CLOCK: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// `bpf_ktime_get_coarse_ns`, read once a tick per CPU. The coarse clock
+/// moves only at a tick, so the reading stays exact until the jiffies
+/// counter moves; reading that counter (`bpf_jiffies64`) the verifier
+/// turns into one load, where the clock is a helper call, and a helper
+/// call's return costs tens of nanoseconds under the return-stack
+/// mitigations of the CPUs this runs on.
+#[inline(always)]
+fn coarse_now_ns() -> u64 {
+    // SAFETY: a plain helper call, inlined by the verifier.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(cached) = CLOCK.get_ptr_mut(0) else {
+        // SAFETY: a plain helper call.
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: this CPU's slot; XDP runs with preemption off.
+    unsafe {
+        if (*cached)[0] != jiffies || (*cached)[1] == 0 {
+            *cached = [jiffies, bpf_ktime_get_coarse_ns()];
+        }
+        (*cached)[1]
+    }
 }
 
 /// How long a connection-table entry of `protocol` may stay idle, in ns;

@@ -891,14 +891,21 @@ pub const DATA_PLANE_WRITTEN: [&str; 8] = [
     pop_forwarder_common::map_names::INTERFACE_STATS,
 ];
 
+/// Maps whose values only ever move forward, so that a change taken back
+/// leaves them moved: the VIP filter's epochs (see
+/// `steering::VIP_FILTER_BUCKETS`; an epoch put back could be met again by
+/// an entry written under a VIP that was taken back). Left out of
+/// `dump_tables` too.
+pub const MOVE_FORWARD_ONLY: [&str; 1] = [pop_forwarder_common::map_names::VIP_FILTER];
+
 /// Every entry of every table an instance pinned, the control plane's
-/// (all but `DATA_PLANE_WRITTEN`), as bytes: arrays in index order, other
-/// maps as (key, value) records sorted. Two dumps are equal when the tables
-/// hold exactly the same.
+/// (all but `DATA_PLANE_WRITTEN` and `MOVE_FORWARD_ONLY`), as bytes: arrays
+/// in index order, other maps as (key, value) records sorted. Two dumps are
+/// equal when the tables hold exactly the same.
 pub fn dump_tables(instance: &str) -> Vec<(&'static str, Vec<u8>)> {
     pop_forwarder_common::map_names::ALL
         .iter()
-        .filter(|name| !DATA_PLANE_WRITTEN.contains(name))
+        .filter(|name| !DATA_PLANE_WRITTEN.contains(name) && !MOVE_FORWARD_ONLY.contains(name))
         .map(|name| {
             let path = format!("/sys/fs/bpf/pop-forwarder/{instance}/{name}");
             let map = aya::maps::MapData::from_pin(&path).expect("a pinned map");

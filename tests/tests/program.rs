@@ -1876,6 +1876,52 @@ mod steering {
     }
 
     #[test]
+    fn a_known_flow_follows_the_vips_of_its_address() {
+        with_program(|p| {
+            setup(p);
+            let frame = flow("10.0.1.2", "192.0.2.10", false, 44000, 53);
+            let key = flow_key("10.0.1.2", "192.0.2.10", PROTO_UDP, 44000, 53);
+            let node = maglev_node(p, 0, "10.0.1.2", "192.0.2.10", PROTO_UDP, 44000, 53);
+            let vip_packets = |p: &Program| -> Vec<u64> {
+                let (vips, _) = p.tables.steering_stats(4, 2).unwrap();
+                vips.iter().map(|t| t.packets).collect()
+            };
+            // Remembered under the any-port VIP (slot 0).
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(p.tables.flow_node(&key).unwrap(), Some(node));
+            assert_eq!(vip_packets(p), [2, 0, 0, 0]);
+            // A VIP of its port (slot 3) takes the flow from the next
+            // packet: on the node it has, counted by the new VIP.
+            p.tables
+                .write_vip(
+                    3,
+                    &vip("192.0.2.10", PROTO_UDP, 53),
+                    &[1 - node; SIZE as usize],
+                )
+                .unwrap();
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(vip_packets(p), [2, 0, 0, 2]);
+            // That VIP gone, the any-port one has the flow again.
+            p.tables
+                .remove_vip(&vip("192.0.2.10", PROTO_UDP, 53))
+                .unwrap();
+            assert_eq!(p.run(&frame), steered(&frame, node));
+            assert_eq!(vip_packets(p), [3, 0, 0, 2]);
+            // No VIP left at the address: its packets are routed, the
+            // flow's entry notwithstanding.
+            p.tables
+                .remove_vip(&vip("192.0.2.10", PROTO_UDP, 0))
+                .unwrap();
+            let steered_before = p.counters()["steered"];
+            assert_eq!(p.run(&frame).0, XDP_PASS);
+            assert_eq!(p.counters()["steered"], steered_before);
+            assert_eq!(vip_packets(p), [3, 0, 0, 2]);
+        });
+    }
+
+    #[test]
     fn only_a_tcp_syn_makes_a_connection_table_entry() {
         with_program(|p| {
             setup(p);

@@ -91,6 +91,8 @@ pub struct Tables {
     /// once needed.
     dxr6: Option<Dxr6Host>,
     vips: HashMap<MapData, VipKey, VipInfo>,
+    /// VIP_FILTER: per bucket of VIP addresses, 0 or its epoch.
+    vip_filter: Array<MapData, u32>,
     maglev: Array<MapData, u64>,
     cache_nodes: Array<MapData, CacheNode>,
     flows: HashMap<MapData, FlowKey, FlowEntry>,
@@ -321,6 +323,7 @@ impl Tables {
             ranges6: array_data(take(names::IPV6_RANGES)?)?,
             dxr6: None,
             vips: open!(names::VIPS),
+            vip_filter: open!(names::VIP_FILTER),
             maglev: open!(names::MAGLEV),
             cache_nodes: open!(names::CACHE_NODES),
             flows: typed(flows.0, &flows.1)?,
@@ -408,8 +411,14 @@ impl Tables {
             },
             Undo::Node(id, node) => Ok(self.cache_nodes.set(id, node, 0)?),
             Undo::Maglev(element, value) => Ok(self.maglev.set(element, value, 0)?),
-            Undo::Vip(key, Some(info)) => Ok(self.vips.insert(key, info, 0)?),
-            Undo::Vip(key, None) => Ok(self.vips.remove(&key)?),
+            Undo::Vip(key, Some(info)) => {
+                self.vips.insert(key, info, 0)?;
+                self.vip_address_changed(&key.addr)
+            }
+            Undo::Vip(key, None) => {
+                self.vips.remove(&key)?;
+                self.vip_address_changed(&key.addr)
+            }
             Undo::Encap(slot, addr) => Ok(self.encap_sources.set(slot, addr, 0)?),
             Undo::InterfaceMac(ifindex, value) => Ok(self.interface_macs.set(ifindex, value, 0)?),
             Undo::Group(index, group) => Ok(self.next_hop_groups.set(index, group, 0)?),

@@ -2,6 +2,7 @@
 //! connection table, and the outer sources of IP-in-IP.
 
 use super::*;
+use pop_forwarder_common::steering as steering_layout;
 
 /// Where a flow to a VIP goes (`Tables::lookup_flow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,9 +148,27 @@ impl Tables {
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         self.journal_vip(key)?;
         match self.vips.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => self.vip_address_changed(&key.addr),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("removing a VIP"),
         }
+    }
+
+    /// Moves the VIP_FILTER bucket of `addr` to its next epoch, after a VIP
+    /// of that address came or went: connection-table entries written
+    /// before learn again which VIP takes their flow (or that none does)
+    /// from their next packet. A bucket never goes back to 0, so that an
+    /// epoch is never seen twice (an address whose last VIP went only
+    /// costs its packets a lookup that misses).
+    pub(super) fn vip_address_changed(&mut self, addr: &[u8; 16]) -> Result<()> {
+        let bucket = steering_layout::vip_bucket(pop_forwarder_common::maglev::address_words(addr));
+        let epoch = self
+            .vip_filter
+            .get(&bucket, 0)
+            .context("reading the VIP filter")?;
+        self.vip_filter
+            .set(bucket, steering_layout::next_epoch(epoch), 0)
+            .context("writing the VIP filter")
     }
 
     pub(super) fn journal_vip(&mut self, key: &VipKey) -> Result<()> {
@@ -159,6 +178,13 @@ impl Tables {
 
     pub(super) fn insert_vip(&mut self, index: u32, key: &VipKey, len: usize) -> Result<()> {
         self.journal_vip(key)?;
+        // A new VIP's address is let through the filter before the VIP is
+        // written, and moves to a new epoch after: entries written in
+        // between, under the old VIPs, are checked again.
+        let new = self.vips.get(key, 0).is_err();
+        if new {
+            self.vip_address_changed(&key.addr)?;
+        }
         self.vips
             .insert(
                 key,
@@ -168,7 +194,11 @@ impl Tables {
                 },
                 0,
             )
-            .context("writing the VIP")
+            .context("writing the VIP")?;
+        if new {
+            self.vip_address_changed(&key.addr)?;
+        }
+        Ok(())
     }
 
     pub(super) fn write_maglev(

@@ -558,7 +558,10 @@ fn main() -> Result<()> {
         .find_map(|a| a.strip_prefix("--row="))
         .map(str::to_owned);
     let run_ms: Option<u64> = match args.iter().find_map(|a| a.strip_prefix("--run-ms=")) {
-        Some(ms) => Some(ms.parse().context("--run-ms takes a number of milliseconds")?),
+        Some(ms) => Some(
+            ms.parse()
+                .context("--run-ms takes a number of milliseconds")?,
+        ),
         None => None,
     };
     let out_dir = PathBuf::from(
@@ -1105,7 +1108,10 @@ fn main() -> Result<()> {
 
     if let Some(row) = &row {
         scenarios.retain(|s| s.name.contains(row.as_str()));
-        anyhow::ensure!(!scenarios.is_empty(), "--row={row}: no path's name holds it");
+        anyhow::ensure!(
+            !scenarios.is_empty(),
+            "--row={row}: no path's name holds it"
+        );
     }
     println!(
         "== throughput: {} rounds of {:?} per path, paths interleaved (BPF statistics off)",
