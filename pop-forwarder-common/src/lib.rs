@@ -78,7 +78,8 @@ pub mod map_names {
     pub const IPV6_CHUNKS: &str = "IPV6_CHUNKS";
     pub const IPV6_RANGES: &str = "IPV6_RANGES";
     pub const VIP_FILTER: &str = "VIP_FILTER";
-    pub const ALL: [&str; 32] = [
+    pub const FLOWS_V4: &str = "FLOWS_V4";
+    pub const ALL: [&str; 33] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -111,6 +112,7 @@ pub mod map_names {
         IPV6_CHUNKS,
         IPV6_RANGES,
         VIP_FILTER,
+        FLOWS_V4,
     ];
 }
 
@@ -627,6 +629,7 @@ mod tests {
             dxr6::TARGET_MASK,
             steering::VIP_FILTER_BUCKETS,
             steering::EPOCH_MASK,
+            size_of::<steering::FlowKeyV4>() as u32,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
@@ -634,9 +637,9 @@ mod tests {
                 6,
                 [
                     52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 11,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 32, 24, 8, 776, 65536, 1024,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 33, 24, 8, 776, 65536, 1024,
                     8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16, 20, 4194304, 52,
-                    16383, 4096, 16777215,
+                    16383, 4096, 16777215, 16,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

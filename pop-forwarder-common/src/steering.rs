@@ -179,7 +179,8 @@ impl FlowEntry {
 pub const FLOW_IDLE_TCP_DEFAULT_S: u32 = 900;
 pub const FLOW_IDLE_UDP_DEFAULT_S: u32 = 300;
 
-/// A flow: the connection table's key.
+/// A flow: the key of the IPv6 connection table (`FLOWS`), and of both
+/// in the host's API (see `FlowKeyV4`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlowKey {
@@ -192,6 +193,39 @@ pub struct FlowKey {
     pub pad: [u8; 2],
 }
 
+/// An IPv4 flow: the key of the IPv4 connection table (`FLOWS_V4`), 16
+/// bytes where `FlowKey` takes 40: the kernel hashes and compares every
+/// key byte on each lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowKeyV4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of an IPv4 flow (family 4) in `FLOWS_V4`; None for IPv6,
+    /// whose flows are in `FLOWS`.
+    #[inline(always)]
+    pub const fn v4(&self) -> Option<FlowKeyV4> {
+        if self.family != 4 {
+            return None;
+        }
+        Some(FlowKeyV4 {
+            src: [self.src[0], self.src[1], self.src[2], self.src[3]],
+            dst: [self.dst[0], self.dst[1], self.dst[2], self.dst[3]],
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            protocol: self.protocol,
+            pad: [0; 3],
+        })
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C) without padding (bytemuck's Pod derive checks).
@@ -199,5 +233,6 @@ mod user {
     unsafe impl aya::Pod for super::VipInfo {}
     unsafe impl aya::Pod for super::CacheNode {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKeyV4 {}
     unsafe impl aya::Pod for super::FlowEntry {}
 }

@@ -24,8 +24,8 @@ use pop_forwarder_common::{
     settings,
     steering::{
         self, CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOWS_SEEN_SLOTS, FlowEntry, FlowKey,
-        MAGLEV_ENTRIES, MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP,
-        NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VIP_FILTER_BUCKETS, VipInfo, VipKey,
+        FlowKeyV4, MAGLEV_ENTRIES, MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE,
+        NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VIP_FILTER_BUCKETS, VipInfo, VipKey,
     },
 };
 
@@ -49,9 +49,40 @@ static MAGLEV: Array<u64> = Array::with_max_entries(MAGLEV_ENTRIES / dir24::ENTR
 #[map]
 static CACHE_NODES: Array<CacheNode> = Array::with_max_entries(MAX_CACHE_NODES, 0);
 
-/// Flow -> node: keeps a flow on its node when the pool changes.
+/// Flow -> node: keeps a flow on its node when the pool changes. IPv6
+/// flows here, IPv4 ones in FLOWS_V4 (a key of 16 bytes, not 40: each
+/// lookup hashes and compares the whole key). Each table has room for
+/// MAX_FLOWS.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+#[map]
+static FLOWS_V4: LruHashMap<FlowKeyV4, FlowEntry> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// The entry of `key`'s flow, from the table of its family.
+#[inline(always)]
+fn flow_entry(key: &FlowKey) -> Option<*mut FlowEntry> {
+    match key.v4() {
+        Some(k) => FLOWS_V4.get_ptr_mut(&k),
+        None => FLOWS.get_ptr_mut(key),
+    }
+}
+
+#[inline(always)]
+fn forget_flow(key: &FlowKey) {
+    let _ = match key.v4() {
+        Some(k) => FLOWS_V4.remove(&k),
+        None => FLOWS.remove(key),
+    };
+}
+
+#[inline(always)]
+fn remember_flow(key: &FlowKey, entry: &FlowEntry) {
+    let _ = match key.v4() {
+        Some(k) => FLOWS_V4.insert(&k, entry, 0),
+        None => FLOWS.insert(key, entry, 0),
+    };
+}
 
 #[map]
 static VIP_STATS: PerCpuArray<TrafficCounter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
@@ -120,7 +151,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         pad: [0; 2],
     };
     let now = coarse_now_ns();
-    let known = match FLOWS.get_ptr_mut(&flow_key) {
+    let known = match flow_entry(&flow_key) {
         Some(entry) => {
             // SAFETY: an LRU hash value of this map's type; a racing CPU's
             // write of the same time is harmless.
@@ -138,7 +169,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
                 // that a node later given the slot does not inherit the
                 // flow (a TCP flow that is not starting would otherwise
                 // keep it: only a SYN writes an entry).
-                let _ = FLOWS.remove(&flow_key);
+                forget_flow(&flow_key);
                 None
             }
         }
@@ -194,7 +225,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
                     vip: FlowEntry::vip_of(vip.index, epoch),
                     last_seen_ns: now,
                 };
-                let _ = FLOWS.insert(&flow_key, &entry, 0);
+                remember_flow(&flow_key, &entry);
             }
             (vip.index, id)
         }

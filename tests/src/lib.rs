@@ -880,13 +880,14 @@ pub fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
 /// Maps the data plane writes itself (counters, the connection table): left
 /// out of `dump_tables`, since traffic (a neighbour solicitation, say) may
 /// move them while a test compares.
-pub const DATA_PLANE_WRITTEN: [&str; 8] = [
+pub const DATA_PLANE_WRITTEN: [&str; 9] = [
     pop_forwarder_common::map_names::TX_ERRORS,
     pop_forwarder_common::map_names::COUNTERS,
     pop_forwarder_common::map_names::NEXT_HOP_STATS,
     pop_forwarder_common::map_names::VIP_STATS,
     pop_forwarder_common::map_names::NODE_STATS,
     pop_forwarder_common::map_names::FLOWS,
+    pop_forwarder_common::map_names::FLOWS_V4,
     pop_forwarder_common::map_names::DENY_STATS,
     pop_forwarder_common::map_names::INTERFACE_STATS,
 ];

@@ -31,7 +31,7 @@ use pop_forwarder_common::{
     dxr6::{self as dxr6_layout, Block, Dxr6, Dxr6Error, Tables6},
     ecmp::{self, NextHopGroup},
     map_names as names, settings,
-    steering::{CacheNode, FlowEntry, FlowKey, MAGLEV_STRIDE, VipInfo, VipKey},
+    steering::{CacheNode, FlowEntry, FlowKey, FlowKeyV4, MAGLEV_STRIDE, VipInfo, VipKey},
 };
 use std::{
     collections::{BTreeMap, HashSet},
@@ -95,8 +95,11 @@ pub struct Tables {
     vip_filter: Array<MapData, u32>,
     maglev: Array<MapData, u64>,
     cache_nodes: Array<MapData, CacheNode>,
+    /// The connection tables: IPv6 flows, IPv4 flows (`FlowKeyV4`).
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     flows_fd: std::os::fd::OwnedFd,
+    flows_v4: HashMap<MapData, FlowKeyV4, FlowEntry>,
+    flows_v4_fd: std::os::fd::OwnedFd,
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
     encap_sources: Array<MapData, [u8; 16]>,
@@ -291,6 +294,7 @@ impl Tables {
         let (trie4, trie_v4_fd) = with_fd(take(names::ROUTES_V4_TRIE)?)?;
         let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
         let (flows, flows_fd) = with_fd(take(names::FLOWS)?)?;
+        let (flows_v4, flows_v4_fd) = with_fd(take(names::FLOWS_V4)?)?;
         let settings: Array<MapData, u32> = open!(names::SETTINGS);
         let ipv4_lookup = match settings.get(&settings::IPV4_LOOKUP, 0)? {
             settings::IPV4_TRIE => Ipv4Lookup::Trie,
@@ -328,6 +332,8 @@ impl Tables {
             cache_nodes: open!(names::CACHE_NODES),
             flows: typed(flows.0, &flows.1)?,
             flows_fd,
+            flows_v4: typed(flows_v4.0, &flows_v4.1)?,
+            flows_v4_fd,
             vip_stats: open!(names::VIP_STATS),
             node_stats: open!(names::NODE_STATS),
             encap_sources: open!(names::ENCAP_SOURCES),

@@ -88,16 +88,28 @@ impl Tables {
     /// new one can name it: the slot is free, and the program writes
     /// entries only for usable nodes.)
     fn purge_flows_of(&mut self, id: u32) -> Result<()> {
-        let entries: Vec<(FlowKey, FlowEntry)> =
-            lookup_all(self.flows_fd.as_fd()).context("reading the connection table")?;
-        for (key, _) in entries.iter().filter(|(_, e)| e.node == id) {
-            match self.flows.remove(key) {
-                // Evicted or deleted by the program meanwhile: gone too.
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("deleting a removed node's flows"),
-            }
+        // Evicted or deleted by the program meanwhile: gone too.
+        let gone = |r: Result<(), aya::maps::MapError>| match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("deleting a removed node's flows"),
+        };
+        let (v6, v4) = self.flow_entries()?;
+        for (key, _) in v6.iter().filter(|(_, e)| e.node == id) {
+            gone(self.flows.remove(key))?;
+        }
+        for (key, _) in v4.iter().filter(|(_, e)| e.node == id) {
+            gone(self.flows_v4.remove(key))?;
         }
         Ok(())
+    }
+
+    /// Every entry of the connection tables, IPv6 and IPv4.
+    #[allow(clippy::type_complexity)]
+    fn flow_entries(&self) -> Result<(Vec<(FlowKey, FlowEntry)>, Vec<(FlowKeyV4, FlowEntry)>)> {
+        Ok((
+            lookup_all(self.flows_fd.as_fd()).context("reading the IPv6 connection table")?,
+            lookup_all(self.flows_v4_fd.as_fd()).context("reading the IPv4 connection table")?,
+        ))
     }
 
     pub(super) fn journal_node(&mut self, id: u32) -> Result<()> {
@@ -321,8 +333,11 @@ impl Tables {
     /// still follow (seen within their protocol's idle timeout). A drained
     /// node (weight 0) whose count is 0 has no flow left.
     pub fn live_flows(&self) -> Result<std::collections::HashMap<u32, u64>> {
-        let entries: Vec<(FlowKey, FlowEntry)> =
-            lookup_all(self.flows_fd.as_fd()).context("reading the connection table")?;
+        let (v6, v4) = self.flow_entries()?;
+        let entries = v6
+            .into_iter()
+            .map(|(k, e)| (k.protocol, e))
+            .chain(v4.into_iter().map(|(k, e)| (k.protocol, e)));
         let idle =
             |index| -> Result<u64> { Ok(u64::from(self.settings.get(&index, 0)?) * 1_000_000_000) };
         let (tcp, other) = (
@@ -331,8 +346,8 @@ impl Tables {
         );
         let now = monotonic_ns();
         let mut out = std::collections::HashMap::new();
-        for (key, entry) in entries {
-            let timeout = if key.protocol == 6 { tcp } else { other };
+        for (protocol, entry) in entries {
+            let timeout = if protocol == 6 { tcp } else { other };
             if timeout == 0 || now.saturating_sub(entry.last_seen_ns) <= timeout {
                 *out.entry(entry.node).or_default() += 1;
             }
@@ -343,7 +358,11 @@ impl Tables {
     /// The node a known flow is pinned to (its entry may have expired:
     /// the program then treats it as absent).
     pub fn flow_node(&self, key: &FlowKey) -> Result<Option<u32>> {
-        match self.flows.get(key, 0) {
+        let entry = match key.v4() {
+            Some(k) => self.flows_v4.get(&k, 0),
+            None => self.flows.get(key, 0),
+        };
+        match entry {
             Ok(entry) => Ok(Some(entry.node)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading the connection table"),
