@@ -204,7 +204,10 @@ pub struct FlowKeyV4 {
     pub src_port: u16,
     pub dst_port: u16,
     pub protocol: u8,
-    pub pad: [u8; 3],
+    /// Zero. Not a `[u8; 3]`: LLVM zeroes three bytes with a call to
+    /// memset, which in BPF is a function call of its own.
+    pub pad: u8,
+    pub pad2: u16,
 }
 
 impl FlowKey {
@@ -221,7 +224,8 @@ impl FlowKey {
             src_port: self.src_port,
             dst_port: self.dst_port,
             protocol: self.protocol,
-            pad: [0; 3],
+            pad: 0,
+            pad2: 0,
         })
     }
 }
