@@ -13,7 +13,7 @@
 #
 # ROW is matched against the bench's path names (`bench --row`), in the
 # `vip` section; SECTION=pop (etc.) picks another. Needs root, perf,
-# objdump (binutils), python3, and a built bench
+# bpftool, objdump (binutils), python3, and a built bench
 # (`cargo build --release -p tests --bins`). A sample lands on the
 # instruction after the one that stalled, and after a helper's return.
 set -euo pipefail
