@@ -22,6 +22,18 @@
 //! routes the table holds, unlike a trie's (one read per level), which is
 //! why it replaces the kernel's LPM trie for IPv6 lookups.
 //!
+//! A chunk entry is a cache line (`CHUNK_WORDS` u64 words). Word 0 is the
+//! entry proper; if the chunk has at most `INLINE_RANGES` short ranges, the
+//! other seven hold a copy of them, so that a lookup in such a chunk reads
+//! one line, not two (the entry, then its block). Each copied word carries
+//! the generation that word 0 names (`GEN_SHIFT`); the writer moves the
+//! generation on every time it rewrites the copy, writes the copy before
+//! word 0, and never reuses the block word 0 points at until a grace
+//! period has passed. A lookup that finds a word of another generation
+//! (it read word 0 while the chunk was being rewritten) searches the block
+//! instead, which is still the one that word 0 named: it sees the old
+//! ranges or the new ones, never a mix.
+//!
 //! The host (`Dxr6`) keeps every route in a sorted map and rebuilds a
 //! chunk's ranges whenever a route longer than /20 in it changes: into a
 //! free block of `RANGES`, then (release order) the chunk entry switches to
@@ -37,6 +49,11 @@
 /// Bits of the address indexing `CHUNKS`.
 pub const CHUNK_BITS: u32 = 20;
 pub const CHUNKS: u32 = 1 << CHUNK_BITS;
+/// u64 words of a chunk entry: one 64-byte cache line (an mmapped array's
+/// values start on a page, so every entry is a line of its own).
+pub const CHUNK_WORDS: u32 = 8;
+/// Short ranges a chunk entry holds a copy of, after its word 0.
+pub const INLINE_RANGES: u32 = CHUNK_WORDS - 1;
 /// u64 slots of `RANGES`: room for `MAX_ROUTES_V6` routes in short ranges
 /// (at most two ranges each, rounded up to a power of two per chunk), for
 /// long ones too unless most routes sit alone in their /20, and for the
@@ -62,9 +79,21 @@ const FALLBACK_SHIFT: u32 = 48;
 /// group ids) fit in 14 bits.
 pub const TARGET_MASK: u32 = 0x3fff;
 const COUNT_SHIFT: u32 = 32;
-/// In the entry's low word: the chunk's ranges are long; the rest is the
-/// first slot.
+/// In the entry's low word: the chunk's ranges are long.
 const LONG: u32 = 1 << 31;
+/// In the entry's low word: words 1 to 7 hold the chunk's (short) ranges.
+const INLINE: u32 = 1 << 30;
+/// In the entry's low word: the generation of the copied ranges (1 to
+/// 255; 0, never copied), 8 bits from here. Copied words carry it in their
+/// top 8 bits.
+const GEN_SHIFT: u32 = 22;
+const GEN_MASK: u32 = 0xff;
+const WORD_GEN_SHIFT: u32 = 56;
+/// In the entry's low word: the first slot of the chunk's block.
+const BASE_MASK: u32 = RANGE_SLOTS - 1;
+/// A copied range's target: valid bit and target (else the fallback).
+const INLINE_VALID: u64 = 1 << 15;
+const INLINE_KEY_SHIFT: u32 = 16;
 /// A range's target is a route (else: the chunk's fallback).
 const RANGE_VALID: u32 = 1 << 31;
 /// Slots a long range takes.
@@ -75,7 +104,7 @@ const _: () = assert!(
         && crate::KERNEL_NEXT_HOP <= TARGET_MASK
 );
 const _: () = assert!(1 << SEARCH_STEPS > MAX_CHUNK_RANGES);
-const _: () = assert!(RANGE_SLOTS <= LONG);
+const _: () = assert!(RANGE_SLOTS == 1 << GEN_SHIFT && (TARGET_MASK as u64) < INLINE_VALID);
 
 /// Index of the chunk of an address whose high 64 bits are `hi`.
 #[inline(always)]
@@ -114,7 +143,7 @@ pub struct Ranges {
 pub const fn ranges_of(entry: u64) -> Option<Ranges> {
     if entry & EXT != 0 {
         Some(Ranges {
-            base: entry as u32 & !LONG,
+            base: entry as u32 & BASE_MASK,
             count: (entry >> COUNT_SHIFT) as u32 & MAX_CHUNK_RANGES,
             long: entry as u32 & LONG != 0,
         })
@@ -178,10 +207,47 @@ pub fn find(r: &Ranges, hi: u64, lo: u64, slot: impl Fn(u32) -> Option<u64>) -> 
     }
 }
 
-/// The route for `addr`, looked up as the program does.
+/// The copied range covering the address whose high 64 bits are `hi`, if
+/// the chunk entry `words` holds its ranges and every copied word is of its
+/// generation: `Some(Some(target))`, or `Some(None)` for the fallback.
+/// `None`: search the block.
+#[inline(always)]
+pub fn find_inline(words: &[u64; CHUNK_WORDS as usize], hi: u64) -> Option<Option<u32>> {
+    let entry = words[0];
+    if entry as u32 & INLINE == 0 {
+        return None;
+    }
+    let generation = (entry >> GEN_SHIFT) & u64::from(GEN_MASK);
+    let key = short_key(hi);
+    // Sorted, the first at key 0, unused words repeating the last: the
+    // last word whose key is at most the address's covers it.
+    let mut found = 0;
+    for &w in &words[1..] {
+        if w >> WORD_GEN_SHIFT != generation {
+            return None;
+        }
+        if (w >> INLINE_KEY_SHIFT) as u32 <= key {
+            found = w;
+        }
+    }
+    Some(if found & INLINE_VALID != 0 {
+        Some(found as u32 & TARGET_MASK)
+    } else {
+        None
+    })
+}
+
+/// The route for `addr`, looked up as the program does (`chunks` holds
+/// `CHUNK_WORDS` words a chunk).
 pub fn lookup(chunks: &[u64], ranges: &[u64], addr: u128) -> Option<u32> {
     let (hi, lo) = ((addr >> 64) as u64, addr as u64);
-    let entry = *chunks.get(chunk_index(hi) as usize)?;
+    let at = chunk_index(hi) as usize * CHUNK_WORDS as usize;
+    let words: &[u64; CHUNK_WORDS as usize] =
+        chunks.get(at..at + CHUNK_WORDS as usize)?.try_into().ok()?;
+    let entry = words[0];
+    if let Some(inline) = find_inline(words, hi) {
+        return inline.or(fallback(entry));
+    }
     match ranges_of(entry) {
         None => fallback(entry),
         Some(r) => {
@@ -241,20 +307,32 @@ mod host {
         pub order: u8,
     }
 
-    /// The two tables, borrowed for editing (the host's mmapped maps).
+    /// The two tables, borrowed for editing (the host's mmapped maps):
+    /// `chunks` holds `CHUNK_WORDS` words a chunk.
     pub struct Tables6<'a> {
         pub chunks: &'a mut [u64],
         pub ranges: &'a mut [u64],
     }
 
     impl Tables6<'_> {
-        /// Writes a chunk entry after everything written before it.
-        fn publish(&mut self, chunk: u32, entry: u64) {
-            let slot = &mut self.chunks[chunk as usize] as *mut u64;
-            // SAFETY: an aligned u64 of a live slice; the program reads it
-            // concurrently with one 64-bit load, so it is written as one.
+        /// Word 0 of a chunk's entry.
+        fn entry(&self, chunk: u32) -> u64 {
+            self.chunks[(chunk * CHUNK_WORDS) as usize]
+        }
+
+        /// Stores one word of a chunk entry as one 64-bit store (the
+        /// program reads it concurrently), after everything written
+        /// before it.
+        fn store(&mut self, chunk: u32, word: u32, value: u64) {
+            let slot = &mut self.chunks[(chunk * CHUNK_WORDS + word) as usize] as *mut u64;
+            // SAFETY: an aligned u64 of a live slice.
             unsafe { core::sync::atomic::AtomicU64::from_ptr(slot) }
-                .store(entry, core::sync::atomic::Ordering::Release);
+                .store(value, core::sync::atomic::Ordering::Release);
+        }
+
+        /// Writes a chunk's word 0 after everything written before it.
+        fn publish(&mut self, chunk: u32, entry: u64) {
+            self.store(chunk, 0, entry);
         }
     }
 
@@ -438,7 +516,7 @@ mod host {
         ) -> Result<Dxr6, Dxr6Error> {
             let mut dxr = Dxr6 {
                 routes: BTreeMap::new(),
-                fallback_len: vec![0; t.chunks.len()],
+                fallback_len: vec![0; t.chunks.len() / CHUNK_WORDS as usize],
                 alloc: Buddy::new(t.ranges.len() as u32),
             };
             for (addr, len, target) in routes {
@@ -453,7 +531,7 @@ mod host {
                     }
                 }
             }
-            for &entry in t.chunks.iter() {
+            for &entry in t.chunks.iter().step_by(CHUNK_WORDS as usize) {
                 if let Some(b) = ranges_of(entry).as_ref().map(block_of)
                     && !dxr.alloc.reserve(b.base, b.order)
                 {
@@ -629,7 +707,7 @@ mod host {
 
         fn write_fallback(&mut self, t: &mut Tables6<'_>, c: u32, depth: u8, target: Option<u32>) {
             self.fallback_len[c as usize] = depth;
-            let old = t.chunks[c as usize];
+            let old = t.entry(c);
             let mut entry = old & !(FALLBACK_VALID | (u64::from(TARGET_MASK) << FALLBACK_SHIFT));
             if let Some(target) = target {
                 entry |= FALLBACK_VALID | (u64::from(target) << FALLBACK_SHIFT);
@@ -697,9 +775,14 @@ mod host {
         /// to it; returns the block it used before.
         fn rebuild(&mut self, t: &mut Tables6<'_>, chunk: u32) -> Result<Option<Block>, Dxr6Error> {
             let ranges = self.ranges(chunk);
-            let entry = t.chunks[chunk as usize];
+            let entry = t.entry(chunk);
             let old = ranges_of(entry).as_ref().map(block_of);
-            let keep = entry & (FALLBACK_VALID | (u64::from(TARGET_MASK) << FALLBACK_SHIFT));
+            // The fallback, and the generation of the copied ranges, which
+            // only moves on.
+            let keep = entry
+                & (FALLBACK_VALID
+                    | (u64::from(TARGET_MASK) << FALLBACK_SHIFT)
+                    | u64::from(GEN_MASK << GEN_SHIFT));
             if ranges.len() == 1 && ranges[0].1 == 0 {
                 t.publish(chunk, keep);
                 return Ok(old);
@@ -719,7 +802,33 @@ mod host {
                     slots[i] = (u64::from(short_key(hi)) << 32) | u64::from(target);
                 }
             }
-            let low = if long { base | LONG } else { base };
+            let mut low = if long { base | LONG } else { base };
+            let mut keep = keep;
+            if !long && count <= INLINE_RANGES {
+                // A copy of the ranges in the entry's line, of a new
+                // generation, written before word 0 names it.
+                let generation = match (entry >> GEN_SHIFT) as u32 & GEN_MASK {
+                    GEN_MASK => 1,
+                    g => g + 1,
+                };
+                let word = |i: usize| {
+                    let (start, target) = ranges[i.min(ranges.len() - 1)];
+                    let target = if target & RANGE_VALID != 0 {
+                        INLINE_VALID | u64::from(target & TARGET_MASK)
+                    } else {
+                        0
+                    };
+                    (u64::from(generation) << WORD_GEN_SHIFT)
+                        | (u64::from(short_key((start >> 64) as u64)) << INLINE_KEY_SHIFT)
+                        | target
+                };
+                for i in 0..INLINE_RANGES {
+                    t.store(chunk, 1 + i, word(i as usize));
+                }
+                keep =
+                    keep & !u64::from(GEN_MASK << GEN_SHIFT) | u64::from(generation << GEN_SHIFT);
+                low |= INLINE;
+            }
             t.publish(
                 chunk,
                 keep | EXT | (u64::from(count) << COUNT_SHIFT) | u64::from(low),
@@ -766,7 +875,7 @@ mod tests {
     impl Owned {
         fn new(capacity: u32) -> Owned {
             Owned {
-                chunks: vec![0; CHUNKS as usize],
+                chunks: vec![0; (CHUNKS * CHUNK_WORDS) as usize],
                 ranges: vec![0; capacity as usize],
             }
         }
@@ -870,7 +979,15 @@ mod tests {
             }
         }
         assert_eq!(dxr.free_ranges(), 1 << 14);
-        assert!(tables.chunks.iter().all(|&e| e == 0));
+        assert!(
+            tables
+                .chunks
+                .iter()
+                .step_by(CHUNK_WORDS as usize)
+                .all(|&e| {
+                    ranges_of(e).is_none() && fallback(e).is_none() && e as u32 & INLINE == 0
+                })
+        );
     }
 
     /// A batch gives the lookups the same routes one by one would, and a
@@ -974,8 +1091,8 @@ mod tests {
     #[test]
     fn adopting_overlapping_blocks_is_refused() {
         let mut tables = Owned::new(64);
-        tables.chunks[1] = EXT | (4 << COUNT_SHIFT);
-        tables.chunks[2] = EXT | (4 << COUNT_SHIFT) | 2;
+        tables.chunks[CHUNK_WORDS as usize] = EXT | (4 << COUNT_SHIFT);
+        tables.chunks[2 * CHUNK_WORDS as usize] = EXT | (4 << COUNT_SHIFT) | 2;
         assert_eq!(
             Dxr6::adopt(&tables.t(), []).unwrap_err(),
             Dxr6Error::Inconsistent
@@ -1028,7 +1145,8 @@ mod tests {
         let mut dxr = Dxr6::adopt(&tables.t(), []).unwrap();
         let base = 0x2001_0db8u128 << 96;
         dxr.insert(&mut tables.t(), base, 48, 1).unwrap();
-        let entry = |t: &Owned| ranges_of(t.chunks[chunk_of(base) as usize]).unwrap();
+        let entry =
+            |t: &Owned| ranges_of(t.chunks[(chunk_of(base) * CHUNK_WORDS) as usize]).unwrap();
         assert!(!entry(&tables).long);
         let b = dxr.insert(&mut tables.t(), base | 1 << 70, 64, 2).unwrap();
         dxr.reclaim(b.unwrap());
@@ -1039,5 +1157,64 @@ mod tests {
         dxr.reclaim(b.unwrap());
         assert!(!entry(&tables).long);
         assert_eq!(tables.lookup(base | 1 << 70 | 5), Some(1));
+    }
+
+    /// A chunk of up to seven short ranges keeps a copy of them in its
+    /// entry's line; a lookup that read word 0 before the chunk was
+    /// rewritten and the copy after (or half of it) sees another
+    /// generation and searches the block word 0 named, so it answers as
+    /// the old table did. The generation wraps past 0.
+    #[test]
+    fn a_copy_of_another_generation_is_not_used() {
+        let mut tables = Owned::new(256);
+        let mut dxr = Dxr6::adopt(&tables.t(), []).unwrap();
+        let base = 0x2001_0db8u128 << 96;
+        let c = (chunk_of(base) * CHUNK_WORDS) as usize;
+        let line = |t: &Owned| -> [u64; 8] { t.chunks[c..c + 8].try_into().unwrap() };
+        dxr.insert(&mut tables.t(), base, 48, 1).unwrap();
+        assert!(line(&tables)[0] as u32 & INLINE != 0);
+        let addr = base | 7;
+        assert_eq!(
+            find_inline(&line(&tables), (addr >> 64) as u64),
+            Some(Some(1))
+        );
+        let before = line(&tables);
+        // Repointed: a new copy, a new block; the old block is not reclaimed
+        // (the grace period has not passed).
+        let _retired = dxr.insert(&mut tables.t(), base, 48, 2).unwrap();
+        let after = line(&tables);
+        assert_eq!(tables.lookup(addr), Some(2));
+        for torn in 1..8 {
+            // Word 0 as before, the copy rewritten up to word `torn`.
+            let mut seen = before;
+            seen[1..=torn].copy_from_slice(&after[1..=torn]);
+            assert_eq!(find_inline(&seen, (addr >> 64) as u64), None, "{torn}");
+            let mut chunks = tables.chunks.clone();
+            chunks[c..c + 8].copy_from_slice(&seen);
+            assert_eq!(lookup(&chunks, &tables.ranges, addr), Some(1), "{torn}");
+        }
+        // Eight ranges (four /48s apart) do not fit the line: no copy.
+        for i in 1..4u128 {
+            if let Some(b) = dxr.insert(&mut tables.t(), base | i << 82, 48, 3).unwrap() {
+                dxr.reclaim(b);
+            }
+        }
+        assert!(line(&tables)[0] as u32 & INLINE == 0);
+        assert_eq!(tables.lookup(base | 2 << 82 | 9), Some(3));
+        // Many rewrites: the generation never comes back to 0.
+        for i in 1..4u128 {
+            if let Some(b) = dxr.remove(&mut tables.t(), base | i << 82, 48).unwrap() {
+                dxr.reclaim(b);
+            }
+        }
+        for n in 0..600u32 {
+            if let Some(b) = dxr.insert(&mut tables.t(), base, 48, n % 7).unwrap() {
+                dxr.reclaim(b);
+            }
+            let l = line(&tables);
+            assert_ne!((l[0] >> GEN_SHIFT) as u32 & GEN_MASK, 0);
+            assert_eq!(find_inline(&l, (addr >> 64) as u64), Some(Some(n % 7)));
+            assert_eq!(tables.lookup(base - 1), None);
+        }
     }
 }

@@ -52,10 +52,12 @@ static IPV4_TBL8: Array<u64> = Array::with_max_entries(
 static ROUTES_V6: LpmTrie<[u8; 16], RouteTarget> = LpmTrie::with_max_entries(MAX_ROUTES_V6, 0);
 
 /// The IPv6 range table (see pop_forwarder_common::dxr6): one entry per
-/// /20, and the sorted address ranges of the /20s that longer routes cut.
-/// Mmappable, like DIR-24-8.
+/// /20 (a cache line: the entry, and a copy of the chunk's ranges when
+/// they are few), and the sorted address ranges of the /20s that longer
+/// routes cut. Mmappable, like DIR-24-8.
 #[map]
-static IPV6_CHUNKS: Array<u64> = Array::with_max_entries(dxr6::CHUNKS, BPF_F_MMAPABLE as u32);
+static IPV6_CHUNKS: Array<[u64; dxr6::CHUNK_WORDS as usize]> =
+    Array::with_max_entries(dxr6::CHUNKS, BPF_F_MMAPABLE as u32);
 
 #[map]
 static IPV6_RANGES: Array<u64> = Array::with_max_entries(dxr6::RANGE_SLOTS, BPF_F_MMAPABLE as u32);
@@ -198,7 +200,11 @@ pub fn lookup_route_v6(dst: &[u8; 16]) -> Option<u32> {
             u64::from_be(words.add(1).read_unaligned()),
         )
     };
-    let entry = *IPV6_CHUNKS.get(dxr6::chunk_index(hi))?;
+    let words = IPV6_CHUNKS.get(dxr6::chunk_index(hi))?;
+    let entry = words[0];
+    if let Some(inline) = dxr6::find_inline(words, hi) {
+        return inline.or(dxr6::fallback(entry));
+    }
     match dxr6::ranges_of(entry) {
         None => dxr6::fallback(entry),
         Some(r) => dxr6::range_target(dxr6::find(&r, hi, lo, |i| IPV6_RANGES.get(i).copied())?)

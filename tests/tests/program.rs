@@ -783,6 +783,63 @@ fn ipv6_longest_prefix_wins_at_any_length_and_deletes_fall_back() {
     });
 }
 
+/// A /20 with up to seven short ranges is looked up in the copy its entry
+/// keeps; with more, in its block. Routes come and go across that line
+/// (one /48, four, two) and every address answers by its longest match.
+#[test]
+fn ipv6_routes_of_a_sparse_20_are_found_in_its_entry_and_past_it() {
+    with_program(|p| {
+        let tx = next_hop(1, "fd00:9::9", Some(OUT.dst), 1500);
+        let add = |p: &mut Program, r: &str| {
+            p.tables.add_routes(&[(r.parse().unwrap(), tx)]).unwrap();
+        };
+        let case = |name: &'static str, dst: &'static str, routed: bool| Case {
+            name,
+            frame: v6(dst, 64),
+            action: if routed { XDP_TX } else { XDP_PASS },
+            output: routed.then(|| forwarded(&v6(dst, 64), OUT)),
+            counter: if routed {
+                Counter::ForwardedTx
+            } else {
+                Counter::PassRouteMiss
+            },
+        };
+        add(p, "fd01:10:1::/48");
+        check(
+            p,
+            vec![
+                case("in the one /48", "fd01:10:1::5", true),
+                case("past it", "fd01:10:2::1", false),
+                case("before it", "fd01:10:0:ffff::1", false),
+            ],
+        );
+        for r in ["fd01:10:3::/48", "fd01:10:5::/48", "fd01:10:7::/48"] {
+            add(p, r);
+        }
+        check(
+            p,
+            vec![
+                case("the first of four /48s", "fd01:10:1::5", true),
+                case("the last of four", "fd01:10:7:ffff::1", true),
+                case("between them", "fd01:10:6::1", false),
+                case("past them", "fd01:10:8::", false),
+            ],
+        );
+        for r in ["fd01:10:1::/48", "fd01:10:5::/48"] {
+            p.tables.del_route(r.parse().unwrap()).unwrap();
+        }
+        check(
+            p,
+            vec![
+                case("a deleted /48", "fd01:10:1::5", false),
+                case("a kept one", "fd01:10:3::9", true),
+                case("the other kept one", "fd01:10:7::9", true),
+                case("another deleted one", "fd01:10:5::9", false),
+            ],
+        );
+    });
+}
+
 #[test]
 fn longest_prefix_wins_past_24_bits_and_deletes_fall_back_to_the_covering_route() {
     with_program(|p| {

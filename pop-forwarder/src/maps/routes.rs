@@ -85,7 +85,11 @@ impl Tables {
             return Ok(None);
         }
         if self.dxr6.is_none() {
-            let mut chunks = Mmap::new(&self.chunks6, names::IPV6_CHUNKS, 8)?;
+            let mut chunks = Mmap::new(
+                &self.chunks6,
+                names::IPV6_CHUNKS,
+                dxr6_layout::CHUNK_WORDS * 8,
+            )?;
             let mut ranges = Mmap::new(&self.ranges6, names::IPV6_RANGES, 8)?;
             let mut record = Vec::new();
             for item in self.routes_v6.iter() {

@@ -850,7 +850,8 @@ fn main() -> Result<()> {
     }
     if wanted("pop") {
         let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
-        let dxr6_mib = f64::from(dxr6::CHUNKS + dxr6::RANGE_SLOTS) * 8.0 / f64::from(1 << 20);
+        let dxr6_mib = f64::from(dxr6::CHUNKS * dxr6::CHUNK_WORDS + dxr6::RANGE_SLOTS) * 8.0
+            / f64::from(1 << 20);
         // (routes, lookup, throughput measured, destinations from the
         // first so many routes)
         let dxr = Ipv6Lookup::Dxr;
