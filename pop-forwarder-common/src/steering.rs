@@ -181,7 +181,7 @@ pub const FLOW_IDLE_UDP_DEFAULT_S: u32 = 300;
 
 /// A flow: the key of the IPv6 connection table (`FLOWS`), and of both
 /// in the host's API (see `FlowKeyV4`).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct FlowKey {
     pub src: [u8; 16],
