@@ -651,6 +651,31 @@ fn main() -> Result<()> {
         );
     }
 
+    // What the verifier makes of the program: the instructions it walked
+    // (the kernel refuses a program past 1,000,000) and how long a load
+    // takes (every start and restart pays it). A change that adds paths
+    // can multiply the walk without adding many instructions.
+    {
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the object")?;
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("the program")?
+            .try_into()?;
+        let start = Instant::now();
+        xdp.load().context("the verifier refused the program")?;
+        let seconds = start.elapsed().as_secs_f64();
+        let walked = xdp.info()?.verified_instruction_count().unwrap_or(0);
+        report
+            .control_plane
+            .insert("program_verified_insns".into(), f64::from(walked));
+        report
+            .control_plane
+            .insert("program_verify_s".into(), seconds);
+        println!(
+            "== the verifier walked {walked} instructions of the program (limit 1,000,000) in {seconds:.2} s"
+        );
+    }
+
     // Maglev's balance and disruption with 100 nodes of weights 1 to 4:
     // the largest deviation of a node's share from its weight share
     // (relative), and the entries that change owner when one node goes,
