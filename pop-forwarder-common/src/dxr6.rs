@@ -237,23 +237,34 @@ pub fn find_inline(words: &[u64; CHUNK_WORDS as usize], hi: u64) -> Option<Optio
     })
 }
 
-/// The route for `addr`, looked up as the program does (`chunks` holds
-/// `CHUNK_WORDS` words a chunk).
-pub fn lookup(chunks: &[u64], ranges: &[u64], addr: u128) -> Option<u32> {
-    let (hi, lo) = ((addr >> 64) as u64, addr as u64);
-    let at = chunk_index(hi) as usize * CHUNK_WORDS as usize;
-    let words: &[u64; CHUNK_WORDS as usize] =
-        chunks.get(at..at + CHUNK_WORDS as usize)?.try_into().ok()?;
+/// The route for the address `hi:lo` from its chunk's entry `words`:
+/// the copied ranges if they are of the entry's generation, else a search
+/// of its block (`slot` reads one slot of `RANGES`), else the fallback.
+/// The program's lookup and the host's (`lookup`) are this function.
+#[inline(always)]
+pub fn lookup_in(
+    words: &[u64; CHUNK_WORDS as usize],
+    hi: u64,
+    lo: u64,
+    slot: impl Fn(u32) -> Option<u64>,
+) -> Option<u32> {
     let entry = words[0];
     if let Some(inline) = find_inline(words, hi) {
         return inline.or(fallback(entry));
     }
     match ranges_of(entry) {
         None => fallback(entry),
-        Some(r) => {
-            range_target(find(&r, hi, lo, |i| ranges.get(i as usize).copied())?).or(fallback(entry))
-        }
+        Some(r) => range_target(find(&r, hi, lo, slot)?).or(fallback(entry)),
     }
+}
+
+/// The route for `addr`, looked up as the program does (`chunks` holds
+/// `CHUNK_WORDS` words a chunk).
+pub fn lookup(chunks: &[u64], ranges: &[u64], addr: u128) -> Option<u32> {
+    let (hi, lo) = ((addr >> 64) as u64, addr as u64);
+    let at = chunk_index(hi) as usize * CHUNK_WORDS as usize;
+    let words = chunks.get(at..at + CHUNK_WORDS as usize)?.try_into().ok()?;
+    lookup_in(words, hi, lo, |i| ranges.get(i as usize).copied())
 }
 
 #[cfg(feature = "user")]
@@ -779,7 +790,7 @@ mod host {
             let old = ranges_of(entry).as_ref().map(block_of);
             // The fallback, and the generation of the copied ranges, which
             // only moves on.
-            let keep = entry
+            let mut keep = entry
                 & (FALLBACK_VALID
                     | (u64::from(TARGET_MASK) << FALLBACK_SHIFT)
                     | u64::from(GEN_MASK << GEN_SHIFT));
@@ -803,7 +814,6 @@ mod host {
                 }
             }
             let mut low = if long { base | LONG } else { base };
-            let mut keep = keep;
             if !long && count <= INLINE_RANGES {
                 // A copy of the ranges in the entry's line, of a new
                 // generation, written before word 0 names it.

@@ -201,15 +201,7 @@ pub fn lookup_route_v6(dst: &[u8; 16]) -> Option<u32> {
         )
     };
     let words = IPV6_CHUNKS.get(dxr6::chunk_index(hi))?;
-    let entry = words[0];
-    if let Some(inline) = dxr6::find_inline(words, hi) {
-        return inline.or(dxr6::fallback(entry));
-    }
-    match dxr6::ranges_of(entry) {
-        None => dxr6::fallback(entry),
-        Some(r) => dxr6::range_target(dxr6::find(&r, hi, lo, |i| IPV6_RANGES.get(i).copied())?)
-            .or(dxr6::fallback(entry)),
-    }
+    dxr6::lookup_in(words, hi, lo, |i| IPV6_RANGES.get(i).copied())
 }
 
 /// The verdict for a destination that no route covers, by the configured
