@@ -614,6 +614,49 @@ fn main() -> Result<()> {
         v6_full[..SMALL_TABLE] == v6_small[..],
         "the small IPv6 table is not the first {SMALL_TABLE} routes of the full one"
     );
+    // How many of the IPv6 path's lookups the range table answers from
+    // the /20's own cache line: the full table built in user space with
+    // the common crate's code, probed at the bench's destinations.
+    {
+        use pop_forwarder_common::dxr6::{CHUNK_WORDS, Dxr6, Tables6, chunk_index, find_inline};
+        let mut chunks = vec![0u64; (dxr6::CHUNKS * CHUNK_WORDS) as usize];
+        let mut ranges = vec![0u64; dxr6::RANGE_SLOTS as usize];
+        let mut t = Tables6 {
+            chunks: &mut chunks,
+            ranges: &mut ranges,
+        };
+        let mut table = Dxr6::adopt(&t, []).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let batch: Vec<(u128, u8, u32)> = v6_full
+            .iter()
+            .map(|p| match p.addr {
+                std::net::IpAddr::V6(a) => (u128::from(a), p.len, 1),
+                std::net::IpAddr::V4(_) => unreachable!("routes_v6 gives IPv6 prefixes"),
+            })
+            .collect();
+        table
+            .insert_many(&mut t, &batch, &mut Vec::new())
+            .map_err(|(e, _)| anyhow::anyhow!("{e}"))?;
+        let dsts = destinations(&v6_full, DESTINATIONS, SEED ^ 0xd57);
+        let in_line = dsts
+            .iter()
+            .filter(|d| {
+                let std::net::IpAddr::V6(a) = d else {
+                    return false;
+                };
+                let hi = (u128::from(*a) >> 64) as u64;
+                let at = (chunk_index(hi) * CHUNK_WORDS) as usize;
+                let words = chunks[at..at + CHUNK_WORDS as usize].try_into().unwrap();
+                find_inline(words, hi).is_some()
+            })
+            .count();
+        let pct = 100.0 * in_line as f64 / dsts.len() as f64;
+        report
+            .control_plane
+            .insert(format!("ipv6_dxr_{full_v6}_lookups_in_line_pct"), pct);
+        println!(
+            "== IPv6 range table, {full_v6} prefixes: {pct:.1} % of the bench's destinations are answered from their /20's line"
+        );
+    }
     let family = |routes: &[Prefix]| {
         if routes[0].addr.is_ipv4() {
             "ipv4"
