@@ -58,6 +58,8 @@ const IPIP_100K_FLOWS: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), 102400 flow
 const IPIP_NEW_FLOWS: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), every frame a new flow";
 /// The lookups of every path but the rows that compare them.
 const DEFAULT_LOOKUPS: (Ipv4Lookup, Ipv6Lookup) = (Ipv4Lookup::Dir24, Ipv6Lookup::Dxr);
+/// What `--candidate` paths' names end with.
+const CANDIDATE: &str = " [candidate]";
 
 #[derive(Clone, Copy)]
 struct Settings {
@@ -311,6 +313,7 @@ impl Forwarder {
     /// nodes, by direct server return or IP-in-IP (`VipPath`).
     fn load(
         lab: &Lab,
+        object: &[u8],
         routes: &[Prefix],
         (lookup, lookup6): (Ipv4Lookup, Ipv6Lookup),
         vip: Option<VipPath>,
@@ -333,7 +336,7 @@ impl Forwarder {
                     .map_max_entries(map_names::IPV6_CHUNKS, 1)
                     .map_max_entries(map_names::IPV6_RANGES, 1);
             }
-            let mut ebpf = loader.load(EBPF_OBJECT)?;
+            let mut ebpf = loader.load(object)?;
             let mut tables = Tables::from_ebpf(&mut ebpf)?;
             tables.set_route_miss(RouteMissPolicy::Drop)?;
             tables.set_ipv4_lookup(lookup)?;
@@ -564,6 +567,22 @@ fn main() -> Result<()> {
         ),
         None => None,
     };
+    // --candidate=OBJECT: every pop-forwarder path of the pop and vip
+    // sections runs twice, with the shipped program and with OBJECT (a
+    // build of the XDP program with a change to weigh), interleaved in
+    // every round; the ratios table gives each candidate path's cost and
+    // delivered rate against the shipped one's, round by round.
+    let candidate: Option<Vec<u8>> = match args.iter().find_map(|a| a.strip_prefix("--candidate="))
+    {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("--candidate: reading {path}"))?)
+        }
+        None => None,
+    };
+    let mut objects: Vec<(&str, &[u8])> = vec![("", EBPF_OBJECT)];
+    if let Some(c) = &candidate {
+        objects.push((CANDIDATE, c));
+    }
     let out_dir = PathBuf::from(
         args.iter()
             .find_map(|a| a.strip_prefix("--out="))
@@ -953,68 +972,75 @@ fn main() -> Result<()> {
             {
                 continue; // --quick: the mid table is the full one
             }
-            let bench = Bench::new(settings.frame_len)?;
-            let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
-            let before6 = map_memlock(11, 20)?;
-            let fwd = Forwarder::load(&bench.lab, routes, (lookup, lookup6), None)?;
-            let v4 = routes[0].addr.is_ipv4();
-            if v4 && routes.len() == full_v4 && from.is_none() {
-                // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
-                // and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8)
-                // this forwarder added, and its DIR-24-8 arrays.
-                let after = (map_memlock(1, 8)?, map_memlock(11, 8)?);
-                let maps =
-                    ((after.0 - before.0) + (after.1 - before.1)) as f64 / f64::from(1 << 20);
-                let mib = if lookup == Ipv4Lookup::Dir24 {
-                    maps + dir24_mib
-                } else {
-                    maps
-                };
-                report_load(
-                    &mut report,
-                    &lookup.to_string(),
-                    full_v4,
-                    "v4",
-                    fwd.load_seconds,
-                    mib,
-                );
-            }
-            let name = match (v4, from) {
-                (true, None) => format!("pop-forwarder ipv4 {lookup}"),
-                (true, Some(HOT_ROUTES)) => {
-                    format!("pop-forwarder ipv4 {lookup}, {HOT_ROUTES} hot routes")
+            for &(suffix, object) in &objects {
+                let bench = Bench::new(settings.frame_len)?;
+                let before = (map_memlock(1, 8)?, map_memlock(11, 8)?);
+                let before6 = map_memlock(11, 20)?;
+                let fwd = Forwarder::load(&bench.lab, object, routes, (lookup, lookup6), None)?;
+                let v4 = routes[0].addr.is_ipv4();
+                let shipped = suffix.is_empty();
+                if shipped && v4 && routes.len() == full_v4 && from.is_none() {
+                    // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
+                    // and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8)
+                    // this forwarder added, and its DIR-24-8 arrays.
+                    let after = (map_memlock(1, 8)?, map_memlock(11, 8)?);
+                    let maps =
+                        ((after.0 - before.0) + (after.1 - before.1)) as f64 / f64::from(1 << 20);
+                    let mib = if lookup == Ipv4Lookup::Dir24 {
+                        maps + dir24_mib
+                    } else {
+                        maps
+                    };
+                    report_load(
+                        &mut report,
+                        &lookup.to_string(),
+                        full_v4,
+                        "v4",
+                        fwd.load_seconds,
+                        mib,
+                    );
                 }
-                (true, Some(n)) => format!("pop-forwarder ipv4 {lookup}, traffic of {n} routes"),
-                (false, None) => format!("pop-forwarder ipv6 {lookup6}"),
-                (false, Some(n)) => format!("pop-forwarder ipv6 {lookup6}, traffic of {n} routes"),
-            };
-            if !v4 && routes.len() == full_v6 && from.is_none() {
-                // The IPv6 record and trie (BPF_MAP_TYPE_LPM_TRIE, 20-byte
-                // keys) this forwarder added, and the range table's arrays.
-                let trie = (map_memlock(11, 20)? - before6) as f64 / f64::from(1 << 20);
-                let mib = if lookup6 == Ipv6Lookup::Dxr {
-                    trie + dxr6_mib
-                } else {
-                    trie
+                let name = match (v4, from) {
+                    (true, None) => format!("pop-forwarder ipv4 {lookup}"),
+                    (true, Some(HOT_ROUTES)) => {
+                        format!("pop-forwarder ipv4 {lookup}, {HOT_ROUTES} hot routes")
+                    }
+                    (true, Some(n)) => {
+                        format!("pop-forwarder ipv4 {lookup}, traffic of {n} routes")
+                    }
+                    (false, None) => format!("pop-forwarder ipv6 {lookup6}"),
+                    (false, Some(n)) => {
+                        format!("pop-forwarder ipv6 {lookup6}, traffic of {n} routes")
+                    }
                 };
-                report_load(
-                    &mut report,
-                    &lookup6.to_string(),
-                    full_v6,
-                    "v6",
-                    fwd.load_seconds,
-                    mib,
-                );
+                if shipped && !v4 && routes.len() == full_v6 && from.is_none() {
+                    // The IPv6 record and trie (BPF_MAP_TYPE_LPM_TRIE, 20-byte
+                    // keys) this forwarder added, and the range table's arrays.
+                    let trie = (map_memlock(11, 20)? - before6) as f64 / f64::from(1 << 20);
+                    let mib = if lookup6 == Ipv6Lookup::Dxr {
+                        trie + dxr6_mib
+                    } else {
+                        trie
+                    };
+                    report_load(
+                        &mut report,
+                        &lookup6.to_string(),
+                        full_v6,
+                        "v6",
+                        fwd.load_seconds,
+                        mib,
+                    );
+                }
+                add(
+                    format!("{name}{suffix}"),
+                    routes,
+                    bench,
+                    Router::Pop(Box::new(fwd)),
+                    throughput,
+                    from,
+                    None,
+                )?;
             }
-            add(
-                name,
-                routes,
-                bench,
-                Router::Pop(Box::new(fwd)),
-                throughput,
-                from,
-                None,
-            )?;
         }
     }
     if wanted("vip") {
@@ -1035,17 +1061,20 @@ fn main() -> Result<()> {
                 SinkAt::A0,
             ),
         ] {
-            let bench = Bench::with_sink(settings.frame_len, sink)?;
-            let fwd = Forwarder::load(&bench.lab, &v4_small, DEFAULT_LOOKUPS, Some(path))?;
-            add(
-                name.into(),
-                &vip,
-                bench,
-                Router::Pop(Box::new(fwd)),
-                true,
-                None,
-                None,
-            )?;
+            for &(suffix, object) in &objects {
+                let bench = Bench::with_sink(settings.frame_len, sink)?;
+                let fwd =
+                    Forwarder::load(&bench.lab, object, &v4_small, DEFAULT_LOOKUPS, Some(path))?;
+                add(
+                    format!("{name}{suffix}"),
+                    &vip,
+                    bench,
+                    Router::Pop(Box::new(fwd)),
+                    true,
+                    None,
+                    None,
+                )?;
+            }
         }
         // The IP-in-IP path by how many flows the connection table holds
         // (the issue's conditions): one; 102,400 (1,600 sources x 64
@@ -1081,22 +1110,25 @@ fn main() -> Result<()> {
                 },
             ),
         ] {
-            let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
-            let fwd = Forwarder::load(
-                &bench.lab,
-                &v4_small,
-                DEFAULT_LOOKUPS,
-                Some(VipPath::IpipTx),
-            )?;
-            add(
-                name.into(),
-                &vip,
-                bench,
-                Router::Pop(Box::new(fwd)),
-                false,
-                None,
-                Some(flows),
-            )?;
+            for &(suffix, object) in &objects {
+                let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
+                let fwd = Forwarder::load(
+                    &bench.lab,
+                    object,
+                    &v4_small,
+                    DEFAULT_LOOKUPS,
+                    Some(VipPath::IpipTx),
+                )?;
+                add(
+                    format!("{name}{suffix}"),
+                    &vip,
+                    bench,
+                    Router::Pop(Box::new(fwd)),
+                    false,
+                    None,
+                    Some(flows),
+                )?;
+            }
         }
         let bench = Bench::with_sink(settings.frame_len, SinkAt::A0)?;
         let tx = in_ns(&bench.lab.router, || BareRedirect::attach_tx("r0"))?;
@@ -1115,7 +1147,7 @@ fn main() -> Result<()> {
     // that miss cost every packet, beside the same table without them.
     if wanted("deny") {
         let bench = Bench::new(settings.frame_len)?;
-        let mut fwd = Forwarder::load(&bench.lab, &v4_small, DEFAULT_LOOKUPS, None)?;
+        let mut fwd = Forwarder::load(&bench.lab, EBPF_OBJECT, &v4_small, DEFAULT_LOOKUPS, None)?;
         let overlaps = |p: &Prefix| {
             v4_small
                 .iter()
@@ -1161,7 +1193,7 @@ fn main() -> Result<()> {
             let bench = Bench::new(settings.frame_len)?;
             bench.lab.router.sysctl("net.ipv4.ip_forward", "1")?;
             kernel_routes(&bench.lab, routes)?;
-            let mut fwd = Forwarder::load(&bench.lab, &[], DEFAULT_LOOKUPS, None)?;
+            let mut fwd = Forwarder::load(&bench.lab, EBPF_OBJECT, &[], DEFAULT_LOOKUPS, None)?;
             fwd.tables.set_route_lookup(RouteLookup::KernelFib)?;
             add(
                 "pop-forwarder ipv4 kernel-fib".into(),
@@ -1586,6 +1618,22 @@ fn summarise(report: &mut Report, full_v4: usize, full_v6: usize) {
         ),
         cost("pop-forwarder ipv6 dxr", SMALL_TABLE),
     );
+    // --candidate: each candidate path against the same path with the
+    // shipped program, round by round (below 1: the candidate costs less,
+    // or delivers less).
+    for c in report.cost.iter().filter(|c| c.name.ends_with(CANDIDATE)) {
+        let shipped = c.name.trim_end_matches(CANDIDATE);
+        insert(
+            format!("candidate_cost: {shipped} ({})", c.prefixes),
+            Some(&c.runs),
+            cost(shipped, c.prefixes),
+        );
+        insert(
+            format!("candidate_delivered: {shipped} ({})", c.prefixes),
+            pps(&c.name, c.prefixes),
+            pps(shipped, c.prefixes),
+        );
+    }
     // The targets are checked on the default IPv4 lookup, DIR-24-8.
     let mut targets = Vec::new();
     // (ratio, at least, what) for the targets that are ratios to reach.
