@@ -34,8 +34,8 @@ pub enum Counter {
     PassTooBig,
     /// Frame shorter than the headers it announces: dropped.
     DropTruncated,
-    /// IPv4 IHL < 5, or an IP version that does not match the EtherType:
-    /// dropped.
+    /// IPv4 IHL < 5 or a wrong header checksum, or an IP version that does
+    /// not match the EtherType: dropped.
     DropBadHeader,
     /// IP total length (IPv4) or payload length (IPv6) larger than the
     /// frame: dropped.

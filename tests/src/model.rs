@@ -215,6 +215,16 @@ fn ipv4_checksum(header: &[u8]) -> u16 {
     internet_checksum(header, 0)
 }
 
+/// Recomputes the header checksum of an untagged IPv4 frame in place.
+fn refresh_ipv4_checksum(f: &mut [u8]) {
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let mut h = f[14..14 + ihl].to_vec();
+    h[10] = 0;
+    h[11] = 0;
+    let c = ipv4_checksum(&h);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
 fn widen(addr: IpAddr) -> [u8; 16] {
     match addr {
         IpAddr::V4(a) => {
@@ -360,6 +370,10 @@ fn ipv4(world: &World, frame: &[u8]) -> Outcome {
     }
     if 14 + ihl > frame.len() {
         return drop(frame, DropTruncated);
+    }
+    // RFC 1812 5.2.2: a wrong header checksum is dropped.
+    if internet_checksum(&ip[..ihl], 0) != 0 {
+        return drop(frame, DropBadHeader);
     }
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     if total < ihl || 14 + total > frame.len() {
@@ -1192,8 +1206,8 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
     let packet = ip_packet(rng, src, dst, protocol, ttl, &l4);
     f.extend_from_slice(if v4 { &[0x08, 0x00] } else { &[0x86, 0xdd] });
     f.extend_from_slice(&packet);
-    // Bend it: a wrong version or IHL, a wrong length, padding, a cut, a
-    // big packet (past small MTUs).
+    // Bend it: a wrong version or IHL, a wrong length, a damaged IPv4
+    // header, padding, a cut, a big packet (past small MTUs).
     match rng.below(20) {
         0 => f[14] = (rng.next() as u8) & 0xf0 | f[14] & 0x0f,
         1 if v4 => f[14] = 0x40 | rng.below(5) as u8,
@@ -1201,6 +1215,18 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
             let at = if v4 { 16 } else { 18 };
             let v = rng.next() as u16;
             f[at..at + 2].copy_from_slice(&v.to_be_bytes());
+            // The checksum made right again mostly, so that the length is
+            // what is wrong.
+            if v4 && rng.below(4) != 0 {
+                refresh_ipv4_checksum(&mut f);
+            }
+        }
+        // A header damaged on the way: one byte of it changed, the
+        // checksum left as it was.
+        7 if v4 => {
+            let ihl = usize::from(f[14] & 0x0f) * 4;
+            let at = 14 + rng.below(ihl as u64) as usize;
+            f[at] ^= 1 << rng.below(8);
         }
         3 => f.extend((0..rng.below(30)).map(|_| 0xee)),
         4 => {
@@ -1213,14 +1239,7 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
             if v4 {
                 let total = f.len() - 14;
                 f[16..18].copy_from_slice(&(total as u16).to_be_bytes());
-                let ihl = usize::from(f[14] & 0x0f) * 4;
-                let c = ipv4_checksum(&{
-                    let mut h = f[14..14 + ihl].to_vec();
-                    h[10] = 0;
-                    h[11] = 0;
-                    h
-                });
-                f[24..26].copy_from_slice(&c.to_be_bytes());
+                refresh_ipv4_checksum(&mut f);
             } else {
                 let payload = f.len() - 14 - 40;
                 f[18..20].copy_from_slice(&(payload as u16).to_be_bytes());

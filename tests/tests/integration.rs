@@ -462,8 +462,10 @@ fn malformed_frames_on_the_wire_are_dropped_counted_and_logged() {
     );
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x43;
+    // A length past the frame, under a header checksum that is right.
     let mut bad_length = good.clone();
     bad_length[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    tests::packets::fix_ipv4_checksum(&mut bad_length);
     wire.send(&bad_ihl).unwrap();
     wire.send(&bad_length).unwrap();
 

@@ -23,7 +23,7 @@ use pop_forwarder::{
 use pop_forwarder_common::{
     Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NextHop, PROGRAM_NAME, VlanKey,
 };
-use tests::packets::{Eth, forwarded, udp_v4, udp_v6, with_ipv4_options};
+use tests::packets::{Eth, fix_ipv4_checksum, forwarded, udp_v4, udp_v6, with_ipv4_options};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -440,11 +440,24 @@ fn malformed_packets_are_dropped_never_forwarded() {
         let mut ihl_past_end = good[..14 + 40].to_vec();
         ihl_past_end[14] = 0x4f;
         ihl_past_end[16..18].copy_from_slice(&40u16.to_be_bytes());
+        // Lengths that are wrong under a checksum that is right.
         let mut total_too_long = good.clone();
         let tl = u16::from_be_bytes([good[16], good[17]]) + 1;
         total_too_long[16..18].copy_from_slice(&tl.to_be_bytes());
+        fix_ipv4_checksum(&mut total_too_long);
         let mut total_below_header = good.clone();
         total_below_header[16..18].copy_from_slice(&19u16.to_be_bytes());
+        fix_ipv4_checksum(&mut total_below_header);
+        // Damaged on the way: a destination bit flipped (10.0.3.7 becomes
+        // 10.0.3.6, which the table also routes), or the checksum itself.
+        let mut dst_bit_flipped = good.clone();
+        dst_bit_flipped[14 + 19] ^= 1;
+        let mut checksum_wrong = good.clone();
+        checksum_wrong[14 + 10] ^= 0x80;
+        // Options count too: a damaged option byte under the old checksum.
+        let with_options = with_ipv4_options(&good, &[1, 1, 1, 0]);
+        let mut option_damaged = with_options.clone();
+        option_damaged[14 + 20] ^= 2;
         let mut v6_in_v4 = good.clone();
         v6_in_v4[14] = 0x65;
         let mut payload_too_long = good6.clone();
@@ -506,6 +519,34 @@ fn malformed_packets_are_dropped_never_forwarded() {
                     action: XDP_DROP,
                     output: None,
                     counter: Counter::DropBadLength,
+                },
+                Case {
+                    name: "destination bit flipped, checksum not",
+                    frame: dst_bit_flipped,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "header checksum wrong",
+                    frame: checksum_wrong,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "option byte damaged",
+                    frame: option_damaged,
+                    action: XDP_DROP,
+                    output: None,
+                    counter: Counter::DropBadHeader,
+                },
+                Case {
+                    name: "options under a right checksum",
+                    frame: with_options.clone(),
+                    action: XDP_REDIRECT,
+                    output: Some(forwarded(&with_options, OUT)),
+                    counter: Counter::Forwarded,
                 },
                 Case {
                     name: "version 6 under ethertype ipv4",
@@ -2137,8 +2178,10 @@ mod steering {
             let whole = flow("10.0.1.7", "192.0.2.10", false, sport, 53);
             let mut first = whole.clone();
             first[14 + 6] = 0x20; // more fragments, offset 0
+            fix_ipv4_checksum(&mut first);
             let mut second = whole.clone();
             second[14 + 6..14 + 8].copy_from_slice(&[0x00, 0x01]); // offset 8
+            fix_ipv4_checksum(&mut second);
             second[34..42].copy_from_slice(b"payload!");
             let mut cases = Vec::new();
             for (name, frame) in [("first fragment", first), ("second fragment", second)] {
