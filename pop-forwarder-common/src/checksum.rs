@@ -27,8 +27,11 @@ pub const fn after_ttl_decrement(check: u16, ttl: u8, protocol: u8) -> u16 {
     update_word(check, old, new)
 }
 
-/// The one's-complement sum of `data` (RFC 1071), not yet inverted. An odd
-/// trailing byte is padded with zero.
+/// The one's-complement sum of `data` (RFC 1071), not yet inverted, below
+/// 0x20000. An odd trailing byte is padded with zero. Inlined: the XDP
+/// program sums the header and options with it, and a call there would
+/// be a BPF-to-BPF call with a frame of its own.
+#[inline(always)]
 pub fn sum(data: &[u8]) -> u32 {
     let mut acc: u32 = 0;
     let mut words = data.chunks_exact(2);

@@ -273,13 +273,7 @@ static OPTIONS_SCRATCH: PerCpuArray<[u8; 40]> = PerCpuArray::with_max_entries(1,
 #[inline(always)]
 fn header_checksum_ok(ctx: &XdpContext, ip: &Ipv4Hdr) -> bool {
     // SAFETY: Ipv4Hdr is 20 bytes of plain byte fields, inside the packet.
-    let b = unsafe { &*(ip as *const Ipv4Hdr as *const [u8; Ipv4Hdr::LEN]) };
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < Ipv4Hdr::LEN {
-        sum += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
-        i += 2;
-    }
+    let mut sum = checksum::sum(unsafe { &*(ip as *const Ipv4Hdr as *const [u8; Ipv4Hdr::LEN]) });
     // Options, rare, are copied out (bpf_xdp_load_bytes) into zeros and
     // summed whole. Read in place they would take a bounds check each at
     // an offset that depends on their length, and the verifier would walk
@@ -308,12 +302,7 @@ fn header_checksum_ok(ctx: &XdpContext, ip: &Ipv4Hdr) -> bool {
             return false;
         }
         // SAFETY: as above.
-        let o = unsafe { &*buf };
-        let mut i = 0;
-        while i < o.len() {
-            sum += u32::from(u16::from_be_bytes([o[i], o[i + 1]]));
-            i += 2;
-        }
+        sum += checksum::sum(unsafe { &*buf });
     }
     checksum::fold(sum) == 0xffff
 }

@@ -215,16 +215,6 @@ fn ipv4_checksum(header: &[u8]) -> u16 {
     internet_checksum(header, 0)
 }
 
-/// Recomputes the header checksum of an untagged IPv4 frame in place.
-fn refresh_ipv4_checksum(f: &mut [u8]) {
-    let ihl = usize::from(f[14] & 0x0f) * 4;
-    let mut h = f[14..14 + ihl].to_vec();
-    h[10] = 0;
-    h[11] = 0;
-    let c = ipv4_checksum(&h);
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-}
-
 fn widen(addr: IpAddr) -> [u8; 16] {
     match addr {
         IpAddr::V4(a) => {
@@ -1218,7 +1208,7 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
             // The checksum made right again mostly, so that the length is
             // what is wrong.
             if v4 && rng.below(4) != 0 {
-                refresh_ipv4_checksum(&mut f);
+                crate::packets::fix_ipv4_checksum(&mut f);
             }
         }
         // A header damaged on the way: one byte of it changed, the
@@ -1239,7 +1229,7 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
             if v4 {
                 let total = f.len() - 14;
                 f[16..18].copy_from_slice(&(total as u16).to_be_bytes());
-                refresh_ipv4_checksum(&mut f);
+                crate::packets::fix_ipv4_checksum(&mut f);
             } else {
                 let payload = f.len() - 14 - 40;
                 f[18..20].copy_from_slice(&(payload as u16).to_be_bytes());
