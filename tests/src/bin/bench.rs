@@ -716,9 +716,10 @@ fn main() -> Result<()> {
     // What the verifier makes of the program: the instructions it walked
     // (the kernel refuses a program past 1,000,000) and how long a load
     // takes (every start and restart pays it). A change that adds paths
-    // can multiply the walk without adding many instructions.
-    {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context("loading the object")?;
+    // can multiply the walk without adding many instructions. A candidate
+    // (--candidate) gets the same rows, named `candidate_program_...`.
+    for &(suffix, object) in &objects {
+        let mut ebpf = Ebpf::load(object).context("loading the object")?;
         let xdp: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .context("the program")?
@@ -727,14 +728,19 @@ fn main() -> Result<()> {
         xdp.load().context("the verifier refused the program")?;
         let seconds = start.elapsed().as_secs_f64();
         let walked = xdp.info()?.verified_instruction_count().unwrap_or(0);
+        let (prefix, whose) = if suffix.is_empty() {
+            ("", "the program")
+        } else {
+            ("candidate_", "the candidate")
+        };
         report
             .control_plane
-            .insert("program_verified_insns".into(), f64::from(walked));
+            .insert(format!("{prefix}program_verified_insns"), f64::from(walked));
         report
             .control_plane
-            .insert("program_verify_s".into(), seconds);
+            .insert(format!("{prefix}program_verify_s"), seconds);
         println!(
-            "== the verifier walked {walked} instructions of the program (limit 1,000,000) in {seconds:.2} s"
+            "== the verifier walked {walked} instructions of {whose} (limit 1,000,000) in {seconds:.2} s"
         );
     }
 
