@@ -13,7 +13,8 @@ pub const MAX_CACHE_NODES: u32 = 1024;
 pub const MAGLEV_STRIDE: u32 = DEFAULT_TABLE_SIZE;
 /// Entries of MAGLEV (u32 node ids, stored in pairs: see dir24).
 pub const MAGLEV_ENTRIES: u32 = MAX_VIPS * MAGLEV_STRIDE;
-/// Flows the connection table remembers (least recently used go first).
+/// Flows each connection table remembers (least recently used go first:
+/// of the whole table for IPv6, of the flow's set for IPv4).
 pub const MAX_FLOWS: u32 = 1 << 18;
 /// Slots of the seen-once table (`FLOWS_SEEN`): flows other than TCP seen
 /// once, not yet remembered. A flow is remembered from its second packet
@@ -230,6 +231,117 @@ impl FlowKey {
     }
 }
 
+/// Slots of a set of the IPv4 connection table (`FLOWS_V4`).
+pub const FLOW_WAYS: usize = 4;
+/// Sets of the IPv4 connection table: `MAX_FLOWS` slots in all.
+pub const FLOW_SETS_V4: u32 = MAX_FLOWS / FLOW_WAYS as u32;
+/// The bits of a `FlowKeyV4`'s second word that are the key: the rest
+/// (`pad`, `pad2`) holds a slot's check (`flow_check_v4`).
+pub const KEY_BITS_V4: u64 = (1 << 40) - 1;
+
+/// A slot of the IPv4 connection table: a flow and its entry.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowSlotV4 {
+    /// The flow, its check in the bytes above `KEY_BITS_V4`.
+    pub key: [u64; 2],
+    pub entry: FlowEntry,
+}
+
+/// A set of the IPv4 connection table (`FLOWS_V4`), an array of
+/// `FLOW_SETS_V4` of them: a flow may be in any slot of its set
+/// (`flow_set_v4`), and nowhere else. A slot holds a flow when its check
+/// is the one of its key, node and VIP (`flow_check_v4`); an empty slot
+/// (zero) fails it. The check is what makes slots safe to share between
+/// CPUs without locks: a slot read while another CPU writes it, half old
+/// and half new, fails its check (but for one chance in 2^24) and reads as
+/// empty. A new flow takes a slot no flow holds, or else the slot of the
+/// flow seen least recently (`last_seen_ns`, kept to the second): the
+/// least recently used of its set goes, not of the whole table. Two CPUs
+/// writing one slot at once may lose one of the two flows, which then
+/// follows its VIP's Maglev table.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FlowSetV4 {
+    pub slots: [FlowSlotV4; FLOW_WAYS],
+}
+
+/// The set of an IPv4 flow, from its key's words (`FlowKeyV4::words`) and
+/// the flow-hash seed: keyed, so that traffic cannot pick which flows
+/// share a set without knowing the seed.
+#[inline(always)]
+pub const fn flow_set_v4(key: [u64; 2], seed: u32) -> u32 {
+    let h = crate::maglev::mix64(key[0] ^ crate::maglev::mix64(key[1] ^ seed as u64));
+    (h >> (64 - FLOW_SETS_V4.trailing_zeros())) as u32
+}
+
+/// The check of a slot holding the flow `key` (its key bits) with `entry`'s
+/// node and VIP, placed in the bits above `KEY_BITS_V4`; never zero.
+#[inline(always)]
+pub const fn flow_check_v4(key: [u64; 2], node: u32, vip: u32) -> u64 {
+    let h = crate::maglev::mix64(
+        key[0] ^ key[1].rotate_left(24) ^ ((node as u64) << 32 | vip as u64).rotate_left(7),
+    );
+    (h | 1 << 40) & !KEY_BITS_V4
+}
+
+impl FlowSlotV4 {
+    /// The slot of flow `key` with `entry`.
+    #[inline(always)]
+    pub const fn new(key: [u64; 2], entry: FlowEntry) -> FlowSlotV4 {
+        let key = [key[0], key[1] & KEY_BITS_V4];
+        FlowSlotV4 {
+            key: [key[0], key[1] | flow_check_v4(key, entry.node, entry.vip)],
+            entry,
+        }
+    }
+
+    /// Whether the slot holds flow `key` (its words, check bits zero).
+    #[inline(always)]
+    pub const fn holds(&self, key: [u64; 2]) -> bool {
+        self.key[0] == key[0]
+            && self.key[1] & KEY_BITS_V4 == key[1]
+            && self.key[1] & !KEY_BITS_V4 == flow_check_v4(key, self.entry.node, self.entry.vip)
+    }
+
+    /// The flow the slot holds, if its check is right.
+    #[inline(always)]
+    pub const fn flow(&self) -> Option<[u64; 2]> {
+        let key = [self.key[0], self.key[1] & KEY_BITS_V4];
+        if self.holds(key) { Some(key) } else { None }
+    }
+}
+
+impl FlowKeyV4 {
+    /// The key as two words (check bits zero), as `FlowSlotV4` keeps it.
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 2] {
+        let [s0, s1, s2, s3] = self.src;
+        let [d0, d1, d2, d3] = self.dst;
+        let [p0, p1] = self.src_port.to_ne_bytes();
+        let [q0, q1] = self.dst_port.to_ne_bytes();
+        [
+            u64::from_le_bytes([s0, s1, s2, s3, d0, d1, d2, d3]),
+            u64::from_le_bytes([p0, p1, q0, q1, self.protocol, 0, 0, 0]),
+        ]
+    }
+
+    /// The key whose words (`words`) are `key`.
+    pub const fn from_words(key: [u64; 2]) -> FlowKeyV4 {
+        let [s0, s1, s2, s3, d0, d1, d2, d3] = key[0].to_le_bytes();
+        let [p0, p1, q0, q1, protocol, ..] = key[1].to_le_bytes();
+        FlowKeyV4 {
+            src: [s0, s1, s2, s3],
+            dst: [d0, d1, d2, d3],
+            src_port: u16::from_ne_bytes([p0, p1]),
+            dst_port: u16::from_ne_bytes([q0, q1]),
+            protocol,
+            pad: 0,
+            pad2: 0,
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: repr(C) without padding (bytemuck's Pod derive checks).
@@ -239,4 +351,131 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowKeyV4 {}
     unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowSetV4 {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::{vec, vec::Vec};
+
+    use super::*;
+
+    /// Deterministic pseudo-random words (splitmix64's sequence).
+    fn words(n: usize, seed: u64) -> Vec<u64> {
+        (0..n as u64)
+            .map(|i| crate::maglev::mix64(seed.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))))
+            .collect()
+    }
+
+    fn flow(w: u64, v: u64) -> FlowKeyV4 {
+        let [a, b, c, d, e, f, g, h] = w.to_le_bytes();
+        let [p, q, r, s, t, ..] = v.to_le_bytes();
+        FlowKeyV4 {
+            src: [a, b, c, d],
+            dst: [e, f, g, h],
+            src_port: u16::from_be_bytes([p, q]),
+            dst_port: u16::from_be_bytes([r, s]),
+            protocol: t,
+            pad: 0,
+            pad2: 0,
+        }
+    }
+
+    fn entry(node: u32, vip: u32) -> FlowEntry {
+        FlowEntry {
+            node,
+            vip,
+            last_seen_ns: 12_345,
+        }
+    }
+
+    #[test]
+    fn flow_key_words_round_trip_and_leave_the_check_bits_zero() {
+        let w = words(2_000, 1);
+        for pair in w.chunks(2) {
+            let key = flow(pair[0], pair[1]);
+            assert_eq!(key.words()[1] & !KEY_BITS_V4, 0);
+            assert_eq!(FlowKeyV4::from_words(key.words()), key);
+        }
+    }
+
+    #[test]
+    fn a_slot_holds_its_flow_and_no_bit_flip_of_it_does() {
+        let key = flow(0x0a00_0001_c000_0201, 0x11_01bb_c350).words();
+        let slot = FlowSlotV4::new(key, entry(7, FlowEntry::vip_of(3, 9)));
+        assert!(slot.holds(key));
+        assert_eq!(slot.flow(), Some(key));
+        let zero: FlowSlotV4 = bytemuck::Zeroable::zeroed();
+        assert_eq!(zero.flow(), None, "an empty slot holds no flow");
+        // Every bit of the key, its check, the node and the VIP.
+        for bit in 0..192 {
+            let mut bent = slot;
+            match bit {
+                0..64 => bent.key[0] ^= 1 << bit,
+                64..128 => bent.key[1] ^= 1 << (bit - 64),
+                128..160 => bent.entry.node ^= 1 << (bit - 128),
+                _ => bent.entry.vip ^= 1 << (bit - 160),
+            }
+            assert!(!bent.holds(key), "bit {bit} flipped");
+            if let Some(other) = bent.flow() {
+                assert_ne!(other, key, "bit {bit} flipped");
+            }
+        }
+        // The last-seen time is not checked: a CPU refreshes it alone.
+        let mut seen = slot;
+        seen.entry.last_seen_ns = 99;
+        assert!(seen.holds(key));
+    }
+
+    /// A slot read while another CPU rewrites it, each 8-byte word from
+    /// either flow (a word is written in one store), is either flow whole
+    /// or holds none.
+    #[test]
+    fn a_slot_torn_between_two_flows_holds_neither() {
+        let w = words(4 * 4_000, 2);
+        let mut torn = 0;
+        for (i, c) in w.chunks(4).enumerate() {
+            let (a, b) = (flow(c[0], c[1]).words(), flow(c[2], c[3]).words());
+            let i = i as u32;
+            let sa = FlowSlotV4::new(a, entry(i % 1024, i % 251));
+            let sb = FlowSlotV4::new(b, entry((i + 1) % 1024, (i + 7) % 251));
+            let [sa, sb]: [[u64; 4]; 2] = [bytemuck::cast(sa), bytemuck::cast(sb)];
+            for mix in 1..15u32 {
+                let mixed: [u64; 4] =
+                    core::array::from_fn(|w| if mix >> w & 1 == 1 { sb[w] } else { sa[w] });
+                // Key, node and VIP all from one flow (the last-seen word
+                // alone from the other): that flow whole.
+                if mixed[..3] == sa[..3] || mixed[..3] == sb[..3] {
+                    continue;
+                }
+                torn += 1;
+                let mixed: FlowSlotV4 = bytemuck::cast(mixed);
+                assert!(
+                    !mixed.holds(a) && !mixed.holds(b),
+                    "flow pair {i}, mix {mix:04b}"
+                );
+            }
+        }
+        assert_eq!(torn, 4_000 * 12);
+    }
+
+    #[test]
+    fn flows_spread_over_the_sets_and_the_seed_moves_them() {
+        let w = words(2 * MAX_FLOWS as usize, 3);
+        let mut load = vec![0u32; FLOW_SETS_V4 as usize];
+        let mut moved = 0;
+        for pair in w.chunks(2) {
+            let key = flow(pair[0], pair[1]).words();
+            let set = flow_set_v4(key, 42);
+            assert!(set < FLOW_SETS_V4);
+            load[set as usize] += 1;
+            moved += u32::from(flow_set_v4(key, 43) != set);
+        }
+        // MAX_FLOWS flows, FLOW_WAYS a set on average: as a Poisson
+        // spread, no set near ten times that.
+        let max = *load.iter().max().unwrap();
+        assert!(max <= 16, "a set of {max} flows");
+        assert!(moved > MAX_FLOWS * 99 / 100, "{moved} flows moved");
+    }
 }

@@ -23,9 +23,10 @@ use pop_forwarder_common::{
     maglev::{self, NO_NODE},
     settings,
     steering::{
-        self, CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOWS_SEEN_SLOTS, FlowEntry, FlowKey,
-        FlowKeyV4, MAGLEV_ENTRIES, MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE,
-        NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VIP_FILTER_BUCKETS, VipInfo, VipKey,
+        self, CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOW_SETS_V4, FLOW_WAYS,
+        FLOWS_SEEN_SLOTS, FlowEntry, FlowKey, FlowSetV4, FlowSlotV4, MAGLEV_ENTRIES,
+        MAX_CACHE_NODES, MAX_FLOWS, MAX_VIPS, NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID,
+        PROTO_TCP, PROTO_UDP, VIP_FILTER_BUCKETS, VipInfo, VipKey,
     },
 };
 
@@ -50,38 +51,149 @@ static MAGLEV: Array<u64> = Array::with_max_entries(MAGLEV_ENTRIES / dir24::ENTR
 static CACHE_NODES: Array<CacheNode> = Array::with_max_entries(MAX_CACHE_NODES, 0);
 
 /// Flow -> node: keeps a flow on its node when the pool changes. IPv6
-/// flows here, IPv4 ones in FLOWS_V4 (a key of 16 bytes, not 40: each
-/// lookup hashes and compares the whole key). Each table has room for
-/// MAX_FLOWS.
+/// flows here, in the kernel's LRU hash; IPv4 ones in FLOWS_V4. Each table
+/// has room for MAX_FLOWS.
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
+/// The IPv4 connection table: sets of slots in an array (see
+/// `steering::FlowSetV4`). A lookup reads one set, inline; the LRU hash
+/// costs a call that hashes the key and walks a bucket (with the
+/// return-stack mitigations of the CPUs this runs on, every call's return
+/// is dear), and a new flow's insert takes its lock.
 #[map]
-static FLOWS_V4: LruHashMap<FlowKeyV4, FlowEntry> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS_V4: Array<FlowSetV4> = Array::with_max_entries(FLOW_SETS_V4, 0);
 
-/// The entry of `key`'s flow, from the table of its family.
+/// The set of the IPv4 flow `key` (its words).
 #[inline(always)]
-fn flow_entry(key: &FlowKey) -> Option<*mut FlowEntry> {
+fn flow_set_v4(key: [u64; 2]) -> Option<*mut FlowSetV4> {
+    let seed = SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0);
+    FLOWS_V4.get_ptr_mut(steering::flow_set_v4(key, seed))
+}
+
+/// Per CPU: where `opaque_way` puts a slot number.
+#[map]
+static OPAQUE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// `way`, as a slot number the verifier knows only to be one: written to
+/// this CPU's word and read back. The paths that chose different slots
+/// then go on as one, which the verifier walks once; as constants, each
+/// slot's path would be walked through the rest of the program.
+#[inline(always)]
+fn opaque_way(way: usize) -> usize {
+    match OPAQUE.get_ptr_mut(0) {
+        // SAFETY: this CPU's word; XDP runs with preemption off.
+        Some(word) => unsafe {
+            core::ptr::write_volatile(word, way as u32);
+            core::ptr::read_volatile(word) as usize & (FLOW_WAYS - 1)
+        },
+        None => 0,
+    }
+}
+
+/// The slot of `set` that holds the IPv4 flow `key`, and what it held.
+#[inline(always)]
+fn slot_of(set: *mut FlowSetV4, key: [u64; 2]) -> Option<(*mut FlowSlotV4, FlowSlotV4)> {
+    for way in 0..FLOW_WAYS {
+        // SAFETY: a slot of this array's value. Read once, whole (another
+        // CPU may be writing it): what is checked is what is used.
+        let seen = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*set).slots[way])) };
+        if seen.holds(key) {
+            let way = opaque_way(way);
+            // SAFETY: as above.
+            return Some((unsafe { core::ptr::addr_of_mut!((*set).slots[way]) }, seen));
+        }
+    }
+    None
+}
+
+/// The entry of `key`'s flow, from the table of its family: what it says,
+/// and where its last-seen time is kept.
+#[inline(always)]
+fn flow_entry(key: &FlowKey) -> Option<(FlowEntry, *mut u64)> {
     match key.v4() {
-        Some(k) => FLOWS_V4.get_ptr_mut(&k),
-        None => FLOWS.get_ptr_mut(key),
+        Some(k) => {
+            let words = k.words();
+            let (slot, seen) = slot_of(flow_set_v4(words)?, words)?;
+            // SAFETY: a field of the slot found above.
+            Some((seen.entry, unsafe {
+                core::ptr::addr_of_mut!((*slot).entry.last_seen_ns)
+            }))
+        }
+        None => {
+            let entry = FLOWS.get_ptr_mut(key)?;
+            // SAFETY: an LRU hash value of this map's type.
+            Some((unsafe { *entry }, unsafe {
+                core::ptr::addr_of_mut!((*entry).last_seen_ns)
+            }))
+        }
     }
 }
 
 #[inline(always)]
 fn forget_flow(key: &FlowKey) {
-    let _ = match key.v4() {
-        Some(k) => FLOWS_V4.remove(&k),
-        None => FLOWS.remove(key),
-    };
+    match key.v4() {
+        Some(k) => {
+            let words = k.words();
+            if let Some((slot, _)) = flow_set_v4(words).and_then(|set| slot_of(set, words)) {
+                // SAFETY: a slot of the array: a zero key word fails the
+                // check, so the slot holds no flow.
+                unsafe { (*slot).key[1] = 0 };
+            }
+        }
+        None => {
+            let _ = FLOWS.remove(key);
+        }
+    }
 }
 
+/// Writes `entry` for `key`'s flow: for IPv4, over the slot that holds the
+/// flow, or else one that holds none, or else the one of the flow seen
+/// least recently.
 #[inline(always)]
 fn remember_flow(key: &FlowKey, entry: &FlowEntry) {
-    let _ = match key.v4() {
-        Some(k) => FLOWS_V4.insert(&k, entry, 0),
-        None => FLOWS.insert(key, entry, 0),
+    let Some(k) = key.v4() else {
+        let _ = FLOWS.insert(key, entry, 0);
+        return;
     };
+    let words = k.words();
+    let Some(set) = flow_set_v4(words) else {
+        return;
+    };
+    let mut way = 0;
+    let mut oldest = u64::MAX;
+    for w in 0..FLOW_WAYS {
+        // SAFETY: a slot of this array's value, read once, whole.
+        let seen = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*set).slots[w])) };
+        match seen.flow() {
+            Some(flow) if flow == words => {
+                way = w;
+                break;
+            }
+            None => {
+                way = w;
+                oldest = 0;
+            }
+            Some(_) if seen.entry.last_seen_ns < oldest => {
+                way = w;
+                oldest = seen.entry.last_seen_ns;
+            }
+            Some(_) => {}
+        }
+    }
+    let slot = FlowSlotV4::new(words, *entry);
+    // SAFETY: a slot of this array's value; word by word (a whole-struct
+    // store may become a byte-by-byte copy in BPF). A CPU reading it
+    // meanwhile finds the check wrong and the slot empty.
+    unsafe {
+        let at = core::ptr::addr_of_mut!((*set).slots[opaque_way(way)]);
+        (*at).key[1] = 0;
+        (*at).entry.node = slot.entry.node;
+        (*at).entry.vip = slot.entry.vip;
+        (*at).entry.last_seen_ns = slot.entry.last_seen_ns;
+        (*at).key[0] = slot.key[0];
+        (*at).key[1] = slot.key[1];
+    }
 }
 
 #[map]
@@ -124,7 +236,6 @@ pub fn enabled() -> bool {
 }
 
 /// The verdict for a VIP's packet, or None if the destination is no VIP.
-
 #[inline(always)]
 pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verdict> {
     // An ICMP error about a VIP flow (a router on the way back to the
@@ -152,16 +263,15 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
     };
     let now = coarse_now_ns();
     let known = match flow_entry(&flow_key) {
-        Some(entry) => {
-            // SAFETY: an LRU hash value of this map's type; a racing CPU's
-            // write of the same time is harmless.
-            let entry = unsafe { &mut *entry };
+        Some((entry, last_seen)) => {
             let idle = now.wrapping_sub(entry.last_seen_ns);
             let timeout = idle_timeout_ns(flow.protocol);
             if (timeout == 0 || idle < timeout) && usable(entry.node).is_some() {
-                // At most one write a second per flow.
+                // At most one write a second per flow. SAFETY: the
+                // entry's field; a racing CPU's write of the same time,
+                // or of another flow's that took the slot, is harmless.
                 if idle >= 1_000_000_000 {
-                    entry.last_seen_ns = now;
+                    unsafe { *last_seen = now };
                 }
                 Some(entry)
             } else {
@@ -184,7 +294,11 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         // which one.
         Some(entry) => {
             let vip = lookup_vip(flow, dst_port)?;
-            entry.vip = FlowEntry::vip_of(vip.index, epoch);
+            let learnt = FlowEntry {
+                vip: FlowEntry::vip_of(vip.index, epoch),
+                ..entry
+            };
+            remember_flow(&flow_key, &learnt);
             (vip.index, entry.node)
         }
         None => {

@@ -1803,8 +1803,9 @@ mod steering {
     use pop_forwarder_common::{
         maglev::{self, NO_NODE},
         steering::{
-            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOWS_SEEN_SLOTS, FlowKey, NODE_F_IN_USE,
-            NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
+            CacheNode, ENCAP_SOURCE_V4, ENCAP_SOURCE_V6, FLOW_WAYS, FLOWS_SEEN_SLOTS, FlowKey,
+            NODE_F_IN_USE, NODE_F_IPIP, NODE_F_MAC_VALID, PROTO_TCP, PROTO_UDP, VipKey,
+            flow_set_v4,
         },
     };
     use tests::packets::flow_frame;
@@ -1970,6 +1971,44 @@ mod steering {
                 .write_vip(0, &vip("192.0.2.10", PROTO_UDP, 0), &[first; SIZE as usize])
                 .unwrap();
             assert_eq!(p.run(&frame), steered(&frame, other));
+        });
+    }
+
+    /// The IPv4 connection table is sets of FLOW_WAYS slots: a flow that
+    /// finds its set full takes the slot of the flow seen least recently
+    /// there, and the others stay.
+    #[test]
+    fn a_full_set_forgets_its_least_recently_seen_flow() {
+        with_program(|p| {
+            setup(p);
+            // FLOW_WAYS + 1 UDP flows whose keys fall in one set.
+            let key =
+                |(src, sport): &(String, u16)| flow_key(src, "192.0.2.10", PROTO_UDP, *sport, 9999);
+            let set = |flow: &(String, u16)| flow_set_v4(key(flow).v4().unwrap().words(), SEED);
+            let first = ("10.0.1.2".to_string(), 20000);
+            let flows: Vec<(String, u16)> = (2..=250)
+                .flat_map(|host| (20000..22000).map(move |sport| (format!("10.0.1.{host}"), sport)))
+                .filter(|flow| set(flow) == set(&first))
+                .take(FLOW_WAYS + 1)
+                .collect();
+            assert_eq!(flows.len(), FLOW_WAYS + 1);
+            for (src, sport) in &flows {
+                // Remembered from its second packet, a few jiffies after
+                // the flow before it.
+                let frame = flow(src, "192.0.2.10", false, *sport, 9999);
+                p.run(&frame);
+                p.run(&frame);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let nodes: Vec<Option<u32>> = flows
+                .iter()
+                .map(|flow| p.tables.flow_node(&key(flow)).unwrap())
+                .collect();
+            assert_eq!(
+                nodes[0], None,
+                "the least recently seen flow stayed: {nodes:?}"
+            );
+            assert!(nodes[1..].iter().all(Option::is_some), "{nodes:?}");
         });
     }
 

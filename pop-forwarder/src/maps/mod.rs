@@ -31,7 +31,7 @@ use pop_forwarder_common::{
     dxr6::{self as dxr6_layout, Block, Dxr6, Dxr6Error, Tables6},
     ecmp::{self, NextHopGroup},
     map_names as names, settings,
-    steering::{CacheNode, FlowEntry, FlowKey, FlowKeyV4, MAGLEV_STRIDE, VipInfo, VipKey},
+    steering::{CacheNode, FlowEntry, FlowKey, FlowSetV4, MAGLEV_STRIDE, VipInfo, VipKey},
 };
 use std::{
     collections::{BTreeMap, HashSet},
@@ -56,7 +56,7 @@ pub use next_hops::{
 pub use routes::RouteEntry;
 pub use stats::{InterfaceStats, NextHopStats, Stats};
 pub use steering::FlowLookup;
-use sys::{Mmap, lookup_all, update_batch};
+use sys::{Mmap, array_all, lookup_all, update_batch};
 
 pub struct Tables {
     /// IPv4 routes by exact prefix: the record every writer consults.
@@ -95,10 +95,11 @@ pub struct Tables {
     vip_filter: Array<MapData, u32>,
     maglev: Array<MapData, u64>,
     cache_nodes: Array<MapData, CacheNode>,
-    /// The connection tables: IPv6 flows, IPv4 flows (`FlowKeyV4`).
+    /// The connection tables: IPv6 flows (an LRU hash), IPv4 flows (sets
+    /// of slots in an array: `FlowSetV4`).
     flows: HashMap<MapData, FlowKey, FlowEntry>,
     flows_fd: std::os::fd::OwnedFd,
-    flows_v4: HashMap<MapData, FlowKeyV4, FlowEntry>,
+    flows_v4: Array<MapData, FlowSetV4>,
     flows_v4_fd: std::os::fd::OwnedFd,
     vip_stats: PerCpuArray<MapData, TrafficCounter>,
     node_stats: PerCpuArray<MapData, TrafficCounter>,
@@ -237,6 +238,16 @@ fn with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> 
     Ok((map, fd))
 }
 
+/// An array map, and its descriptor (for batched reads).
+fn array_with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
+    let fd = match &map.0 {
+        Map::Array(data) => data.fd().as_fd().try_clone_to_owned(),
+        _ => bail!("map {} is not an array", map.1),
+    }
+    .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
+    Ok((map, fd))
+}
+
 /// The MapData of an array map (the DIR-24-8 tables are mmapped, not
 /// accessed element by element).
 fn array_data(map: (Map, String)) -> Result<MapData> {
@@ -294,7 +305,7 @@ impl Tables {
         let (trie4, trie_v4_fd) = with_fd(take(names::ROUTES_V4_TRIE)?)?;
         let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
         let (flows, flows_fd) = with_fd(take(names::FLOWS)?)?;
-        let (flows_v4, flows_v4_fd) = with_fd(take(names::FLOWS_V4)?)?;
+        let (flows_v4, flows_v4_fd) = array_with_fd(take(names::FLOWS_V4)?)?;
         let settings: Array<MapData, u32> = open!(names::SETTINGS);
         let ipv4_lookup = match settings.get(&settings::IPV4_LOOKUP, 0)? {
             settings::IPV4_TRIE => Ipv4Lookup::Trie,

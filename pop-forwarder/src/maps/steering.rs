@@ -2,7 +2,7 @@
 //! connection table, and the outer sources of IP-in-IP.
 
 use super::*;
-use pop_forwarder_common::steering as steering_layout;
+use pop_forwarder_common::steering::{self as steering_layout, FlowKeyV4};
 
 /// Where a flow to a VIP goes (`Tables::lookup_flow`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,22 +93,48 @@ impl Tables {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("deleting a removed node's flows"),
         };
-        let (v6, v4) = self.flow_entries()?;
+        let (v6, _) = self.flow_entries()?;
         for (key, _) in v6.iter().filter(|(_, e)| e.node == id) {
             gone(self.flows.remove(key))?;
         }
-        for (key, _) in v4.iter().filter(|(_, e)| e.node == id) {
-            gone(self.flows_v4.remove(key))?;
+        // A set is written back whole: a flow the program writes into
+        // another slot of it meanwhile is lost (it then follows its VIP's
+        // Maglev table), as when two CPUs write one slot.
+        for (index, mut set) in self.flow_sets_v4()?.into_iter().enumerate() {
+            let mut changed = false;
+            for slot in &mut set.slots {
+                if slot.flow().is_some() && slot.entry.node == id {
+                    slot.key[1] = 0;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.flows_v4
+                    .set(index as u32, set, 0)
+                    .context("deleting a removed node's flows")?;
+            }
         }
         Ok(())
+    }
+
+    /// Every set of the IPv4 connection table, in index order.
+    fn flow_sets_v4(&self) -> Result<Vec<FlowSetV4>> {
+        array_all(self.flows_v4_fd.as_fd(), steering_layout::FLOW_SETS_V4)
+            .context("reading the IPv4 connection table")
     }
 
     /// Every entry of the connection tables, IPv6 and IPv4.
     #[allow(clippy::type_complexity)]
     fn flow_entries(&self) -> Result<(Vec<(FlowKey, FlowEntry)>, Vec<(FlowKeyV4, FlowEntry)>)> {
+        let v4 = self
+            .flow_sets_v4()?
+            .iter()
+            .flat_map(|set| set.slots)
+            .filter_map(|slot| Some((FlowKeyV4::from_words(slot.flow()?), slot.entry)))
+            .collect();
         Ok((
             lookup_all(self.flows_fd.as_fd()).context("reading the IPv6 connection table")?,
-            lookup_all(self.flows_v4_fd.as_fd()).context("reading the IPv4 connection table")?,
+            v4,
         ))
     }
 
@@ -359,7 +385,19 @@ impl Tables {
     /// the program then treats it as absent).
     pub fn flow_node(&self, key: &FlowKey) -> Result<Option<u32>> {
         let entry = match key.v4() {
-            Some(k) => self.flows_v4.get(&k, 0),
+            Some(k) => {
+                let words = k.words();
+                let set = steering_layout::flow_set_v4(words, self.flow_hash_seed()?);
+                let set = self
+                    .flows_v4
+                    .get(&set, 0)
+                    .context("reading the IPv4 connection table")?;
+                return Ok(set
+                    .slots
+                    .iter()
+                    .find(|slot| slot.holds(words))
+                    .map(|slot| slot.entry.node));
+            }
             None => self.flows.get(key, 0),
         };
         match entry {
