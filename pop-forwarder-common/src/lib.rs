@@ -634,6 +634,7 @@ mod tests {
             size_of::<steering::FlowSetV4>() as u32,
             steering::FLOW_WAYS as u32,
             steering::KEY_BITS_V4.count_ones(),
+            steering::FLOW_SETS_V4,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
@@ -643,7 +644,7 @@ mod tests {
                     52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 11,
                     16777216, 2097152, 2, 64, 1024, 65537, 262144, 33, 24, 8, 776, 65536, 1024,
                     8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16, 20, 4194304, 52,
-                    16383, 8, 4096, 16777215, 16, 128, 4, 40,
+                    16383, 8, 4096, 16777215, 16, 128, 4, 40, 131072,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

@@ -233,8 +233,11 @@ impl FlowKey {
 
 /// Slots of a set of the IPv4 connection table (`FLOWS_V4`).
 pub const FLOW_WAYS: usize = 4;
-/// Sets of the IPv4 connection table: `MAX_FLOWS` slots in all.
-pub const FLOW_SETS_V4: u32 = MAX_FLOWS / FLOW_WAYS as u32;
+/// Sets of the IPv4 connection table: two slots for each of `MAX_FLOWS`
+/// flows (16 MiB), so that a flow seldom finds its set full. Spread
+/// evenly, 0.2 % of 102,400 flows find their set full, 3.8 % of 262,144;
+/// with one slot a flow, it was 1.8 % and 19.5 %.
+pub const FLOW_SETS_V4: u32 = 2 * MAX_FLOWS / FLOW_WAYS as u32;
 /// The bits of a `FlowKeyV4`'s second word that are the key: the rest
 /// (`pad`, `pad2`) holds a slot's check (`flow_check_v4`).
 pub const KEY_BITS_V4: u64 = (1 << 40) - 1;
@@ -472,10 +475,10 @@ mod tests {
             load[set as usize] += 1;
             moved += u32::from(flow_set_v4(key, 43) != set);
         }
-        // MAX_FLOWS flows, FLOW_WAYS a set on average: as a Poisson
-        // spread, no set near ten times that.
+        // MAX_FLOWS flows, two a set on average: spread as evenly as a
+        // Poisson draw, the fullest of 131,072 sets holds about ten.
         let max = *load.iter().max().unwrap();
-        assert!(max <= 16, "a set of {max} flows");
+        assert!(max <= 14, "a set of {max} flows");
         assert!(moved > MAX_FLOWS * 99 / 100, "{moved} flows moved");
     }
 }

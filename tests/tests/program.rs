@@ -1987,7 +1987,7 @@ mod steering {
             let set = |flow: &(String, u16)| flow_set_v4(key(flow).v4().unwrap().words(), SEED);
             let first = ("10.0.1.2".to_string(), 20000);
             let flows: Vec<(String, u16)> = (2..=250)
-                .flat_map(|host| (20000..22000).map(move |sport| (format!("10.0.1.{host}"), sport)))
+                .flat_map(|host| (20000..26000).map(move |sport| (format!("10.0.1.{host}"), sport)))
                 .filter(|flow| set(flow) == set(&first))
                 .take(FLOW_WAYS + 1)
                 .collect();
