@@ -93,7 +93,8 @@ impl Tables {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("deleting a removed node's flows"),
         };
-        let (v6, _) = self.flow_entries()?;
+        let v6: Vec<(FlowKey, FlowEntry)> =
+            lookup_all(self.flows_fd.as_fd()).context("reading the IPv6 connection table")?;
         for (key, _) in v6.iter().filter(|(_, e)| e.node == id) {
             gone(self.flows.remove(key))?;
         }
