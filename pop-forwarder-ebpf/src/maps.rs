@@ -323,7 +323,7 @@ fn ports_of(ctx: &XdpContext, protocol: u8, l4: Option<usize>) -> u32 {
 
 /// The PoP's flow-hash seed.
 #[inline(always)]
-fn seed() -> u32 {
+pub fn seed() -> u32 {
     SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0)
 }
 

@@ -34,7 +34,7 @@ use crate::{
     Verdict,
     maps::{
         RouteFlow, SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
-        traffic,
+        seed, traffic,
     },
     packet::{copy_bytes, pair_at, ptr_at, widen},
     pass,
@@ -67,8 +67,7 @@ static FLOWS_V4: Array<FlowSetV4> = Array::with_max_entries(FLOW_SETS_V4, 0);
 /// The set of the IPv4 flow `key` (its words).
 #[inline(always)]
 fn flow_set_v4(key: [u64; 2]) -> Option<*mut FlowSetV4> {
-    let seed = SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0);
-    FLOWS_V4.get_ptr_mut(steering::flow_set_v4(key, seed))
+    FLOWS_V4.get_ptr_mut(steering::flow_set_v4(key, seed()))
 }
 
 /// Per CPU: where `opaque_way` puts a slot number.
@@ -303,9 +302,8 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         }
         None => {
             let vip = lookup_vip(flow, dst_port)?;
-            let seed = SETTINGS.get(settings::FLOW_HASH_SEED).copied().unwrap_or(0);
             let hash = maglev::flow_hash(
-                u64::from(seed),
+                u64::from(seed()),
                 &flow.src,
                 &flow.dst,
                 src_port,
