@@ -985,26 +985,35 @@ fn main() -> Result<()> {
                 let fwd = Forwarder::load(&bench.lab, object, routes, (lookup, lookup6), None)?;
                 let v4 = routes[0].addr.is_ipv4();
                 let shipped = suffix.is_empty();
-                if shipped && v4 && routes.len() == full_v4 && from.is_none() {
-                    // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte keys)
-                    // and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty under DIR-24-8)
-                    // this forwarder added, and its DIR-24-8 arrays.
-                    let after = (map_memlock(1, 8)?, map_memlock(11, 8)?);
-                    let maps =
-                        ((after.0 - before.0) + (after.1 - before.1)) as f64 / f64::from(1 << 20);
-                    let mib = if lookup == Ipv4Lookup::Dir24 {
-                        maps + dir24_mib
+                let full = if v4 { full_v4 } else { full_v6 };
+                if shipped && routes.len() == full && from.is_none() {
+                    let (label, family, mib) = if v4 {
+                        // The IPv4 route record (BPF_MAP_TYPE_HASH, 1, 8-byte
+                        // keys) and trie (BPF_MAP_TYPE_LPM_TRIE, 11; empty
+                        // under DIR-24-8) this forwarder added, and its
+                        // DIR-24-8 arrays.
+                        let after = (map_memlock(1, 8)?, map_memlock(11, 8)?);
+                        let maps = ((after.0 - before.0) + (after.1 - before.1)) as f64
+                            / f64::from(1 << 20);
+                        let arrays = if lookup == Ipv4Lookup::Dir24 {
+                            dir24_mib
+                        } else {
+                            0.0
+                        };
+                        (lookup.to_string(), "v4", maps + arrays)
                     } else {
-                        maps
+                        // The IPv6 record and trie (BPF_MAP_TYPE_LPM_TRIE,
+                        // 20-byte keys) this forwarder added, and the range
+                        // table's arrays.
+                        let trie = (map_memlock(11, 20)? - before6) as f64 / f64::from(1 << 20);
+                        let arrays = if lookup6 == Ipv6Lookup::Dxr {
+                            dxr6_mib
+                        } else {
+                            0.0
+                        };
+                        (lookup6.to_string(), "v6", trie + arrays)
                     };
-                    report_load(
-                        &mut report,
-                        &lookup.to_string(),
-                        full_v4,
-                        "v4",
-                        fwd.load_seconds,
-                        mib,
-                    );
+                    report_load(&mut report, &label, full, family, fwd.load_seconds, mib);
                 }
                 let name = match (v4, from) {
                     (true, None) => format!("pop-forwarder ipv4 {lookup}"),
@@ -1019,24 +1028,6 @@ fn main() -> Result<()> {
                         format!("pop-forwarder ipv6 {lookup6}, traffic of {n} routes")
                     }
                 };
-                if shipped && !v4 && routes.len() == full_v6 && from.is_none() {
-                    // The IPv6 record and trie (BPF_MAP_TYPE_LPM_TRIE, 20-byte
-                    // keys) this forwarder added, and the range table's arrays.
-                    let trie = (map_memlock(11, 20)? - before6) as f64 / f64::from(1 << 20);
-                    let mib = if lookup6 == Ipv6Lookup::Dxr {
-                        trie + dxr6_mib
-                    } else {
-                        trie
-                    };
-                    report_load(
-                        &mut report,
-                        &lookup6.to_string(),
-                        full_v6,
-                        "v6",
-                        fwd.load_seconds,
-                        mib,
-                    );
-                }
                 add(
                     format!("{name}{suffix}"),
                     routes,
