@@ -1036,9 +1036,14 @@ fn start(
             .iter()
             .filter(|a| !attach_to.iter().any(|b| b.name == a.name))
         {
-            match std::fs::remove_file(instance.link_pin(&gone.name)) {
+            let pin = instance.link_pin(&gone.name);
+            let removed = crate::instance::detach_link(&pin).and_then(|()| {
+                std::fs::remove_file(&pin)
+                    .with_context(|| format!("removing pin {}", pin.display()))
+            });
+            match removed {
                 Ok(()) => info!("detached from {} (no longer in the config)", gone.name),
-                Err(e) => warn!("detaching from {}: {e}", gone.name),
+                Err(e) => warn!("detaching from {}: {e:#}", gone.name),
             }
         }
     }
@@ -2158,7 +2163,7 @@ fn shutdown_and_detach(running: Running) -> Result<()> {
     }
     drop(tables);
     // This process's handles to the links go with the program; removing
-    // the pins then drops the links' last references, which detaches.
+    // the pins detaches each link first.
     drop(ebpf);
     instance.remove_pins()?;
     instance.remove_state();

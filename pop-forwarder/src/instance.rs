@@ -210,15 +210,19 @@ impl Instance {
         read_pid(&path)
     }
 
-    /// Removes every pin of this instance: links (which detaches XDP where no
-    /// process still holds the link) and maps.
+    /// Removes every pin of this instance: links, each detached from its
+    /// interface first, and maps.
     pub fn remove_pins(&self) -> Result<()> {
         let dir = self.pin_dir();
         if !dir.exists() {
             return Ok(());
         }
         for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
+            if entry.file_name().as_bytes().starts_with(b"link_") {
+                detach_link(&path)?;
+            }
             fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
         }
         fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -244,6 +248,71 @@ impl Instance {
         secure_dir(&dir, 0, None)?;
         Ok(existed && fs::read_dir(&dir)?.next().is_some())
     }
+}
+
+/// Detaches the link pinned at `path` (XDP: from its interface) now
+/// (BPF_LINK_DETACH). Removing the pin alone drops the link's last
+/// reference, but the kernel releases it in deferred work: for a moment
+/// after `detach` returned, the program would still see packets. Detaching
+/// a link another process holds too is the point: `detach` removes the data
+/// plane, whoever holds it. A link already detached (its interface gone)
+/// detaches again without error.
+pub fn detach_link(path: &Path) -> Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    /// The `obj_get` member of union bpf_attr (linux/bpf.h).
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("{} is not a path", path.display()))?;
+    let mut get = ObjGet {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: attr is an obj_get of the size passed, its path alive for the
+    // call; a non-negative result is a new descriptor, owned from here.
+    let link = unsafe {
+        let fd = libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut get as *mut ObjGet,
+            size_of::<ObjGet>(),
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("opening the pinned link {}", path.display()));
+        }
+        OwnedFd::from_raw_fd(fd as i32)
+    };
+    // The `link_detach` member of union bpf_attr.
+    let mut link_fd = link.as_raw_fd() as u32;
+    // SAFETY: attr is a link_detach of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &mut link_fd as *mut u32,
+            size_of::<u32>(),
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    // A kind of link that cannot be detached (the tracepoint link counting
+    // failed redirects) goes when its pin does.
+    if rc != 0 && e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e).with_context(|| {
+            format!(
+                "detaching the link pinned at {} (BPF_LINK_DETACH)",
+                path.display()
+            )
+        });
+    }
+    Ok(())
 }
 
 /// Held by the daemon for its whole life: see `Instance::lock`.
