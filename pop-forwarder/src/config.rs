@@ -9,7 +9,7 @@ use std::{collections::HashSet, fmt, net::IpAddr, path::Path, str::FromStr};
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-pub use crate::net::{Mac, Prefix};
+pub use crate::net::{IfName, Mac, Prefix};
 
 /// A whole config file, as written.
 #[derive(Debug, Deserialize)]
@@ -582,7 +582,7 @@ impl fmt::Display for XdpMode {
 pub struct Route {
     pub prefix: Prefix,
     pub via: IpAddr,
-    pub dev: String,
+    pub dev: IfName,
     pub mac: Option<Mac>,
 }
 
@@ -617,7 +617,7 @@ impl Route {
         Ok(Route {
             prefix,
             via,
-            dev: dev.to_owned(),
+            dev: IfName::new(dev).context("dev")?,
             mac,
         })
     }
@@ -723,9 +723,11 @@ impl Model {
             }
             interfaces.push((iface.name, iface.mode));
         }
-        // Sized for the routes to come (a routes file's lines are about 40
-        // bytes): a set that grows by rehashing costs a quarter of the time.
-        let expected = config.routes.len() + routes_file.map_or(0, |(_, t)| t.len() / 40);
+        // Sized for the routes to come, at most a routes file's lines: a
+        // set that grows by rehashing costs a quarter of the time, and a
+        // vector that grows by doubling holds up to twice its routes.
+        let lines = routes_file.map_or(0, |(_, t)| t.lines().count());
+        let expected = config.routes.len() + lines;
         let mut prefixes = HashSet::with_capacity(expected);
         let mut routes = Vec::with_capacity(expected);
         for (i, r) in config.routes.iter().enumerate() {

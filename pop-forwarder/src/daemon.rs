@@ -490,6 +490,10 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 .join(", ")
         )),
     ]);
+    // The running daemon keeps its own copy of the routes
+    // (`Running::static_routes`); the config's would double them for the
+    // daemon's whole life.
+    drop(model);
     let watchdog = sd_notify::watchdog_enabled();
     let mut watchdog_tick =
         tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
@@ -1473,7 +1477,7 @@ fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
 /// is one that does not validate or resolve. Routes, nodes and VIPs added
 /// with the CLI and not in the file go: on reload the file is the truth.
 fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
-    let model = Model::from_file(config_path)?;
+    let mut model = Model::from_file(config_path)?;
     let state = running
         .instance
         .read_state()
@@ -1544,7 +1548,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         Ok((applied, routes))
     })?;
     running.connected = connected;
-    running.static_routes = model.routes.clone();
+    running.static_routes = std::mem::take(&mut model.routes);
     // The next batch of route notifications reads the table whole, and
     // with it what the reload changed.
     running.kernel_routes = None;

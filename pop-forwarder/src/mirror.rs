@@ -98,11 +98,15 @@ pub fn wanted(
     attached: &[u32],
 ) -> Wanted {
     let mut named: HashSet<Prefix> = static_routes.iter().map(|(p, _)| *p).collect();
+    let connected = connected_routes(links, attached);
+    // Sized once: grown by doubling, a million routes would take room for
+    // two million while the plan is made.
+    let mut routes = Vec::with_capacity(
+        static_routes.len() + kernel.map_or(0, <[KernelRoute]>::len) + connected.len(),
+    );
+    routes.extend(static_routes.into_iter().map(|(p, nh)| (p, Want::One(nh))));
     let mut out = Wanted {
-        routes: static_routes
-            .into_iter()
-            .map(|(p, nh)| (p, Want::One(nh)))
-            .collect(),
+        routes,
         ..Wanted::default()
     };
     for route in kernel.unwrap_or_default() {
@@ -118,7 +122,7 @@ pub fn wanted(
         };
         out.routes.push((route.prefix, want));
     }
-    for (prefix, nh) in connected_routes(links, attached) {
+    for (prefix, nh) in connected {
         if named.insert(prefix) {
             out.connected.push((prefix, nh));
             out.routes.push((prefix, Want::One(nh)));

@@ -119,3 +119,71 @@ impl fmt::Display for Mac {
         )
     }
 }
+
+/// An interface name held inline (Linux names are 1 to 15 bytes; which
+/// characters they may hold is `config::check_interface_name`'s to say):
+/// a million routes name a handful of interfaces, and a heap string each
+/// would cost 32 bytes more a route.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IfName {
+    len: u8,
+    bytes: [u8; 15],
+}
+
+impl IfName {
+    /// `name` if it is 1 to 15 bytes long.
+    pub fn new(name: &str) -> Option<IfName> {
+        let len = name.len();
+        if !(1..=15).contains(&len) {
+            return None;
+        }
+        let mut bytes = [0; 15];
+        bytes[..len].copy_from_slice(name.as_bytes());
+        Some(IfName {
+            len: len as u8,
+            bytes,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Whole UTF-8 characters of a `str` were copied in `new`.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for IfName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interface_name_is_held_whole_or_refused() {
+        for name in ["r1", "eth0.100", "a-fifteen-bytes", "ü-eth"] {
+            let held = IfName::new(name).unwrap();
+            assert_eq!(held.as_str(), name);
+            assert_eq!(format!("{held} {held:?}"), format!("{name} {name:?}"));
+        }
+        assert!(IfName::new("").is_none());
+        assert!(IfName::new("sixteen-bytes-ab").is_none());
+        assert_ne!(IfName::new("eth1"), IfName::new("eth10"));
+    }
+}

@@ -443,7 +443,8 @@ impl Tables {
         let mut present = self.prefixes()?;
         let mut table = self.next_hop_table()?;
         let mut uses = self.uses(&self.operator_routes()?, &table);
-        self.insert_new_routes(routes, &mut present, &mut table, &mut uses)
+        let routes: Vec<&(Prefix, Want)> = routes.iter().collect();
+        self.insert_new_routes(&routes, &mut present, &mut table, &mut uses)
     }
 
     /// `add_wanted_routes` given what the tries hold (`present`, which it
@@ -451,7 +452,7 @@ impl Tables {
     /// route counted in `uses`.
     pub(super) fn insert_new_routes(
         &mut self,
-        routes: &[(Prefix, Want)],
+        routes: &[&(Prefix, Want)],
         present: &mut HashSet<Prefix>,
         table: &mut NextHopTable,
         uses: &mut std::collections::HashMap<u32, usize>,
@@ -806,15 +807,23 @@ impl Tables {
         let mut uses = self.uses(&ops, &table);
         let only: Option<HashSet<Prefix>> =
             (!whole).then(|| desired.iter().map(|(p, _)| *p).collect());
-        let current: std::collections::HashMap<Prefix, (u32, Want)> = ops
+        // Each route's target id and family, and what each of those is
+        // (read once each: a few next hops and groups serve a million
+        // routes, and a copy of one per route would be 56 bytes each).
+        let current: std::collections::HashMap<Prefix, (u32, u32)> = ops
             .iter()
             .filter(|(p, _)| only.as_ref().is_none_or(|only| only.contains(p)))
-            .map(|&(p, id)| {
-                let family = if p.addr.is_ipv4() { AF_INET } else { AF_INET6 };
-                (p, (id, table.want_of(id, family)))
-            })
+            .map(|&(p, id)| (p, (id, if p.addr.is_ipv4() { AF_INET } else { AF_INET6 })))
             .collect();
-        let RoutePlan { new, changed, gone } = plan_routes(&current, desired);
+        let mut targets: std::collections::HashMap<(u32, u32), Want> =
+            std::collections::HashMap::new();
+        for &(id, family) in current.values() {
+            targets
+                .entry((id, family))
+                .or_insert_with(|| table.want_of(id, family));
+        }
+        let RoutePlan { new, changed, gone } =
+            plan_routes(&current, desired, |have, want| targets[have].same(want));
         let locals = self.local_addrs();
         let v4 = ops.iter().filter(|(p, _)| p.addr.is_ipv4()).count();
         self.check_room(&new, &changed, &table, (v4, ops.len() - v4), &locals)?;
@@ -824,7 +833,7 @@ impl Tables {
             .chain(locals.iter().map(|a| host_prefix(*a)))
             .collect();
         self.insert_new_routes(&new, &mut present, &mut table, &mut uses)?;
-        for (prefix, want) in &changed {
+        for (prefix, want) in changed.iter().copied() {
             let old = current[prefix].0;
             if self.repoint_route(*prefix, old, want, &mut table, &mut uses)? {
                 self.release(old, &mut uses, &mut table)?;
@@ -844,8 +853,8 @@ impl Tables {
     /// last, once everything new is in place.
     pub(super) fn check_room(
         &mut self,
-        new: &[(Prefix, Want)],
-        changed: &[(Prefix, Want)],
+        new: &[&(Prefix, Want)],
+        changed: &[&(Prefix, Want)],
         table: &NextHopTable,
         (op_v4, op_v6): (usize, usize),
         locals: &HashSet<IpAddr>,
