@@ -170,7 +170,7 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
     })?;
     running.sync_failed = false;
     running.reread_routes = false;
-    running.mirrored = mirrored_of(&wanted, &static_prefixes);
+    running.mirrored = mirror::Mirrored::of(&wanted, &static_prefixes);
     running.connected = wanted.connected;
     running.kernel_routes = Some(table);
     log_to_kernel(running, &wanted.to_kernel, true);
@@ -232,22 +232,14 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
                 ),
                 None => connected.get(&prefix).map(|nh| Want::One(*nh)),
             };
-            let same = match (running.mirrored.get(&prefix), &want) {
-                (Some(have), Some(want)) => have.same(want),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
+            if !running.mirrored.holds(&prefix, want.as_ref()) {
                 patch.push((prefix, want));
             }
         }
         let ((added, changed, removed), writes) =
             transaction(running, |running| running.tables.patch_routes(&patch))?;
-        for (prefix, want) in patch {
-            match want {
-                Some(want) => running.mirrored.insert(prefix, want),
-                None => running.mirrored.remove(&prefix),
-            };
+        for (prefix, want) in &patch {
+            running.mirrored.set(*prefix, want.as_ref());
         }
         Ok((added, changed, removed, writes, to_kernel))
     })();
@@ -278,20 +270,6 @@ fn log_to_kernel(running: &mut Running, to_kernel: &[(Prefix, String)], whole: b
         let now: std::collections::HashSet<Prefix> = to_kernel.iter().map(|(p, _)| *p).collect();
         running.to_kernel.retain(|p| now.contains(p));
     }
-}
-
-/// What the tables hold from the mirrored table and connected subnets, by
-/// prefix: `wanted`'s routes but the config's own.
-fn mirrored_of(
-    wanted: &mirror::Wanted,
-    static_prefixes: &std::collections::HashSet<Prefix>,
-) -> HashMap<Prefix, Want> {
-    wanted
-        .routes
-        .iter()
-        .filter(|(p, _)| !static_prefixes.contains(p))
-        .cloned()
-        .collect()
 }
 
 /// A loaded forwarder: its maps (pinned), its program (attached through
@@ -338,7 +316,7 @@ struct Running {
     /// tables hold for each of its prefixes and each connected subnet
     /// (the config's routes aside).
     kernel_routes: Option<kernel::KernelTable>,
-    mirrored: HashMap<Prefix, Want>,
+    mirrored: mirror::Mirrored,
     /// The last refresh of interfaces and neighbours failed: try again.
     refresh_failed: bool,
     /// VIP announcement: the table its routes go in (None: off), whether
@@ -1067,9 +1045,9 @@ fn start(
         sync_failed: false,
         reread_routes: false,
         mirrored: if kernel_table.is_some() {
-            mirrored_of(&wanted, &static_prefixes)
+            mirror::Mirrored::of(&wanted, &static_prefixes)
         } else {
-            HashMap::new()
+            mirror::Mirrored::default()
         },
         kernel_routes: kernel_table,
         refresh_failed: false,

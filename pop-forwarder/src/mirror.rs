@@ -4,7 +4,7 @@
 //! FRR's routes); the connected subnets of the interfaces. Pure: the
 //! kernel's state comes in as values, so it is unit-tested without one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use pop_forwarder_common::{AF_INET, AF_INET6, NextHop};
 
@@ -12,7 +12,7 @@ use crate::{
     kernel::{KernelKind, KernelRoute, Link, Neighbour},
     maps::{connected_next_hop, connected_routes, gateway_next_hop, kernel_next_hop},
     net::Prefix,
-    plan::Want,
+    plan::{Want, WantKey},
 };
 
 /// The routes wanted, with what the daemon must know of them.
@@ -24,6 +24,58 @@ pub struct Wanted {
     pub connected: Vec<(Prefix, NextHop)>,
     /// Kernel routes handed to the kernel (`KERNEL_NEXT_HOP`), and why.
     pub to_kernel: Vec<(Prefix, String)>,
+}
+
+/// What the tables hold from the mirrored table and the connected subnets,
+/// by prefix, as much as a notification needs to know: whether a prefix's
+/// new Want is the one the tables hold already (`Want::same`). A prefix
+/// holds the number of its Want's key (`Want::key`), each key numbered
+/// once: a million routes through a few next hops take 24 bytes each, not
+/// a next hop's copy each. Numbers are not reused; a whole re-read of the
+/// table starts afresh (`of`).
+#[derive(Debug, Default)]
+pub struct Mirrored {
+    routes: HashMap<Prefix, u32>,
+    keys: HashMap<WantKey, u32>,
+}
+
+impl Mirrored {
+    /// What `wanted` puts in the tables, `statics` (the config's routes)
+    /// aside.
+    pub fn of(wanted: &Wanted, statics: &HashSet<Prefix>) -> Mirrored {
+        let mut out = Mirrored {
+            // Sized once: a map that grows by rehashing holds its old
+            // table and the new one at once.
+            routes: HashMap::with_capacity(wanted.routes.len().saturating_sub(statics.len())),
+            keys: HashMap::new(),
+        };
+        for (prefix, want) in &wanted.routes {
+            if !statics.contains(prefix) {
+                out.set(*prefix, Some(want));
+            }
+        }
+        out
+    }
+
+    /// Whether the tables hold `want` for `prefix` (None: nothing).
+    pub fn holds(&self, prefix: &Prefix, want: Option<&Want>) -> bool {
+        match (self.routes.get(prefix), want) {
+            (Some(have), Some(want)) => self.keys.get(&want.key()) == Some(have),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    /// Records that the tables hold `want` for `prefix` (None: nothing).
+    pub fn set(&mut self, prefix: Prefix, want: Option<&Want>) {
+        let Some(want) = want else {
+            self.routes.remove(&prefix);
+            return;
+        };
+        let next = self.keys.len() as u32;
+        let id = *self.keys.entry(want.key()).or_insert(next);
+        self.routes.insert(prefix, id);
+    }
 }
 
 /// What the program does with one kernel route: the Want, or why the
@@ -239,5 +291,34 @@ mod tests {
         assert_eq!(w.connected.len(), 2);
         let prefixes: HashSet<Prefix> = w.routes.iter().map(|(p, _)| *p).collect();
         assert_eq!(prefixes.len(), w.routes.len(), "each prefix once");
+
+        // What the tables hold of it, the file's route aside.
+        let statics: HashSet<Prefix> = ["192.0.2.0/24".parse().unwrap()].into();
+        let mut held = Mirrored::of(&w, &statics);
+        let p = |s: &str| -> Prefix { s.parse().unwrap() };
+        assert!(
+            held.holds(&p("192.0.2.0/24"), None),
+            "the file's is not the mirror's"
+        );
+        for (prefix, want) in w.routes.iter().filter(|(q, _)| !statics.contains(q)) {
+            assert!(held.holds(prefix, Some(want)), "{prefix}");
+        }
+        // The group, one member's MAC learned anew: still what is held.
+        let Some(Want::Group(members)) = get("198.51.100.0/24") else {
+            panic!()
+        };
+        let mut relearned = members.to_vec();
+        relearned[0].0.dst_mac = [2, 0, 0, 0, 0, 0x99];
+        let relearned = Want::Group(relearned.into());
+        assert!(held.holds(&p("198.51.100.0/24"), Some(&relearned)));
+        // Another next hop is not; nor is a route where none is held.
+        assert!(!held.holds(&p("198.51.100.0/24"), Some(&Want::One(static_nh))));
+        assert!(!held.holds(&p("198.18.0.0/15"), Some(&Want::One(static_nh))));
+        assert!(!held.holds(&p("203.0.113.0/24"), None));
+        held.set(p("203.0.113.0/24"), None);
+        assert!(held.holds(&p("203.0.113.0/24"), None));
+        held.set(p("198.51.100.0/24"), Some(&Want::One(static_nh)));
+        assert!(held.holds(&p("198.51.100.0/24"), Some(&Want::One(static_nh))));
+        assert!(!held.holds(&p("198.51.100.0/24"), Some(&relearned)));
     }
 }

@@ -38,6 +38,16 @@ pub enum Want {
     Group(Arc<[(NextHop, u32)]>),
 }
 
+/// A next hop as `same_next_hop` sees it: its gateway key and static MAC.
+pub type NextHopKey = (GatewayKey, Option<[u8; 6]>);
+
+/// A Want as `Want::same` sees it (`Want::key`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum WantKey {
+    One(NextHopKey),
+    Group(Vec<(NextHopKey, u32)>),
+}
+
 /// A group's identity: its members' gateways and weights, in order.
 pub type GroupKey = Vec<(GatewayKey, u32)>;
 
@@ -87,6 +97,23 @@ impl Want {
                         .all(|((x, wx), (y, wy))| wx == wy && same_next_hop(x, y))
             }
             _ => false,
+        }
+    }
+
+    /// What `same` compares, as a value: `a.same(b)` exactly when
+    /// `a.key() == b.key()`.
+    pub fn key(&self) -> WantKey {
+        let of = |nh: &NextHop| {
+            (
+                gateway_key(nh),
+                (nh.flags & NH_F_MAC_STATIC != 0).then_some(nh.dst_mac),
+            )
+        };
+        match self {
+            Want::One(nh) => WantKey::One(of(nh)),
+            Want::Group(members) => {
+                WantKey::Group(members.iter().map(|(nh, w)| (of(nh), *w)).collect())
+            }
         }
     }
 
@@ -189,6 +216,34 @@ mod tests {
             .collect();
         assert_eq!(Want::group(many), None);
         assert!(!ab.same(&Want::One(a)));
+    }
+
+    #[test]
+    fn a_wants_key_is_equal_exactly_when_it_is_the_same() {
+        let a = nh(1, 1, None);
+        let mut learned = a;
+        learned.dst_mac = [2, 0, 0, 0, 0, 9];
+        learned.flags |= NH_F_MAC_VALID;
+        let wants = [
+            Want::One(a),
+            Want::One(learned),
+            Want::One(nh(1, 1, Some(7))),
+            Want::One(nh(1, 1, Some(8))),
+            Want::One(nh(2, 1, None)),
+            Want::One(nh(1, 2, None)),
+            Want::group(vec![(a, 1), (nh(1, 2, None), 1)]).unwrap(),
+            Want::group(vec![(learned, 1), (nh(1, 2, None), 1)]).unwrap(),
+            Want::group(vec![(a, 2), (nh(1, 2, None), 1)]).unwrap(),
+            Want::group(vec![(a, 1), (nh(1, 3, None), 1)]).unwrap(),
+            Want::group(vec![(a, 1), (nh(1, 2, None), 1), (nh(1, 3, None), 1)]).unwrap(),
+        ];
+        for x in &wants {
+            for y in &wants {
+                assert_eq!(x.same(y), x.key() == y.key(), "{x:?} and {y:?}");
+            }
+        }
+        // A learned MAC is not the config's: the same, as `same` says.
+        assert_eq!(wants[0].key(), wants[1].key());
     }
 
     #[test]
