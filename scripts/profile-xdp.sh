@@ -16,6 +16,11 @@
 # bpftool, objdump (binutils), python3, and a built bench
 # (`cargo build --release -p tests --bins`). A sample lands on the
 # instruction after the one that stalled, and after a helper's return.
+# A row the bench measures for its cost alone (`every frame a new flow`)
+# has no throughput run: it is profiled while bpf_stats is on, and the
+# two clock reads the kernel then takes around every program run show in
+# top.txt as sched_clock and pvclock_clocksource_read_nowd (about 10 % of
+# the samples on this VM), not as the program's.
 set -euo pipefail
 row=$1
 secs=${2:-12}
@@ -124,7 +129,8 @@ id=$(bpftool prog show | awk '/name pop_forwarder/ { sub(":", "", $1); print $1 
 [ -n "$id" ] || { echo "no pop_forwarder program loaded" >&2; exit 1; }
 # Its image now, while it is loaded.
 python3 "$out/profile.py" dump "$id" "$out"
-# Past the warm-up, inside the throughput run (BPF statistics off).
+# Past the warm-up, inside the throughput run (BPF statistics off; for a
+# cost-only row, inside the cost run, statistics on: see above).
 sleep 2
 perf record -a -e cpu-clock -F 20000 -o "$out/perf.data" -- sleep $((secs - 4)) >/dev/null 2>&1
 wait $pid || true
