@@ -728,7 +728,8 @@ impl Model {
         // vector that grows by doubling holds up to twice its routes.
         let lines = routes_file.map_or(0, |(_, t)| t.lines().count());
         let expected = config.routes.len() + lines;
-        let mut prefixes = HashSet::with_capacity(expected);
+        let mut prefixes =
+            crate::net::PrefixSet::with_capacity_and_hasher(expected, Default::default());
         let mut routes = Vec::with_capacity(expected);
         for (i, r) in config.routes.iter().enumerate() {
             let route = Route::parse(&r.prefix, &r.via, &r.dev, r.mac.as_deref())

@@ -152,8 +152,7 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
         .collect();
     let table = kernel::KernelTable::dump(running.kernel_table)?;
     let routes = table.bests();
-    let static_prefixes: std::collections::HashSet<Prefix> =
-        statics.iter().map(|(p, _)| *p).collect();
+    let static_prefixes: crate::net::PrefixSet = statics.iter().map(|(p, _)| *p).collect();
     let wanted = mirror::wanted(
         statics,
         Some(&routes),
@@ -182,7 +181,19 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
             started.elapsed().as_millis()
         );
     }
+    // A whole re-read's copies of the table go now, not at the next one.
+    drop((routes, wanted.routes, wanted.to_kernel));
+    release_freed_memory();
     Ok(())
+}
+
+/// Hands the heap's free memory back to the kernel. Building the tables
+/// from a large config or kernel table frees hundreds of megabytes of
+/// small allocations at once; the allocator would otherwise keep them for
+/// the daemon's life (glibc `malloc_trim`).
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// Applies the mirrored table's notifications to the prefixes they changed
@@ -207,7 +218,7 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
         let connected: HashMap<Prefix, NextHop> = maps::connected_routes(&links, &running.attached)
             .into_iter()
             .collect();
-        let statics: std::collections::HashSet<Prefix> =
+        let statics: crate::net::PrefixSet =
             running.static_routes.iter().map(|r| r.prefix).collect();
         let mut patch = Vec::new();
         let mut to_kernel = Vec::new();
@@ -472,6 +483,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     // (`Running::static_routes`); the config's would double them for the
     // daemon's whole life.
     drop(model);
+    release_freed_memory();
     let watchdog = sd_notify::watchdog_enabled();
     let mut watchdog_tick =
         tokio::time::interval(watchdog.map_or(Duration::from_secs(3600), |d| d / 2));
@@ -921,8 +933,11 @@ fn start(
         RouteSource::Static => None,
     };
     let kernel_routes = kernel_table.as_ref().map(kernel::KernelTable::bests);
-    let static_prefixes: std::collections::HashSet<Prefix> =
-        static_routes.iter().map(|(p, _)| *p).collect();
+    // Only a mirror needs them apart (a million set inserts otherwise).
+    let static_prefixes: crate::net::PrefixSet = match kernel_table {
+        Some(_) => static_routes.iter().map(|(p, _)| *p).collect(),
+        None => Default::default(),
+    };
     let wanted = mirror::wanted(
         static_routes,
         kernel_routes.as_deref(),
@@ -1436,7 +1451,10 @@ fn forward_bpf_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
 /// Re-reads the config and applies it (SIGHUP, `reload`), logging and
 /// returning what changed, or why it was refused.
 fn reload(running: &mut Running, config_path: &Path) -> Result<String> {
-    match apply_config(running, config_path) {
+    let result = apply_config(running, config_path);
+    // Whether applied or refused, the new config's copies are gone.
+    release_freed_memory();
+    match result {
         Ok(summary) => {
             let message = format!("reloaded {}: {summary}", config_path.display());
             info!("{message}");

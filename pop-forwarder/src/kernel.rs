@@ -357,7 +357,7 @@ pub fn routes(table: u32) -> Result<Vec<KernelRoute>> {
 /// metric, kept current by `RouteEvent`s between dumps.
 #[derive(Debug, Default)]
 pub struct KernelTable {
-    routes: HashMap<Prefix, Vec<KernelRoute>>,
+    routes: crate::net::PrefixMap<Vec<KernelRoute>>,
 }
 
 /// A route notification of the mirrored table.

@@ -4,14 +4,14 @@
 //! FRR's routes); the connected subnets of the interfaces. Pure: the
 //! kernel's state comes in as values, so it is unit-tested without one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use pop_forwarder_common::{AF_INET, AF_INET6, NextHop};
 
 use crate::{
     kernel::{KernelKind, KernelRoute, Link, Neighbour},
     maps::{connected_next_hop, connected_routes, gateway_next_hop, kernel_next_hop},
-    net::Prefix,
+    net::{Prefix, PrefixMap, PrefixSet},
     plan::{Want, WantKey},
 };
 
@@ -35,18 +35,21 @@ pub struct Wanted {
 /// table starts afresh (`of`).
 #[derive(Debug, Default)]
 pub struct Mirrored {
-    routes: HashMap<Prefix, u32>,
+    routes: PrefixMap<u32>,
     keys: HashMap<WantKey, u32>,
 }
 
 impl Mirrored {
     /// What `wanted` puts in the tables, `statics` (the config's routes)
     /// aside.
-    pub fn of(wanted: &Wanted, statics: &HashSet<Prefix>) -> Mirrored {
+    pub fn of(wanted: &Wanted, statics: &PrefixSet) -> Mirrored {
         let mut out = Mirrored {
             // Sized once: a map that grows by rehashing holds its old
             // table and the new one at once.
-            routes: HashMap::with_capacity(wanted.routes.len().saturating_sub(statics.len())),
+            routes: PrefixMap::with_capacity_and_hasher(
+                wanted.routes.len().saturating_sub(statics.len()),
+                Default::default(),
+            ),
             keys: HashMap::new(),
         };
         for (prefix, want) in &wanted.routes {
@@ -149,7 +152,12 @@ pub fn wanted(
     neighbours: &[Neighbour],
     attached: &[u32],
 ) -> Wanted {
-    let mut named: HashSet<Prefix> = static_routes.iter().map(|(p, _)| *p).collect();
+    // With no kernel table, the few connected subnets are looked for
+    // among the static routes one by one, not through a set of them all.
+    let mut named: PrefixSet = match kernel {
+        Some(_) => static_routes.iter().map(|(p, _)| *p).collect(),
+        None => PrefixSet::default(),
+    };
     let connected = connected_routes(links, attached);
     // Sized once: grown by doubling, a million routes would take room for
     // two million while the plan is made.
@@ -161,6 +169,7 @@ pub fn wanted(
         routes,
         ..Wanted::default()
     };
+    let statics = out.routes.len();
     for route in kernel.unwrap_or_default() {
         if !named.insert(route.prefix) {
             continue;
@@ -175,7 +184,13 @@ pub fn wanted(
         out.routes.push((route.prefix, want));
     }
     for (prefix, nh) in connected {
-        if named.insert(prefix) {
+        let named_already = match kernel {
+            Some(_) => !named.insert(prefix),
+            None => {
+                out.routes[..statics].iter().any(|(p, _)| *p == prefix) || !named.insert(prefix)
+            }
+        };
+        if !named_already {
             out.connected.push((prefix, nh));
             out.routes.push((prefix, Want::One(nh)));
         }
@@ -289,11 +304,11 @@ mod tests {
         };
         assert_eq!(k.flags, NH_F_KERNEL);
         assert_eq!(w.connected.len(), 2);
-        let prefixes: HashSet<Prefix> = w.routes.iter().map(|(p, _)| *p).collect();
+        let prefixes: PrefixSet = w.routes.iter().map(|(p, _)| *p).collect();
         assert_eq!(prefixes.len(), w.routes.len(), "each prefix once");
 
         // What the tables hold of it, the file's route aside.
-        let statics: HashSet<Prefix> = ["192.0.2.0/24".parse().unwrap()].into();
+        let statics: PrefixSet = ["192.0.2.0/24".parse().unwrap()].into_iter().collect();
         let mut held = Mirrored::of(&w, &statics);
         let p = |s: &str| -> Prefix { s.parse().unwrap() };
         assert!(

@@ -2,10 +2,7 @@
 //! deleted to go from what the tables hold to what is wanted. Pure, so it is
 //! unit-tested without the kernel; `tables` carries a plan out.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use pop_forwarder_common::{NH_F_MAC_STATIC, NextHop, ecmp::MAX_GROUP_MEMBERS};
 
@@ -142,8 +139,8 @@ pub struct RoutePlan<'a> {
 /// whether what the tables hold is what is wanted. Linear in both. The
 /// plan points into `desired` rather than copying it: with a million
 /// routes, a copy is 80 MB.
-pub fn plan_routes<'a, T>(
-    current: &HashMap<Prefix, T>,
+pub fn plan_routes<'a, T, S: std::hash::BuildHasher>(
+    current: &HashMap<Prefix, T, S>,
     desired: &'a [(Prefix, Want)],
     same: impl Fn(&T, &Want) -> bool,
 ) -> RoutePlan<'a> {
@@ -163,7 +160,7 @@ pub fn plan_routes<'a, T>(
     // Every prefix routed now is wanted still (a reload that deletes
     // nothing): no set of the wanted prefixes to build.
     if kept < current.len() {
-        let wanted: HashSet<Prefix> = desired.iter().map(|(p, _)| *p).collect();
+        let wanted: crate::net::PrefixSet = desired.iter().map(|(p, _)| *p).collect();
         plan.gone = current
             .keys()
             .filter(|p| !wanted.contains(p))

@@ -14,7 +14,7 @@
 use crate::{
     config::{Ipv4Lookup, Ipv6Lookup, Route, RouteLookup, RouteMissPolicy},
     kernel::{self, Link, Neighbour},
-    net::{Mac, Prefix},
+    net::{Mac, Prefix, PrefixSet},
     plan::{GatewayKey, GroupKey, RoutePlan, Want, gateway_key, plan_routes},
 };
 use anyhow::{Context as _, Result, anyhow, bail};

@@ -453,7 +453,7 @@ impl Tables {
     pub(super) fn insert_new_routes(
         &mut self,
         routes: &[&(Prefix, Want)],
-        present: &mut HashSet<Prefix>,
+        present: &mut PrefixSet,
         table: &mut NextHopTable,
         uses: &mut std::collections::HashMap<u32, usize>,
     ) -> Result<()> {
@@ -500,7 +500,7 @@ impl Tables {
     }
 
     /// Every prefix in the tries, local ones included.
-    pub(super) fn prefixes(&self) -> Result<HashSet<Prefix>> {
+    pub(super) fn prefixes(&self) -> Result<PrefixSet> {
         self.scanned();
         let v4 = self.routes_v4_all()?.into_iter().map(|(k, _)| {
             Ok(Prefix {
@@ -805,12 +805,11 @@ impl Tables {
         let ops = self.operator_routes()?;
         let mut table = self.next_hop_table()?;
         let mut uses = self.uses(&ops, &table);
-        let only: Option<HashSet<Prefix>> =
-            (!whole).then(|| desired.iter().map(|(p, _)| *p).collect());
+        let only: Option<PrefixSet> = (!whole).then(|| desired.iter().map(|(p, _)| *p).collect());
         // Each route's target id and family, and what each of those is
         // (read once each: a few next hops and groups serve a million
         // routes, and a copy of one per route would be 56 bytes each).
-        let current: std::collections::HashMap<Prefix, (u32, u32)> = ops
+        let current: crate::net::PrefixMap<(u32, u32)> = ops
             .iter()
             .filter(|(p, _)| only.as_ref().is_none_or(|only| only.contains(p)))
             .map(|&(p, id)| (p, (id, if p.addr.is_ipv4() { AF_INET } else { AF_INET6 })))
@@ -827,11 +826,12 @@ impl Tables {
         let locals = self.local_addrs();
         let v4 = ops.iter().filter(|(p, _)| p.addr.is_ipv4()).count();
         self.check_room(&new, &changed, &table, (v4, ops.len() - v4), &locals)?;
-        let mut present: HashSet<Prefix> = ops
-            .iter()
-            .map(|(p, _)| *p)
-            .chain(locals.iter().map(|a| host_prefix(*a)))
-            .collect();
+        // A new prefix is in no route now: `current` holds every route
+        // (or, for an upsert, every one to a prefix of `desired`), and the
+        // plan's new ones are those it lacks. So what a new route may
+        // collide with is this box's own addresses and the batch itself,
+        // not a set of every route (a million inserts a reload).
+        let mut present: PrefixSet = locals.iter().map(|a| host_prefix(*a)).collect();
         self.insert_new_routes(&new, &mut present, &mut table, &mut uses)?;
         for (prefix, want) in changed.iter().copied() {
             let old = current[prefix].0;
