@@ -75,6 +75,31 @@ fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
     assert!(!fwd.has_pins());
 }
 
+/// A restart whose config no longer lists an interface detaches the
+/// program from it before it comes up (the link detached, then its pin
+/// removed), and leaves the others attached.
+#[test]
+fn a_restart_without_an_interface_detaches_from_it() {
+    let lab = Lab::new().unwrap();
+    let mut fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
+    assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    fwd.stop().unwrap();
+    std::fs::write(
+        &fwd.config,
+        "route_miss = \"pass\"\n\n[[interfaces]]\nname = \"r0\"\n",
+    )
+    .unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert!(
+        fwd.log()
+            .contains("detached from r1 (no longer in the config)"),
+        "{}",
+        fwd.log()
+    );
+    assert!(lab.router.has_xdp("r0").unwrap());
+    assert!(!lab.router.has_xdp("r1").unwrap());
+}
+
 #[test]
 fn ipv6_udp_crosses_with_hop_limit_and_macs_rewritten() {
     let lab = Lab::new().unwrap();
