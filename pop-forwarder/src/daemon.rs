@@ -187,6 +187,15 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
     Ok(())
 }
 
+/// The prefixes of the config's routes, if a mirrored table's
+/// notifications need them (`Running::static_prefixes`).
+fn static_prefixes_of(source: RouteSource, routes: &[Route]) -> crate::net::PrefixSet {
+    match source {
+        RouteSource::Kernel => routes.iter().map(|r| r.prefix).collect(),
+        RouteSource::Static => Default::default(),
+    }
+}
+
 /// Hands the heap's free memory back to the kernel. Building the tables
 /// from a large config or kernel table frees hundreds of megabytes of
 /// small allocations at once; the allocator would otherwise keep them for
@@ -218,12 +227,10 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
         let connected: HashMap<Prefix, NextHop> = maps::connected_routes(&links, &running.attached)
             .into_iter()
             .collect();
-        let statics: crate::net::PrefixSet =
-            running.static_routes.iter().map(|r| r.prefix).collect();
         let mut patch = Vec::new();
         let mut to_kernel = Vec::new();
         for prefix in changed {
-            if statics.contains(&prefix) {
+            if running.static_prefixes.contains(&prefix) {
                 continue;
             }
             let want = match table.best(&prefix) {
@@ -317,6 +324,10 @@ struct Running {
     route_source: RouteSource,
     kernel_table: u32,
     static_routes: Vec<Route>,
+    /// Their prefixes, with a mirrored table (a notification for one of
+    /// them leaves the config's route in place), kept rather than built
+    /// for every batch of notifications; empty without one.
+    static_prefixes: crate::net::PrefixSet,
     /// Kernel routes handed to the kernel, as last logged (each once).
     to_kernel: std::collections::HashSet<Prefix>,
     /// The last mirroring of the kernel table failed: try again.
@@ -1056,6 +1067,7 @@ fn start(
         route_source: model.route_source,
         kernel_table: model.kernel_table,
         static_routes: model.routes.clone(),
+        static_prefixes: static_prefixes_of(model.route_source, &model.routes),
         to_kernel: Default::default(),
         sync_failed: false,
         reread_routes: false,
@@ -1545,6 +1557,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     })?;
     running.connected = connected;
     running.static_routes = std::mem::take(&mut model.routes);
+    running.static_prefixes = static_prefixes_of(running.route_source, &running.static_routes);
     // The next batch of route notifications reads the table whole, and
     // with it what the reload changed.
     running.kernel_routes = None;

@@ -75,6 +75,66 @@ fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
     assert!(!fwd.has_pins());
 }
 
+/// With a mirrored kernel table, a config route wins over the kernel's
+/// route to the same prefix, also when the kernel's is announced after the
+/// start; the kernel's other routes are followed.
+#[test]
+fn a_config_route_wins_over_a_mirrored_kernel_route_to_its_prefix() {
+    let lab = Lab::new().unwrap();
+    let own = "[[routes]]\nprefix = \"10.0.9.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
+    let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", own));
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    let via = |prefix: &str| -> Option<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+        list.as_array()?
+            .iter()
+            .find(|r| r["prefix"] == prefix)
+            .map(|r| r["via"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(via("10.0.9.0/24").as_deref(), Some("10.0.2.2"));
+    let follow = |prefix: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while via(prefix).as_deref() != Some("10.0.1.2") {
+            assert!(
+                Instant::now() < deadline,
+                "{prefix} not mirrored\n{}",
+                fwd.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // A first kernel route, followed: from here on, notifications are
+    // applied prefix by prefix (the start's first batch may read the
+    // table whole).
+    lab.router
+        .ip(&[
+            "route",
+            "add",
+            "10.0.8.0/24",
+            "via",
+            "10.0.1.2",
+            "dev",
+            "r0",
+        ])
+        .unwrap();
+    follow("10.0.8.0/24");
+    // The kernel's route to the config's prefix, and one more: once the
+    // other is followed, the first has been seen.
+    for prefix in ["10.0.9.0/24", "10.0.7.0/24"] {
+        lab.router
+            .ip(&["route", "add", prefix, "via", "10.0.1.2", "dev", "r0"])
+            .unwrap();
+    }
+    follow("10.0.7.0/24");
+    assert_eq!(
+        via("10.0.9.0/24").as_deref(),
+        Some("10.0.2.2"),
+        "{}",
+        fwd.log()
+    );
+}
+
 /// A restart whose config no longer lists an interface detaches the
 /// program from it before it comes up (the link detached, then its pin
 /// removed), and leaves the others attached.
