@@ -1044,12 +1044,7 @@ fn start(
             .iter()
             .filter(|a| !attach_to.iter().any(|b| b.name == a.name))
         {
-            let pin = instance.link_pin(&gone.name);
-            let removed = crate::instance::detach_link(&pin).and_then(|()| {
-                std::fs::remove_file(&pin)
-                    .with_context(|| format!("removing pin {}", pin.display()))
-            });
-            match removed {
+            match crate::instance::remove_link_pin(&instance.link_pin(&gone.name)) {
                 Ok(()) => info!("detached from {} (no longer in the config)", gone.name),
                 Err(e) => warn!("detaching from {}: {e:#}", gone.name),
             }

@@ -221,9 +221,10 @@ impl Instance {
             let entry = entry?;
             let path = entry.path();
             if entry.file_name().as_bytes().starts_with(b"link_") {
-                detach_link(&path)?;
+                remove_link_pin(&path)?;
+            } else {
+                remove_pin(&path)?;
             }
-            fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
         }
         fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         Ok(())
@@ -250,6 +251,16 @@ impl Instance {
     }
 }
 
+/// Removes the link pinned at `path`, detached first (`detach_link`).
+pub fn remove_link_pin(path: &Path) -> Result<()> {
+    detach_link(path)?;
+    remove_pin(path)
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    fs::remove_file(path).with_context(|| format!("removing pin {}", path.display()))
+}
+
 /// Detaches the link pinned at `path` (XDP: from its interface) now
 /// (BPF_LINK_DETACH). Removing the pin alone drops the link's last
 /// reference, but the kernel releases it in deferred work: for a moment
@@ -257,7 +268,7 @@ impl Instance {
 /// a link another process holds too is the point: `detach` removes the data
 /// plane, whoever holds it. A link already detached (its interface gone)
 /// detaches again without error.
-pub fn detach_link(path: &Path) -> Result<()> {
+fn detach_link(path: &Path) -> Result<()> {
     use std::os::fd::{FromRawFd as _, OwnedFd};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;

@@ -229,20 +229,10 @@ fn os_error(e: &aya::maps::MapError) -> Option<i32> {
 /// A map with a duplicate of its descriptor.
 fn with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
     let fd = match &map.0 {
-        Map::LpmTrie(data) | Map::HashMap(data) | Map::LruHashMap(data) => {
+        Map::LpmTrie(data) | Map::HashMap(data) | Map::LruHashMap(data) | Map::Array(data) => {
             data.fd().as_fd().try_clone_to_owned()
         }
-        _ => bail!("map {} is not an LPM trie or a hash", map.1),
-    }
-    .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
-    Ok((map, fd))
-}
-
-/// An array map, and its descriptor (for batched reads).
-fn array_with_fd(map: (Map, String)) -> Result<((Map, String), std::os::fd::OwnedFd)> {
-    let fd = match &map.0 {
-        Map::Array(data) => data.fd().as_fd().try_clone_to_owned(),
-        _ => bail!("map {} is not an array", map.1),
+        _ => bail!("map {} is not an LPM trie, a hash or an array", map.1),
     }
     .with_context(|| format!("duplicating the descriptor of map {}", map.1))?;
     Ok((map, fd))
@@ -305,7 +295,7 @@ impl Tables {
         let (trie4, trie_v4_fd) = with_fd(take(names::ROUTES_V4_TRIE)?)?;
         let (v6, routes_v6_fd) = with_fd(take(names::ROUTES_V6)?)?;
         let (flows, flows_fd) = with_fd(take(names::FLOWS)?)?;
-        let (flows_v4, flows_v4_fd) = array_with_fd(take(names::FLOWS_V4)?)?;
+        let (flows_v4, flows_v4_fd) = with_fd(take(names::FLOWS_V4)?)?;
         let settings: Array<MapData, u32> = open!(names::SETTINGS);
         let ipv4_lookup = match settings.get(&settings::IPV4_LOOKUP, 0)? {
             settings::IPV4_TRIE => Ipv4Lookup::Trie,
