@@ -944,11 +944,9 @@ fn start(
         RouteSource::Static => None,
     };
     let kernel_routes = kernel_table.as_ref().map(kernel::KernelTable::bests);
-    // Only a mirror needs them apart (a million set inserts otherwise).
-    let static_prefixes: crate::net::PrefixSet = match kernel_table {
-        Some(_) => static_routes.iter().map(|(p, _)| *p).collect(),
-        None => Default::default(),
-    };
+    // Only a mirror needs them apart (a million set inserts otherwise);
+    // every route of the config resolved above, so these are theirs.
+    let static_prefixes = static_prefixes_of(model.route_source, &model.routes);
     let wanted = mirror::wanted(
         static_routes,
         kernel_routes.as_deref(),
@@ -1062,15 +1060,15 @@ fn start(
         route_source: model.route_source,
         kernel_table: model.kernel_table,
         static_routes: model.routes.clone(),
-        static_prefixes: static_prefixes_of(model.route_source, &model.routes),
-        to_kernel: Default::default(),
-        sync_failed: false,
-        reread_routes: false,
         mirrored: if kernel_table.is_some() {
             mirror::Mirrored::of(&wanted, &static_prefixes)
         } else {
             mirror::Mirrored::default()
         },
+        static_prefixes,
+        to_kernel: Default::default(),
+        sync_failed: false,
+        reread_routes: false,
         kernel_routes: kernel_table,
         refresh_failed: false,
         steering,
