@@ -210,21 +210,48 @@ impl Instance {
         read_pid(&path)
     }
 
-    /// Removes every pin of this instance: links, each detached from its
-    /// interface first, and maps.
+    /// Removes every pin of this instance: the links first, each detached
+    /// from its interface, so that the data plane is off before anything
+    /// else goes; then the maps. A pin that cannot be removed does not stop
+    /// the others: every one is tried, and the first failure (with how many
+    /// there were) is returned, the directory then left in place. A pin
+    /// named as a link that holds something else (only root can put one in
+    /// the root-only directory) has nothing to detach: its pin is removed.
     pub fn remove_pins(&self) -> Result<()> {
         let dir = self.pin_dir();
         if !dir.exists() {
             return Ok(());
         }
+        let mut links = Vec::new();
+        let mut others = Vec::new();
         for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
             let entry = entry?;
-            let path = entry.path();
             if entry.file_name().as_bytes().starts_with(b"link_") {
-                remove_link_pin(&path)?;
+                links.push(entry.path());
             } else {
-                remove_pin(&path)?;
+                others.push(entry.path());
             }
+        }
+        links.sort();
+        others.sort();
+        let mut failed = Vec::new();
+        for path in &links {
+            if let Err(e) = remove_link_pin(path) {
+                failed.push(e);
+            }
+        }
+        for path in &others {
+            if let Err(e) = remove_pin(path) {
+                failed.push(e);
+            }
+        }
+        let count = failed.len();
+        if let Some(first) = failed.into_iter().next() {
+            return Err(first.context(format!(
+                "{count} of the {} pins in {} could not be removed; the rest were",
+                links.len() + others.len(),
+                dir.display()
+            )));
         }
         fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         Ok(())
@@ -314,8 +341,10 @@ fn detach_link(path: &Path) -> Result<()> {
     };
     let e = std::io::Error::last_os_error();
     // A kind of link that cannot be detached (the tracepoint link counting
-    // failed redirects) goes when its pin does.
-    if rc != 0 && e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+    // failed redirects, EOPNOTSUPP) goes when its pin does; so does an
+    // object pinned there that is no link at all (a map or a program,
+    // EINVAL): it holds no interface.
+    if rc != 0 && !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) {
         return Err(e).with_context(|| {
             format!(
                 "detaching the link pinned at {} (BPF_LINK_DETACH)",

@@ -1136,7 +1136,14 @@ fn detach(instance: &Instance) -> Result<()> {
     if let Some(pid) = instance.daemon_pid() {
         control::request(instance, ControlCommand::Detach)?;
         for _ in 0..100 {
-            if !instance.exists() && instance.daemon_pid().is_none() {
+            // The daemon removes its pins before it exits: once it is
+            // gone, what is left of them stays.
+            if instance.daemon_pid().is_none() {
+                if instance.exists() {
+                    bail!(
+                        "daemon pid {pid} stopped, but some of the instance's pins are left (its log says which); `detach` again removes them without it"
+                    );
+                }
                 println!(
                     "instance {}: daemon (pid {pid}) detached and stopped",
                     instance.name

@@ -529,6 +529,39 @@ fn detach_from_another_process_stops_the_daemon_and_unpins() {
     assert!(status.success(), "{status}");
 }
 
+/// A pin named as a link that holds something else (here one of the
+/// instance's own maps, pinned a second time) stops nothing: `detach`
+/// detaches every interface and removes every pin, the stray one too. It
+/// failed on it before (BPF_LINK_DETACH: EINVAL), with the links read
+/// after it still attached.
+#[test]
+fn detach_gets_past_a_map_pinned_under_a_link_name() {
+    let lab = Lab::new().unwrap();
+    let mut fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
+    let dir = std::path::PathBuf::from(format!("/sys/fs/bpf/pop-forwarder/{}", fwd.instance));
+    let map = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            !p.file_name()
+                .unwrap()
+                .as_encoded_bytes()
+                .starts_with(b"link_")
+        })
+        .expect("a pinned map");
+    aya::maps::MapData::from_pin(&map)
+        .unwrap()
+        .pin(dir.join("link_0planted"))
+        .unwrap();
+
+    let out = fwd.cli_ok(&["detach"]).unwrap();
+    assert!(out.contains("detached and stopped"), "{out}");
+    assert!(!lab.router.has_xdp("r0").unwrap() && !lab.router.has_xdp("r1").unwrap());
+    assert!(!fwd.has_pins());
+    let status = fwd.stop().unwrap();
+    assert!(status.success(), "{status}");
+}
+
 #[test]
 fn malformed_frames_on_the_wire_are_dropped_counted_and_logged() {
     let (lab, fwd) = routed_lab(&["--bpf-log-level", "debug"]);
