@@ -258,6 +258,26 @@ pub struct Steering {
     /// of these, so an idle flow still remembered for a removed node is
     /// unlikely to meet a new node in its slot.
     freed: VecDeque<u32>,
+    /// What the adopted maps hold that the state file does not name: the
+    /// next `apply` takes it out.
+    orphans: Orphans,
+}
+
+/// VIPs and in-use node slots found in adopted maps and not in the state
+/// file: written by a daemon that died between a change's last map write
+/// and its state file's. Nothing names them, so nothing would take them
+/// out, and a VIP or node given their slot later would inherit their
+/// traffic.
+/// And the other way round, a change that took a node or VIP out of the
+/// maps before the file recorded it: a healthy node whose slot is free
+/// (`unwritten`) is written again, a VIP the VIP table lacks has its
+/// Maglev table read as empty, so that the next `apply` writes both whole
+/// if they are still wanted.
+#[derive(Debug, Default, Clone)]
+struct Orphans {
+    vips: Vec<VipKey>,
+    nodes: Vec<u32>,
+    unwritten: Vec<u32>,
 }
 
 impl Steering {
@@ -299,8 +319,25 @@ impl Steering {
                 health_changes: n.health_changes,
             });
         }
+        for id in 0..MAX_CACHE_NODES {
+            let in_use = tables.node(id)?.flags & NODE_F_IN_USE != 0;
+            match steering.nodes.get(id as usize).and_then(Option::as_ref) {
+                None if in_use => steering.orphans.nodes.push(id),
+                Some(n) if n.healthy && !in_use => steering.orphans.unwritten.push(id),
+                _ => {}
+            }
+        }
+        // Fresh slots come after the orphans', which join the freed ones
+        // once `apply` has taken them out.
+        if let Some(&last) = steering.orphans.nodes.last()
+            && steering.nodes.len() <= last as usize
+        {
+            steering.nodes.resize(last as usize + 1, None);
+        }
         steering.freed = (0..steering.nodes.len() as u32)
-            .filter(|&s| steering.nodes[s as usize].is_none())
+            .filter(|&s| {
+                steering.nodes[s as usize].is_none() && !steering.orphans.nodes.contains(&s)
+            })
             .collect();
         for v in &state.vips {
             if v.slot >= MAX_VIPS {
@@ -322,6 +359,42 @@ impl Steering {
                 },
                 table: tables.maglev_table(v.slot, state.maglev_table_size)?,
             });
+        }
+        let pinned = tables.vips()?;
+        for (key, info) in &pinned {
+            let named = steering
+                .vips
+                .get(info.index as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|v| vip_key(&v.vip) == *key);
+            if !named {
+                steering.orphans.vips.push(*key);
+            }
+        }
+        let mut unpinned = 0;
+        for (slot, v) in steering.vips.iter_mut().enumerate() {
+            if let Some(v) = v
+                && !pinned
+                    .iter()
+                    .any(|(key, info)| info.index as usize == slot && *key == vip_key(&v.vip))
+            {
+                v.table.clear();
+                unpinned += 1;
+            }
+        }
+        let o = &steering.orphans;
+        if !o.vips.is_empty() || !o.nodes.is_empty() {
+            log::warn!(
+                "the pinned tables hold {} VIPs and {} cache node slots the state file does not name (a daemon stopped between a change and recording it); they are taken out",
+                o.vips.len(),
+                o.nodes.len()
+            );
+        }
+        if unpinned > 0 || !o.unwritten.is_empty() {
+            log::warn!(
+                "the state file names {unpinned} VIPs and {} healthy cache nodes the pinned tables lack (a daemon stopped between a change and recording it); those still configured are written again",
+                o.unwritten.len()
+            );
         }
         steering.spec = Some(Spec {
             flow_hash_seed: state.flow_hash_seed,
@@ -426,6 +499,13 @@ impl Steering {
         }
         let mut applied = Applied::default();
 
+        // VIPs nothing names go first (their traffic is routed from now),
+        // so that their slots are free for this change's.
+        for key in &self.orphans.vips {
+            tables.remove_vip(key)?;
+            applied.vips_removed += 1;
+        }
+
         // Nodes: new ones into free slots, changed ones in place.
         // IPv4: the pool's base address, its prefix length in byte 4.
         let encap = [
@@ -478,6 +558,10 @@ impl Steering {
                         tables.write_node(slot, want)?;
                     }
                     self.nodes[slot as usize] = Some(now);
+                    applied.nodes_changed += 1;
+                }
+                Some((slot, _)) if self.orphans.unwritten.contains(&slot) => {
+                    tables.write_node(slot, want)?;
                     applied.nodes_changed += 1;
                 }
                 Some(_) => {}
@@ -557,6 +641,14 @@ impl Steering {
                 }
             }
         }
+        // And the node slots nothing names: no VIP table points at them
+        // now either.
+        for slot in std::mem::take(&mut self.orphans.nodes) {
+            tables.remove_node(slot)?;
+            self.release_node_slot(slot);
+            applied.nodes_removed += 1;
+        }
+        self.orphans = Orphans::default();
         Ok(applied)
     }
 

@@ -1431,6 +1431,138 @@ fn steering_now(fwd: &Forwarder) -> (Vec<(String, u64)>, Vec<Pool>) {
     )
 }
 
+/// A daemon that stops between a change's map writes and its state file's
+/// leaves the maps holding a VIP and a node the file does not name. The
+/// next daemon takes them out: the VIP's traffic is not steered by a table
+/// nobody keeps, and the node's slot is not handed to the next new node
+/// while flows still name it. (Simulated: the change is made, the daemon
+/// stopped, and the two taken out of the state file.)
+#[test]
+fn a_restart_takes_out_what_the_maps_hold_and_the_state_file_does_not_name() {
+    let lab = Lab::new().unwrap();
+    let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
+    let one_node = steering
+        .replace(
+            "[[nodes]]\nname = \"cache-2\"\naddress = \"10.0.6.11\"\ndev = \"r3\"\n",
+            "",
+        )
+        .replace("[\"cache-1\", \"cache-2\"]", "[\"cache-1\"]");
+    let mut fwd = Forwarder::start(&lab.router, &lab.config("drop", &one_node)).unwrap();
+    fwd.wait_for_node_macs();
+    let sinks = vip_sinks(&n1, &n2);
+    fwd.cli_ok(&["node", "add", "cache-2", "10.0.6.11", "--dev", "r3"])
+        .unwrap();
+    fwd.wait_for_node_macs();
+    fwd.cli_ok(&[
+        "vip",
+        "add",
+        "192.0.2.10",
+        "udp",
+        "9999",
+        "--nodes",
+        "cache-2",
+    ])
+    .unwrap();
+    assert!(
+        landing(&fwd, &sinks, &senders(&lab, 8), "port")
+            .iter()
+            .all(|&n| n == 1)
+    );
+
+    assert!(fwd.stop().unwrap().success());
+    let path = fwd.run_dir.join(format!("{}.json", fwd.instance));
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let steering = &mut state["steering"];
+    steering["nodes"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|n| n["name"] != "cache-2");
+    steering["vips"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|v| v["port"] != 9999);
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert!(
+        fwd.log()
+            .contains("hold 1 VIPs and 1 cache node slots the state file does not name"),
+        "{}",
+        fwd.log()
+    );
+    // Port 9999 is the any-port VIP's now: cache-1's.
+    assert!(
+        landing(&fwd, &sinks, &senders(&lab, 8), "any")
+            .iter()
+            .all(|&n| n == 0)
+    );
+    // cache-2 added again takes a fresh slot, not the one flows named.
+    fwd.cli_ok(&["node", "add", "cache-2", "10.0.6.11", "--dev", "r3"])
+        .unwrap();
+    assert_eq!(
+        steering_now(&fwd).0,
+        vec![("cache-1".into(), 0), ("cache-2".into(), 2)]
+    );
+}
+
+/// The other way round: a change that took a node and a VIP out of the
+/// maps, its daemon stopped before the state file said so, and the config
+/// still wanting both. The next daemon writes them again. (Simulated: the
+/// node's slot and the VIP's entry taken out of the stopped instance's
+/// maps.)
+#[test]
+fn a_restart_writes_again_what_the_state_file_names_and_the_maps_lack() {
+    use pop_forwarder_common::{map_names as names, steering::CacheNode};
+    let lab = Lab::new().unwrap();
+    let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
+    let mut fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
+    fwd.wait_for_node_macs();
+    let sinks = vip_sinks(&n1, &n2);
+    let both = landing(&fwd, &sinks, &senders(&lab, 32), "before");
+    assert!(both.contains(&0) && both.contains(&1), "{both:?}");
+
+    assert!(fwd.stop().unwrap().success());
+    let pins = format!("/sys/fs/bpf/pop-forwarder/{}", fwd.instance);
+    let mut nodes: aya::maps::Array<_, CacheNode> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(
+            aya::maps::MapData::from_pin(format!("{pins}/{}", names::CACHE_NODES)).unwrap(),
+        ))
+        .unwrap();
+    let free = CacheNode {
+        ifindex: 0,
+        flags: 0,
+        dst_mac: [0; 6],
+        src_mac: [0; 6],
+        addr: [0; 16],
+        family: 0,
+        mtu: 0,
+    };
+    nodes.set(1, free, 0).unwrap();
+    let mut vips: aya::maps::HashMap<
+        _,
+        pop_forwarder_common::steering::VipKey,
+        pop_forwarder_common::steering::VipInfo,
+    > = aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+        aya::maps::MapData::from_pin(format!("{pins}/{}", names::VIPS)).unwrap(),
+    ))
+    .unwrap();
+    let keys: Vec<_> = vips.keys().map(Result::unwrap).collect();
+    assert_eq!(keys.len(), 1);
+    vips.remove(&keys[0]).unwrap();
+    drop((nodes, vips));
+
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert!(
+        fwd.log()
+            .contains("names 1 VIPs and 1 healthy cache nodes the pinned tables lack"),
+        "{}",
+        fwd.log()
+    );
+    let both = landing(&fwd, &sinks, &senders(&lab, 32), "after");
+    assert!(both.contains(&0) && both.contains(&1), "{both:?}");
+}
+
 #[test]
 fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     let lab = Lab::new().unwrap();
