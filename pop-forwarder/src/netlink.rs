@@ -76,6 +76,27 @@ fn receive(socket: &Socket) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Empties a subscription's socket after an overflow, dropping what it
+/// held: the table read again afterwards is newer than all of it. The
+/// kernel reports an overflow (ENOBUFS) once, then drops notifications
+/// silently until the socket's queue has been empty; a table read while
+/// the queue still held a backlog would miss what was dropped after it
+/// and never hear of the loss. Once the queue is empty, the next drop is
+/// reported again.
+fn drain(socket: &Socket) {
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        match socket.recv(&mut buf, libc::MSG_DONTWAIT | libc::MSG_TRUNC) {
+            Ok(_) => {}
+            // More dropped meanwhile, or a signal: go on.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::EINTR)) => {}
+            // Empty (EAGAIN), or an error the next blocking read reports.
+            Err(_) => return,
+        }
+    }
+}
+
 /// Everything a dump request returns (NLM_F_DUMP), tried again if a change
 /// interrupted it.
 pub fn dump(request: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>> {
@@ -230,7 +251,10 @@ pub fn subscribe(
                             Event::Overflow
                         }
                     },
-                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Event::Overflow,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        drain(&socket);
+                        Event::Overflow
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         log::error!("netlink: reading notifications: {e}; again in 1 s");
