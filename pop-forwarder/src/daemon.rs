@@ -169,6 +169,7 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
     })?;
     running.sync_failed = false;
     running.reread_routes = false;
+    running.subnets = kernel::SubnetView::of(&links);
     running.mirrored = mirror::Mirrored::of(&wanted, &static_prefixes);
     running.connected = wanted.connected;
     running.kernel_routes = Some(table);
@@ -334,6 +335,10 @@ struct Running {
     sync_failed: bool,
     /// Interfaces changed: read the mirrored table whole at the next batch.
     reread_routes: bool,
+    /// The interfaces' connected subnets as the last whole read followed
+    /// them: an address notification that leaves them as they are reads
+    /// nothing again.
+    subnets: kernel::SubnetView,
     /// The mirrored kernel table as last read and notified, and what the
     /// tables hold for each of its prefixes and each connected subnet
     /// (the config's routes aside).
@@ -572,10 +577,20 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             }
             _ = changes.interfaces.notified() => {
                 refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
+                // An address's subnet may be in no mirrored table: the
+                // table is read whole again when the connected subnets
+                // moved. Most address notifications move none (each router
+                // advertisement renews an IPv6 SLAAC address's lifetimes),
+                // and a whole read of a full table costs seconds.
                 if running.route_source == RouteSource::Kernel
                     && changes.addresses.swap(false, std::sync::atomic::Ordering::SeqCst)
+                    && kernel::links()
+                        .map_or(true, |links| kernel::SubnetView::of(&links) != running.subnets)
                 {
-                    // An address's subnet may be in no mirrored table.
+                    info!(
+                        "the interfaces' connected subnets changed: kernel table {} is read again",
+                        running.kernel_table
+                    );
                     running.reread_routes = true;
                     route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
                 }
@@ -1069,6 +1084,7 @@ fn start(
         to_kernel: Default::default(),
         sync_failed: false,
         reread_routes: false,
+        subnets: kernel::SubnetView::of(&links),
         kernel_routes: kernel_table,
         refresh_failed: false,
         steering,

@@ -315,6 +315,30 @@ pub fn neighbour_of(m: &NeighbourMessage, names: &HashMap<u32, &str>) -> Option<
     })
 }
 
+/// What of the interfaces' addresses a whole read of the mirrored table
+/// follows: each interface's connected subnets (the box's own addresses
+/// are followed by every refresh). Not the lifetimes or flags the kernel
+/// also announces a change of: every router advertisement renews an IPv6
+/// SLAAC address's lifetimes, and is announced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubnetView(Vec<(u32, Vec<Prefix>)>);
+
+impl SubnetView {
+    pub fn of(links: &[Link]) -> SubnetView {
+        let mut view: Vec<_> = links
+            .iter()
+            .filter(|l| !l.subnets.is_empty())
+            .map(|l| {
+                let mut subnets = l.subnets.clone();
+                subnets.sort_unstable();
+                (l.ifindex, subnets)
+            })
+            .collect();
+        view.sort_unstable_by_key(|v| v.0);
+        SubnetView(view)
+    }
+}
+
 /// One path of a kernel route: a gateway on an interface, with its weight
 /// (RTNH hops + 1; 1 for a single-path route).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -275,6 +275,89 @@ fn bgp_routes_are_forwarded_by_xdp_with_ecmp_withdrawals_and_peers_going_down() 
     assert!(err.contains("routes come from kernel table 254"), "{err}");
 }
 
+/// How many times the daemon has read its mirrored table whole (its
+/// metrics, served in its namespace).
+fn whole_reads(ns: &tests::Netns) -> u64 {
+    let body = ns
+        .enter(|| {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 9464)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("pop_forwarder_route_syncs_total{kind=\"whole\"} "))
+        .unwrap_or_else(|| panic!("no whole-read count in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// An address notification that moves no connected subnet (an address's
+/// lifetimes renewed, as every router advertisement does for a SLAAC
+/// address) does not read the mirrored table again; an address added
+/// does, and its subnet is routed.
+#[test]
+fn only_an_address_change_that_moves_a_subnet_reads_the_table_again() {
+    let pop = Pop::new();
+    let fwd = Forwarder::start(&pop.fwd, &format!("metrics_listen = \"9464\"\n{CONFIG}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fwd.log().contains("metrics: http://127.0.0.1:9464/metrics") {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The start's own batch, then quiet.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = whole_reads(&pop.fwd);
+    // The renewal is announced (what `ip monitor` sees, the daemon hears).
+    let mut monitor = pop
+        .fwd
+        .command("ip")
+        .args(["monitor", "address"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    pop.fwd
+        .ip(&[
+            "addr",
+            "change",
+            "10.0.1.1/24",
+            "dev",
+            "f0",
+            "valid_lft",
+            "3600",
+            "preferred_lft",
+            "3600",
+        ])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    monitor.kill().unwrap();
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut monitor.stdout.take().unwrap(), &mut seen).unwrap();
+    assert!(seen.contains("10.0.1.1/24"), "no notification: {seen}");
+    assert_eq!(whole_reads(&pop.fwd), before, "{}", fwd.log());
+
+    pop.fwd
+        .ip(&["addr", "add", "10.0.77.1/24", "dev", "f0"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while via(&fwd, "10.0.77.0/24").is_none() {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(whole_reads(&pop.fwd), before + 1, "{}", fwd.log());
+    assert!(
+        fwd.log()
+            .contains("the interfaces' connected subnets changed: kernel table 254 is read again")
+    );
+}
+
 /// Once a burst has overflowed the notification socket, the kernel drops
 /// later notifications without saying so again until the socket's queue
 /// has been empty. A second burst right after the table was read again
