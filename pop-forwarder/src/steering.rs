@@ -268,6 +268,7 @@ pub struct Steering {
 /// and its state file's. Nothing names them, so nothing would take them
 /// out, and a VIP or node given their slot later would inherit their
 /// traffic.
+///
 /// And the other way round, a change that took a node or VIP out of the
 /// maps before the file recorded it: a healthy node whose slot is free
 /// (`unwritten`) is written again, a VIP the VIP table lacks has its
