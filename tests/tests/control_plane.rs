@@ -164,9 +164,10 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     assert_eq!(
         (arrived + no_room, twice),
         (sent, 0),
-        "{} of {sent} datagrams lost\n{}\na0 (the sender's veth): {}\nr0: {}\nthe router's IP counters (a packet XDP missed, forwarding off, is an InAddrErrors):\n{}\nc0 (the sink's veth): {}\nthe sink's IP and UDP counters (RcvbufErrors: its socket was full):\n{}\n{}",
+        "{} of {sent} datagrams lost\n{}\nthe sender's IP and UDP counters (SndbufErrors: its veth refused a datagram, r0's receive ring full):\n{}\na0 (the sender's veth): {}\nr0: {}\nthe router's IP counters (a packet XDP missed, forwarding off, is an InAddrErrors):\n{}\nc0 (the sink's veth): {}\nthe sink's IP and UDP counters (RcvbufErrors: its socket was full):\n{}\n{}",
         sent - arrived - no_room,
         fwd.cli_ok(&["stats"]).unwrap_or_default(),
+        lab.a.run("cat", &["/proc/net/snmp"]).unwrap_or_default(),
         lab.a
             .ip(&["-s", "-s", "link", "show", "a0"])
             .unwrap_or_default(),
