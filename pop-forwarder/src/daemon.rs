@@ -93,11 +93,25 @@ fn watch_kernel(model: &Model) -> Result<KernelChanges> {
     let addresses = changes.addresses.clone();
     let stall = crate::failpoint::notify_stall();
     let buffer = stall.map_or(NOTIFY_BUFFER, |(bytes, _)| bytes);
+    let mut neighbours_seen = kernel::NeighboursSeen::new();
     crate::netlink::subscribe(&subscribe, buffer, move |event| {
         if let Some((_, pause)) = stall {
             std::thread::sleep(pause);
         }
         match event {
+            // A refresh reads every neighbour: only for one whose MAC
+            // moved, not for the state changes each announces every
+            // half minute.
+            Event::Message(_, M::NewNeighbour(n)) => {
+                if kernel::neighbour_moved(&mut neighbours_seen, &n, false) {
+                    interfaces.notify_one();
+                }
+            }
+            Event::Message(_, M::DelNeighbour(n)) => {
+                if kernel::neighbour_moved(&mut neighbours_seen, &n, true) {
+                    interfaces.notify_one();
+                }
+            }
             Event::Message(flags, m @ (M::NewRoute(_) | M::DelRoute(_))) => {
                 if let Some(event) = kernel::route_event(flags, &m, table) {
                     let mut queued = events.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,6 +132,7 @@ fn watch_kernel(model: &Model) -> Result<KernelChanges> {
             }
             Event::Message(..) => interfaces.notify_one(),
             Event::Overflow => {
+                neighbours_seen.clear();
                 warn!("the kernel's change notifications overflowed: reading everything again");
                 overflow.store(true, std::sync::atomic::Ordering::SeqCst);
                 routes.notify_one();

@@ -285,12 +285,18 @@ pub fn neighbours(links: &[Link]) -> Result<Vec<Neighbour>> {
 
 /// A usable neighbour entry (RTM_NEWNEIGH), if `m` is one.
 pub fn neighbour_of(m: &NeighbourMessage, names: &HashMap<u32, &str>) -> Option<Neighbour> {
-    if matches!(
-        m.header.state,
-        NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
-    ) {
-        return None;
-    }
+    let (addr, mac) = address_and_mac(m);
+    Some(Neighbour {
+        addr: addr?,
+        ifindex: m.header.ifindex,
+        ifname: (*names.get(&m.header.ifindex)?).to_owned(),
+        mac: mac?,
+    })
+}
+
+/// A neighbour entry's address, and its link-layer address if it can be
+/// used now (see `neighbours`).
+fn address_and_mac(m: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     let mut addr = None;
     let mut mac = None;
     for a in &m.attributes {
@@ -307,12 +313,35 @@ pub fn neighbour_of(m: &NeighbourMessage, names: &HashMap<u32, &str>) -> Option<
             _ => {}
         }
     }
-    Some(Neighbour {
-        addr: addr?,
-        ifindex: m.header.ifindex,
-        ifname: (*names.get(&m.header.ifindex)?).to_owned(),
-        mac: mac?,
-    })
+    let unusable = matches!(
+        m.header.state,
+        NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+    );
+    (addr, mac.filter(|_| !unusable))
+}
+
+/// What the neighbour notifications said of each entry: its usable MAC,
+/// or None while it has none.
+pub type NeighboursSeen = HashMap<(u32, IpAddr), Option<Mac>>;
+
+/// Records what a neighbour notification (RTM_NEWNEIGH, or RTM_DELNEIGH
+/// if `deleted`) says of its entry's usable MAC; returns whether that
+/// moved, or may have: an entry not seen before, a MAC that came, went or
+/// changed. Most notifications move nothing: the kernel announces each
+/// neighbour's state changes (REACHABLE to STALE, DELAY, PROBE and back,
+/// every half minute or so), and the MAC stays.
+pub fn neighbour_moved(seen: &mut NeighboursSeen, m: &NeighbourMessage, deleted: bool) -> bool {
+    let (Some(addr), mac) = address_and_mac(m) else {
+        return true;
+    };
+    let key = (m.header.ifindex, addr);
+    let now = if deleted { None } else { mac };
+    let before = if deleted {
+        seen.remove(&key)
+    } else {
+        seen.insert(key, now)
+    };
+    before != Some(now)
 }
 
 /// What of the interfaces' addresses a whole read of the mirrored table
@@ -665,6 +694,79 @@ mod tests {
     use netlink_packet_route::link::InfoKind;
 
     use super::*;
+
+    fn neighbour(state: NeighbourState, mac: Option<u8>) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.ifindex = 3;
+        m.header.state = state;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                "10.0.0.2".parse().unwrap(),
+            )));
+        if let Some(last) = mac {
+            m.attributes.push(NeighbourAttribute::LinkLayerAddress(vec![
+                2, 0, 0, 0, 0, last,
+            ]));
+        }
+        m
+    }
+
+    #[test]
+    fn only_a_neighbour_whose_usable_mac_moved_is_news() {
+        use NeighbourState::{Delay, Failed, Incomplete, Permanent, Probe, Reachable, Stale};
+        let mut seen = NeighboursSeen::new();
+        // First word of an entry: news, whatever it says.
+        assert!(neighbour_moved(
+            &mut seen,
+            &neighbour(Reachable, Some(1)),
+            false
+        ));
+        // Its state changes, the MAC kept: nothing moved.
+        for state in [Stale, Delay, Probe, Reachable, Permanent] {
+            assert!(!neighbour_moved(
+                &mut seen,
+                &neighbour(state, Some(1)),
+                false
+            ));
+        }
+        // A new MAC; then none usable (FAILED keeps no usable address).
+        assert!(neighbour_moved(
+            &mut seen,
+            &neighbour(Reachable, Some(2)),
+            false
+        ));
+        assert!(neighbour_moved(
+            &mut seen,
+            &neighbour(Failed, Some(2)),
+            false
+        ));
+        assert!(!neighbour_moved(
+            &mut seen,
+            &neighbour(Incomplete, None),
+            false
+        ));
+        assert!(neighbour_moved(
+            &mut seen,
+            &neighbour(Reachable, Some(2)),
+            false
+        ));
+        // Deleted: news while it had a MAC; deleted again, or an entry
+        // never seen, news too (nothing is known of it).
+        assert!(neighbour_moved(
+            &mut seen,
+            &neighbour(Reachable, Some(2)),
+            true
+        ));
+        assert!(neighbour_moved(
+            &mut seen,
+            &neighbour(Reachable, Some(2)),
+            true
+        ));
+        // An entry without an address: news.
+        let mut bare = NeighbourMessage::default();
+        bare.header.state = Reachable;
+        assert!(neighbour_moved(&mut seen, &bare, false));
+    }
 
     fn vlan_link(name: &str, ifindex: u32, parent: u32, id: u16, proto: VlanProtocol) -> Link {
         let mut m = LinkMessage::default();

@@ -107,6 +107,10 @@ pub struct Tables {
     interface_macs: Array<MapData, [u8; 8]>,
     next_hop_groups: Array<MapData, NextHopGroup>,
     neighbours: HashMap<MapData, NeighbourKey, NeighbourMac>,
+    /// What `neighbours` holds, as this process wrote it (read from the map
+    /// once, at the first sync): a sync compares against this copy rather
+    /// than reading every entry back, two system calls each.
+    neighbours_held: Option<std::collections::HashMap<NeighbourKey, [u8; 6]>>,
     vlans: HashMap<MapData, VlanKey, u8>,
     deny_v4: LpmTrie<MapData, pop_forwarder_common::deny::KeyV4, u32>,
     deny_v6: LpmTrie<MapData, pop_forwarder_common::deny::KeyV6, u32>,
@@ -341,6 +345,7 @@ impl Tables {
             interface_macs: open!(names::INTERFACE_MACS),
             next_hop_groups: open!(names::NEXT_HOP_GROUPS),
             neighbours: open!(names::NEIGHBOURS),
+            neighbours_held: None,
             vlans: open!(names::VLANS),
             deny_v4: open!(names::DENY_V4),
             deny_v6: open!(names::DENY_V6),
@@ -616,27 +621,41 @@ impl Tables {
             family,
         };
         match mac {
-            Some(mac) => self
-                .neighbours
-                .insert(
-                    key,
-                    NeighbourMac {
-                        mac: mac.0,
-                        pad: [0; 2],
-                    },
-                    0,
-                )
-                .with_context(|| format!("recording neighbour {addr}")),
-            None => match self.neighbours.remove(&key) {
-                Err(e) if matches!(e, aya::maps::MapError::KeyNotFound) => Ok(()),
-                other => other.with_context(|| format!("forgetting neighbour {addr}")),
-            },
+            Some(mac) => {
+                self.neighbours
+                    .insert(
+                        key,
+                        NeighbourMac {
+                            mac: mac.0,
+                            pad: [0; 2],
+                        },
+                        0,
+                    )
+                    .with_context(|| format!("recording neighbour {addr}"))?;
+                if let Some(held) = &mut self.neighbours_held {
+                    held.insert(key, mac.0);
+                }
+            }
+            None => {
+                match self.neighbours.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("forgetting neighbour {addr}"));
+                    }
+                }
+                if let Some(held) = &mut self.neighbours_held {
+                    held.remove(&key);
+                }
+            }
         }
+        Ok(())
     }
 
     /// Makes `NEIGHBOURS` hold exactly `want` (hosts on connected subnets:
     /// interface, address, MAC), at most `MAX_NEIGHBOURS` of them. Returns
-    /// (written, removed, left out for lack of room).
+    /// (written, removed, left out for lack of room). What it writes is
+    /// compared with what this process last wrote, so a sync that changes
+    /// nothing makes no system call.
     pub fn sync_neighbours(
         &mut self,
         want: &[(u32, IpAddr, Mac)],
@@ -649,24 +668,39 @@ impl Tables {
                 family,
             }
         };
-        let have: std::collections::HashMap<NeighbourKey, NeighbourMac> =
-            self.neighbours.iter().filter_map(Result::ok).collect();
+        if self.neighbours_held.is_none() {
+            self.neighbours_held = Some(
+                self.neighbours
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| (k, v.mac))
+                    .collect(),
+            );
+        }
+        let held = self.neighbours_held.as_mut().expect("read above");
         let wanted: std::collections::HashMap<NeighbourKey, Mac> = want
             .iter()
             .map(|&(ifindex, addr, mac)| (key(ifindex, addr), mac))
             .collect();
-        let mut removed = 0;
-        for k in have.keys().filter(|k| !wanted.contains_key(k)) {
-            match self.neighbours.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => removed += 1,
+        let gone: Vec<NeighbourKey> = held
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        let removed = gone.len();
+        for k in gone {
+            match self.neighbours.remove(&k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    held.remove(&k);
+                }
                 Err(e) => return Err(e).context("forgetting a neighbour"),
             }
         }
-        let mut room = pop_forwarder_common::MAX_NEIGHBOURS as usize - (have.len() - removed);
+        let mut room = (pop_forwarder_common::MAX_NEIGHBOURS as usize).saturating_sub(held.len());
         let (mut written, mut left_out) = (0, 0);
         for (k, mac) in &wanted {
-            match have.get(k) {
-                Some(v) if v.mac == mac.0 => continue,
+            match held.get(k) {
+                Some(have) if *have == mac.0 => continue,
                 Some(_) => {}
                 None if room == 0 => {
                     left_out += 1;
@@ -684,6 +718,7 @@ impl Tables {
                     0,
                 )
                 .context("recording a neighbour")?;
+            held.insert(*k, mac.0);
             written += 1;
         }
         Ok((written, removed, left_out))
