@@ -715,53 +715,33 @@ mod tests {
     fn only_a_neighbour_whose_usable_mac_moved_is_news() {
         use NeighbourState::{Delay, Failed, Incomplete, Permanent, Probe, Reachable, Stale};
         let mut seen = NeighboursSeen::new();
-        // First word of an entry: news, whatever it says.
-        assert!(neighbour_moved(
-            &mut seen,
-            &neighbour(Reachable, Some(1)),
-            false
-        ));
-        // Its state changes, the MAC kept: nothing moved.
-        for state in [Stale, Delay, Probe, Reachable, Permanent] {
-            assert!(!neighbour_moved(
-                &mut seen,
-                &neighbour(state, Some(1)),
-                false
-            ));
+        // (state, last byte of the MAC, deleted, news?), in order.
+        let steps = [
+            // First word of an entry: news, whatever it says.
+            (Reachable, Some(1), false, true),
+            // Its state changes, the MAC kept: nothing moved.
+            (Stale, Some(1), false, false),
+            (Delay, Some(1), false, false),
+            (Probe, Some(1), false, false),
+            (Reachable, Some(1), false, false),
+            (Permanent, Some(1), false, false),
+            // A new MAC; then none usable (FAILED keeps no usable address).
+            (Reachable, Some(2), false, true),
+            (Failed, Some(2), false, true),
+            (Incomplete, None, false, false),
+            (Reachable, Some(2), false, true),
+            // Deleted: news while it had a MAC; deleted again (an entry
+            // nothing is known of), news too.
+            (Reachable, Some(2), true, true),
+            (Reachable, Some(2), true, true),
+        ];
+        for (i, (state, mac, deleted, news)) in steps.into_iter().enumerate() {
+            assert_eq!(
+                neighbour_moved(&mut seen, &neighbour(state, mac), deleted),
+                news,
+                "step {i}"
+            );
         }
-        // A new MAC; then none usable (FAILED keeps no usable address).
-        assert!(neighbour_moved(
-            &mut seen,
-            &neighbour(Reachable, Some(2)),
-            false
-        ));
-        assert!(neighbour_moved(
-            &mut seen,
-            &neighbour(Failed, Some(2)),
-            false
-        ));
-        assert!(!neighbour_moved(
-            &mut seen,
-            &neighbour(Incomplete, None),
-            false
-        ));
-        assert!(neighbour_moved(
-            &mut seen,
-            &neighbour(Reachable, Some(2)),
-            false
-        ));
-        // Deleted: news while it had a MAC; deleted again, or an entry
-        // never seen, news too (nothing is known of it).
-        assert!(neighbour_moved(
-            &mut seen,
-            &neighbour(Reachable, Some(2)),
-            true
-        ));
-        assert!(neighbour_moved(
-            &mut seen,
-            &neighbour(Reachable, Some(2)),
-            true
-        ));
         // An entry without an address: news.
         let mut bare = NeighbourMessage::default();
         bare.header.state = Reachable;

@@ -920,6 +920,21 @@ nodes = ["cache-1", "cache-2"]
     (n1, n2, steering)
 }
 
+/// `two_cache_nodes` with cache-2 cut from the config: cache-1 alone
+/// serves the VIP (cache-2's namespace is there for a node added later).
+/// Returns that config and the one with both.
+fn one_cache_node(lab: &Lab) -> (tests::Netns, tests::Netns, String, String) {
+    let (n1, n2, steering) = two_cache_nodes(lab, "", "");
+    let one_node = steering
+        .replace(
+            "[[nodes]]\nname = \"cache-2\"\naddress = \"10.0.6.11\"\ndev = \"r3\"\n",
+            "",
+        )
+        .replace("[\"cache-1\", \"cache-2\"]", "[\"cache-1\"]");
+    assert!(!one_node.contains("cache-2"), "{one_node}");
+    (n1, n2, one_node, steering)
+}
+
 #[test]
 fn vip_flows_spread_over_cache_nodes_and_each_stays_on_one() {
     let lab = Lab::new().unwrap();
@@ -1440,13 +1455,7 @@ fn steering_now(fwd: &Forwarder) -> (Vec<(String, u64)>, Vec<Pool>) {
 #[test]
 fn a_restart_takes_out_what_the_maps_hold_and_the_state_file_does_not_name() {
     let lab = Lab::new().unwrap();
-    let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
-    let one_node = steering
-        .replace(
-            "[[nodes]]\nname = \"cache-2\"\naddress = \"10.0.6.11\"\ndev = \"r3\"\n",
-            "",
-        )
-        .replace("[\"cache-1\", \"cache-2\"]", "[\"cache-1\"]");
+    let (n1, n2, one_node, _) = one_cache_node(&lab);
     let mut fwd = Forwarder::start(&lab.router, &lab.config("drop", &one_node)).unwrap();
     fwd.wait_for_node_macs();
     let sinks = vip_sinks(&n1, &n2);
@@ -1566,15 +1575,7 @@ fn a_restart_writes_again_what_the_state_file_names_and_the_maps_lack() {
 #[test]
 fn nodes_and_vips_added_and_removed_on_a_running_instance() {
     let lab = Lab::new().unwrap();
-    let (n1, n2, steering) = two_cache_nodes(&lab, "", "");
-    // Start with cache-1 alone: cut cache-2 from the config.
-    let one_node = steering
-        .replace(
-            "[[nodes]]\nname = \"cache-2\"\naddress = \"10.0.6.11\"\ndev = \"r3\"\n",
-            "",
-        )
-        .replace("[\"cache-1\", \"cache-2\"]", "[\"cache-1\"]");
-    assert!(!one_node.contains("cache-2"), "{one_node}");
+    let (n1, n2, one_node, steering) = one_cache_node(&lab);
     let fwd = Forwarder::start(&lab.router, &lab.config("drop", &one_node)).unwrap();
     fwd.wait_for_node_macs();
     let sinks = vip_sinks(&n1, &n2);
