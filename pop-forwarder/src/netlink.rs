@@ -82,10 +82,12 @@ fn receive(socket: &Socket) -> io::Result<Vec<u8>> {
 /// silently until the socket's queue has been empty; a table read while
 /// the queue still held a backlog would miss what was dropped after it
 /// and never hear of the loss. Once the queue is empty, the next drop is
-/// reported again.
+/// reported again. A storm that refills it as fast as it empties is given
+/// up on after a second: the table is read again then, as before.
 fn drain(socket: &Socket) {
     let mut buf = Vec::with_capacity(RECV_BUFFER);
-    loop {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < until {
         buf.clear();
         match socket.recv(&mut buf, libc::MSG_DONTWAIT | libc::MSG_TRUNC) {
             Ok(_) => {}
