@@ -328,6 +328,10 @@ struct Running {
     local_conflicts: Vec<std::net::IpAddr>,
     /// Interfaces the program is attached to (ifindexes).
     attached: Vec<u32>,
+    /// The same by name, as attached; and those found gone or re-created
+    /// since (the program went with the old interface), as last logged.
+    attached_names: Vec<(String, u32)>,
+    lost_interfaces: std::collections::BTreeMap<String, String>,
     /// The connected-subnet routes last applied (static routes to the same
     /// prefixes win and are not among them).
     connected: Vec<(Prefix, NextHop)>,
@@ -1084,6 +1088,11 @@ fn start(
         tables,
         local_conflicts: Vec::new(),
         attached,
+        attached_names: attach_to
+            .iter()
+            .map(|a| (a.name.clone(), a.ifindex))
+            .collect(),
+        lost_interfaces: Default::default(),
         connected,
         neighbours_left_out: 0,
         vlans_left_out: 0,
@@ -1263,20 +1272,39 @@ fn fill_and_attach(
                 .and_then(|info| program_tag(info.program_id()));
             let link = XdpLink::try_from(fd_link)
                 .with_context(|| format!("{} is not an XDP link", path.display()))?;
-            program.attach_to_link(link).with_context(|| {
-                format!("swapping the program on {} (bpf_link_update)", iface.name)
-            })?;
-            info!(
-                "{}: program {tag:016x} swapped in on the pinned link, replacing {} ({})",
-                iface.name,
-                was.map_or("?".into(), |t| format!("{t:016x}")),
-                match was {
-                    Some(t) if t == tag => "the same build",
-                    Some(_) => "a different build",
-                    None => "unknown",
+            match program.attach_to_link(link) {
+                Ok(_) => {
+                    info!(
+                        "{}: program {tag:016x} swapped in on the pinned link, replacing {} ({})",
+                        iface.name,
+                        was.map_or("?".into(), |t| format!("{t:016x}")),
+                        match was {
+                            Some(t) if t == tag => "the same build",
+                            Some(_) => "a different build",
+                            None => "unknown",
+                        }
+                    );
+                    continue;
                 }
-            );
-            continue;
+                // The interface the link held is gone (deleted, and maybe
+                // re-created under its name: a bond or VLAN the network
+                // configuration made again): the link is severed, and the
+                // interface of that name has no program. Its pin goes, and
+                // the program is attached afresh below.
+                Err(e) if severed(&e) => {
+                    warn!(
+                        "{}: the pinned link's interface is gone (deleted, or re-created under this name): attaching the program afresh",
+                        iface.name
+                    );
+                    instance::remove_link_pin(&path)?;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "swapping the program on {} (bpf_link_update)",
+                        iface.name
+                    )));
+                }
+            }
         }
         let mode = match iface.mode {
             XdpMode::Native => aya::programs::XdpMode::Driver,
@@ -1302,6 +1330,22 @@ fn fill_and_attach(
         warn!("transmit errors will not be counted (stats' xmit_drops, redirect_errors): {e:#}");
     }
     Ok((tables, steering))
+}
+
+/// Whether a link update failed because the link's interface is gone
+/// (ENOLINK: the kernel severed the link when the interface went).
+fn severed(e: &aya::programs::ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOLINK))
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Attaches the xdp tracepoint programs that count what the kernel drops
@@ -1726,6 +1770,7 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
 /// many of those (gateways and cache nodes) are still unresolved.
 fn refresh(running: &mut Running) -> Result<usize> {
     let links = kernel::links()?;
+    warn_of_lost_interfaces(running, &links);
     let neighbours = kernel::neighbours(&links)?;
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
@@ -1819,6 +1864,34 @@ fn mirror_neighbours(
         .map(|n| (n.ifindex, n.addr, n.mac))
         .collect();
     Ok(tables.sync_neighbours(&hosts)?.2)
+}
+
+/// Says so, once, when an interface the program was attached to is gone,
+/// or is there again as a new interface of the same name (a bond or VLAN
+/// re-created by the network configuration): the program went with the
+/// old one, and the new one's packets go through the kernel. The daemon
+/// does not attach to it by itself; a restart does.
+fn warn_of_lost_interfaces(running: &mut Running, links: &[kernel::Link]) {
+    for (name, ifindex) in &running.attached_names {
+        let lost = match links.iter().find(|l| &l.name == name) {
+            None => Some("is gone".to_owned()),
+            Some(l) if l.ifindex != *ifindex => Some(format!(
+                "was re-created (ifindex {ifindex}, now {}): the program is not attached to it and its packets go through the kernel; restart the daemon (stop it and `run` again: the data plane goes on meanwhile) to attach it",
+                l.ifindex
+            )),
+            Some(_) => None,
+        };
+        match lost {
+            Some(why) if running.lost_interfaces.get(name) != Some(&why) => {
+                warn!("interface {name}, which the program was attached to, {why}");
+                running.lost_interfaces.insert(name.clone(), why);
+            }
+            Some(_) => {}
+            None => {
+                running.lost_interfaces.remove(name);
+            }
+        }
+    }
 }
 
 /// Follows the interfaces' connected subnets as addresses come and go: a

@@ -170,59 +170,67 @@ impl Lab {
             c: Netns::new("c")?,
         };
         for (host, hif, rif, net) in [(&lab.a, "a0", "r0", 1), (&lab.c, "c0", "r1", 2)] {
-            // One queue each way: a veth hands a frame to the peer's native
-            // XDP only if the TX queue it left on is one of the peer's real
-            // RX queues (veth_xmit), which one queue on both ends ensures.
-            #[rustfmt::skip]
-            sh("ip", &[
-                "link", "add", hif, "netns", &host.name, "numtxqueues", "1", "numrxqueues", "1",
-                "type", "veth",
-                "peer", "name", rif, "netns", &lab.router.name, "numtxqueues", "1", "numrxqueues", "1",
-            ])?;
-            host.ip(&["addr", "add", &format!("10.0.{net}.2/24"), "dev", hif])?;
-            host.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:{net}::2/64"),
-                "dev",
-                hif,
-                "nodad",
-            ])?;
-            lab.router
-                .ip(&["addr", "add", &format!("10.0.{net}.1/24"), "dev", rif])?;
-            lab.router.ip(&[
-                "addr",
-                "add",
-                &format!("fd00:{net}::1/64"),
-                "dev",
-                rif,
-                "nodad",
-            ])?;
-            host.ip(&["link", "set", hif, "up"])?;
-            lab.router.ip(&["link", "set", rif, "up"])?;
-            host.ip(&["route", "add", "default", "via", &format!("10.0.{net}.1")])?;
-            host.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:{net}::1"),
-            ])?;
-            // A veth receiving XDP-redirected frames drops them unless its
-            // peer runs NAPI (XDP attached or GRO on). The sender must put
-            // real checksums in its frames: with TX checksum offload a veth
-            // hands over CHECKSUM_PARTIAL packets whose L4 checksum is only
-            // the pseudo-header sum, which XDP forwards as it is. And a veth
-            // with any TSO feature on hands the peer some skbs outside its
-            // NAPI, and so outside native XDP (veth_skb_is_eligible_for_gro);
-            // 6.18's tx-tcp-accecn-segmentation survives `tx off`.
-            host.run(
-                "ethtool",
-                &["-K", hif, "gro", "on", "tx", "off", "tso", "off"],
-            )?;
+            lab.wire(host, hif, rif, net)?;
         }
         Ok(lab)
+    }
+
+    /// One link between the router and `host`: `hif` in the host
+    /// (10.0.`net`.2/24, fd00:`net`::2/64, default route through the
+    /// router), `rif` in the router (10.0.`net`.1/24, fd00:`net`::1/64).
+    pub fn wire(&self, host: &Netns, hif: &str, rif: &str, net: u8) -> Result<()> {
+        // One queue each way: a veth hands a frame to the peer's native
+        // XDP only if the TX queue it left on is one of the peer's real
+        // RX queues (veth_xmit), which one queue on both ends ensures.
+        #[rustfmt::skip]
+        sh("ip", &[
+            "link", "add", hif, "netns", &host.name, "numtxqueues", "1", "numrxqueues", "1",
+            "type", "veth",
+            "peer", "name", rif, "netns", &self.router.name, "numtxqueues", "1", "numrxqueues", "1",
+        ])?;
+        host.ip(&["addr", "add", &format!("10.0.{net}.2/24"), "dev", hif])?;
+        host.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{net}::2/64"),
+            "dev",
+            hif,
+            "nodad",
+        ])?;
+        self.router
+            .ip(&["addr", "add", &format!("10.0.{net}.1/24"), "dev", rif])?;
+        self.router.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:{net}::1/64"),
+            "dev",
+            rif,
+            "nodad",
+        ])?;
+        host.ip(&["link", "set", hif, "up"])?;
+        self.router.ip(&["link", "set", rif, "up"])?;
+        host.ip(&["route", "add", "default", "via", &format!("10.0.{net}.1")])?;
+        host.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:{net}::1"),
+        ])?;
+        // A veth receiving XDP-redirected frames drops them unless its
+        // peer runs NAPI (XDP attached or GRO on). The sender must put
+        // real checksums in its frames: with TX checksum offload a veth
+        // hands over CHECKSUM_PARTIAL packets whose L4 checksum is only
+        // the pseudo-header sum, which XDP forwards as it is. And a veth
+        // with any TSO feature on hands the peer some skbs outside its
+        // NAPI, and so outside native XDP (veth_skb_is_eligible_for_gro);
+        // 6.18's tx-tcp-accecn-segmentation survives `tx off`.
+        host.run(
+            "ethtool",
+            &["-K", hif, "gro", "on", "tx", "off", "tso", "off"],
+        )?;
+        Ok(())
     }
 
     /// A cache-node namespace on its own link from the router: router side

@@ -529,6 +529,64 @@ fn detach_from_another_process_stops_the_daemon_and_unpins() {
     assert!(status.success(), "{status}");
 }
 
+/// An attached interface deleted and made again under its name (a bond or
+/// VLAN the network configuration re-creates): the running daemon says the
+/// program is not on it, and a restart attaches to it. The pinned link to
+/// the old interface is severed; swapping the program on it failed, and
+/// the restart with it, before.
+#[test]
+fn a_restart_attaches_to_an_interface_made_again_under_its_name() {
+    let (lab, mut fwd) = routed_lab(&[]);
+    lab.router.ip(&["link", "del", "r1"]).unwrap();
+    lab.wire(&lab.c, "c0", "r1", 2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fwd
+        .log()
+        .contains("interface r1, which the program was attached to, was re-created")
+    {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!lab.router.has_xdp("r1").unwrap());
+
+    assert!(fwd.stop().unwrap().success());
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert!(
+        fwd.log()
+            .contains("r1: the pinned link's interface is gone (deleted, or re-created under this name): attaching the program afresh"),
+        "{}",
+        fwd.log()
+    );
+    assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    // Forwarded through it by the program again, once the gateway's MAC
+    // (gone with the old interface) is back.
+    neighbour_c_v4(&lab);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fwd
+        .cli_ok(&["route", "list"])
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("10.0.2.0/24") && !l.contains(" - "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}\n{}",
+            fwd.cli_ok(&["route", "list"]).unwrap(),
+            fwd.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    let before = fwd.counter("forwarded").unwrap();
+    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "again", 5).unwrap();
+    assert_eq!(receive(&sink, 5, Duration::from_secs(3)).len(), 5);
+    assert!(
+        fwd.counter("forwarded").unwrap() >= before + 5,
+        "{}",
+        fwd.log()
+    );
+}
+
 /// A pin named as a link that holds something else (here one of the
 /// instance's own maps, pinned a second time) stops nothing: `detach`
 /// detaches every interface and removes every pin, the stray one too. It
