@@ -42,15 +42,15 @@ fn raw_request(socket: &Path, line: Vec<u8>) -> String {
 
 /// UDP's RcvbufErrors in a /proc/net/snmp: datagrams for a socket whose
 /// receive buffer was full.
-fn udp_rcvbuf_errors(snmp: &str) -> u64 {
+fn udp_counter(snmp: &str, name: &str) -> u64 {
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
     let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
         panic!("no Udp lines in /proc/net/snmp:\n{snmp}");
     };
     let at = names
         .split_whitespace()
-        .position(|n| n == "RcvbufErrors")
-        .expect("RcvbufErrors in the Udp line");
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("{name} in the Udp line"));
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
 }
 
@@ -151,9 +151,19 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     // had no room for (its reader starved of CPU by the rest of a parallel
     // run): the kernel counts each, so they are accounted for, not lost.
     let snmp = lab.c.run("cat", &["/proc/net/snmp"]).unwrap();
-    let no_room = udp_rcvbuf_errors(&snmp);
+    let no_room = udp_counter(&snmp, "RcvbufErrors");
+    // And datagrams the sender's own veth refused (its UDP SndbufErrors,
+    // a0's TX drops): r0's receive ring was full, the sender having caught
+    // up in a burst after being starved of CPU on these two vCPUs while the
+    // router's NAPI waited its turn. They never reached the forwarder,
+    // which must have forwarded every one that did (below). The one such
+    // failure seen with the counts printed: 2 of 530,140 lost, the
+    // sender's SndbufErrors 2, a0's TX drops 2, the program's forwarded
+    // count 530,138.
+    let sender_snmp = lab.a.run("cat", &["/proc/net/snmp"]).unwrap();
+    let refused = udp_counter(&sender_snmp, "SndbufErrors");
     eprintln!(
-        "{sent} datagrams sent, {arrived} arrived, {twice} twice, {no_room} found the sink's socket full"
+        "{sent} datagrams sent, {arrived} arrived, {twice} twice, {no_room} found the sink's socket full, {refused} refused by the sender's veth"
     );
     assert!(sent > 50_000, "the stream ran for {sent} datagrams only");
     // On a loss, where it happened: the program's outcomes and the
@@ -162,12 +172,12 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     // the kernel's own counts on the way: the sender's veth, r0, the
     // router's IP stack (a moment without XDP), the sink's veth and stack.
     assert_eq!(
-        (arrived + no_room, twice),
+        (arrived + no_room + refused, twice),
         (sent, 0),
         "{} of {sent} datagrams lost\n{}\nthe sender's IP and UDP counters (SndbufErrors: its veth refused a datagram, r0's receive ring full):\n{}\na0 (the sender's veth): {}\nr0: {}\nthe router's IP counters (a packet XDP missed, forwarding off, is an InAddrErrors):\n{}\nc0 (the sink's veth): {}\nthe sink's IP and UDP counters (RcvbufErrors: its socket was full):\n{}\n{}",
-        sent - arrived - no_room,
+        sent - arrived - no_room - refused,
         fwd.cli_ok(&["stats"]).unwrap_or_default(),
-        lab.a.run("cat", &["/proc/net/snmp"]).unwrap_or_default(),
+        sender_snmp,
         lab.a
             .ip(&["-s", "-s", "link", "show", "a0"])
             .unwrap_or_default(),
@@ -183,8 +193,9 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
         snmp,
         fwd.log()
     );
-    // The adopted counters carried on: the data plane counted them all.
-    assert!(fwd.counter("forwarded").unwrap() >= sent);
+    // The adopted counters carried on: the data plane forwarded every
+    // datagram that reached it.
+    assert!(fwd.counter("forwarded").unwrap() >= sent - refused);
     assert_eq!(fwd.counter("pass_no_neighbour").unwrap(), 0);
     // The churned routes are gone; the configured ones and the connected
     // subnets (through r0 and r1, or the kernel's for lo's) are left.
