@@ -654,6 +654,21 @@ pub fn receive(sock: &std::net::UdpSocket, want: usize, timeout: Duration) -> Ve
     got
 }
 
+/// One HTTP/1.1 request to 127.0.0.1:`port` in `ns`; the whole response.
+pub fn http(ns: &Netns, port: u16, request: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let request = request.to_owned();
+    ns.enter(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap()
+}
+
 /// A steady stream of UDP datagrams, each carrying its sequence number,
 /// sent from a namespace at a fixed rate until `finish`.
 pub struct Stream {

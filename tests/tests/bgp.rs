@@ -278,18 +278,11 @@ fn bgp_routes_are_forwarded_by_xdp_with_ecmp_withdrawals_and_peers_going_down() 
 /// How many times the daemon has read its mirrored table whole (its
 /// metrics, served in its namespace).
 fn whole_reads(ns: &tests::Netns) -> u64 {
-    let body = ns
-        .enter(|| {
-            use std::io::{Read as _, Write as _};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", 9464)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).unwrap();
-            out
-        })
-        .unwrap();
+    let body = tests::http(
+        ns,
+        9464,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     body.lines()
         .find_map(|l| l.strip_prefix("pop_forwarder_route_syncs_total{kind=\"whole\"} "))
         .unwrap_or_else(|| panic!("no whole-read count in {body}"))

@@ -3,26 +3,9 @@
 //! parser), `stats --watch`, systemd's notification protocol, the unit
 //! file and shell completions.
 
-use std::{
-    io::{Read as _, Write as _},
-    time::Duration,
-};
+use std::{io::Write as _, time::Duration};
 
-use tests::{Forwarder, Lab, ROUTE_TO_C, neighbour_c_v4, receive, send_udp, udp_socket};
-
-/// One HTTP/1.1 request to 127.0.0.1:`port` in `ns`; the whole response.
-fn http(ns: &tests::Netns, port: u16, request: &str) -> String {
-    let request = request.to_owned();
-    ns.enter(move || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    })
-    .unwrap()
-}
+use tests::{Forwarder, Lab, ROUTE_TO_C, http, neighbour_c_v4, receive, send_udp, udp_socket};
 
 /// The samples of a text exposition, as the Prometheus Python client's
 /// parser (Debian's python3-prometheus-client) reads them: (family type,
