@@ -332,6 +332,10 @@ struct Running {
     /// since (the program went with the old interface), as last logged.
     attached_names: Vec<(String, u32)>,
     lost_interfaces: std::collections::BTreeMap<String, String>,
+    /// The name of every interface here at the last refresh, and of those
+    /// gone since that next hops still go through: where an interface made
+    /// again under its name takes them (`follow_recreated_interfaces`).
+    link_names: HashMap<u32, String>,
     /// The connected-subnet routes last applied (static routes to the same
     /// prefixes win and are not among them).
     connected: Vec<(Prefix, NextHop)>,
@@ -654,6 +658,11 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                     count_error(&mut running, "refresh");
                     warn!("refreshing interfaces and neighbours: {e:#}");
                     running.refresh_failed = true;
+                }
+                // An interface the program was attached to again: the
+                // mirrored routes through it were the kernel's until now.
+                if running.reread_routes {
+                    route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
                 }
             }
             _ = tick.tick() => {
@@ -1093,6 +1102,7 @@ fn start(
             .map(|a| (a.name.clone(), a.ifindex))
             .collect(),
         lost_interfaces: Default::default(),
+        link_names: links.iter().map(|l| (l.ifindex, l.name.clone())).collect(),
         connected,
         neighbours_left_out: 0,
         vlans_left_out: 0,
@@ -1770,8 +1780,9 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
 /// many of those (gateways and cache nodes) are still unresolved.
 fn refresh(running: &mut Running) -> Result<usize> {
     let links = kernel::links()?;
-    warn_of_lost_interfaces(running, &links);
     let neighbours = kernel::neighbours(&links)?;
+    follow_recreated_interfaces(running, &links, &neighbours)?;
+    warn_of_lost_interfaces(running, &links);
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }
@@ -1866,17 +1877,144 @@ fn mirror_neighbours(
     Ok(tables.sync_neighbours(&hosts)?.2)
 }
 
+/// Follows interfaces deleted and made again under their names (a bond or
+/// VLAN the network configuration re-creates): the program goes with the
+/// old interface, and is attached here to the new one, its pinned link
+/// replaced; next hops through any interface that is gone move to the one
+/// now under its name, if the program can send there. What fails is
+/// logged, and said again by `warn_of_lost_interfaces`.
+fn follow_recreated_interfaces(
+    running: &mut Running,
+    links: &[kernel::Link],
+    neighbours: &[kernel::Neighbour],
+) -> Result<()> {
+    let here = |ifindex: u32| links.iter().any(|l| l.ifindex == ifindex);
+    let recreated: Vec<(String, u32, &kernel::Link)> = running
+        .attached_names
+        .iter()
+        .filter(|(_, old)| !here(*old))
+        .filter_map(|(name, old)| {
+            let link = links.iter().find(|l| &l.name == name)?;
+            Some((name.clone(), *old, link))
+        })
+        .collect();
+    for (name, old, link) in recreated {
+        match reattach(running, &name, link) {
+            Ok(()) => {
+                info!(
+                    "interface {name} was re-created (ifindex {old}, now {}): the program is attached to it again",
+                    link.ifindex
+                );
+                running.attached.retain(|i| *i != old);
+                running.attached.push(link.ifindex);
+                for entry in &mut running.attached_names {
+                    if entry.0 == name {
+                        entry.1 = link.ifindex;
+                    }
+                }
+                // Mirrored routes through it went to the kernel while the
+                // program was not on it.
+                if running.route_source == RouteSource::Kernel {
+                    running.reread_routes = true;
+                }
+            }
+            Err(e) => warn!(
+                "interface {name} was re-created (ifindex {old}, now {}); attaching the program to it failed: {e:#}",
+                link.ifindex
+            ),
+        }
+    }
+    let moved: Vec<(u32, &kernel::Link)> = running
+        .link_names
+        .iter()
+        .filter(|(ifindex, _)| !here(**ifindex))
+        .filter_map(|(ifindex, name)| {
+            links
+                .iter()
+                .find(|l| &l.name == name && running.attached.contains(&l.tx_ifindex()))
+                .map(|l| (*ifindex, l))
+        })
+        .collect();
+    if !moved.is_empty() {
+        let (lines, _) = transaction(running, |running| {
+            running.tables.move_next_hops(&moved, neighbours)
+        })?;
+        for line in lines {
+            info!("{line}");
+        }
+    }
+    // Names of interfaces gone are kept while next hops go through them.
+    let in_use: std::collections::HashSet<u32> = running
+        .tables
+        .next_hop_slots()?
+        .iter()
+        .filter(|nh| nh.is_in_use())
+        .map(|nh| nh.ifindex)
+        .collect();
+    running
+        .link_names
+        .retain(|ifindex, _| in_use.contains(ifindex) && !here(*ifindex));
+    running
+        .link_names
+        .extend(links.iter().map(|l| (l.ifindex, l.name.clone())));
+    Ok(())
+}
+
+/// Attaches the program to `link`, the interface now under `name`, in the
+/// mode the instance attached it in, and pins the new link where the old
+/// one's pin was (that link severed: its interface is gone).
+fn reattach(running: &mut Running, name: &str, link: &kernel::Link) -> Result<()> {
+    let mut state = running
+        .instance
+        .read_state()
+        .context("the instance's state file is gone")?;
+    let entry = state
+        .interfaces
+        .iter_mut()
+        .find(|i| i.name == name)
+        .context("the state file does not name it")?;
+    let mac = link.mac.context("it has no Ethernet address")?;
+    if link.xdp_attached {
+        bail!("it has an XDP program already (not this instance's)");
+    }
+    // The tables first: the program sends nothing there before it is on
+    // the interface.
+    transaction(running, |running| {
+        running.tables.add_egress(link.ifindex)?;
+        running.tables.set_interface_mac(link.ifindex, mac)?;
+        Ok(())
+    })?;
+    let mode = match entry.mode {
+        XdpMode::Native => aya::programs::XdpMode::Driver,
+        XdpMode::Skb => aya::programs::XdpMode::Skb,
+    };
+    let program = xdp_program(&mut running.ebpf)?;
+    let id = program
+        .attach(name, mode)
+        .with_context(|| format!("attaching XDP in {} mode", entry.mode))?;
+    let fd_link =
+        FdLink::try_from(program.take_link(id)?).context("XDP attachment is not a bpf_link")?;
+    let path = running.instance.link_pin(name);
+    if path.exists() {
+        instance::remove_link_pin(&path)?;
+    }
+    fd_link
+        .pin(&path)
+        .with_context(|| format!("pinning link at {}", path.display()))?;
+    entry.ifindex = link.ifindex;
+    running.instance.write_state(&state)
+}
+
 /// Says so, once, when an interface the program was attached to is gone,
-/// or is there again as a new interface of the same name (a bond or VLAN
-/// re-created by the network configuration): the program went with the
-/// old one, and the new one's packets go through the kernel. The daemon
-/// does not attach to it by itself; a restart does.
+/// or is there again as a new interface of the same name that the program
+/// could not be attached to (`follow_recreated_interfaces`): the new one's
+/// packets go through the kernel until a restart attaches to it.
 fn warn_of_lost_interfaces(running: &mut Running, links: &[kernel::Link]) {
     for (name, ifindex) in &running.attached_names {
         let lost = match links.iter().find(|l| &l.name == name) {
             None => Some("is gone".to_owned()),
             Some(l) if l.ifindex != *ifindex => Some(format!(
-                "was re-created (ifindex {ifindex}, now {}): the program is not attached to it and its packets go through the kernel; restart the daemon (stop it and `run` again: the data plane goes on meanwhile) to attach it",
+                "was re-created (ifindex {ifindex}, now {}) and the program could not be attached to it: its packets go through the kernel; restart the daemon (stop it and `run` again: the data plane goes on meanwhile) to attach it",
                 l.ifindex
             )),
             Some(_) => None,

@@ -6,6 +6,7 @@
 //! otherwise, so a datagram that arrives was forwarded by XDP.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -529,27 +530,178 @@ fn detach_from_another_process_stops_the_daemon_and_unpins() {
     assert!(status.success(), "{status}");
 }
 
+/// The routes `route list --json` shows, by prefix: (dev, MAC).
+fn route_devs(fwd: &Forwarder) -> HashMap<String, (String, Option<String>)> {
+    let list: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["prefix"].as_str().unwrap().to_owned(),
+                (
+                    r["dev"].as_str().unwrap().to_owned(),
+                    r["mac"].as_str().map(str::to_owned),
+                ),
+            )
+        })
+        .collect()
+}
+
 /// An attached interface deleted and made again under its name (a bond or
-/// VLAN the network configuration re-creates): the running daemon says the
-/// program is not on it, and a restart attaches to it. The pinned link to
-/// the old interface is severed; swapping the program on it failed, and
-/// the restart with it, before.
+/// VLAN the network configuration re-creates): the running daemon attaches
+/// the program to the new one (the old link went with the old interface)
+/// and moves the next hops through the old one there: the config's route,
+/// and one added with the CLI, whose static MAC stays. Before, the daemon
+/// only warned, and until a restart the interface's packets went through
+/// the kernel and the routes through it nowhere.
 #[test]
-fn a_restart_attaches_to_an_interface_made_again_under_its_name() {
+fn a_running_daemon_attaches_to_an_interface_made_again_under_its_name() {
     let (lab, mut fwd) = routed_lab(&[]);
+    fwd.cli_ok(&[
+        "route",
+        "add",
+        "10.0.9.0/24",
+        "--via",
+        "10.0.2.3",
+        "--dev",
+        "r1",
+        "--mac",
+        "02:00:00:00:09:09",
+    ])
+    .unwrap();
     lab.router.ip(&["link", "del", "r1"]).unwrap();
     lab.wire(&lab.c, "c0", "r1", 2).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !fwd
-        .log()
-        .contains("interface r1, which the program was attached to, was re-created")
-    {
+    while !fwd.log().contains("the program is attached to it again") {
         assert!(Instant::now() < deadline, "{}", fwd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!lab.router.has_xdp("r1").unwrap());
-
+    assert!(
+        fwd.log().contains("interface r1 was re-created (ifindex "),
+        "{}",
+        fwd.log()
+    );
+    assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    let status: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert!(
+        status["interfaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["xdp_attached"] == true),
+        "{status}"
+    );
+    // Both next hops on the new r1, the static MAC kept; the gateway's
+    // learned MAC (gone with the old interface) back once it is resolved.
+    neighbour_c_v4(&lab);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let routes = route_devs(&fwd);
+        let c_mac = mac_str(lab.c.mac("c0").unwrap());
+        if routes["10.0.2.0/24"] == ("r1".to_owned(), Some(c_mac))
+            && routes["10.0.9.0/24"] == ("r1".to_owned(), Some("02:00:00:00:09:09".to_owned()))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{routes:?}\n{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    let before = fwd.counter("forwarded").unwrap();
+    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "again", 5).unwrap();
+    assert_eq!(receive(&sink, 5, Duration::from_secs(3)).len(), 5);
+    assert!(
+        fwd.counter("forwarded").unwrap() >= before + 5,
+        "{}",
+        fwd.log()
+    );
+    // A restart adopts it all as it is now.
     assert!(fwd.stop().unwrap().success());
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert!(
+        fwd.log().contains("r1: program") && fwd.log().contains("swapped in on the pinned link"),
+        "{}",
+        fwd.log()
+    );
+    assert!(lab.router.has_xdp("r1").unwrap());
+}
+
+/// The same with routes mirrored from the kernel: the kernel takes the
+/// routes through the old interface with it, and the network
+/// configuration adds them again through the new one, maybe before the
+/// program is on it (then they were handed to the kernel): once it is,
+/// the table is read again and they are the program's.
+#[test]
+fn a_mirrored_route_through_an_interface_made_again_is_forwarded_again() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", ""));
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    let add = || {
+        lab.router
+            .ip(&[
+                "route",
+                "add",
+                "10.0.8.0/24",
+                "via",
+                "10.0.2.2",
+                "dev",
+                "r1",
+            ])
+            .unwrap()
+    };
+    let wait_for = |want: (&str, &str)| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let list: serde_json::Value =
+                serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+            let found = list.as_array().unwrap().iter().find_map(|r| {
+                (r["prefix"] == "10.0.8.0/24").then(|| {
+                    (
+                        r["via"].as_str().unwrap().to_owned(),
+                        r["dev"].as_str().unwrap().to_owned(),
+                    )
+                })
+            });
+            if found.as_ref().map(|(v, d)| (v.as_str(), d.as_str())) == Some(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{found:?}\n{}", fwd.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    add();
+    wait_for(("10.0.2.2", "r1"));
+    lab.router.ip(&["link", "del", "r1"]).unwrap();
+    lab.wire(&lab.c, "c0", "r1", 2).unwrap();
+    add();
+    neighbour_c_v4(&lab);
+    wait_for(("10.0.2.2", "r1"));
+    assert!(lab.router.has_xdp("r1").unwrap(), "{}", fwd.log());
+    // Forwarded by the program (c's kernel has no such address and drops
+    // them: the router's count is the check).
+    let before = fwd.counter("forwarded").unwrap();
+    send_udp(&lab.a, "10.0.8.9:9999".parse().unwrap(), 64, "again", 5).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while fwd.counter("forwarded").unwrap() < before + 5 {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The same while the daemon is stopped: the pinned link to the old
+/// interface is severed, and the restart attaches afresh. Swapping the
+/// program on that link failed, and the restart with it, before.
+#[test]
+fn a_restart_attaches_to_an_interface_made_again_under_its_name() {
+    let (lab, mut fwd) = routed_lab(&[]);
+    assert!(fwd.stop().unwrap().success());
+    lab.router.ip(&["link", "del", "r1"]).unwrap();
+    lab.wire(&lab.c, "c0", "r1", 2).unwrap();
+    assert!(!lab.router.has_xdp("r1").unwrap());
     fwd.run_again(&lab.router, &[]).unwrap();
     assert!(
         fwd.log()
@@ -562,18 +714,8 @@ fn a_restart_attaches_to_an_interface_made_again_under_its_name() {
     // (gone with the old interface) is back.
     neighbour_c_v4(&lab);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !fwd
-        .cli_ok(&["route", "list"])
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("10.0.2.0/24") && !l.contains(" - "))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}\n{}",
-            fwd.cli_ok(&["route", "list"]).unwrap(),
-            fwd.log()
-        );
+    while route_devs(&fwd)["10.0.2.0/24"].1.is_none() {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();

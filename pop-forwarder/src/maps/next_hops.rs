@@ -491,6 +491,62 @@ impl Tables {
         Ok(changes)
     }
 
+    /// Moves the gateway next hops on interfaces that are gone to the
+    /// interface now under the same name (`moved`: the gone ifindex, and
+    /// that interface): a bond, VLAN or subinterface the network
+    /// configuration deleted and made again. A next hop keeps its gateway,
+    /// and its MAC if the route gave one; egress, MTU and source MAC come
+    /// from the new interface, the gateway's MAC from its neighbour table.
+    /// One write a next hop: every route and ECMP group through it follows
+    /// at once. Connected subnets are not moved here: their routes follow
+    /// the interfaces' addresses. A next hop whose gateway the new
+    /// interface already has one for stays (logged). Returns a line per
+    /// next hop, for the log.
+    pub fn move_next_hops(
+        &mut self,
+        moved: &[(u32, &Link)],
+        neighbours: &[Neighbour],
+    ) -> Result<Vec<String>> {
+        let mut lines = Vec::new();
+        let slots = self.next_hop_slots()?;
+        let keys: HashSet<GatewayKey> = slots
+            .iter()
+            .filter(|nh| nh.is_in_use())
+            .map(gateway_key)
+            .collect();
+        for (id, nh) in slots.iter().enumerate() {
+            if !nh.is_in_use() || nh.flags & NH_F_CONNECTED != 0 {
+                continue;
+            }
+            let Some((_, link)) = moved.iter().find(|(old, _)| *old == nh.ifindex) else {
+                continue;
+            };
+            let Some(src_mac) = link.mac else {
+                continue;
+            };
+            let gateway = gateway_addr(nh);
+            let mut next = gateway_next_hop(gateway, link, src_mac, neighbours);
+            if nh.flags & NH_F_MAC_STATIC != 0 {
+                next.dst_mac = nh.dst_mac;
+                next.flags |= NH_F_MAC_VALID | NH_F_MAC_STATIC;
+            }
+            if keys.contains(&gateway_key(&next)) {
+                lines.push(format!(
+                    "next hop {id} ({gateway} on the old {}) stays: {} has a next hop through {gateway} already; reload to move its routes",
+                    link.name, link.name
+                ));
+                continue;
+            }
+            self.add_egress(next.tx_ifindex)?;
+            self.write_next_hop(id as u32, &next)?;
+            lines.push(format!(
+                "next hop {id} ({gateway}) moved to {} (ifindex {} was {})",
+                link.name, link.ifindex, nh.ifindex
+            ));
+        }
+        Ok(lines)
+    }
+
     /// Gateways (and their interface index) of next hops that still wait for
     /// a MAC from the neighbour table.
     pub fn unresolved_gateways(&self) -> Result<Vec<(IpAddr, u32)>> {
