@@ -175,6 +175,8 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
         &neighbours,
         &running.attached,
     );
+    let kernel_count = routes.len();
+    drop(routes);
     let ((added, changed, deleted), writes) = transaction(running, |running| {
         let done = running.tables.apply_routes(&wanted.routes)?;
         // Next hops and groups left unused by notifications applied one
@@ -193,12 +195,12 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
         info!(
             "kernel table {}: {added} routes added, {changed} changed, {deleted} deleted ({} routes, {writes} table writes, {} ms)",
             running.kernel_table,
-            routes.len(),
+            kernel_count,
             started.elapsed().as_millis()
         );
     }
     // A whole re-read's copies of the table go now, not at the next one.
-    drop((routes, wanted.routes, wanted.to_kernel));
+    drop((wanted.routes, wanted.to_kernel));
     release_freed_memory();
     Ok(())
 }
@@ -251,7 +253,7 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
             }
             let want = match table.best(&prefix) {
                 Some(route) => Some(
-                    match mirror::want_of(route, &links, &neighbours, &running.attached) {
+                    match mirror::want_of(&route, &links, &neighbours, &running.attached) {
                         Ok(want) => want,
                         Err(why) => {
                             to_kernel.push((prefix, why));
@@ -997,6 +999,9 @@ fn start(
         &neighbours,
         &attached,
     );
+    // Each kernel route's copy goes now: the rest of the start holds the
+    // table, what is wanted of it, and the tables' own copy at once.
+    drop(kernel_routes);
     let (routes, connected) = (&wanted.routes, wanted.connected.clone());
     instance::ensure_bpffs()?;
     let adopting = instance.prepare_pin_dir()?;

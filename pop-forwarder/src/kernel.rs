@@ -370,7 +370,7 @@ impl SubnetView {
 
 /// One path of a kernel route: a gateway on an interface, with its weight
 /// (RTNH hops + 1; 1 for a single-path route).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Path {
     pub gateway: IpAddr,
     pub ifindex: u32,
@@ -380,8 +380,9 @@ pub struct Path {
 /// What a kernel route does, as far as the forwarder can follow it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelKind {
-    /// Through one gateway, or several (ECMP).
-    Via(Vec<Path>),
+    /// Through one gateway, or several (ECMP). Shared: a table's routes go
+    /// through a few sets of paths, each held once (`KernelTable`).
+    Via(std::sync::Arc<[Path]>),
     /// Straight to the destination on an interface: a connected subnet
     /// (scope link, no gateway).
     Direct(u32),
@@ -408,9 +409,42 @@ pub fn routes(table: u32) -> Result<Vec<KernelRoute>> {
 
 /// A mirrored kernel routing table: every route, each prefix's routes by
 /// metric, kept current by `RouteEvent`s between dumps.
+///
+/// Held compactly, for a full table is a million prefixes: a prefix's one
+/// route (most have one) sits in its map entry, not behind an allocation
+/// of its own, without the prefix again; and the sets of paths routes go
+/// through, a few for a million routes, are each held once, routes sharing
+/// them (`paths`).
 #[derive(Debug, Default)]
 pub struct KernelTable {
-    routes: crate::net::PrefixMap<Vec<KernelRoute>>,
+    routes: crate::net::PrefixMap<Routes>,
+    paths: std::collections::HashSet<std::sync::Arc<[Path]>, foldhash::fast::RandomState>,
+}
+
+/// One route of a prefix, as `KernelTable` holds it.
+#[derive(Debug, Clone)]
+struct Held {
+    priority: u32,
+    kind: KernelKind,
+}
+
+/// A prefix's routes: one, or several (of different metrics).
+#[derive(Debug)]
+enum Routes {
+    One(Held),
+    Many(Vec<Held>),
+}
+
+// A map entry of a full table's million: the prefix and its one route.
+const _: () = assert!(std::mem::size_of::<(Prefix, Routes)>() == 56);
+
+impl Routes {
+    fn as_slice(&self) -> &[Held] {
+        match self {
+            Routes::One(h) => std::slice::from_ref(h),
+            Routes::Many(v) => v,
+        }
+    }
 }
 
 /// A route notification of the mirrored table.
@@ -460,14 +494,24 @@ impl KernelTable {
     }
 
     /// The route the kernel uses for `prefix`: its lowest metric.
-    pub fn best(&self, prefix: &Prefix) -> Option<&KernelRoute> {
-        self.routes.get(prefix)?.iter().min_by_key(|r| r.priority)
+    pub fn best(&self, prefix: &Prefix) -> Option<KernelRoute> {
+        let held = self
+            .routes
+            .get(prefix)?
+            .as_slice()
+            .iter()
+            .min_by_key(|r| r.priority)?;
+        Some(KernelRoute {
+            prefix: *prefix,
+            priority: held.priority,
+            kind: held.kind.clone(),
+        })
     }
 
     /// Each prefix's route the kernel uses.
     pub fn bests(&self) -> Vec<KernelRoute> {
         let mut out = Vec::with_capacity(self.routes.len());
-        out.extend(self.routes.keys().filter_map(|p| self.best(p).cloned()));
+        out.extend(self.routes.keys().filter_map(|p| self.best(p)));
         out
     }
 
@@ -490,27 +534,80 @@ impl KernelTable {
         event.route.prefix
     }
 
+    /// `kind` with its paths the table's own copy of them (made if new).
+    fn shared(&mut self, kind: KernelKind) -> KernelKind {
+        match kind {
+            KernelKind::Via(paths) => KernelKind::Via(match self.paths.get(&*paths) {
+                Some(have) => have.clone(),
+                None => {
+                    self.paths.insert(paths.clone());
+                    paths
+                }
+            }),
+            other => other,
+        }
+    }
+
+    /// Lets go of `kind`'s paths: the table's copy goes with the last
+    /// route through them.
+    fn release(&mut self, kind: KernelKind) {
+        if let KernelKind::Via(paths) = kind
+            && std::sync::Arc::strong_count(&paths) == 2
+        {
+            self.paths.remove(&*paths);
+        }
+    }
+
     /// A route added (or replacing the one of its metric); with `append`,
     /// its paths join those of the route of its metric.
     fn add(&mut self, route: KernelRoute, append: bool) {
-        // Most prefixes have one route: a vector grown from empty would
-        // take room for four (224 bytes a prefix, 168 MB more at 1M).
-        let routes = self
-            .routes
-            .entry(route.prefix)
-            .or_insert_with(|| Vec::with_capacity(1));
-        match routes.iter_mut().find(|r| r.priority == route.priority) {
-            Some(have) => match (&mut have.kind, route.kind) {
-                (KernelKind::Via(paths), KernelKind::Via(more)) if append => {
-                    for path in more {
-                        if !paths.contains(&path) {
-                            paths.push(path);
-                        }
+        let mut kind = route.kind;
+        let have = self.routes.get(&route.prefix).and_then(|r| {
+            r.as_slice()
+                .iter()
+                .find(|h| h.priority == route.priority)
+                .map(|h| h.kind.clone())
+        });
+        if let (Some(KernelKind::Via(paths)), KernelKind::Via(more)) = (&have, &kind)
+            && append
+        {
+            let mut joined = paths.to_vec();
+            for path in more.iter() {
+                if !joined.contains(path) {
+                    joined.push(*path);
+                }
+            }
+            kind = KernelKind::Via(joined.into());
+        }
+        let held = Held {
+            priority: route.priority,
+            kind: self.shared(kind),
+        };
+        let replaced = match self.routes.get_mut(&route.prefix) {
+            None => {
+                self.routes.insert(route.prefix, Routes::One(held));
+                None
+            }
+            Some(routes) => {
+                let slot = match routes {
+                    Routes::One(h) => Some(h).filter(|h| h.priority == held.priority),
+                    Routes::Many(v) => v.iter_mut().find(|h| h.priority == held.priority),
+                };
+                match slot {
+                    Some(slot) => Some(std::mem::replace(slot, held).kind),
+                    None => {
+                        let mut all = Vec::with_capacity(routes.as_slice().len() + 1);
+                        all.extend_from_slice(routes.as_slice());
+                        all.push(held);
+                        *routes = Routes::Many(all);
+                        None
                     }
                 }
-                (kind, new) => *kind = new,
-            },
-            None => routes.push(route),
+            }
+        };
+        drop(have);
+        if let Some(old) = replaced {
+            self.release(old);
         }
     }
 
@@ -518,28 +615,55 @@ impl KernelTable {
     /// (IPv6 deletes one next hop of a multipath route that way), which goes
     /// when none is left; a route without paths goes whole.
     fn remove(&mut self, route: &KernelRoute) {
-        let Some(routes) = self.routes.get_mut(&route.prefix) else {
+        let Some(routes) = self.routes.get(&route.prefix) else {
             return;
         };
-        if let Some(at) = routes.iter().position(|r| r.priority == route.priority) {
-            let empty = match (&mut routes[at].kind, &route.kind) {
-                (KernelKind::Via(paths), KernelKind::Via(gone)) => {
-                    paths.retain(|p| {
+        let Some(at) = routes
+            .as_slice()
+            .iter()
+            .position(|r| r.priority == route.priority)
+        else {
+            return;
+        };
+        let mut all = routes.as_slice().to_vec();
+        let old = all[at].kind.clone();
+        let left: Option<KernelKind> = match (&old, &route.kind) {
+            (KernelKind::Via(paths), KernelKind::Via(gone)) => {
+                let left: Vec<Path> = paths
+                    .iter()
+                    .filter(|p| {
                         !gone
                             .iter()
                             .any(|g| g.gateway == p.gateway && g.ifindex == p.ifindex)
-                    });
-                    paths.is_empty()
-                }
-                _ => true,
-            };
-            if empty {
-                routes.remove(at);
+                    })
+                    .copied()
+                    .collect();
+                (!left.is_empty()).then(|| KernelKind::Via(left.into()))
+            }
+            _ => None,
+        };
+        match left {
+            Some(kind) => all[at].kind = self.shared(kind),
+            None => {
+                all.remove(at);
             }
         }
-        if routes.is_empty() {
-            self.routes.remove(&route.prefix);
+        match all.len() {
+            0 => {
+                self.routes.remove(&route.prefix);
+            }
+            1 => {
+                let one = all.pop().expect("one");
+                self.routes.insert(route.prefix, Routes::One(one));
+            }
+            _ => {
+                all.shrink_to_fit();
+                self.routes.insert(route.prefix, Routes::Many(all));
+            }
         }
+        // The entry's old copy is gone: the old paths' last holder may be
+        // `old` now.
+        self.release(old);
     }
 }
 
@@ -635,16 +759,19 @@ pub fn route_of(m: &RouteMessage, table: u32) -> Option<KernelRoute> {
                 "a multipath route with a next hop that has no gateway of its family",
             )
         } else {
-            KernelKind::Via(paths)
+            KernelKind::Via(paths.into())
         }
     } else {
         match (gateway, oif) {
             (Some(gateway), Some(ifindex)) if gateway.is_ipv4() == prefix.addr.is_ipv4() => {
-                KernelKind::Via(vec![Path {
-                    gateway,
-                    ifindex,
-                    weight: 1,
-                }])
+                KernelKind::Via(
+                    [Path {
+                        gateway,
+                        ifindex,
+                        weight: 1,
+                    }]
+                    .into(),
+                )
             }
             (None, Some(ifindex)) => KernelKind::Direct(ifindex),
             _ => KernelKind::Kernel("no interface"),
@@ -813,6 +940,61 @@ mod tests {
         t.apply(&event(true, false, 1024, &[("fe80::5", 2)]));
         assert_eq!(paths(&t), None);
         assert!(t.is_empty());
+    }
+
+    /// Routes through the same paths share one copy of them, which goes
+    /// with the last route through it; the table holds no copy of paths
+    /// no route goes through, after replaces, appends and deletes.
+    #[test]
+    fn routes_share_their_paths_and_the_last_one_out_lets_them_go() {
+        let mut t = KernelTable::default();
+        let add = |t: &mut KernelTable, prefix: &str, priority, paths: &[(&str, u32)]| {
+            t.apply(&RouteEvent {
+                deleted: false,
+                append: false,
+                route: via_route(prefix, priority, paths),
+            });
+        };
+        let ecmp = [("10.0.0.1", 2), ("10.0.0.2", 3)];
+        for i in 0..100 {
+            add(&mut t, &format!("10.1.{i}.0/24"), 0, &ecmp);
+        }
+        add(&mut t, "10.2.0.0/16", 0, &[("10.0.0.1", 2)]);
+        assert_eq!((t.len(), t.paths.len()), (101, 2));
+        let best = t.best(&"10.1.7.0/24".parse().unwrap()).unwrap();
+        let KernelKind::Via(shared) = &best.kind else {
+            panic!("{best:?}")
+        };
+        // The table's copy, the 100 routes' and this one.
+        assert_eq!(std::sync::Arc::strong_count(shared), 102);
+        drop(best);
+        // A second metric for a prefix, through the single path; another
+        // prefix's route replaced by one through paths of its own.
+        add(&mut t, "10.1.0.0/24", 10, &[("10.0.0.1", 2)]);
+        add(&mut t, "10.1.1.0/24", 0, &[("10.0.0.9", 5)]);
+        assert_eq!(t.paths.len(), 3);
+        // Deletes naming `ecmp`'s paths: every route through them goes;
+        // 10.1.1.0/24's, through none of them, stays.
+        for i in 0..100 {
+            t.apply(&RouteEvent {
+                deleted: true,
+                append: false,
+                route: via_route(&format!("10.1.{i}.0/24"), 0, &ecmp),
+            });
+        }
+        assert_eq!((t.len(), t.paths.len()), (3, 2), "{t:?}");
+        for (prefix, priority, gateway) in [
+            ("10.1.0.0/24", 10, ("10.0.0.1", 2)),
+            ("10.1.1.0/24", 0, ("10.0.0.9", 5)),
+            ("10.2.0.0/16", 0, ("10.0.0.1", 2)),
+        ] {
+            t.apply(&RouteEvent {
+                deleted: true,
+                append: false,
+                route: via_route(prefix, priority, &[gateway]),
+            });
+        }
+        assert!(t.is_empty() && t.paths.is_empty(), "{t:?}");
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub fn want_of(
         },
         KernelKind::Via(paths) => {
             let mut members = Vec::with_capacity(paths.len());
-            for path in paths {
+            for path in paths.iter() {
                 let Some((link, mac)) = usable(path.ifindex) else {
                     return Err(format!(
                         "its next hop {} is on an interface (index {}) without an XDP program of this instance",
