@@ -30,12 +30,13 @@ pub struct Wanted {
 /// by prefix, as much as a notification needs to know: whether a prefix's
 /// new Want is the one the tables hold already (`Want::same`). A prefix
 /// holds the number of its Want's key (`Want::key`), each key numbered
-/// once: a million routes through a few next hops take 24 bytes each, not
-/// a next hop's copy each. Numbers are not reused; a whole re-read of the
-/// table starts afresh (`of`).
+/// once: a million routes through a few next hops take about 24 bytes each
+/// (an ordered map built whole: nodes full, where a hash map holds twice
+/// its entries' room), not a next hop's copy each. Numbers are not reused;
+/// a whole re-read of the table starts afresh (`of`).
 #[derive(Debug, Default)]
 pub struct Mirrored {
-    routes: PrefixMap<u32>,
+    routes: std::collections::BTreeMap<Prefix, u32>,
     keys: HashMap<WantKey, u32>,
 }
 
@@ -43,21 +44,17 @@ impl Mirrored {
     /// What `wanted` puts in the tables, `statics` (the config's routes)
     /// aside.
     pub fn of(wanted: &Wanted, statics: &PrefixSet) -> Mirrored {
-        let mut out = Mirrored {
-            // Sized once: a map that grows by rehashing holds its old
-            // table and the new one at once.
-            routes: PrefixMap::with_capacity_and_hasher(
-                wanted.routes.len().saturating_sub(statics.len()),
-                Default::default(),
-            ),
-            keys: HashMap::new(),
-        };
-        for (prefix, want) in &wanted.routes {
-            if !statics.contains(prefix) {
-                out.set(*prefix, Some(want));
-            }
-        }
-        out
+        let mut keys = HashMap::new();
+        let routes = wanted
+            .routes
+            .iter()
+            .filter(|(prefix, _)| !statics.contains(prefix))
+            .map(|(prefix, want)| {
+                let next = keys.len() as u32;
+                (*prefix, *keys.entry(want.key()).or_insert(next))
+            })
+            .collect();
+        Mirrored { routes, keys }
     }
 
     /// Whether the tables hold `want` for `prefix` (None: nothing).
