@@ -549,6 +549,19 @@ fn route_devs(fwd: &Forwarder) -> HashMap<String, (String, Option<String>)> {
         .collect()
 }
 
+/// Five datagrams from a reach c, forwarded by the program.
+fn forwards_to_c(lab: &Lab, fwd: &Forwarder) {
+    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
+    let before = fwd.counter("forwarded").unwrap();
+    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "again", 5).unwrap();
+    assert_eq!(receive(&sink, 5, Duration::from_secs(3)).len(), 5);
+    assert!(
+        fwd.counter("forwarded").unwrap() >= before + 5,
+        "{}",
+        fwd.log()
+    );
+}
+
 /// An attached interface deleted and made again under its name (a bond or
 /// VLAN the network configuration re-creates): the running daemon attaches
 /// the program to the new one (the old link went with the old interface)
@@ -609,15 +622,7 @@ fn a_running_daemon_attaches_to_an_interface_made_again_under_its_name() {
         assert!(Instant::now() < deadline, "{routes:?}\n{}", fwd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
-    let before = fwd.counter("forwarded").unwrap();
-    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "again", 5).unwrap();
-    assert_eq!(receive(&sink, 5, Duration::from_secs(3)).len(), 5);
-    assert!(
-        fwd.counter("forwarded").unwrap() >= before + 5,
-        "{}",
-        fwd.log()
-    );
+    forwards_to_c(&lab, &fwd);
     // A restart adopts it all as it is now.
     assert!(fwd.stop().unwrap().success());
     fwd.run_again(&lab.router, &[]).unwrap();
@@ -718,15 +723,7 @@ fn a_restart_attaches_to_an_interface_made_again_under_its_name() {
         assert!(Instant::now() < deadline, "{}", fwd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
-    let before = fwd.counter("forwarded").unwrap();
-    send_udp(&lab.a, "10.0.2.2:9999".parse().unwrap(), 64, "again", 5).unwrap();
-    assert_eq!(receive(&sink, 5, Duration::from_secs(3)).len(), 5);
-    assert!(
-        fwd.counter("forwarded").unwrap() >= before + 5,
-        "{}",
-        fwd.log()
-    );
+    forwards_to_c(&lab, &fwd);
 }
 
 /// A pin named as a link that holds something else (here one of the
