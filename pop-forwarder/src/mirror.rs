@@ -11,7 +11,7 @@ use pop_forwarder_common::{AF_INET, AF_INET6, NextHop};
 use crate::{
     kernel::{KernelKind, KernelRoute, Link, Neighbour},
     maps::{connected_next_hop, connected_routes, gateway_next_hop, kernel_next_hop},
-    net::{Prefix, PrefixMap, PrefixSet},
+    net::{Prefix, PrefixSet},
     plan::{Want, WantKey},
 };
 
