@@ -1463,8 +1463,38 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
         format!("mirror_follow_one_route_in_{n}_s"),
         start.elapsed().as_secs_f64(),
     );
+    // A whole re-read, as an address whose subnet is new makes one (so do
+    // a reload and a lost notification): until the daemon logs it applied.
+    let applied = |log: &str| log.matches(" routes added, ").count();
+    let before = applied(&fwd.log());
+    let start = Instant::now();
+    lab.router
+        .ip(&["addr", "add", "198.18.78.1/24", "dev", "r1"])?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = fwd.log();
+        if log.contains("is read again") && applied(&log) > before {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the table was not read again:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    row(
+        format!("mirror_reread_{n}_s"),
+        start.elapsed().as_secs_f64(),
+    );
+    // The re-read holds the old copy of the table and the new one at once.
+    row(
+        format!("mirror_peak_rss_with_reread_{n}_kernel_v4_routes_mib"),
+        status_mib(fwd.pid(), "VmHWM")?,
+    );
     // What the daemon holds of its own once it runs (its heap, without
-    // the BPF arrays it maps, which count as shared).
+    // the BPF arrays it maps, which count as shared), once it has handed
+    // back what the re-read freed (malloc_trim, after its log line).
+    std::thread::sleep(Duration::from_secs(2));
     row(
         format!("mirror_heap_{n}_kernel_v4_routes_mib"),
         status_mib(fwd.pid(), "RssAnon")?,
