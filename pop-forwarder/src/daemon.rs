@@ -152,6 +152,12 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
         return Ok(());
     }
     let started = std::time::Instant::now();
+    // The old copy of the table, and of what was written from it, go
+    // before the new ones are read: a million routes' worth less at the
+    // re-read's peak. Until this re-read succeeds, none is needed: the
+    // next batch reads the table whole again (`kernel_routes` is None).
+    running.kernel_routes = None;
+    running.mirrored = mirror::Mirrored::default();
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
     let statics: Vec<(Prefix, NextHop)> = running
