@@ -1792,8 +1792,8 @@ fn apply_health(running: &mut Running, event: HealthEvent) -> Result<()> {
 fn refresh(running: &mut Running) -> Result<usize> {
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
-    follow_recreated_interfaces(running, &links, &neighbours)?;
-    warn_of_lost_interfaces(running, &links);
+    let not_attached = follow_recreated_interfaces(running, &links, &neighbours)?;
+    warn_of_lost_interfaces(running, &links, &not_attached);
     for change in running.tables.refresh_next_hops(&links, &neighbours)? {
         info!("{change}");
     }
@@ -1892,13 +1892,15 @@ fn mirror_neighbours(
 /// VLAN the network configuration re-creates): the program goes with the
 /// old interface, and is attached here to the new one, its pinned link
 /// replaced; next hops through any interface that is gone move to the one
-/// now under its name, if the program can send there. What fails is
-/// logged, and said again by `warn_of_lost_interfaces`.
+/// now under its name, if the program can send there. Returns why the
+/// program could not be attached to those it could not (by name), for
+/// `warn_of_lost_interfaces` to say once; tried again at every refresh.
 fn follow_recreated_interfaces(
     running: &mut Running,
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
-) -> Result<()> {
+) -> Result<HashMap<String, String>> {
+    let mut not_attached = HashMap::new();
     let here = |ifindex: u32| links.iter().any(|l| l.ifindex == ifindex);
     let recreated: Vec<(String, u32, &kernel::Link)> = running
         .attached_names
@@ -1929,10 +1931,9 @@ fn follow_recreated_interfaces(
                     running.reread_routes = true;
                 }
             }
-            Err(e) => warn!(
-                "interface {name} was re-created (ifindex {old}, now {}); attaching the program to it failed: {e:#}",
-                link.ifindex
-            ),
+            Err(e) => {
+                not_attached.insert(name, format!("{e:#}"));
+            }
         }
     }
     let moved: Vec<(u32, &kernel::Link)> = running
@@ -1968,7 +1969,7 @@ fn follow_recreated_interfaces(
     running
         .link_names
         .extend(links.iter().map(|l| (l.ifindex, l.name.clone())));
-    Ok(())
+    Ok(not_attached)
 }
 
 /// Attaches the program to `link`, the interface now under `name`, in the
@@ -2019,15 +2020,25 @@ fn reattach(running: &mut Running, name: &str, link: &kernel::Link) -> Result<()
 /// Says so, once, when an interface the program was attached to is gone,
 /// or is there again as a new interface of the same name that the program
 /// could not be attached to (`follow_recreated_interfaces`): the new one's
-/// packets go through the kernel until a restart attaches to it.
-fn warn_of_lost_interfaces(running: &mut Running, links: &[kernel::Link]) {
+/// packets go through the kernel until the program is on it.
+fn warn_of_lost_interfaces(
+    running: &mut Running,
+    links: &[kernel::Link],
+    not_attached: &HashMap<String, String>,
+) {
     for (name, ifindex) in &running.attached_names {
         let lost = match links.iter().find(|l| &l.name == name) {
             None => Some("is gone".to_owned()),
-            Some(l) if l.ifindex != *ifindex => Some(format!(
-                "was re-created (ifindex {ifindex}, now {}) and the program could not be attached to it: its packets go through the kernel; restart the daemon (stop it and `run` again: the data plane goes on meanwhile) to attach it",
-                l.ifindex
-            )),
+            Some(l) if l.ifindex != *ifindex => Some(match not_attached.get(name) {
+                Some(why) => format!(
+                    "was re-created (ifindex {ifindex}, now {}) and the program could not be attached to it ({why}): its packets go through the kernel; the daemon tries again at each change of the interfaces",
+                    l.ifindex
+                ),
+                None => format!(
+                    "is another interface now (ifindex {ifindex}, now {}), the old one still here under another name: the program stays on that one, and the new one's packets go through the kernel",
+                    l.ifindex
+                ),
+            }),
             Some(_) => None,
         };
         match lost {

@@ -549,6 +549,15 @@ fn route_devs(fwd: &Forwarder) -> HashMap<String, (String, Option<String>)> {
         .collect()
 }
 
+/// Waits until the route to `prefix` has its MAC (its gateway's resolved).
+fn until_resolved(fwd: &Forwarder, prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while route_devs(fwd)[prefix].1.is_none() {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Five datagrams from a reach c, forwarded by the program.
 fn forwards_to_c(lab: &Lab, fwd: &Forwarder) {
     let sink = udp_socket(&lab.c, "10.0.2.2:9999").unwrap();
@@ -686,6 +695,9 @@ fn a_mirrored_route_through_an_interface_made_again_is_forwarded_again() {
     neighbour_c_v4(&lab);
     wait_for(("10.0.2.2", "r1"));
     assert!(lab.router.has_xdp("r1").unwrap(), "{}", fwd.log());
+    // Once the gateway's MAC is in its next hop (a refresh after the
+    // neighbour's notification), not before: until then the kernel's.
+    until_resolved(&fwd, "10.0.8.0/24");
     // Forwarded by the program (c's kernel has no such address and drops
     // them: the router's count is the check).
     let before = fwd.counter("forwarded").unwrap();
@@ -695,6 +707,51 @@ fn a_mirrored_route_through_an_interface_made_again_is_forwarded_again() {
         assert!(Instant::now() < deadline, "{}", fwd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// An interface made again under its name with someone else's XDP
+/// program already on it (made under another name, the program put on,
+/// then renamed): the daemon does not take it over; it says why, once,
+/// however often the interfaces change, and attaches once that program
+/// has gone.
+#[test]
+fn an_interface_made_again_with_another_program_on_it_is_left_alone() {
+    let (lab, fwd) = routed_lab(&[]);
+    lab.router.ip(&["link", "del", "r1"]).unwrap();
+    lab.wire(&lab.c, "c0", "r1new", 2).unwrap();
+    let other = lab
+        .router
+        .enter(|| pop_forwarder::bench::Sink::attach("r1new"))
+        .unwrap()
+        .unwrap();
+    lab.router.ip(&["link", "set", "r1new", "down"]).unwrap();
+    lab.router
+        .ip(&["link", "set", "r1new", "name", "r1"])
+        .unwrap();
+    lab.router.ip(&["link", "set", "r1", "up"]).unwrap();
+    let refused = "could not be attached to it (it has an XDP program already";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fwd.log().contains(refused) {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // More changes of the interfaces, each a refresh that tries again.
+    for mtu in ["1400", "1500"] {
+        lab.router.ip(&["link", "set", "r1", "mtu", mtu]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(fwd.log().matches(refused).count(), 1, "{}", fwd.log());
+    assert!(!fwd.log().contains("the program is attached to it again"));
+    // The other program goes (its link dropped): the daemon attaches.
+    drop(other);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fwd.log().contains("the program is attached to it again") {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    neighbour_c_v4(&lab);
+    until_resolved(&fwd, "10.0.2.0/24");
+    forwards_to_c(&lab, &fwd);
 }
 
 /// The same while the daemon is stopped: the pinned link to the old
@@ -718,11 +775,7 @@ fn a_restart_attaches_to_an_interface_made_again_under_its_name() {
     // Forwarded through it by the program again, once the gateway's MAC
     // (gone with the old interface) is back.
     neighbour_c_v4(&lab);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while route_devs(&fwd)["10.0.2.0/24"].1.is_none() {
-        assert!(Instant::now() < deadline, "{}", fwd.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_resolved(&fwd, "10.0.2.0/24");
     forwards_to_c(&lab, &fwd);
 }
 
