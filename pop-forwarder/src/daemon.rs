@@ -1936,36 +1936,40 @@ fn follow_recreated_interfaces(
             }
         }
     }
-    let moved: Vec<(u32, &kernel::Link)> = running
-        .link_names
-        .iter()
-        .filter(|(ifindex, _)| !here(**ifindex))
-        .filter_map(|(ifindex, name)| {
-            links
-                .iter()
-                .find(|l| &l.name == name && running.attached.contains(&l.tx_ifindex()))
-                .map(|l| (*ifindex, l))
-        })
-        .collect();
-    if !moved.is_empty() {
-        let (lines, _) = transaction(running, |running| {
-            running.tables.move_next_hops(&moved, neighbours)
-        })?;
-        for line in lines {
-            info!("{line}");
+    // Most refreshes find no interface gone: they read nothing more.
+    if running.link_names.keys().any(|i| !here(*i)) {
+        let moved: Vec<(u32, &kernel::Link)> = running
+            .link_names
+            .iter()
+            .filter(|(ifindex, _)| !here(**ifindex))
+            .filter_map(|(ifindex, name)| {
+                links
+                    .iter()
+                    .find(|l| &l.name == name && running.attached.contains(&l.tx_ifindex()))
+                    .map(|l| (*ifindex, l))
+            })
+            .collect();
+        if !moved.is_empty() {
+            let (lines, _) = transaction(running, |running| {
+                running.tables.move_next_hops(&moved, neighbours)
+            })?;
+            for line in lines {
+                info!("{line}");
+            }
         }
+        // Names of interfaces gone are kept while next hops go through
+        // them.
+        let in_use: std::collections::HashSet<u32> = running
+            .tables
+            .next_hop_slots()?
+            .iter()
+            .filter(|nh| nh.is_in_use())
+            .map(|nh| nh.ifindex)
+            .collect();
+        running
+            .link_names
+            .retain(|ifindex, _| here(*ifindex) || in_use.contains(ifindex));
     }
-    // Names of interfaces gone are kept while next hops go through them.
-    let in_use: std::collections::HashSet<u32> = running
-        .tables
-        .next_hop_slots()?
-        .iter()
-        .filter(|nh| nh.is_in_use())
-        .map(|nh| nh.ifindex)
-        .collect();
-    running
-        .link_names
-        .retain(|ifindex, _| in_use.contains(ifindex) && !here(*ifindex));
     running
         .link_names
         .extend(links.iter().map(|l| (l.ifindex, l.name.clone())));
