@@ -544,8 +544,60 @@ impl Scenario {
     }
 }
 
+/// What `bench --help` prints; any other argument than these is refused.
+const USAGE: &str = "\
+usage: bench [--quick] [--only=SECTIONS] [--row=TEXT] [--run-ms=N] [--candidate=OBJECT] [--out=DIR]
+
+  --quick             one short round, smaller tables: checks the harness, not the numbers
+  --only=SECTIONS     set up only these paths, comma-separated, from
+                      daemon,mirror,linux,redirect,pop,vip,deny,fib (the harness rows always run)
+  --row=TEXT          keep only the paths whose name holds TEXT
+  --run-ms=N          how long each run sends, in milliseconds
+  --candidate=OBJECT  run every pop and vip path also with OBJECT (a build of the XDP
+                      program), interleaved, and print its cost and rate against the shipped one
+  --out=DIR           where bench.md and bench.json go (default target/bench)
+
+Needs root; sets up network namespaces of its own.";
+
+/// The sections `--only` picks from.
+const SECTIONS: [&str; 8] = [
+    "daemon", "mirror", "linux", "redirect", "pop", "vip", "deny", "fib",
+];
+
+/// Refuses an argument the bench does not take (a typo would otherwise
+/// run the whole bench, ten minutes, with the option ignored).
+fn check_args(args: &[String]) -> Result<()> {
+    const VALUED: [&str; 5] = ["--only=", "--row=", "--run-ms=", "--candidate=", "--out="];
+    for a in args {
+        if a == "--quick" {
+            continue;
+        }
+        match VALUED.iter().find(|p| a.starts_with(*p)) {
+            Some(&"--only=") => {
+                for section in a["--only=".len()..].split(',') {
+                    if !SECTIONS.contains(&section) {
+                        bail!(
+                            "--only: no section {section:?} (sections: {})",
+                            SECTIONS.join(",")
+                        );
+                    }
+                }
+            }
+            Some(p) if a.len() > p.len() => {}
+            Some(p) => bail!("{p} takes a value"),
+            None => bail!("unknown argument {a:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    check_args(&args)?;
     let quick = args.iter().any(|a| a == "--quick");
     // --only=daemon,mirror,linux,redirect,pop,vip,deny,fib: set up only some paths
     // (for working on one).
