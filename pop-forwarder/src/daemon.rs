@@ -158,6 +158,8 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
     // next batch reads the table whole again (`kernel_routes` is None).
     running.kernel_routes = None;
     running.mirrored = mirror::Mirrored::default();
+    // A whole read plans every prefix.
+    running.replan.clear();
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
     let statics: Vec<(Prefix, NextHop)> = running
@@ -237,8 +239,9 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
     let Some(mut table) = running.kernel_routes.take() else {
         return sync_kernel_routes(running);
     };
-    let mut changed = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let replanned = running.replan.len();
+    let mut changed: Vec<Prefix> = std::mem::take(&mut running.replan).into_iter().collect();
+    let mut seen: std::collections::HashSet<Prefix> = changed.iter().copied().collect();
     for event in &events {
         let prefix = table.apply(event);
         if seen.insert(prefix) {
@@ -290,13 +293,28 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
     log_to_kernel(running, &to_kernel, false);
     if added + changed + removed > 0 {
         info!(
-            "kernel table {}: {added} routes added, {changed} changed, {removed} deleted ({} notifications, {writes} table writes, {} ms)",
+            "kernel table {}: {added} routes added, {changed} changed, {removed} deleted ({} notifications, {replanned} prefixes planned again, {writes} table writes, {} ms)",
             running.kernel_table,
             events.len(),
             started.elapsed().as_millis()
         );
     }
     Ok(())
+}
+
+/// The first few of `items`, and how many more, for a log line.
+fn few<T: std::fmt::Display>(items: &[T]) -> String {
+    const SHOWN: usize = 8;
+    let mut out = items
+        .iter()
+        .take(SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        out += &format!(" and {} more", items.len() - SHOWN);
+    }
+    out
 }
 
 /// Logs, once each, the kernel routes handed to the kernel and why. With
@@ -364,11 +382,16 @@ struct Running {
     to_kernel: std::collections::HashSet<Prefix>,
     /// The last mirroring of the kernel table failed: try again.
     sync_failed: bool,
-    /// Interfaces changed: read the mirrored table whole at the next batch.
+    /// The interfaces could not be read to see what changed: read the
+    /// mirrored table whole at the next batch.
     reread_routes: bool,
-    /// The interfaces' connected subnets as the last whole read followed
-    /// them: an address notification that leaves them as they are reads
-    /// nothing again.
+    /// Prefixes to plan again at the next batch, from the table's copy
+    /// (no kernel read), though no notification named them: their
+    /// connected subnet came, went or moved, or an interface their routes
+    /// go through was attached to again.
+    replan: std::collections::BTreeSet<Prefix>,
+    /// The interfaces' connected subnets as last followed: an address
+    /// notification that leaves them as they are plans nothing again.
     subnets: kernel::SubnetView,
     /// The mirrored kernel table as last read and notified, and what the
     /// tables hold for each of its prefixes and each connected subnet
@@ -609,21 +632,33 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             _ = changes.interfaces.notified() => {
                 refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + INTERFACE_BATCH);
                 // An address's subnet may be in no mirrored table: the
-                // table is read whole again when the connected subnets
-                // moved. Most address notifications move none (each router
-                // advertisement renews an IPv6 SLAAC address's lifetimes),
-                // and a whole read of a full table costs seconds.
+                // subnets that came, went or moved are planned again, from
+                // the table's copy. Most address notifications move none
+                // (each router advertisement renews an IPv6 SLAAC address's
+                // lifetimes).
                 if running.route_source == RouteSource::Kernel
                     && changes.addresses.swap(false, std::sync::atomic::Ordering::SeqCst)
-                    && kernel::links()
-                        .map_or(true, |links| kernel::SubnetView::of(&links) != running.subnets)
                 {
-                    info!(
-                        "the interfaces' connected subnets changed: kernel table {} is read again",
-                        running.kernel_table
-                    );
-                    running.reread_routes = true;
-                    route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
+                    match kernel::links() {
+                        Ok(links) => {
+                            let now = kernel::SubnetView::of(&links);
+                            let moved = running.subnets.moved(&now);
+                            if !moved.is_empty() {
+                                info!(
+                                    "connected subnets changed ({}): planned again from the mirrored table's copy",
+                                    few(&moved)
+                                );
+                                running.subnets = now;
+                                running.replan.extend(moved);
+                                route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
+                            }
+                        }
+                        Err(e) => {
+                            warn!("reading the interfaces: {e:#}: kernel table {} is read again", running.kernel_table);
+                            running.reread_routes = true;
+                            route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
+                        }
+                    }
                 }
             }
             _ = tokio::time::sleep_until(route_sync_at.unwrap_or_else(never)), if route_sync_at.is_some() => {
@@ -669,7 +704,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
                 }
                 // An interface the program was attached to again: the
                 // mirrored routes through it were the kernel's until now.
-                if running.reread_routes {
+                if !running.replan.is_empty() || running.reread_routes {
                     route_sync_at.get_or_insert_with(|| tokio::time::Instant::now() + ROUTE_BATCH);
                 }
             }
@@ -1129,6 +1164,7 @@ fn start(
         to_kernel: Default::default(),
         sync_failed: false,
         reread_routes: false,
+        replan: Default::default(),
         subnets: kernel::SubnetView::of(&links),
         kernel_routes: kernel_table,
         refresh_failed: false,
@@ -1612,9 +1648,15 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
             model.kernel_table
         );
     }
-    let kernel_routes = match model.route_source {
-        RouteSource::Kernel => Some(kernel::routes(model.kernel_table)?),
-        RouteSource::Static => None,
+    // A mirrored table is planned from the daemon's copy, which the
+    // notifications keep current (those still queued are applied at the
+    // next batch, against what this writes); read whole only when there
+    // is no copy (a re-read failed).
+    let from_copy = running.kernel_routes.is_some();
+    let kernel_routes = match (model.route_source, &running.kernel_routes) {
+        (RouteSource::Kernel, Some(table)) => Some(table.bests()),
+        (RouteSource::Kernel, None) => Some(kernel::routes(model.kernel_table)?),
+        (RouteSource::Static, _) => None,
     };
     let wanted = mirror::wanted(
         resolve_routes(&model, &links, &neighbours)?,
@@ -1623,6 +1665,8 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         &neighbours,
         &running.attached,
     );
+    // Planned: a million routes' worth less at the reload's peak.
+    drop(kernel_routes);
     let (routes, connected) = (&wanted.routes, wanted.connected.clone());
     // Steering is checked whole before its first write, routes were
     // resolved above and are checked for room before theirs: from here on
@@ -1647,9 +1691,20 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     running.connected = connected;
     running.static_routes = std::mem::take(&mut model.routes);
     running.static_prefixes = static_prefixes_of(running.route_source, &running.static_routes);
-    // The next batch of route notifications reads the table whole, and
-    // with it what the reload changed.
-    running.kernel_routes = None;
+    if running.route_source == RouteSource::Kernel {
+        if from_copy {
+            // What the tables now hold for each mirrored prefix and
+            // subnet: the next batch patches from there. The old record
+            // goes first, not after the new one is built.
+            running.mirrored = mirror::Mirrored::default();
+            running.mirrored = mirror::Mirrored::of(&wanted, &running.static_prefixes);
+            running.subnets = kernel::SubnetView::of(&links);
+            running.replan.clear();
+        } else {
+            // The next batch of route notifications reads the table whole.
+            running.kernel_routes = None;
+        }
+    }
     log_to_kernel(running, &wanted.to_kernel, true);
     steering_applied(running, &applied)?;
     if model.vip_route_table != running.vip_route_table {
@@ -1926,9 +1981,18 @@ fn follow_recreated_interfaces(
                     }
                 }
                 // Mirrored routes through it went to the kernel while the
-                // program was not on it.
+                // program was not on it: they, and its subnets, are
+                // planned again (the table read whole if there is no copy
+                // to plan from).
                 if running.route_source == RouteSource::Kernel {
-                    running.reread_routes = true;
+                    match &running.kernel_routes {
+                        Some(table) => {
+                            let through = table.prefixes_through(link.ifindex);
+                            running.replan.extend(through);
+                            running.replan.extend(link.subnets.iter().copied());
+                        }
+                        None => running.reread_routes = true,
+                    }
                 }
             }
             Err(e) => {
