@@ -1235,6 +1235,33 @@ fn main() -> Result<()> {
             None,
             None,
         )?;
+        // A flood the list denies: the same traffic, the list's last
+        // 1,000 destination entries swapped for the routes' own prefixes,
+        // so that every packet matches one (after its source missed).
+        // Nothing reaches the sink: its cost alone is measured.
+        let bench = Bench::new(settings.frame_len)?;
+        let mut fwd = Forwarder::load(&bench.lab, EBPF_OBJECT, &v4_small, DEFAULT_LOOKUPS, None)?;
+        let mut flood = deny;
+        let mut swapped = 0;
+        for entry in flood.iter_mut().rev() {
+            if swapped == v4_small.len() {
+                break;
+            }
+            if entry.direction == pop_forwarder::config::DenyDirection::Destination {
+                entry.prefix = v4_small[swapped];
+                swapped += 1;
+            }
+        }
+        fwd.tables.apply_deny(&flood)?;
+        add(
+            format!("pop-forwarder ipv4 dir-24-8, deny list {DENY_ENTRIES}, every packet denied"),
+            &v4_small,
+            bench,
+            Router::Pop(Box::new(fwd)),
+            false,
+            None,
+            None,
+        )?;
     }
     // route_lookup = "kernel-fib": the program asks the kernel's FIB per
     // packet (bpf_fib_lookup), the kernel's table holding the routes, as
