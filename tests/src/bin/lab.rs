@@ -69,6 +69,37 @@ fn main() -> Result<()> {
         fwd.instance
     );
     print!("{}", fwd.cli_ok(&["status"])?);
+    // Until a gateway's MAC is in its next hop, the program hands its
+    // packets to the kernel, which resolves it (pass_no_neighbour): the
+    // daemon has the kernel resolve every gateway at start. The traffic
+    // starts once they are, so that the counters show forwarding.
+    let started = Instant::now();
+    let unresolved = loop {
+        let routes: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"])?)?;
+        let unresolved: Vec<String> = routes
+            .as_array()
+            .context("route list")?
+            .iter()
+            .filter(|r| r["via"] != "kernel" && r["via"] != "connected" && r["mac"].is_null())
+            .filter_map(|r| r["via"].as_str().map(str::to_owned))
+            .collect();
+        if unresolved.is_empty() || started.elapsed() > Duration::from_secs(10) {
+            break unresolved;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if unresolved.is_empty() {
+        println!(
+            "== every gateway resolved {} ms after the start",
+            started.elapsed().as_millis()
+        );
+    } else {
+        println!(
+            "== gateways not resolved after 10 s: {} (their packets go to the kernel)",
+            unresolved.join(", ")
+        );
+    }
 
     let received = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
@@ -103,10 +134,10 @@ fn main() -> Result<()> {
     println!("== {seconds} s of UDP, IPv4 and IPv6, a -> c (Ctrl-C stops early)");
     println!(
         "{:>4} {:>12} {:>12} {:>12} {:>10}",
-        "s", "sent/s", "xdp fwd/s", "received/s", "to kernel"
+        "s", "sent/s", "xdp fwd/s", "received/s", "to kernel/s"
     );
     let start = Instant::now();
-    let (mut last_sent, mut last_fwd, mut last_recv) = (0, 0, 0);
+    let (mut last_sent, mut last_fwd, mut last_recv, mut last_passed) = (0, 0, 0, 0);
     let mut samples = Vec::new();
     for second in 1..=seconds {
         while start.elapsed() < Duration::from_secs(second) && !STOP.load(Ordering::Relaxed) {
@@ -128,13 +159,14 @@ fn main() -> Result<()> {
             received.load(Ordering::Relaxed),
         );
         println!(
-            "{second:>4} {:>12} {:>12} {:>12} {passed:>10}",
+            "{second:>4} {:>12} {:>12} {:>12} {:>11}",
             s - last_sent,
             forwarded - last_fwd,
-            r - last_recv
+            r - last_recv,
+            passed - last_passed
         );
         samples.push(forwarded - last_fwd);
-        (last_sent, last_fwd, last_recv) = (s, forwarded, r);
+        (last_sent, last_fwd, last_recv, last_passed) = (s, forwarded, r, passed);
     }
     STOP.store(true, Ordering::SeqCst);
     for t in threads {
