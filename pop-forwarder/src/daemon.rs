@@ -1106,7 +1106,7 @@ fn start(
             &mut ebpf,
             model,
             &attach_to,
-            &routes,
+            routes,
             previous.as_ref(),
             (&links, &neighbours),
         )
@@ -1679,7 +1679,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
             &links,
             &neighbours,
         )?;
-        let routes = running.tables.apply_routes(&routes)?;
+        let routes = running.tables.apply_routes(routes)?;
         running.tables.apply_deny(&model.deny)?;
         running.tables.set_route_miss(model.route_miss)?;
         running.tables.set_route_lookup(model.route_lookup)?;

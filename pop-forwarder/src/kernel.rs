@@ -217,10 +217,9 @@ fn add_address(link: &mut Link, m: &AddressMessage) {
     if len < host
         && !link_local
         && let Some(subnet) = Prefix::containing(addr, len)
+        && !link.subnets.contains(&subnet)
     {
-        if !link.subnets.contains(&subnet) {
-            link.subnets.push(subnet);
-        }
+        link.subnets.push(subnet);
     }
     for a in &m.attributes {
         if let AddressAttribute::Broadcast(b) = a {

@@ -338,6 +338,7 @@ fn an_address_change_plans_its_subnet_again_without_reading_the_table() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     monitor.kill().unwrap();
+    monitor.wait().unwrap();
     let mut seen = String::new();
     std::io::Read::read_to_string(&mut monitor.stdout.take().unwrap(), &mut seen).unwrap();
     assert!(seen.contains("10.0.1.1/24"), "no notification: {seen}");

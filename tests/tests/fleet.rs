@@ -81,7 +81,7 @@ nodes = ["cache-1"]
     wait_until(
         "192.0.2.10 announced",
         Duration::from_secs(5),
-        || is_announced(),
+        &is_announced,
         || fwd.log(),
     );
     let route = announced(&lab.router, "100");
@@ -113,7 +113,7 @@ nodes = ["cache-1"]
     wait_until(
         "announced again",
         Duration::from_secs(5),
-        || is_announced(),
+        &is_announced,
         || fwd.log(),
     );
 

@@ -61,9 +61,9 @@ enum Task {
         fleet: bool,
     },
     /// The soak: mixed traffic through the namespace lab for MINUTES while
-    /// routes change, then the books (sent = received = forwarded + passed
-    /// + dropped, forwarded = delivered, each kind in its counter) and the
-    /// daemon's memory at start and end. Needs root.
+    /// routes change, then the books (sent = received = forwarded +
+    /// passed + dropped, forwarded = delivered, each kind in its counter)
+    /// and the daemon's memory at start and end. Needs root.
     Soak {
         #[arg(long, default_value_t = 10)]
         minutes: u64,
