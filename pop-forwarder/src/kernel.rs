@@ -533,8 +533,7 @@ impl KernelTable {
     }
 
     /// The prefixes with a route through interface `ifindex` (any of its
-    /// paths, any metric), in order: a walk of the whole table (about
-    /// 20 ms a million routes), no kernel read.
+    /// paths, any metric), in order: a walk of the copy, no kernel read.
     pub fn prefixes_through(&self, ifindex: u32) -> Vec<Prefix> {
         let through = |h: &Held| match &h.kind {
             KernelKind::Via(paths) => paths.iter().any(|p| p.ifindex == ifindex),
