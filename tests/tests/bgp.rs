@@ -276,11 +276,11 @@ fn bgp_routes_are_forwarded_by_xdp_with_ecmp_withdrawals_and_peers_going_down() 
 }
 
 /// How many times the daemon has read its mirrored table whole (its
-/// metrics, served in its namespace).
-fn whole_reads(ns: &tests::Netns) -> u64 {
+/// metrics, served in its namespace on `port`).
+fn whole_reads(ns: &tests::Netns, port: u16) -> u64 {
     let body = tests::http(
         ns,
-        9464,
+        port,
         "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     body.lines()
@@ -313,7 +313,7 @@ fn an_address_change_plans_its_subnet_again_without_reading_the_table() {
     }
     // The start's own batch, then quiet.
     std::thread::sleep(Duration::from_millis(300));
-    let before = whole_reads(&pop.fwd);
+    let before = whole_reads(&pop.fwd, 9464);
     // The renewal is announced (what `ip monitor` sees, the daemon hears).
     let mut monitor = pop
         .fwd
@@ -370,7 +370,7 @@ fn an_address_change_plans_its_subnet_again_without_reading_the_table() {
         .ip(&["addr", "del", "10.0.77.1/24", "dev", "f0"])
         .unwrap();
     until(None);
-    assert_eq!(whole_reads(&pop.fwd), before, "{}", fwd.log());
+    assert_eq!(whole_reads(&pop.fwd, 9464), before, "{}", fwd.log());
 }
 
 /// A reload with a mirrored table plans from the daemon's copy of it: the
@@ -388,19 +388,6 @@ fn a_reload_with_a_mirrored_table_plans_from_its_copy() {
         assert!(Instant::now() < deadline, "{}", fwd.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let whole_reads = || {
-        let body = tests::http(
-            &pop.fwd,
-            9465,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        );
-        body.lines()
-            .find_map(|l| l.strip_prefix("pop_forwarder_route_syncs_total{kind=\"whole\"} "))
-            .unwrap_or_else(|| panic!("no whole-read count in {body}"))
-            .trim()
-            .parse::<u64>()
-            .unwrap()
-    };
     let kernel_route = |prefix: &str| {
         pop.fwd
             .ip(&["route", "add", prefix, "via", "10.0.11.2", "dev", "f1"])
@@ -409,7 +396,7 @@ fn a_reload_with_a_mirrored_table_plans_from_its_copy() {
     let until = |prefix: &str, want: &str| wait_for_via(&fwd, prefix, |v| v == want, &[]);
     kernel_route("10.0.88.0/24");
     until("10.0.88.0/24", "10.0.11.2");
-    let before = whole_reads();
+    let before = whole_reads(&pop.fwd, 9465);
 
     std::fs::write(
         &fwd.config,
@@ -442,7 +429,7 @@ fn a_reload_with_a_mirrored_table_plans_from_its_copy() {
         assert!(Instant::now() < deadline, "{}", fwd.log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(whole_reads(), before, "{}", fwd.log());
+    assert_eq!(whole_reads(&pop.fwd, 9465), before, "{}", fwd.log());
 }
 
 /// Once a burst has overflowed the notification socket, the kernel drops
