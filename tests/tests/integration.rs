@@ -136,6 +136,79 @@ fn a_config_route_wins_over_a_mirrored_kernel_route_to_its_prefix() {
     );
 }
 
+/// IPv6 routes of a mirrored kernel table, as the kernel announces them:
+/// one path; a second path appended (`ip -6 route append`; Linux 6.18
+/// announces the route with both paths, as `ip -6 monitor route` shows),
+/// making an ECMP group; one path of two deleted (announced alone),
+/// leaving the other; a route with two paths added at once, then deleted
+/// whole. Forwarded by the program through its one path.
+#[test]
+fn ipv6_kernel_routes_are_mirrored_with_appended_and_deleted_paths() {
+    let lab = Lab::new().unwrap();
+    lab.neighbours_c(&["fd00:2::2"]).unwrap();
+    let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", ""));
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    let via = |prefix: &str| -> Option<String> {
+        let list: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
+        list.as_array()?
+            .iter()
+            .find(|r| r["prefix"] == prefix)
+            .map(|r| r["via"].as_str().unwrap_or_default().to_owned())
+    };
+    let until = |prefix: &str, want: &dyn Fn(Option<&str>) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = via(prefix);
+            if want(got.as_deref()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{prefix}: {got:?}\n{}",
+                fwd.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let ip6 = |args: &[&str]| {
+        let mut all = vec!["-6", "route"];
+        all.extend_from_slice(args);
+        lab.router.ip(&all).unwrap()
+    };
+    let one = "2001:db8:1::/48";
+    ip6(&["add", one, "via", "fd00:2::2", "dev", "r1"]);
+    until(one, &|v| v == Some("fd00:2::2"));
+    ip6(&["append", one, "via", "fd00:1::2", "dev", "r0"]);
+    until(one, &|v| v.is_some_and(|v| v.starts_with("group")));
+    ip6(&["del", one, "via", "fd00:2::2", "dev", "r1"]);
+    until(one, &|v| v == Some("fd00:1::2"));
+    ip6(&["del", one, "via", "fd00:1::2", "dev", "r0"]);
+    ip6(&["add", one, "via", "fd00:2::2", "dev", "r1"]);
+    until(one, &|v| v == Some("fd00:2::2"));
+
+    let two = "2001:db8:2::/48";
+    #[rustfmt::skip]
+    ip6(&[
+        "add", two, "nexthop", "via", "fd00:1::2", "dev", "r0",
+        "nexthop", "via", "fd00:2::2", "dev", "r1",
+    ]);
+    until(two, &|v| v.is_some_and(|v| v.starts_with("group")));
+    ip6(&["del", two]);
+    until(two, &|v| v.is_none());
+
+    // Through c's MAC (a permanent neighbour): forwarded by the program
+    // (c's kernel has no such address and drops them: the router's count
+    // is the check).
+    let before = fwd.counter("forwarded").unwrap();
+    send_udp(&lab.a, "[2001:db8:1::9]:9999".parse().unwrap(), 64, "v6", 5).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while fwd.counter("forwarded").unwrap() < before + 5 {
+        assert!(Instant::now() < deadline, "{}", fwd.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A restart whose config no longer lists an interface detaches the
 /// program from it before it comes up (the link detached, then its pin
 /// removed), and leaves the others attached.
