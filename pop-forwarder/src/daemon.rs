@@ -1197,6 +1197,8 @@ fn start(
             .map_or(0, |d| d.as_secs()),
         draining: running.draining,
         vip_route_table: running.vip_route_table,
+        mirrored_table: (running.route_source == RouteSource::Kernel)
+            .then_some(running.kernel_table),
     })?;
     // VIPs the previous daemon announced in a table this config no longer
     // uses.
@@ -1270,6 +1272,7 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
         steering: Default::default(),
         draining: false,
         vip_route_table: None,
+        mirrored_table: None,
     }))
 }
 

@@ -47,6 +47,10 @@ pub struct State {
     /// a daemon started with another table withdraws them from this one.
     #[serde(default)]
     pub vip_route_table: Option<u32>,
+    /// The kernel table the routes are mirrored from (`route_source =
+    /// "kernel"`, `kernel_table`); None: from the config and the CLI.
+    #[serde(default)]
+    pub mirrored_table: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

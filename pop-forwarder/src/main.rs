@@ -1024,6 +1024,7 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "interfaces": interfaces,
         "routes_v4": v4,
         "routes_v6": v6,
+        "mirrored_table": state.as_ref().and_then(|s| s.mirrored_table),
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
         "ipv4_lookup": tables.ipv4_lookup().to_string(),
         "ipv6_lookup": tables.ipv6_lookup().to_string(),
@@ -1063,7 +1064,12 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
             }
         );
     }
-    println!("routes:      {v4} IPv4, {v6} IPv6");
+    match state.as_ref().and_then(|s| s.mirrored_table) {
+        Some(table) => println!(
+            "routes:      {v4} IPv4, {v6} IPv6, mirrored from kernel table {table} (the config's routes win)"
+        ),
+        None => println!("routes:      {v4} IPv4, {v6} IPv6, from the config and the CLI"),
+    }
     println!(
         "route miss:  {}",
         report["route_miss"].as_str().unwrap_or_default()

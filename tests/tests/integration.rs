@@ -69,6 +69,7 @@ fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
         status.contains("no daemon; the data plane pinned at"),
         "{status}"
     );
+    assert!(status.contains("from the config and the CLI"), "{status}");
     // `detach` is what removes it.
     let out = fwd.cli_ok(&["detach"]).unwrap();
     assert!(out.contains("removed its pins"), "{out}");
@@ -134,6 +135,15 @@ fn a_config_route_wins_over_a_mirrored_kernel_route_to_its_prefix() {
         "{}",
         fwd.log()
     );
+    // `status` says where the routes come from.
+    let status = fwd.cli_ok(&["status"]).unwrap();
+    assert!(
+        status.contains("mirrored from kernel table 254 (the config's routes win)"),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(json["mirrored_table"], 254, "{json}");
 }
 
 /// IPv6 routes of a mirrored kernel table, as the kernel announces them:
