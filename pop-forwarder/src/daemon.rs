@@ -1197,8 +1197,9 @@ fn start(
             .map_or(0, |d| d.as_secs()),
         draining: running.draining,
         vip_route_table: running.vip_route_table,
-        mirrored_table: (running.route_source == RouteSource::Kernel)
-            .then_some(running.kernel_table),
+        mirrored_table: Some(
+            (running.route_source == RouteSource::Kernel).then_some(running.kernel_table),
+        ),
     })?;
     // VIPs the previous daemon announced in a table this config no longer
     // uses.

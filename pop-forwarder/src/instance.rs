@@ -47,10 +47,21 @@ pub struct State {
     /// a daemon started with another table withdraws them from this one.
     #[serde(default)]
     pub vip_route_table: Option<u32>,
-    /// The kernel table the routes are mirrored from (`route_source =
-    /// "kernel"`, `kernel_table`); None: from the config and the CLI.
-    #[serde(default)]
-    pub mirrored_table: Option<u32>,
+    /// Where the routes come from: `Some(Some(table))`, mirrored from that
+    /// kernel table (`route_source = "kernel"`); `Some(None)`, the config
+    /// and the CLI; None, not known (a file written by a build before this
+    /// field, whose `null` would otherwise read as "the config").
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub mirrored_table: Option<Option<u32>>,
+}
+
+/// A field that is in the file, `null` or not: `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    Ok(Some(Option::<u32>::deserialize(d)?))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -494,4 +505,35 @@ pub fn ensure_bpffs() -> Result<()> {
             .with_context(|| format!("mounting bpffs at {BPFFS}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the routes come from survives the state file: mirrored, from
+    /// the config, or (a file of a build before the field) not known,
+    /// which must not read as "from the config".
+    #[test]
+    fn the_mirrored_table_is_known_only_when_the_file_says() {
+        let state = |mirrored_table| State {
+            pid: 1,
+            config: "/etc/pop.toml".into(),
+            interfaces: Vec::new(),
+            started_unix: 0,
+            steering: Default::default(),
+            draining: false,
+            vip_route_table: None,
+            mirrored_table,
+        };
+        for known in [Some(Some(254)), Some(None)] {
+            let text = serde_json::to_string(&state(known)).unwrap();
+            let back: State = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.mirrored_table, known, "{text}");
+        }
+        let old = serde_json::to_string(&state(None)).unwrap();
+        assert!(!old.contains("mirrored_table"), "{old}");
+        let back: State = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.mirrored_table, None);
+    }
 }

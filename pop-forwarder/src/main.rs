@@ -1024,7 +1024,7 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "interfaces": interfaces,
         "routes_v4": v4,
         "routes_v6": v6,
-        "mirrored_table": state.as_ref().and_then(|s| s.mirrored_table),
+        "mirrored_table": state.as_ref().and_then(|s| s.mirrored_table).flatten(),
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
         "ipv4_lookup": tables.ipv4_lookup().to_string(),
         "ipv6_lookup": tables.ipv6_lookup().to_string(),
@@ -1065,10 +1065,11 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         );
     }
     match state.as_ref().and_then(|s| s.mirrored_table) {
-        Some(table) => println!(
+        Some(Some(table)) => println!(
             "routes:      {v4} IPv4, {v6} IPv6, mirrored from kernel table {table} (the config's routes win)"
         ),
-        None => println!("routes:      {v4} IPv4, {v6} IPv6, from the config and the CLI"),
+        Some(None) => println!("routes:      {v4} IPv4, {v6} IPv6, from the config and the CLI"),
+        None => println!("routes:      {v4} IPv4, {v6} IPv6"),
     }
     println!(
         "route miss:  {}",
