@@ -181,7 +181,7 @@ fn sync_kernel_routes(running: &mut Running) -> Result<()> {
         Some(&routes),
         &links,
         &neighbours,
-        &running.attached,
+        &running.attached(),
     );
     let kernel_count = routes.len();
     drop(routes);
@@ -251,9 +251,10 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
     let result = (|| -> Result<(usize, usize, usize, usize, Vec<(Prefix, String)>)> {
         let links = kernel::links()?;
         let neighbours = kernel::neighbours(&links)?;
-        let connected: HashMap<Prefix, NextHop> = maps::connected_routes(&links, &running.attached)
-            .into_iter()
-            .collect();
+        let connected: HashMap<Prefix, NextHop> =
+            maps::connected_routes(&links, &running.attached())
+                .into_iter()
+                .collect();
         let mut patch = Vec::new();
         let mut to_kernel = Vec::new();
         for prefix in changed {
@@ -262,7 +263,7 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
             }
             let want = match table.best(&prefix) {
                 Some(route) => Some(
-                    match mirror::want_of(&route, &links, &neighbours, &running.attached) {
+                    match mirror::want_of(&route, &links, &neighbours, &running.attached()) {
                         Ok(want) => want,
                         Err(why) => {
                             to_kernel.push((prefix, why));
@@ -352,10 +353,10 @@ struct Running {
     pending_health: Vec<HealthEvent>,
     /// Local addresses shadowed by operator routes, as last logged.
     local_conflicts: Vec<std::net::IpAddr>,
-    /// Interfaces the program is attached to (ifindexes).
-    attached: Vec<u32>,
-    /// The same by name, as attached; and those found gone or re-created
-    /// since (the program went with the old interface), as last logged.
+    /// The interfaces the program is attached to, by name and ifindex as
+    /// attached (`attached()` lists the ifindexes); one found gone keeps
+    /// its old ifindex until an interface made again under its name takes
+    /// the program (the program went with the old interface).
     attached_names: Vec<(String, u32)>,
     lost_interfaces: std::collections::BTreeMap<String, String>,
     /// The name of every interface here at the last refresh, and of those
@@ -418,6 +419,16 @@ struct Running {
     errors: std::collections::BTreeMap<&'static str, u64>,
     route_syncs: (u64, u64),
     route_sync_lag: Duration,
+}
+
+impl Running {
+    /// The ifindexes of the interfaces the program is attached to.
+    fn attached(&self) -> Vec<u32> {
+        self.attached_names
+            .iter()
+            .map(|(_, ifindex)| *ifindex)
+            .collect()
+    }
 }
 
 /// Level of the log records the XDP program emits (aya-log), set in the
@@ -826,7 +837,7 @@ fn change(
         } => {
             let route = Route::parse(&prefix, &via, &dev, mac.as_deref())?;
             let links = kernel::links()?;
-            check_egress(&route.dev, &links, &running.attached)?;
+            check_egress(&route.dev, &links, &running.attached())?;
             let nh = resolve_next_hop(&route, &links, &kernel::neighbours(&links)?)?;
             let id = running.tables.add_route(route.prefix, &nh)?;
             let message = format!(
@@ -870,7 +881,7 @@ fn change(
             check_node_egress(
                 std::slice::from_ref(&node),
                 &kernel::links()?,
-                &running.attached,
+                &running.attached(),
             )?;
             let message = format!("cache node {} ({}) added", node.name, node.address);
             spec.nodes.push(node);
@@ -1142,7 +1153,6 @@ fn start(
         ebpf,
         tables,
         local_conflicts: Vec::new(),
-        attached,
         attached_names: attach_to
             .iter()
             .map(|a| (a.name.clone(), a.ifindex))
@@ -1644,7 +1654,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
     }
     let links = kernel::links()?;
     let neighbours = kernel::neighbours(&links)?;
-    check_node_egress(&model.nodes, &kernel::links()?, &running.attached)?;
+    check_node_egress(&model.nodes, &kernel::links()?, &running.attached())?;
     if model.route_source != running.route_source || model.kernel_table != running.kernel_table {
         bail!(
             "route_source or kernel_table changed (to {} {}): that needs a restart of the daemon",
@@ -1667,7 +1677,7 @@ fn apply_config(running: &mut Running, config_path: &Path) -> Result<String> {
         kernel_routes.as_deref(),
         &links,
         &neighbours,
-        &running.attached,
+        &running.attached(),
     );
     // Planned: a million routes' worth less at the reload's peak.
     drop(kernel_routes);
@@ -1898,8 +1908,9 @@ fn refresh(running: &mut Running) -> Result<usize> {
         refresh_connected(running, &links)?;
     }
     let conflicts = running.tables.sync_local_addrs(&own_addresses(&links))?;
-    let left_out = mirror_neighbours(&mut running.tables, &links, &neighbours, &running.attached)?;
-    let vlans = kernel::vlan_keys(&links, &running.attached);
+    let attached = running.attached();
+    let left_out = mirror_neighbours(&mut running.tables, &links, &neighbours, &attached)?;
+    let vlans = kernel::vlan_keys(&links, &attached);
     let vlans_left_out = running.tables.sync_vlans(&vlans)?;
     if vlans_left_out > 0 && vlans_left_out != running.vlans_left_out {
         warn!(
@@ -1977,8 +1988,6 @@ fn follow_recreated_interfaces(
                     "interface {name} was re-created (ifindex {old}, now {}): the program is attached to it again",
                     link.ifindex
                 );
-                running.attached.retain(|i| *i != old);
-                running.attached.push(link.ifindex);
                 for entry in &mut running.attached_names {
                     if entry.0 == name {
                         entry.1 = link.ifindex;
@@ -2006,6 +2015,7 @@ fn follow_recreated_interfaces(
     }
     // Most refreshes find no interface gone: they read nothing more.
     if running.link_names.keys().any(|i| !here(*i)) {
+        let attached = running.attached();
         let moved: Vec<(u32, &kernel::Link)> = running
             .link_names
             .iter()
@@ -2013,7 +2023,7 @@ fn follow_recreated_interfaces(
             .filter_map(|(ifindex, name)| {
                 links
                     .iter()
-                    .find(|l| &l.name == name && running.attached.contains(&l.tx_ifindex()))
+                    .find(|l| &l.name == name && attached.contains(&l.tx_ifindex()))
                     .map(|l| (*ifindex, l))
             })
             .collect();
@@ -2134,7 +2144,7 @@ fn refresh_connected(running: &mut Running, links: &[kernel::Link]) -> Result<()
     // A subnet is the same route while its prefix and next hop (interface,
     // or the kernel) are: an MTU or MAC change is the next hop's refresh.
     let key = |(p, nh): &(Prefix, NextHop)| (*p, crate::plan::gateway_key(nh), nh.flags);
-    let now = maps::connected_routes(links, &running.attached);
+    let now = maps::connected_routes(links, &running.attached());
     let is: Vec<_> = now.iter().map(key).collect();
     let mut gone = Vec::new();
     for route in &running.connected {
