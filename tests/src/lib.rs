@@ -507,6 +507,20 @@ impl Forwarder {
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// The route to `prefix` as `route list --json` shows its via (a
+    /// gateway, `connected`, `kernel`, `group N`); None if the tables hold
+    /// no route to exactly it.
+    pub fn route_via(&self, prefix: &str) -> Result<Option<String>> {
+        let list: serde_json::Value =
+            serde_json::from_str(&self.cli_ok(&["route", "list", "--json"])?)?;
+        Ok(list
+            .as_array()
+            .context("route list --json: not a list")?
+            .iter()
+            .find(|r| r["prefix"] == prefix)
+            .map(|r| r["via"].as_str().unwrap_or_default().to_owned()))
+    }
+
     /// One counter from `stats --json`.
     pub fn counter(&self, name: &str) -> Result<u64> {
         let v: serde_json::Value = serde_json::from_str(&self.cli_ok(&["stats", "--json"])?)?;

@@ -107,13 +107,7 @@ const CONFIG: &str = "route_source = \"kernel\"\n\n\
 
 /// The forwarder's route to `prefix` as `route list` shows its via.
 fn via(fwd: &Forwarder, prefix: &str) -> Option<String> {
-    let list: serde_json::Value =
-        serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["prefix"] == prefix)
-        .map(|r| r["via"].as_str().unwrap().to_owned())
+    fwd.route_via(prefix).unwrap()
 }
 
 fn wait_for_via(fwd: &Forwarder, prefix: &str, want: impl Fn(&str) -> bool, birds: &[&Bird]) {

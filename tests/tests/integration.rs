@@ -86,14 +86,7 @@ fn a_config_route_wins_over_a_mirrored_kernel_route_to_its_prefix() {
     let own = "[[routes]]\nprefix = \"10.0.9.0/24\"\nvia = \"10.0.2.2\"\ndev = \"r1\"\n";
     let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", own));
     let fwd = Forwarder::start(&lab.router, &config).unwrap();
-    let via = |prefix: &str| -> Option<String> {
-        let list: serde_json::Value =
-            serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
-        list.as_array()?
-            .iter()
-            .find(|r| r["prefix"] == prefix)
-            .map(|r| r["via"].as_str().unwrap_or_default().to_owned())
-    };
+    let via = |prefix: &str| fwd.route_via(prefix).unwrap();
     assert_eq!(via("10.0.9.0/24").as_deref(), Some("10.0.2.2"));
     let follow = |prefix: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -158,14 +151,7 @@ fn ipv6_kernel_routes_are_mirrored_with_appended_and_deleted_paths() {
     lab.neighbours_c(&["fd00:2::2"]).unwrap();
     let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", ""));
     let fwd = Forwarder::start(&lab.router, &config).unwrap();
-    let via = |prefix: &str| -> Option<String> {
-        let list: serde_json::Value =
-            serde_json::from_str(&fwd.cli_ok(&["route", "list", "--json"]).unwrap()).unwrap();
-        list.as_array()?
-            .iter()
-            .find(|r| r["prefix"] == prefix)
-            .map(|r| r["via"].as_str().unwrap_or_default().to_owned())
-    };
+    let via = |prefix: &str| fwd.route_via(prefix).unwrap();
     let until = |prefix: &str, want: &dyn Fn(Option<&str>) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
