@@ -1521,26 +1521,16 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
         format!("mirror_peak_rss_{n}_kernel_v4_routes_mib"),
         status_mib(fwd.pid(), "VmHWM")?,
     );
+    let route_to_c = |prefix: &str| {
+        lab.router
+            .ip(&["route", "add", prefix, "via", "10.0.2.2", "dev", "r1"])
+    };
     // One route more in the kernel: until the daemon logs it applied.
     let start = Instant::now();
-    lab.router.ip(&[
-        "route",
-        "add",
-        "198.18.77.0/24",
-        "via",
-        "10.0.2.2",
-        "dev",
-        "r1",
-    ])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fwd.log().contains("1 routes added, 0 changed, 0 deleted") {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the mirror did not follow:\n{}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    route_to_c("198.18.77.0/24")?;
+    until_logged(&fwd, 60, "the mirror did not follow", |log| {
+        log.contains("1 routes added, 0 changed, 0 deleted")
+    })?;
     row(
         format!("mirror_follow_one_route_in_{n}_s"),
         start.elapsed().as_secs_f64(),
@@ -1561,15 +1551,9 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     let before = changed(&fwd.log());
     let start = Instant::now();
     let kernel_took = kernel_batch(&lab, burst, "replace", ("10.0.2.3", "fd00:2::3"))?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while changed(&fwd.log()) < before + burst.len() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the mirror did not follow the burst:\n{}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until_logged(&fwd, 300, "the mirror did not follow the burst", |log| {
+        changed(log) >= before + burst.len()
+    })?;
     let k = burst.len();
     row(format!("linux_replace_{k}_of_{n}_v4_routes_s"), kernel_took);
     row(
@@ -1583,18 +1567,9 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     let start = Instant::now();
     lab.router
         .ip(&["addr", "add", "198.18.78.1/24", "dev", "r1"])?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let log = fwd.log();
-        if log.contains("connected subnets changed (198.18.78.0/24)") && applied(&log) > before {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the new subnet was not routed:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until_logged(&fwd, 120, "the new subnet was not routed", |log| {
+        log.contains("connected subnets changed (198.18.78.0/24)") && applied(log) > before
+    })?;
     row(
         format!("mirror_subnet_added_{n}_s"),
         start.elapsed().as_secs_f64(),
@@ -1610,24 +1585,13 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     // One route more after the reload, until the daemon logs it applied.
     let before = applied(&fwd.log());
     let start = Instant::now();
-    lab.router.ip(&[
-        "route",
-        "add",
-        "198.18.79.0/24",
-        "via",
-        "10.0.2.2",
-        "dev",
-        "r1",
-    ])?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while applied(&fwd.log()) <= before {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the mirror did not follow after a reload:\n{}",
-            fwd.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    route_to_c("198.18.79.0/24")?;
+    until_logged(
+        &fwd,
+        120,
+        "the mirror did not follow after a reload",
+        |log| applied(log) > before,
+    )?;
     row(
         format!("mirror_follow_one_route_after_reload_in_{n}_s"),
         start.elapsed().as_secs_f64(),
@@ -1646,6 +1610,25 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     );
     fwd.cli_ok(&["detach"])?;
     Ok(())
+}
+
+/// Waits, checking every 10 ms for at most `seconds`, until the daemon's
+/// log satisfies `done`; else fails with `what` and the log.
+fn until_logged(
+    fwd: &tests::Forwarder,
+    seconds: u64,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let log = fwd.log();
+        if done(&log) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{what}:\n{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// A memory figure of process `pid` from /proc/PID/status, in MiB:
