@@ -1024,6 +1024,14 @@ fn status(instance: &Instance, json: bool) -> Result<()> {
         "interfaces": interfaces,
         "routes_v4": v4,
         "routes_v6": v6,
+        // "kernel" (the table in mirrored_table), "static" (the config and
+        // the CLI), or null: a state file written by a build that did not
+        // record it.
+        "route_source": match state.as_ref().and_then(|s| s.mirrored_table) {
+            Some(Some(_)) => Some("kernel"),
+            Some(None) => Some("static"),
+            None => None,
+        },
         "mirrored_table": state.as_ref().and_then(|s| s.mirrored_table).flatten(),
         "route_miss": format!("{:?}", tables.route_miss()?).to_lowercase(),
         "ipv4_lookup": tables.ipv4_lookup().to_string(),

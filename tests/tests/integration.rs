@@ -70,6 +70,10 @@ fn ipv4_udp_crosses_with_ttl_checksum_and_macs_rewritten() {
         "{status}"
     );
     assert!(status.contains("from the config and the CLI"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(json["route_source"], "static", "{json}");
+    assert_eq!(json["mirrored_table"], serde_json::Value::Null, "{json}");
     // `detach` is what removes it.
     let out = fwd.cli_ok(&["detach"]).unwrap();
     assert!(out.contains("removed its pins"), "{out}");
@@ -136,6 +140,7 @@ fn a_config_route_wins_over_a_mirrored_kernel_route_to_its_prefix() {
     );
     let json: serde_json::Value =
         serde_json::from_str(&fwd.cli_ok(&["status", "--json"]).unwrap()).unwrap();
+    assert_eq!(json["route_source"], "kernel", "{json}");
     assert_eq!(json["mirrored_table"], 254, "{json}");
 }
 
