@@ -951,6 +951,7 @@ fn main() -> Result<()> {
     }
     if wanted("mirror") {
         mirror_rows(&mut report, &v4_full)?;
+        mirror_arrival_rows(&mut report, &v4_full)?;
     }
     if wanted("linux") {
         for routes in [&v4_small, &v4_full, &v6_small] {
@@ -1607,6 +1608,70 @@ fn mirror_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     row(
         format!("mirror_heap_{n}_kernel_v4_routes_mib"),
         status_mib(fwd.pid(), "RssAnon")?,
+    );
+    fwd.cli_ok(&["detach"])?;
+    Ok(())
+}
+
+/// A full table arriving after the daemon started, as when its BGP session
+/// comes up: the daemon started on an empty kernel table, then `routes`
+/// loaded into it with `ip -batch`. How long from the load's start until
+/// the daemon has logged every route added (in batches of notifications,
+/// or by a whole re-read if the notifications overflowed), how many whole
+/// re-reads that took, and the daemon's peak memory.
+fn mirror_arrival_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
+    let n = routes.len();
+    let lab = Lab::new()?;
+    tests::neighbour_c_v4(&lab);
+    let config = format!("route_source = \"kernel\"\n{}", lab.config("pass", ""));
+    let fwd = tests::Forwarder::start(&lab.router, &config)?;
+    let mirror_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("kernel table") && l.contains(" routes added, "))
+            .map(str::to_owned)
+            .collect()
+    };
+    let added = |lines: &[String]| -> usize {
+        lines
+            .iter()
+            .filter_map(|l| {
+                let head = l.split(" routes added, ").next()?;
+                head.rsplit(' ').next()?.parse::<usize>().ok()
+            })
+            .sum()
+    };
+    let start = Instant::now();
+    let kernel_took = kernel_routes(&lab, routes)?;
+    until_logged(&fwd, 300, "the mirror did not take the table", |log| {
+        added(&mirror_lines(log)) >= n
+    })?;
+    let took = start.elapsed().as_secs_f64();
+    let lines = mirror_lines(&fwd.log());
+    // A whole re-read logs the table's size, a batch its notifications.
+    let whole = lines
+        .iter()
+        .filter(|l| !l.contains(" notifications, "))
+        .count();
+    let mut row = |name: String, value: f64| {
+        println!("== {name}: {value:.2}");
+        report.control_plane.insert(name, value);
+    };
+    row(
+        format!("linux_load_{n}_v4_routes_after_start_s"),
+        kernel_took,
+    );
+    row(format!("mirror_table_arrival_{n}_s"), took);
+    row(
+        format!("mirror_table_arrival_{n}_batches"),
+        (lines.len() - whole) as f64,
+    );
+    row(
+        format!("mirror_table_arrival_{n}_whole_reads"),
+        whole as f64,
+    );
+    row(
+        format!("mirror_peak_rss_table_arrival_{n}_mib"),
+        status_mib(fwd.pid(), "VmHWM")?,
     );
     fwd.cli_ok(&["detach"])?;
     Ok(())
