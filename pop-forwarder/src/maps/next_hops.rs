@@ -265,7 +265,7 @@ impl Tables {
         self.journal("next-hop", |t| {
             Undo::NextHop(
                 id,
-                t.next_hops.get(&id, 0).unwrap_or(NextHop::default_free()),
+                Box::new(t.next_hops.get(&id, 0).unwrap_or(NextHop::default_free())),
             )
         })?;
         self.next_hops

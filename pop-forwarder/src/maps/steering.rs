@@ -143,9 +143,11 @@ impl Tables {
         self.journal("node", |t| {
             Undo::Node(
                 id,
-                t.cache_nodes
-                    .get(&id, 0)
-                    .unwrap_or(bytemuck::Zeroable::zeroed()),
+                Box::new(
+                    t.cache_nodes
+                        .get(&id, 0)
+                        .unwrap_or(bytemuck::Zeroable::zeroed()),
+                ),
             )
         })
     }

@@ -1480,6 +1480,33 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
         status_mib(fwd.pid(), "VmHWM")?,
     );
 
+    // Every route moved to another gateway (a routes file written anew):
+    // one change of the whole table, each route's old target journaled
+    // until it commits.
+    let moved = |routes: &mut dyn Iterator<Item = &Prefix>| -> Result<()> {
+        let mut text = String::with_capacity(n * 40);
+        for p in routes {
+            writeln!(text, "{p} via 10.0.2.3 dev r1")?;
+        }
+        std::fs::write(&routes_file, text)?;
+        Ok(())
+    };
+    moved(&mut routes[1..].iter().chain([&other]))?;
+    let start = Instant::now();
+    let out = fwd.cli_ok(&["reload"])?;
+    row(
+        format!("daemon_reload_{n}_every_route_moved_s"),
+        start.elapsed().as_secs_f64(),
+    );
+    anyhow::ensure!(
+        out.contains(&format!("0 routes added, {n} changed, 0 deleted")),
+        "reload: {out}"
+    );
+    row(
+        format!("daemon_peak_rss_{n}_v4_routes_every_route_moved_mib"),
+        status_mib(fwd.pid(), "VmHWM")?,
+    );
+
     fwd.stop()?;
     let start = Instant::now();
     fwd.run_again(&lab.router, &[])?;
