@@ -496,7 +496,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
             return Err(e);
         }
     };
-    let (mut running, adopted) = match start(&options, &model, health_tx) {
+    let (mut running, how) = match start(&options, &model, health_tx) {
         Ok(started) => started,
         Err(e) => {
             let _ = std::fs::remove_file(&control_path);
@@ -506,11 +506,7 @@ pub async fn run(options: RunOptions<'_>) -> Result<()> {
     info!(
         "instance {:?}: {} on {} with {} routes (IPv4 lookup: {}, IPv6 lookup: {}); maps pinned at {}",
         instance.name,
-        if adopted {
-            "adopted the pinned data plane (program swapped in place, no packet lost)"
-        } else {
-            "forwarding"
-        },
+        how,
         model
             .interfaces
             .iter()
@@ -993,6 +989,19 @@ fn write_steering_state(running: &Running) -> Result<()> {
 
 const STILL_FORWARDS: &str = "adopting the pinned data plane failed; it still forwards as before (fix the cause and run again, or `detach`)";
 
+const MIGRATION_FAILED: &str = "migrating the pinned data plane to this build's map layout failed; an interface whose program was not yet swapped still forwards on the old tables, one whose program was swapped forwards on the new ones, unpinned, until the next `run` migrates again (fix the cause and run again, or `detach`)";
+
+/// What `run` does with an instance's pins.
+enum Adoption {
+    /// Brings them to the config in place: the previous daemon's state.
+    Adopt(State),
+    /// Pins of another map layout (its version): this build cannot read
+    /// them, so it makes new tables beside them, fills them from the
+    /// config, swaps its program in on each pinned link (bpf_link_update:
+    /// no moment without XDP) and then replaces the old tables' pins.
+    Migrate(u32),
+}
+
 /// Validates everything that can be validated before touching the kernel,
 /// then either creates the data plane (loads, pins, fills, attaches) or, if
 /// the instance's pins exist (a daemon stopped, crashed or was upgraded),
@@ -1005,7 +1014,7 @@ fn start(
     options: &RunOptions<'_>,
     model: &Model,
     health_events: UnboundedSender<HealthEvent>,
-) -> Result<(Running, bool)> {
+) -> Result<(Running, &'static str)> {
     let instance = options.instance;
     let config_path = options.config;
     let links = kernel::links()?;
@@ -1057,10 +1066,16 @@ fn start(
     let (routes, connected) = (&wanted.routes, wanted.connected.clone());
     instance::ensure_bpffs()?;
     let adopting = instance.prepare_pin_dir()?;
-    let previous = if adopting {
-        Some(adoptable(instance, model).context(STILL_FORWARDS)?)
+    // Pins of another map layout are migrated, not adopted: see
+    // `Adoption::Migrate`. `previous` is then only the state file, for
+    // what it says beyond the tables (interfaces, modes, draining).
+    let (previous, migrating) = if adopting {
+        match adoptable(instance, model).context(STILL_FORWARDS)? {
+            Adoption::Adopt(state) => (Some(state), None),
+            Adoption::Migrate(from) => (instance.read_state(), Some(from)),
+        }
     } else {
-        None
+        (None, None)
     };
     for (i, iface) in attach_to.iter().enumerate() {
         if let Some(was) = previous
@@ -1095,10 +1110,21 @@ fn start(
             .map_max_entries(map_names::IPV6_RANGES, 1);
     }
     // Every table is pinned by name: created and pinned on the first start,
-    // reused from its pin on every later one.
+    // reused from its pin on every later one. A migration creates every
+    // table anew, pinned beside the old ones until its program is on
+    // every link; what an earlier migration left staged is not reused.
+    if migrating.is_some() {
+        let left = instance.remove_staged_pins().context(STILL_FORWARDS)?;
+        if left > 0 {
+            warn!("map pins staged by an unfinished migration, removed: {left}");
+        }
+    }
     let pins: Vec<_> = map_names::ALL
         .iter()
-        .map(|name| (*name, instance.pin_dir().join(name)))
+        .map(|name| match migrating {
+            Some(_) => (*name, instance.staged_pin(name)),
+            None => (*name, instance.pin_dir().join(name)),
+        })
         .collect();
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
@@ -1118,13 +1144,32 @@ fn start(
             model,
             &attach_to,
             routes,
-            previous.as_ref(),
+            // A migration fills its new tables from the config alone.
+            previous.as_ref().filter(|_| migrating.is_none()),
             (&links, &neighbours),
         )
         .map(|(tables, steering)| (ebpf, tables, steering))
     });
+    let result = result.and_then(|done| match migrating {
+        Some(from) => {
+            instance
+                .commit_staged_pins(&map_names::ALL, map_names::SETTINGS)
+                .context("replacing the old layout's map pins with the new ones")?;
+            info!(
+                "migrated the pinned data plane from map layout version {from} to {MAP_LAYOUT_VERSION}: new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters and the seen-once notes started empty"
+            );
+            Ok(done)
+        }
+        None => Ok(done),
+    });
     let (ebpf, tables, steering) = match result {
         Ok(done) => done,
+        Err(e) if migrating.is_some() => {
+            if let Err(cleanup) = instance.remove_staged_pins() {
+                warn!("removing the staged map pins: {cleanup:#}");
+            }
+            return Err(e.context(MIGRATION_FAILED));
+        }
         Err(e) if adopting => return Err(e.context(STILL_FORWARDS)),
         Err(e) => {
             // Links attached so far were dropped with the error (detaching
@@ -1228,32 +1273,47 @@ fn start(
             ),
         }
     }
-    Ok((running, adopting))
+    // How it started, for the log.
+    Ok((
+        running,
+        match (migrating, adopting) {
+            (Some(_), _) => {
+                "migrated the pinned data plane to new tables (program swapped in place)"
+            }
+            (None, true) => {
+                "adopted the pinned data plane (program swapped in place, no packet lost)"
+            }
+            (None, false) => "forwarding",
+        },
+    ))
 }
 
 /// Checks that the instance's pins can be adopted by this build, before
-/// anything is loaded: every map pinned, the same map layout, the same IPv4
-/// lookup. Returns what the previous daemon recorded.
-fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
+/// anything is loaded: every map pinned, the same map layout (else they
+/// are migrated), the same IPv4 and IPv6 lookups. Returns what the previous
+/// daemon recorded, or the layout version to migrate from.
+fn adoptable(instance: &Instance, model: &Model) -> Result<Adoption> {
     let dir = instance.pin_dir();
     let how = format!(
         "to start over, `pop-forwarder --instance {} detach` (forwarding stops until the next `run`)",
         instance.name
     );
-    if let Some(missing) = map_names::ALL.iter().find(|n| !dir.join(n).exists()) {
-        bail!(
-            "{} holds no map {missing}: these pins are not a whole instance; {how}",
-            dir.display()
-        );
-    }
-    let pinned = Tables::from_pins(&dir)?;
-    let version = pinned.layout_version()?;
+    let whole = |names: &[&str]| -> Result<()> {
+        if let Some(missing) = names.iter().find(|n| !dir.join(n).exists()) {
+            bail!(
+                "{} holds no map {missing}: these pins are not a whole instance; {how}",
+                dir.display()
+            );
+        }
+        Ok(())
+    };
+    whole(&[map_names::SETTINGS])?;
+    let version = Tables::pinned_layout_version(&dir)?;
     if version != MAP_LAYOUT_VERSION {
-        bail!(
-            "the maps pinned at {} have layout version {version}, this build needs {MAP_LAYOUT_VERSION}: it cannot adopt them. Migrate by running this build as another --instance on other interfaces, or {how}",
-            dir.display()
-        );
+        return Ok(Adoption::Migrate(version));
     }
+    whole(&map_names::ALL)?;
+    let pinned = Tables::from_pins(&dir)?;
     if pinned.ipv4_lookup() != model.ipv4_lookup {
         bail!(
             "ipv4_lookup: the pinned tables use {}, the config asks for {}; changing it needs a fresh start: {how}",
@@ -1275,7 +1335,7 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
             instance.state_path().display()
         );
     }
-    Ok(state.unwrap_or_else(|| State {
+    Ok(Adoption::Adopt(state.unwrap_or_else(|| State {
         pid: 0,
         config: Default::default(),
         interfaces: Vec::new(),
@@ -1284,7 +1344,7 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<State> {
         draining: false,
         vip_route_table: None,
         mirrored_table: None,
-    }))
+    })))
 }
 
 /// Fills the tables (new ones, or adopted ones to bring to the config),

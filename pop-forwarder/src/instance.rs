@@ -272,6 +272,57 @@ impl Instance {
         Ok(())
     }
 
+    /// Where a migration (`daemon::start`, pins of another map layout)
+    /// pins the new map `name` until the new program is on every link.
+    pub fn staged_pin(&self, name: &str) -> PathBuf {
+        self.pin_dir().join(format!("{STAGED}{name}"))
+    }
+
+    /// Removes the staged pins a migration left (one that failed, or a
+    /// daemon that died in one): their maps are not this instance's yet,
+    /// and a new migration must not reuse them. Returns how many went.
+    pub fn remove_staged_pins(&self) -> Result<usize> {
+        let dir = self.pin_dir();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let entry = entry?;
+            if entry.file_name().as_bytes().starts_with(STAGED.as_bytes()) {
+                remove_pin(&entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Ends a migration once the new program is on every link: each staged
+    /// map pin replaces the old map's (a rename, which replaces it in one
+    /// step), the old layout's maps this one has not lose their pins, and
+    /// the settings map, which names the layout, goes last. A daemon that
+    /// dies on the way leaves the old layout's settings pinned, so the next
+    /// `run` migrates again (a migration reads nothing of the old maps).
+    pub fn commit_staged_pins(&self, names: &[&str], settings: &str) -> Result<()> {
+        let dir = self.pin_dir();
+        for name in names.iter().filter(|n| **n != settings) {
+            let (from, to) = (self.staged_pin(name), dir.join(name));
+            fs::rename(&from, &to)
+                .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+        }
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let entry = entry?;
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            if !file.starts_with("link_")
+                && !file.starts_with(STAGED)
+                && !names.iter().any(|n| *n == file)
+            {
+                remove_pin(&entry.path())?;
+            }
+        }
+        let (from, to) = (self.staged_pin(settings), dir.join(settings));
+        fs::rename(&from, &to)
+            .with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+    }
+
     /// The run directory: root's, mode 0700, or 0710 with `group` (the
     /// config's `control_group`, whose members may then reach the control
     /// socket).
@@ -292,6 +343,9 @@ impl Instance {
         Ok(existed && fs::read_dir(&dir)?.next().is_some())
     }
 }
+
+/// What a staged map pin's name starts with (`Instance::staged_pin`).
+const STAGED: &str = "new_";
 
 /// Removes the link pinned at `path`, detached first (`detach_link`).
 pub fn remove_link_pin(path: &Path) -> Result<()> {

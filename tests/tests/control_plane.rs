@@ -68,6 +68,60 @@ fn forwards(lab: &Lab, tag: &str) -> bool {
     receive(&sink, 10, Duration::from_secs(3)).len() == 10
 }
 
+/// Checks that a stream's every datagram arrived, once: `sent` by the
+/// stream, `arrived` and `twice` at the sink. Returns how many the
+/// sender's own veth refused (they never reached the forwarder).
+fn no_datagram_lost(lab: &Lab, fwd: &Forwarder, sent: u64, arrived: u64, twice: u64) -> u64 {
+    // Datagrams the forwarder delivered to the sink's host that its socket
+    // had no room for (its reader starved of CPU by the rest of a parallel
+    // run): the kernel counts each, so they are accounted for, not lost.
+    let snmp = lab.c.run("cat", &["/proc/net/snmp"]).unwrap();
+    let no_room = udp_counter(&snmp, "RcvbufErrors");
+    // And datagrams the sender's own veth refused (its UDP SndbufErrors,
+    // a0's TX drops): r0's receive ring was full, the sender having caught
+    // up in a burst after being starved of CPU on these two vCPUs while the
+    // router's NAPI waited its turn. They never reached the forwarder,
+    // which must have forwarded every one that did (the callers check
+    // the program's count). The one such
+    // failure seen with the counts printed: 2 of 530,140 lost, the
+    // sender's SndbufErrors 2, a0's TX drops 2, the program's forwarded
+    // count 530,138.
+    let sender_snmp = lab.a.run("cat", &["/proc/net/snmp"]).unwrap();
+    let refused = udp_counter(&sender_snmp, "SndbufErrors");
+    eprintln!(
+        "{sent} datagrams sent, {arrived} arrived, {twice} twice, {no_room} found the sink's socket full, {refused} refused by the sender's veth"
+    );
+    assert!(sent > 50_000, "the stream ran for {sent} datagrams only");
+    // On a loss, where it happened: the program's outcomes and the
+    // interfaces' counts (a packet handed to the kernel, a transmit
+    // dropped, or none of them: lost before r0, in the lab's veths), and
+    // the kernel's own counts on the way: the sender's veth, r0, the
+    // router's IP stack (a moment without XDP), the sink's veth and stack.
+    assert_eq!(
+        (arrived + no_room + refused, twice),
+        (sent, 0),
+        "{} of {sent} datagrams lost\n{}\nthe sender's IP and UDP counters (SndbufErrors: its veth refused a datagram, r0's receive ring full):\n{}\na0 (the sender's veth): {}\nr0: {}\nthe router's IP counters (a packet XDP missed, forwarding off, is an InAddrErrors):\n{}\nc0 (the sink's veth): {}\nthe sink's IP and UDP counters (RcvbufErrors: its socket was full):\n{}\n{}",
+        sent - arrived - no_room - refused,
+        fwd.cli_ok(&["stats"]).unwrap_or_default(),
+        sender_snmp,
+        lab.a
+            .ip(&["-s", "-s", "link", "show", "a0"])
+            .unwrap_or_default(),
+        lab.router
+            .ip(&["-s", "-s", "link", "show", "r0"])
+            .unwrap_or_default(),
+        lab.router
+            .run("cat", &["/proc/net/snmp"])
+            .unwrap_or_default(),
+        lab.c
+            .ip(&["-s", "-s", "link", "show", "c0"])
+            .unwrap_or_default(),
+        snmp,
+        fwd.log()
+    );
+    refused
+}
+
 /// Steady traffic, 50,000 datagrams a second, crosses the forwarder while
 /// the control plane does what operators do to a live PoP: routes added and
 /// deleted in a loop (one of them cutting up the very /24 the traffic is
@@ -147,52 +201,7 @@ fn restarts_upgrades_reloads_and_route_churn_lose_no_packet() {
     let sent = stream.finish().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let (arrived, twice) = sink.finish();
-    // Datagrams the forwarder delivered to the sink's host that its socket
-    // had no room for (its reader starved of CPU by the rest of a parallel
-    // run): the kernel counts each, so they are accounted for, not lost.
-    let snmp = lab.c.run("cat", &["/proc/net/snmp"]).unwrap();
-    let no_room = udp_counter(&snmp, "RcvbufErrors");
-    // And datagrams the sender's own veth refused (its UDP SndbufErrors,
-    // a0's TX drops): r0's receive ring was full, the sender having caught
-    // up in a burst after being starved of CPU on these two vCPUs while the
-    // router's NAPI waited its turn. They never reached the forwarder,
-    // which must have forwarded every one that did (below). The one such
-    // failure seen with the counts printed: 2 of 530,140 lost, the
-    // sender's SndbufErrors 2, a0's TX drops 2, the program's forwarded
-    // count 530,138.
-    let sender_snmp = lab.a.run("cat", &["/proc/net/snmp"]).unwrap();
-    let refused = udp_counter(&sender_snmp, "SndbufErrors");
-    eprintln!(
-        "{sent} datagrams sent, {arrived} arrived, {twice} twice, {no_room} found the sink's socket full, {refused} refused by the sender's veth"
-    );
-    assert!(sent > 50_000, "the stream ran for {sent} datagrams only");
-    // On a loss, where it happened: the program's outcomes and the
-    // interfaces' counts (a packet handed to the kernel, a transmit
-    // dropped, or none of them: lost before r0, in the lab's veths), and
-    // the kernel's own counts on the way: the sender's veth, r0, the
-    // router's IP stack (a moment without XDP), the sink's veth and stack.
-    assert_eq!(
-        (arrived + no_room + refused, twice),
-        (sent, 0),
-        "{} of {sent} datagrams lost\n{}\nthe sender's IP and UDP counters (SndbufErrors: its veth refused a datagram, r0's receive ring full):\n{}\na0 (the sender's veth): {}\nr0: {}\nthe router's IP counters (a packet XDP missed, forwarding off, is an InAddrErrors):\n{}\nc0 (the sink's veth): {}\nthe sink's IP and UDP counters (RcvbufErrors: its socket was full):\n{}\n{}",
-        sent - arrived - no_room - refused,
-        fwd.cli_ok(&["stats"]).unwrap_or_default(),
-        sender_snmp,
-        lab.a
-            .ip(&["-s", "-s", "link", "show", "a0"])
-            .unwrap_or_default(),
-        lab.router
-            .ip(&["-s", "-s", "link", "show", "r0"])
-            .unwrap_or_default(),
-        lab.router
-            .run("cat", &["/proc/net/snmp"])
-            .unwrap_or_default(),
-        lab.c
-            .ip(&["-s", "-s", "link", "show", "c0"])
-            .unwrap_or_default(),
-        snmp,
-        fwd.log()
-    );
+    let refused = no_datagram_lost(&lab, &fwd, sent, arrived, twice);
     // The adopted counters carried on: the data plane forwarded every
     // datagram that reached it.
     assert!(fwd.counter("forwarded").unwrap() >= sent - refused);
@@ -464,31 +473,87 @@ fn pin_and_run_directories_others_could_write_are_refused() {
     assert!(!lab.router.has_xdp("r0").unwrap());
 }
 
-/// Maps pinned by a build with another layout are not adopted: `run` says
-/// so and how to migrate, and the pinned data plane keeps forwarding.
+/// Maps pinned by a build with another layout (here: their settings say
+/// layout 999) are migrated, not adopted: new tables filled from the
+/// config, the program swapped in on each pinned link, then the old pins
+/// replaced. Steady traffic (kernel forwarding off: a moment without XDP
+/// would be a loss) loses no datagram on the way. The staged pins a
+/// migration that died left are removed, not reused; a map of the old
+/// layout that this one has not loses its pin, one of another type under
+/// a name this layout has is replaced; the next restart adopts.
 #[test]
-fn a_build_with_another_map_layout_is_refused_and_forwarding_goes_on() {
+fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
+    use pop_forwarder_common::{MAP_LAYOUT_VERSION, map_names, settings::LAYOUT_VERSION};
     let (lab, mut fwd) = routed_lab(&[]);
-    fwd.stop().unwrap();
-    let settings = format!(
-        "/sys/fs/bpf/pop-forwarder/{}/{}",
-        fwd.instance,
-        pop_forwarder_common::map_names::SETTINGS
-    );
-    let mut map: aya::maps::Array<_, u32> = aya::maps::Array::try_from(aya::maps::Map::Array(
-        aya::maps::MapData::from_pin(&settings).unwrap(),
-    ))
+    let sink = Sink::start(udp_socket(&lab.c, "10.0.2.2:9999").unwrap()).unwrap();
+    let stream = Stream::start(
+        &lab.a,
+        "10.0.2.2:9999".parse().unwrap(),
+        50_000,
+        Duration::from_secs(30),
+    )
     .unwrap();
-    map.set(pop_forwarder_common::settings::LAYOUT_VERSION, 999, 0)
+    std::thread::sleep(Duration::from_millis(300));
+    fwd.stop().unwrap();
+    let dir = PathBuf::from(format!("/sys/fs/bpf/pop-forwarder/{}", fwd.instance));
+    let layout = |path: &Path| -> u32 {
+        let data = aya::maps::MapData::from_pin(path).unwrap();
+        let map: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        map.get(&LAYOUT_VERSION, 0).unwrap()
+    };
+    let settings = dir.join(map_names::SETTINGS);
+    let data = aya::maps::MapData::from_pin(&settings).unwrap();
+    data.pin(dir.join(format!("new_{}", map_names::SETTINGS)))
         .unwrap();
-    let err = fwd.run_again(&lab.router, &[]).unwrap_err().to_string();
+    data.pin(dir.join("OLD_LAYOUT_ONLY")).unwrap();
+    // And one of this layout's names holding a map of another type (an
+    // array of u32 where this build has sets of flow slots), which this
+    // build could not open as its own.
+    std::fs::remove_file(dir.join(map_names::FLOWS_V4)).unwrap();
+    data.pin(dir.join(map_names::FLOWS_V4)).unwrap();
+    let mut map: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    map.set(LAYOUT_VERSION, 999, 0).unwrap();
+    drop(map);
+
+    fwd.run_again(&lab.router, &[]).unwrap();
+    let log = fwd.log();
     assert!(
-        err.contains("have layout version 999, this build needs")
-            && err.contains("still forwards as before"),
-        "{err}"
+        log.contains("map pins staged by an unfinished migration, removed: 1")
+            && log.contains(&format!(
+                "migrated the pinned data plane from map layout version 999 to {MAP_LAYOUT_VERSION}"
+            )),
+        "{log}"
     );
-    assert!(fwd.has_pins());
-    assert!(forwards(&lab, "old layout"));
+    // Both links swapped in place (none attached afresh: that would have
+    // failed on an interface that has XDP).
+    swaps(&fwd, "swapped in on the pinned link", 2);
+    assert_eq!(layout(&settings), MAP_LAYOUT_VERSION);
+    let mut left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("link_") && !map_names::ALL.contains(&n.as_str()))
+        .collect();
+    left.sort();
+    assert!(left.is_empty(), "pins left: {left:?}");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = stream.finish().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (arrived, twice) = sink.finish();
+    no_datagram_lost(&lab, &fwd, sent, arrived, twice);
+    // The new tables count from the migration on.
+    assert!(fwd.counter("forwarded").unwrap() > 0);
+    assert_eq!(fwd.counter("pass_no_neighbour").unwrap(), 0);
+
+    // The next restart adopts the migrated pins: its program swapped in
+    // on both links, no second migration.
+    fwd.stop().unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    swaps(&fwd, "swapped in on the pinned link", 4);
+    swaps(&fwd, "migrated the pinned data plane from", 1);
+    assert!(forwards(&lab, "after the migration"));
 }
 
 /// The tables once the router's own addresses have settled: its IPv6

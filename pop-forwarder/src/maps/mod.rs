@@ -283,6 +283,21 @@ impl Tables {
     }
 
     /// Opens the maps an instance pinned in `dir`.
+    /// The `MAP_LAYOUT_VERSION` recorded in the settings map pinned in
+    /// `dir`, read from that map alone: the other maps of another layout
+    /// may not open as this build's types.
+    pub fn pinned_layout_version(dir: &Path) -> Result<u32> {
+        let path = dir.join(names::SETTINGS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let map = Map::from_map_data(data).with_context(|| format!("map {}", path.display()))?;
+        let settings: Array<MapData, u32> =
+            typed(map, names::SETTINGS).context("the pinned settings")?;
+        settings
+            .get(&settings::LAYOUT_VERSION, 0)
+            .context("reading the map layout version")
+    }
+
     pub fn from_pins(dir: &Path) -> Result<Tables> {
         Tables::open(|name| {
             let path = dir.join(name);
