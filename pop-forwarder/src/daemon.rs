@@ -989,17 +989,18 @@ fn write_steering_state(running: &Running) -> Result<()> {
 
 const STILL_FORWARDS: &str = "adopting the pinned data plane failed; it still forwards as before (fix the cause and run again, or `detach`)";
 
-const MIGRATION_FAILED: &str = "migrating the pinned data plane to this build's map layout failed; an interface whose program was not yet swapped still forwards on the old tables, one whose program was swapped forwards on the new ones, unpinned, until the next `run` migrates again (fix the cause and run again, or `detach`)";
+const MIGRATION_FAILED: &str = "migrating the pinned data plane to new tables failed; an interface whose program was not yet swapped still forwards on the old tables, one whose program was swapped forwards on the new ones, unpinned, until the next `run` migrates again (fix the cause and run again, or `detach`)";
 
 /// What `run` does with an instance's pins.
 enum Adoption {
     /// Brings them to the config in place: the previous daemon's state.
     Adopt(State),
-    /// Pins of another map layout (its version): this build cannot read
-    /// them, so it makes new tables beside them, fills them from the
+    /// Pins this build cannot bring to the config in place (another map
+    /// layout, or another `ipv4_lookup` or `ipv6_lookup`; what changed,
+    /// for the log): it makes new tables beside them, fills them from the
     /// config, swaps its program in on each pinned link (bpf_link_update:
     /// no moment without XDP) and then replaces the old tables' pins.
-    Migrate(u32),
+    Migrate(String),
 }
 
 /// Validates everything that can be validated before touching the kernel,
@@ -1066,7 +1067,7 @@ fn start(
     let (routes, connected) = (&wanted.routes, wanted.connected.clone());
     instance::ensure_bpffs()?;
     let adopting = instance.prepare_pin_dir()?;
-    // Pins of another map layout are migrated, not adopted: see
+    // Pins of another map layout or lookup are migrated, not adopted: see
     // `Adoption::Migrate`. `previous` is then only the state file, for
     // what it says beyond the tables (interfaces, modes, draining).
     let (previous, migrating) = if adopting {
@@ -1150,13 +1151,13 @@ fn start(
         )
         .map(|(tables, steering)| (ebpf, tables, steering))
     });
-    let result = result.and_then(|done| match migrating {
-        Some(from) => {
+    let result = result.and_then(|done| match &migrating {
+        Some(what) => {
             instance
                 .commit_staged_pins(&map_names::ALL, map_names::SETTINGS)
-                .context("replacing the old layout's map pins with the new ones")?;
+                .context("replacing the old tables' map pins with the new ones")?;
             info!(
-                "migrated the pinned data plane from map layout version {from} to {MAP_LAYOUT_VERSION}: new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters and the seen-once notes started empty"
+                "migrated the pinned data plane ({what}): new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters and the seen-once notes started empty"
             );
             Ok(done)
         }
@@ -1289,9 +1290,9 @@ fn start(
 }
 
 /// Checks that the instance's pins can be adopted by this build, before
-/// anything is loaded: every map pinned, the same map layout (else they
-/// are migrated), the same IPv4 and IPv6 lookups. Returns what the previous
-/// daemon recorded, or the layout version to migrate from.
+/// anything is loaded: every map pinned, the same map layout and the same
+/// IPv4 and IPv6 lookups (else they are migrated). Returns what the
+/// previous daemon recorded, or what a migration changes.
 fn adoptable(instance: &Instance, model: &Model) -> Result<Adoption> {
     let dir = instance.pin_dir();
     let how = format!(
@@ -1310,23 +1311,25 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<Adoption> {
     whole(&[map_names::SETTINGS])?;
     let version = Tables::pinned_layout_version(&dir)?;
     if version != MAP_LAYOUT_VERSION {
-        return Ok(Adoption::Migrate(version));
+        return Ok(Adoption::Migrate(format!(
+            "map layout version {version} to {MAP_LAYOUT_VERSION}"
+        )));
     }
     whole(&map_names::ALL)?;
     let pinned = Tables::from_pins(&dir)?;
     if pinned.ipv4_lookup() != model.ipv4_lookup {
-        bail!(
-            "ipv4_lookup: the pinned tables use {}, the config asks for {}; changing it needs a fresh start: {how}",
+        return Ok(Adoption::Migrate(format!(
+            "ipv4_lookup {} to {}",
             pinned.ipv4_lookup(),
             model.ipv4_lookup
-        );
+        )));
     }
     if pinned.ipv6_lookup() != model.ipv6_lookup {
-        bail!(
-            "ipv6_lookup: the pinned tables use {}, the config asks for {}; changing it needs a fresh start: {how}",
+        return Ok(Adoption::Migrate(format!(
+            "ipv6_lookup {} to {}",
             pinned.ipv6_lookup(),
             model.ipv6_lookup
-        );
+        )));
     }
     let state = instance.read_state();
     if state.is_none() && !pinned.vips()?.is_empty() {

@@ -480,7 +480,8 @@ fn pin_and_run_directories_others_could_write_are_refused() {
 /// would be a loss) loses no datagram on the way. The staged pins a
 /// migration that died left are removed, not reused; a map of the old
 /// layout that this one has not loses its pin, one of another type under
-/// a name this layout has is replaced; the next restart adopts.
+/// a name this layout has is replaced; the next restart adopts. A config
+/// with another `ipv4_lookup` is migrated to the same way.
 #[test]
 fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     use pop_forwarder_common::{MAP_LAYOUT_VERSION, map_names, settings::LAYOUT_VERSION};
@@ -522,7 +523,7 @@ fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     assert!(
         log.contains("map pins staged by an unfinished migration, removed: 1")
             && log.contains(&format!(
-                "migrated the pinned data plane from map layout version 999 to {MAP_LAYOUT_VERSION}"
+                "migrated the pinned data plane (map layout version 999 to {MAP_LAYOUT_VERSION})"
             )),
         "{log}"
     );
@@ -552,8 +553,23 @@ fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     fwd.stop().unwrap();
     fwd.run_again(&lab.router, &[]).unwrap();
     swaps(&fwd, "swapped in on the pinned link", 4);
-    swaps(&fwd, "migrated the pinned data plane from", 1);
+    swaps(&fwd, "migrated the pinned data plane (", 1);
     assert!(forwards(&lab, "after the migration"));
+
+    // Another IPv4 lookup is migrated to the same way, at a restart.
+    let config = std::fs::read_to_string(&fwd.config).unwrap();
+    std::fs::write(&fwd.config, format!("ipv4_lookup = \"lpm-trie\"\n{config}")).unwrap();
+    fwd.stop().unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    swaps(
+        &fwd,
+        "migrated the pinned data plane (ipv4_lookup dir-24-8 to lpm-trie)",
+        1,
+    );
+    swaps(&fwd, "swapped in on the pinned link", 6);
+    let status = fwd.cli_ok(&["status"]).unwrap();
+    assert!(status.contains("ipv4 lookup: lpm-trie"), "{status}");
+    assert!(forwards(&lab, "after the lookup's migration"));
 }
 
 /// The tables once the router's own addresses have settled: its IPv6
