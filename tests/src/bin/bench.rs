@@ -1409,15 +1409,16 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let cleanup = Cleanup(dir.clone());
     let routes_file = dir.join("routes.txt");
-    let write_routes = |routes: &mut dyn Iterator<Item = &Prefix>| -> Result<()> {
+    // The routes file: `routes` through gateway `via` on r1.
+    let write_routes = |via: &str, routes: &mut dyn Iterator<Item = &Prefix>| -> Result<()> {
         let mut text = String::with_capacity(n * 40);
         for p in routes {
-            writeln!(text, "{p} via 10.0.2.2 dev r1")?;
+            writeln!(text, "{p} via {via} dev r1")?;
         }
         std::fs::write(&routes_file, text)?;
         Ok(())
     };
-    write_routes(&mut routes.iter())?;
+    write_routes("10.0.2.2", &mut routes.iter())?;
     let config = format!(
         "routes_file = \"{}\"\n{}",
         routes_file.display(),
@@ -1454,7 +1455,7 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
 
     // One route gone, another in its place.
     let other: Prefix = "198.18.77.0/24".parse()?;
-    write_routes(&mut routes[1..].iter().chain([&other]))?;
+    write_routes("10.0.2.2", &mut routes[1..].iter().chain([&other]))?;
     let start = Instant::now();
     let out = fwd.cli_ok(&["reload"])?;
     row(
@@ -1483,15 +1484,7 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     // Every route moved to another gateway (a routes file written anew):
     // one change of the whole table, each route's old target journaled
     // until it commits.
-    let moved = |routes: &mut dyn Iterator<Item = &Prefix>| -> Result<()> {
-        let mut text = String::with_capacity(n * 40);
-        for p in routes {
-            writeln!(text, "{p} via 10.0.2.3 dev r1")?;
-        }
-        std::fs::write(&routes_file, text)?;
-        Ok(())
-    };
-    moved(&mut routes[1..].iter().chain([&other]))?;
+    write_routes("10.0.2.3", &mut routes[1..].iter().chain([&other]))?;
     let start = Instant::now();
     let out = fwd.cli_ok(&["reload"])?;
     row(
