@@ -1181,16 +1181,22 @@ fn start(
             return Err(e);
         }
     };
-    // Interfaces the old config had and this one has not.
-    if let Some(previous) = &previous {
-        for gone in previous
-            .interfaces
+    // Interfaces the old config had and this one has not, as the link pins
+    // say (the state file may be gone).
+    if adopting {
+        let pinned = instance
+            .xdp_link_names(&TRANSMIT_TRACEPOINTS)
+            .unwrap_or_else(|e| {
+                warn!("listing the pinned links: {e:#}");
+                Vec::new()
+            });
+        for gone in pinned
             .iter()
-            .filter(|a| !attach_to.iter().any(|b| b.name == a.name))
+            .filter(|n| !attach_to.iter().any(|b| &b.name == *n))
         {
-            match crate::instance::remove_link_pin(&instance.link_pin(&gone.name)) {
-                Ok(()) => info!("detached from {} (no longer in the config)", gone.name),
-                Err(e) => warn!("detaching from {}: {e:#}", gone.name),
+            match crate::instance::remove_link_pin(&instance.link_pin(gone)) {
+                Ok(()) => info!("detached from {gone} (no longer in the config)"),
+                Err(e) => warn!("detaching from {gone}: {e:#}"),
             }
         }
     }
@@ -1482,6 +1488,10 @@ fn severed(e: &aya::programs::ProgramError) -> bool {
     false
 }
 
+/// The xdp tracepoints `watch_transmit_errors` attaches to, whose links are
+/// pinned beside the XDP links (`link_tp_NAME`).
+const TRANSMIT_TRACEPOINTS: [&str; 2] = ["xdp_devmap_xmit", "xdp_redirect_err"];
+
 /// Attaches the xdp tracepoint programs that count what the kernel drops
 /// after the program handed a frame over (`TX_ERRORS`), their links pinned
 /// beside the XDP links so that they outlive the daemon. A restart replaces
@@ -1495,10 +1505,10 @@ fn watch_transmit_errors(
     use pop_forwarder_common::tracepoints;
     tables.set_xdp_prog_id(program_id)?;
     let events = instance::ensure_tracefs()?;
-    for (name, fields) in [
-        ("xdp_devmap_xmit", &tracepoints::DEVMAP_XMIT[..]),
-        ("xdp_redirect_err", &tracepoints::REDIRECT_ERR[..]),
-    ] {
+    for (name, fields) in TRANSMIT_TRACEPOINTS.into_iter().zip([
+        &tracepoints::DEVMAP_XMIT[..],
+        &tracepoints::REDIRECT_ERR[..],
+    ]) {
         let format_path = events.join("xdp").join(name).join("format");
         let format = std::fs::read_to_string(&format_path)
             .with_context(|| format!("reading {}", format_path.display()))?;

@@ -272,6 +272,27 @@ impl Instance {
         Ok(())
     }
 
+    /// The interfaces with an XDP link pinned here (`link_pin`): every
+    /// `link_NAME` but the tracepoints' (`link_tp_TRACEPOINT`).
+    pub fn xdp_link_names(&self, tracepoints: &[&str]) -> Result<Vec<String>> {
+        let dir = self.pin_dir();
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let file = entry?.file_name();
+            let Some(name) = file.to_str().and_then(|f| f.strip_prefix("link_")) else {
+                continue;
+            };
+            let tracepoint = name
+                .strip_prefix("tp_")
+                .is_some_and(|t| tracepoints.contains(&t));
+            if !tracepoint {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     /// Where a migration (`daemon::start`, pins of another map layout)
     /// pins the new map `name` until the new program is on every link.
     pub fn staged_pin(&self, name: &str) -> PathBuf {

@@ -233,6 +233,31 @@ fn a_restart_without_an_interface_detaches_from_it() {
     );
     assert!(lab.router.has_xdp("r0").unwrap());
     assert!(!lab.router.has_xdp("r1").unwrap());
+
+    // The same with the state file gone: the pinned links say which
+    // interfaces were attached.
+    std::fs::write(&fwd.config, lab.config("pass", "")).unwrap();
+    fwd.stop().unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert!(lab.router.has_xdp("r1").unwrap());
+    fwd.stop().unwrap();
+    std::fs::remove_file(fwd.run_dir.join(format!("{}.json", fwd.instance))).unwrap();
+    std::fs::write(
+        &fwd.config,
+        "route_miss = \"pass\"\n\n[[interfaces]]\nname = \"r0\"\n",
+    )
+    .unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    assert_eq!(
+        fwd.log()
+            .matches("detached from r1 (no longer in the config)")
+            .count(),
+        2,
+        "{}",
+        fwd.log()
+    );
+    assert!(lab.router.has_xdp("r0").unwrap());
+    assert!(!lab.router.has_xdp("r1").unwrap());
 }
 
 #[test]
