@@ -1073,7 +1073,7 @@ fn start(
     let (previous, migrating) = if adopting {
         match adoptable(instance, model).context(STILL_FORWARDS)? {
             Adoption::Adopt(state) => (Some(state), None),
-            Adoption::Migrate(from) => (instance.read_state(), Some(from)),
+            Adoption::Migrate(what) => (instance.read_state(), Some(what)),
         }
     } else {
         (None, None)
@@ -1157,7 +1157,7 @@ fn start(
                 .commit_staged_pins(&map_names::ALL, map_names::SETTINGS)
                 .context("replacing the old tables' map pins with the new ones")?;
             info!(
-                "migrated the pinned data plane ({what}): new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters and the seen-once notes started empty"
+                "migrated the pinned data plane ({what}): new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters, the nodes' health and slots and the seen-once notes started afresh"
             );
             Ok(done)
         }
