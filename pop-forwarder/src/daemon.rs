@@ -1314,7 +1314,14 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<Adoption> {
         }
         Ok(())
     };
-    whole(&[map_names::SETTINGS])?;
+    // No settings map: a migration stopped while it replaced the pins
+    // (`Instance::commit_staged_pins`), leaving old and new tables mixed;
+    // migrating again reads none of them.
+    if !dir.join(map_names::SETTINGS).exists() {
+        return Ok(Adoption::Migrate(
+            "no settings map pinned: a migration that did not finish".to_owned(),
+        ));
+    }
     let version = Tables::pinned_layout_version(&dir)?;
     if version != MAP_LAYOUT_VERSION {
         return Ok(Adoption::Migrate(format!(

@@ -315,14 +315,20 @@ impl Instance {
         Ok(removed)
     }
 
-    /// Ends a migration once the new program is on every link: each staged
-    /// map pin replaces the old map's (a rename, which replaces it in one
-    /// step), the old layout's maps this one has not lose their pins, and
-    /// the settings map, which names the layout, goes last. A daemon that
-    /// dies on the way leaves the old layout's settings pinned, so the next
-    /// `run` migrates again (a migration reads nothing of the old maps).
+    /// Ends a migration once the new program is on every link. The old
+    /// settings map's pin goes first: from then until the new one is in
+    /// its place, the pins are a mix of old and new tables that no build
+    /// may adopt, and without a settings map none does (this one migrates
+    /// again, reading nothing of the old maps; an older one refuses). Then
+    /// each staged map pin replaces the old map's (a rename), the old
+    /// maps this layout has not lose their pins, and the new settings
+    /// map's pin goes in last.
     pub fn commit_staged_pins(&self, names: &[&str], settings: &str) -> Result<()> {
         let dir = self.pin_dir();
+        let old_settings = dir.join(settings);
+        if old_settings.exists() {
+            remove_pin(&old_settings)?;
+        }
         for name in names.iter().filter(|n| **n != settings) {
             let (from, to) = (self.staged_pin(name), dir.join(name));
             fs::rename(&from, &to)

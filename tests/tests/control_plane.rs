@@ -481,7 +481,8 @@ fn pin_and_run_directories_others_could_write_are_refused() {
 /// migration that died left are removed, not reused; a map of the old
 /// layout that this one has not loses its pin, one of another type under
 /// a name this layout has is replaced; the next restart adopts. A config
-/// with another `ipv4_lookup` is migrated to the same way.
+/// with another `ipv4_lookup` is migrated to the same way, and so are pins
+/// without a settings map (a migration that died while replacing them).
 #[test]
 fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     use pop_forwarder_common::{MAP_LAYOUT_VERSION, map_names, settings::LAYOUT_VERSION};
@@ -570,6 +571,19 @@ fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     let status = fwd.cli_ok(&["status"]).unwrap();
     assert!(status.contains("ipv4 lookup: lpm-trie"), "{status}");
     assert!(forwards(&lab, "after the lookup's migration"));
+
+    // A migration that died while it replaced the pins left no settings
+    // map pinned (it goes first): the next run migrates again.
+    fwd.stop().unwrap();
+    std::fs::remove_file(&settings).unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    swaps(
+        &fwd,
+        "migrated the pinned data plane (no settings map pinned: a migration that did not finish)",
+        1,
+    );
+    assert_eq!(layout(&settings), MAP_LAYOUT_VERSION);
+    assert!(forwards(&lab, "after a migration that did not finish"));
 }
 
 /// The tables once the router's own addresses have settled: its IPv6
