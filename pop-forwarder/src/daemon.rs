@@ -1305,15 +1305,6 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<Adoption> {
         "to start over, `pop-forwarder --instance {} detach` (forwarding stops until the next `run`)",
         instance.name
     );
-    let whole = |names: &[&str]| -> Result<()> {
-        if let Some(missing) = names.iter().find(|n| !dir.join(n).exists()) {
-            bail!(
-                "{} holds no map {missing}: these pins are not a whole instance; {how}",
-                dir.display()
-            );
-        }
-        Ok(())
-    };
     // No settings map: a migration stopped while it replaced the pins
     // (`Instance::commit_staged_pins`), leaving old and new tables mixed;
     // migrating again reads none of them.
@@ -1328,7 +1319,12 @@ fn adoptable(instance: &Instance, model: &Model) -> Result<Adoption> {
             "map layout version {version} to {MAP_LAYOUT_VERSION}"
         )));
     }
-    whole(&map_names::ALL)?;
+    if let Some(missing) = map_names::ALL.iter().find(|n| !dir.join(n).exists()) {
+        bail!(
+            "{} holds no map {missing}: these pins are not a whole instance; {how}",
+            dir.display()
+        );
+    }
     let pinned = Tables::from_pins(&dir)?;
     if pinned.ipv4_lookup() != model.ipv4_lookup {
         return Ok(Adoption::Migrate(format!(

@@ -237,18 +237,14 @@ impl Instance {
         if !dir.exists() {
             return Ok(());
         }
-        let mut links = Vec::new();
-        let mut others = Vec::new();
-        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let entry = entry?;
-            if entry.file_name().as_bytes().starts_with(b"link_") {
-                links.push(entry.path());
-            } else {
-                others.push(entry.path());
-            }
-        }
-        links.sort();
-        others.sort();
+        let (links, others): (Vec<_>, Vec<_>) = self
+            .pin_names()?
+            .into_iter()
+            .map(|name| dir.join(name))
+            .partition(|path| {
+                path.file_name()
+                    .is_some_and(|n| n.as_bytes().starts_with(b"link_"))
+            });
         let mut failed = Vec::new();
         for path in &links {
             if let Err(e) = remove_link_pin(path) {
@@ -272,25 +268,32 @@ impl Instance {
         Ok(())
     }
 
-    /// The interfaces with an XDP link pinned here (`link_pin`): every
-    /// `link_NAME` but the tracepoints' (`link_tp_TRACEPOINT`).
-    pub fn xdp_link_names(&self, tracepoints: &[&str]) -> Result<Vec<String>> {
+    /// What is pinned in the instance's directory: each entry's name,
+    /// sorted.
+    fn pin_names(&self) -> Result<Vec<std::ffi::OsString>> {
         let dir = self.pin_dir();
         let mut names = Vec::new();
         for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let file = entry?.file_name();
-            let Some(name) = file.to_str().and_then(|f| f.strip_prefix("link_")) else {
-                continue;
-            };
-            let tracepoint = name
-                .strip_prefix("tp_")
-                .is_some_and(|t| tracepoints.contains(&t));
-            if !tracepoint {
-                names.push(name.to_owned());
-            }
+            names.push(entry?.file_name());
         }
         names.sort();
         Ok(names)
+    }
+
+    /// The interfaces with an XDP link pinned here (`link_pin`): every
+    /// `link_NAME` but the tracepoints' (`link_tp_TRACEPOINT`).
+    pub fn xdp_link_names(&self, tracepoints: &[&str]) -> Result<Vec<String>> {
+        Ok(self
+            .pin_names()?
+            .iter()
+            .filter_map(|file| file.to_str()?.strip_prefix("link_"))
+            .filter(|name| {
+                !name
+                    .strip_prefix("tp_")
+                    .is_some_and(|t| tracepoints.contains(&t))
+            })
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Where a migration (`daemon::start`, pins of another map layout)
@@ -305,10 +308,9 @@ impl Instance {
     pub fn remove_staged_pins(&self) -> Result<usize> {
         let dir = self.pin_dir();
         let mut removed = 0;
-        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let entry = entry?;
-            if entry.file_name().as_bytes().starts_with(STAGED.as_bytes()) {
-                remove_pin(&entry.path())?;
+        for name in self.pin_names()? {
+            if name.as_bytes().starts_with(STAGED.as_bytes()) {
+                remove_pin(&dir.join(name))?;
                 removed += 1;
             }
         }
@@ -334,15 +336,13 @@ impl Instance {
             fs::rename(&from, &to)
                 .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
         }
-        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let entry = entry?;
-            let file = entry.file_name();
-            let file = file.to_string_lossy();
+        for name in self.pin_names()? {
+            let file = name.to_string_lossy();
             if !file.starts_with("link_")
                 && !file.starts_with(STAGED)
                 && !names.iter().any(|n| *n == file)
             {
-                remove_pin(&entry.path())?;
+                remove_pin(&dir.join(&name))?;
             }
         }
         let (from, to) = (self.staged_pin(settings), dir.join(settings));

@@ -283,8 +283,9 @@ impl Tables {
     }
 
     /// The `MAP_LAYOUT_VERSION` recorded in the settings map pinned in
-    /// `dir`, read from that map alone: the other maps of another layout
-    /// may not open as this build's types.
+    /// `dir` (0: a build from before versions were recorded), read from
+    /// that map alone: the other maps of another layout may not open as
+    /// this build's types.
     pub fn pinned_layout_version(dir: &Path) -> Result<u32> {
         let path = dir.join(names::SETTINGS);
         let data = MapData::from_pin(&path)
@@ -551,14 +552,6 @@ impl Tables {
             MAP_LAYOUT_VERSION,
             "the map layout version",
         )
-    }
-
-    /// The `MAP_LAYOUT_VERSION` of the build that created these maps (0:
-    /// a build from before versions were recorded).
-    pub fn layout_version(&self) -> Result<u32> {
-        self.settings
-            .get(&settings::LAYOUT_VERSION, 0)
-            .context("reading the map layout version")
     }
 
     pub fn set_route_miss(&mut self, policy: RouteMissPolicy) -> Result<()> {
