@@ -44,8 +44,10 @@ struct Cli {
 enum Command {
     /// Run the instance's daemon: attach to the config's interfaces and fill
     /// the tables, or adopt the instance's pinned data plane (restart,
-    /// upgrade), then keep it current. Ctrl-C or SIGTERM stop the daemon and
-    /// leave XDP forwarding; `detach` removes it.
+    /// upgrade; pins of another map layout, `ipv4_lookup` or `ipv6_lookup`
+    /// are migrated to new tables, the program swapped in place), then keep
+    /// it current. Ctrl-C or SIGTERM stop the daemon and leave XDP
+    /// forwarding; `detach` removes it.
     Run {
         #[arg(long, short)]
         config: PathBuf,
