@@ -34,6 +34,23 @@ pub fn unique(tag: &str) -> String {
     )
 }
 
+/// A uniquely named path in the temp directory, removed (a file or a
+/// whole directory) when dropped, whether the test passed or not.
+pub struct TempPath(pub std::path::PathBuf);
+
+impl TempPath {
+    pub fn new(tag: &str) -> TempPath {
+        TempPath(std::env::temp_dir().join(unique(tag)))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs a command, failing with its stderr if it fails.
 pub fn sh(cmd: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(cmd)
@@ -601,6 +618,15 @@ impl Drop for Forwarder {
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/pop-forwarder/{}", self.instance));
         for ext in ["json", "lock", "sock"] {
             let _ = std::fs::remove_file(self.run_dir.join(format!("{}.{ext}", self.instance)));
+        }
+        // The config and the daemon's log: kept, and named, if the test
+        // is failing, so that the log can be read.
+        if let Some(dir) = self.log.parent() {
+            if std::thread::panicking() {
+                eprintln!("daemon log kept: {}", self.log.display());
+            } else {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }

@@ -2239,12 +2239,13 @@ fn the_deny_list_comes_from_the_file_the_cli_and_reload() {
     neighbour_c_v4(&lab);
     // 1,000 entries in a deny_file (benchmarking networks, not this lab's),
     // one in the config that stops this lab's traffic.
-    let file = std::env::temp_dir().join(tests::unique("deny"));
+    let file = tests::TempPath::new("deny");
+    let file = &file.0;
     let mut lines: String = (0..1000)
         .map(|i| format!("source 198.18.{}.{}/32\n", i / 256, i % 256))
         .collect();
     lines.push_str("# a comment\ndestination 2001:db8::/32\n");
-    std::fs::write(&file, &lines).unwrap();
+    std::fs::write(file, &lines).unwrap();
     let config = format!(
         "deny_file = \"{}\"\n{}\n[[deny]]\nprefix = \"10.0.2.2/32\"\ndirection = \"destination\"\n",
         file.display(),

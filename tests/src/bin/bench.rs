@@ -1405,9 +1405,9 @@ fn daemon_rows(report: &mut Report, routes: &[Prefix]) -> Result<()> {
     let n = routes.len();
     let lab = Lab::new()?;
     tests::neighbour_c_v4(&lab);
-    let dir = std::env::temp_dir().join(tests::unique("bench"));
+    let cleanup = tests::TempPath::new("bench");
+    let dir = cleanup.0.clone();
     std::fs::create_dir_all(&dir)?;
-    let cleanup = Cleanup(dir.clone());
     let routes_file = dir.join("routes.txt");
     // The routes file: `routes` through gateway `via` on r1.
     let write_routes = |via: &str, routes: &mut dyn Iterator<Item = &Prefix>| -> Result<()> {
@@ -1731,14 +1731,6 @@ fn status_mib(pid: u32, field: &str) -> Result<f64> {
 }
 
 /// Removes a directory on drop.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput> {
     r.throughput
         .iter()
