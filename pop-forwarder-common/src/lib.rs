@@ -41,7 +41,7 @@ mod test_rng {
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 8;
+pub const MAP_LAYOUT_VERSION: u32 = 9;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -639,12 +639,12 @@ mod tests {
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                8,
+                9,
                 [
                     52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 11,
                     16777216, 2097152, 2, 64, 1024, 65537, 262144, 33, 24, 8, 776, 65536, 1024,
                     8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16, 20, 4194304, 52,
-                    16383, 8, 4096, 16777215, 16, 128, 4, 40, 131072,
+                    16383, 4, 4096, 16777215, 16, 128, 4, 40, 131072,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

@@ -514,8 +514,8 @@ impl fmt::Display for Ipv4Lookup {
 /// The IPv6 lookup structure the program reads.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Ipv6Lookup {
-    /// A range table (96 MiB: a direct index over the first 20 bits, a
-    /// cache line each that holds a sparse /20's ranges itself, else a
+    /// A range table (64 MiB: a direct index over the first 20 bits, 32
+    /// bytes each that hold a sparse /20's routes themselves, else a
     /// binary search over the few address ranges of that /20; see
     /// pop_forwarder_common::dxr6), whose cost barely grows with the table.
     #[default]

@@ -1105,7 +1105,7 @@ fn start(
             .map_max_entries(map_names::IPV4_TBL8, 1);
     }
     if model.ipv6_lookup == Ipv6Lookup::Trie {
-        // Nor the range table's 96 MiB.
+        // Nor the range table's 64 MiB.
         loader
             .map_max_entries(map_names::IPV6_CHUNKS, 1)
             .map_max_entries(map_names::IPV6_RANGES, 1);

@@ -688,7 +688,7 @@ fn main() -> Result<()> {
         "the small IPv6 table is not the first {SMALL_TABLE} routes of the full one"
     );
     // How many of the IPv6 path's lookups the range table answers from
-    // the /20's own cache line: the full table built in user space with
+    // the /20's entry alone: the full table built in user space with
     // the common crate's code, probed at the bench's destinations.
     {
         use pop_forwarder_common::dxr6::{CHUNK_WORDS, Dxr6, Tables6, chunk_index, find_inline};
@@ -727,7 +727,7 @@ fn main() -> Result<()> {
             .control_plane
             .insert(format!("ipv6_dxr_{full_v6}_lookups_in_line_pct"), pct);
         println!(
-            "== IPv6 range table, {full_v6} prefixes: {pct:.1} % of the bench's destinations are answered from their /20's line"
+            "== IPv6 range table, {full_v6} prefixes: {pct:.1} % of the bench's destinations are answered from their /20's entry"
         );
     }
     let family = |routes: &[Prefix]| {
