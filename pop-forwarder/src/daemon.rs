@@ -1145,8 +1145,12 @@ fn start(
             model,
             &attach_to,
             routes,
-            // A migration fills its new tables from the config alone.
-            previous.as_ref().filter(|_| migrating.is_none()),
+            // A migration fills its new tables from the config, and takes
+            // the nodes' health from the state file.
+            match migrating {
+                None => (previous.as_ref(), None),
+                Some(_) => (None, previous.as_ref().map(|p| &p.steering.nodes[..])),
+            },
             (&links, &neighbours),
         )
         .map(|(tables, steering)| (ebpf, tables, steering))
@@ -1157,7 +1161,7 @@ fn start(
                 .commit_staged_pins(&map_names::ALL, map_names::SETTINGS)
                 .context("replacing the old tables' map pins with the new ones")?;
             info!(
-                "migrated the pinned data plane ({what}): new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters, the nodes' health and slots and the seen-once notes started afresh"
+                "migrated the pinned data plane ({what}): new tables filled from the config, the program swapped in on every pinned link; the connection table, the counters, the nodes' slots and the seen-once notes started afresh, the nodes' health taken from the state file"
             );
             Ok(done)
         }
@@ -1368,7 +1372,7 @@ fn fill_and_attach(
     model: &Model,
     attach_to: &[AttachedInterface],
     routes: &[(Prefix, Want)],
-    previous: Option<&State>,
+    (previous, carried_health): (Option<&State>, Option<&[steering::NodeState]>),
     (links, neighbours): (&[kernel::Link], &[kernel::Neighbour]),
 ) -> Result<(Tables, steering::Steering)> {
     let mut tables = Tables::from_ebpf(ebpf)?;
@@ -1385,6 +1389,7 @@ fn fill_and_attach(
         attach_to,
         routes,
         previous,
+        carried_health,
         links,
         neighbours,
     )
@@ -1556,13 +1561,17 @@ fn watch_transmit_errors(
 }
 
 /// Brings the tables to the config: new ones, or adopted ones (whose
-/// steering slots the previous daemon recorded).
+/// steering slots the previous daemon recorded). New tables of a migration
+/// take over the nodes' health the previous daemon recorded
+/// (`carried_health`).
+#[allow(clippy::too_many_arguments)]
 fn fill(
     tables: &mut Tables,
     model: &Model,
     attach_to: &[AttachedInterface],
     routes: &[(Prefix, Want)],
     previous: Option<&State>,
+    carried_health: Option<&[steering::NodeState]>,
     links: &[kernel::Link],
     neighbours: &[kernel::Neighbour],
 ) -> Result<steering::Steering> {
@@ -1610,6 +1619,14 @@ fn fill(
     tables.sync_vlans(&kernel::vlan_keys(links, &attached))?;
     tables.apply_deny(&model.deny)?;
     steering.apply(tables, &steering::Spec::of(model), links, neighbours)?;
+    if let Some(was) = carried_health {
+        let down = steering.carry_health(tables, was)?;
+        if down > 0 {
+            info!(
+                "{down} cache nodes failing their health check when the tables were migrated stay out of the new ones until their checks pass"
+            );
+        }
+    }
     Ok(steering)
 }
 

@@ -687,6 +687,42 @@ impl Steering {
         }
     }
 
+    /// Takes over the health a previous daemon recorded (`was`, its state
+    /// file) for the nodes checked as they were then (same address, same
+    /// check): a migration fills new tables with every node up, and a node
+    /// that was failing would otherwise take new flows until its check
+    /// failed `fall` times again. Failing ones leave the node table and
+    /// every Maglev table; each keeps its count of health changes. Returns
+    /// how many were failing.
+    pub fn carry_health(&mut self, tables: &mut Tables, was: &[NodeState]) -> Result<usize> {
+        let mut down = Vec::new();
+        for old in was {
+            let Some((slot, _)) = self.node(&old.name) else {
+                continue;
+            };
+            let entry = self.nodes[slot as usize].as_mut().expect("live slot");
+            if entry.node.health.is_none()
+                || entry.node.health != old.health
+                || entry.node.address != old.address
+            {
+                continue;
+            }
+            entry.health_changes = old.health_changes;
+            if !old.healthy && entry.healthy {
+                entry.healthy = false;
+                down.push(slot);
+            }
+        }
+        if !down.is_empty() {
+            // Tables first, as for a failed check.
+            self.rebuild_vips(tables)?;
+            for slot in &down {
+                tables.remove_node(*slot)?;
+            }
+        }
+        Ok(down.len())
+    }
+
     /// Rebuilds every VIP's Maglev table from the current weights and
     /// health, writing what changed; returns how many changed.
     fn rebuild_vips(&mut self, tables: &mut Tables) -> Result<usize> {

@@ -631,6 +631,21 @@ impl Drop for Forwarder {
     }
 }
 
+/// Makes an instance's pinned settings name map layout `version`, as if a
+/// build of another layout had made its maps: the next `run` migrates them.
+pub fn set_pinned_layout_version(instance: &str, version: u32) -> Result<()> {
+    use pop_forwarder_common::{map_names, settings::LAYOUT_VERSION};
+    let path = format!(
+        "/sys/fs/bpf/pop-forwarder/{instance}/{}",
+        map_names::SETTINGS
+    );
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| path.clone())?;
+    let mut map: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data))?;
+    map.set(LAYOUT_VERSION, version, 0)?;
+    Ok(())
+}
+
 /// A frame seen on an interface by a packet socket.
 pub type Frame = Vec<u8>;
 

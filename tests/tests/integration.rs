@@ -1376,19 +1376,21 @@ fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
     };
     let l1 = listen(&n1, "10.0.5.11:8080");
     let _l2 = listen(&n2, "10.0.6.11:8080");
-    let fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
+    let mut fwd = Forwarder::start(&lab.router, &lab.config("drop", &steering)).unwrap();
     fwd.wait_for_node_macs();
-    let new_flow_node = |port: u16| -> String {
-        lookup_vip_flow(&fwd, port)["new_flow"]
+    let new_flow_node = |fwd: &Forwarder, port: u16| -> String {
+        lookup_vip_flow(fwd, port)["new_flow"]
             .as_str()
             .unwrap_or("none")
             .to_owned()
     };
-    let nodes_for = |ports: std::ops::Range<u16>| -> std::collections::HashSet<String> {
-        ports.map(new_flow_node).collect()
+    let nodes_for = |fwd: &Forwarder, ports: std::ops::Range<u16>| {
+        ports
+            .map(|p| new_flow_node(fwd, p))
+            .collect::<std::collections::HashSet<String>>()
     };
     assert_eq!(
-        nodes_for(40000..40032).len(),
+        nodes_for(&fwd, 40000..40032).len(),
         2,
         "both nodes take new flows"
     );
@@ -1397,7 +1399,7 @@ fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
     // no new flow, and its node entry is gone, so its flows move too.
     drop(l1);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while nodes_for(40000..40032) != std::collections::HashSet::from(["cache-2".to_owned()]) {
+    while nodes_for(&fwd, 40000..40032) != std::collections::HashSet::from(["cache-2".to_owned()]) {
         assert!(
             Instant::now() < deadline,
             "cache-1 still takes flows\n{}",
@@ -1424,10 +1426,34 @@ fn a_node_failing_its_health_check_loses_its_flows_and_comes_back() {
     }
     assert_eq!(receive(&s2, 8, WAIT).len(), 8);
 
+    // An upgrade that migrates the tables (another map layout) keeps
+    // cache-1 out from the first packet: its failing health comes from the
+    // state file, not from `fall` failed checks of the new daemon.
+    fwd.stop().unwrap();
+    tests::set_pinned_layout_version(&fwd.instance, 999).unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    let log = fwd.log();
+    assert!(
+        log.contains("migrated the pinned data plane (map layout version 999"),
+        "{log}"
+    );
+    assert!(
+        log.contains("1 cache nodes failing their health check when the tables were migrated"),
+        "{log}"
+    );
+    let nodes: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["node", "list", "--json"]).unwrap()).unwrap();
+    assert_eq!(nodes[0]["healthy"], false, "{nodes}");
+    assert_eq!(nodes[0]["health_changes"], 1, "{nodes}");
+    assert_eq!(
+        nodes_for(&fwd, 40000..40032),
+        std::collections::HashSet::from(["cache-2".to_owned()])
+    );
+
     // It answers again: back after 2 good checks.
     let _l1 = listen(&n1, "10.0.5.11:8080");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while nodes_for(40000..40032).len() != 2 {
+    while nodes_for(&fwd, 40000..40032).len() != 2 {
         assert!(
             Instant::now() < deadline,
             "cache-1 did not come back\n{}",
@@ -2302,11 +2328,10 @@ fn the_deny_list_comes_from_the_file_the_cli_and_reload() {
     fwd.cli_ok(&["reload"]).unwrap();
     assert!(entry(&fwd, "source", "10.0.1.0/24").is_none());
     assert_eq!(through("denied again"), 0);
-    std::fs::write(&file, format!("{lines}sideways 10.9.0.0/16\n")).unwrap();
+    std::fs::write(file, format!("{lines}sideways 10.9.0.0/16\n")).unwrap();
     let e = fwd.cli_err(&["reload"]).unwrap();
     assert!(e.contains(":1003") && e.contains("sideways"), "{e}");
     assert!(entry(&fwd, "destination", "10.0.2.2/32").is_some());
-    let _ = std::fs::remove_file(&file);
 }
 
 #[test]
