@@ -1078,17 +1078,21 @@ fn start(
     } else {
         (None, None)
     };
+    // The mode the kernel says the pinned link is attached in, not the
+    // state file's (which may be gone): a link keeps its mode when a
+    // program is swapped in on it.
     for (i, iface) in attach_to.iter().enumerate() {
-        if let Some(was) = previous
-            .as_ref()
-            .and_then(|p| p.interfaces.iter().find(|a| a.name == iface.name))
+        if let Some(was) = links
+            .iter()
+            .find(|l| l.ifindex == iface.ifindex)
+            .and_then(|l| l.xdp_mode)
             && instance.link_pin(&iface.name).exists()
-            && was.mode != iface.mode
+            && was != iface.mode
         {
             return Err(anyhow::anyhow!(
                 "interfaces[{i}].mode: {:?} is attached in {} mode; changing the mode needs `detach`, then `run`",
                 iface.name,
-                was.mode
+                was
             )
             .context(STILL_FORWARDS));
         }

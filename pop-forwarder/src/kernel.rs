@@ -43,6 +43,9 @@ pub struct Link {
     pub broadcasts: Vec<IpAddr>,
     /// An XDP program is attached (any mode).
     pub xdp_attached: bool,
+    /// The mode it is attached in, if one program is, in the driver or
+    /// generic (not offloaded, nor several at once).
+    pub xdp_mode: Option<crate::config::XdpMode>,
     /// For a VLAN subinterface: its VLAN and the real device under it.
     pub vlan: Option<Vlan>,
 }
@@ -152,6 +155,7 @@ fn link_of(m: &LinkMessage) -> Link {
         subnets: Vec::new(),
         broadcasts: Vec::new(),
         xdp_attached: false,
+        xdp_mode: None,
         vlan: None,
     };
     let mut parent = None;
@@ -181,9 +185,16 @@ fn link_of(m: &LinkMessage) -> Link {
                 }
             }
             LinkAttribute::Xdp(xdp) => {
-                link.xdp_attached = xdp
-                    .iter()
-                    .any(|x| matches!(x, LinkXdp::Attached(a) if *a != XdpAttached::None));
+                for x in xdp {
+                    if let LinkXdp::Attached(a) = x {
+                        link.xdp_attached = *a != XdpAttached::None;
+                        link.xdp_mode = match a {
+                            XdpAttached::Driver => Some(crate::config::XdpMode::Native),
+                            XdpAttached::SocketBuffer => Some(crate::config::XdpMode::Skb),
+                            _ => None,
+                        };
+                    }
+                }
             }
             _ => {}
         }
@@ -1092,6 +1103,7 @@ mod tests {
                     subnets: subnets.iter().map(|p| p.parse().unwrap()).collect(),
                     broadcasts: Vec::new(),
                     xdp_attached: false,
+                    xdp_mode: None,
                     vlan: None,
                 })
                 .collect();

@@ -212,6 +212,7 @@ mod tests {
             subnets: vec![subnet.parse().unwrap()],
             broadcasts: Vec::new(),
             xdp_attached: true,
+            xdp_mode: Some(crate::config::XdpMode::Native),
             vlan: None,
         }
     }

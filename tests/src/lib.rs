@@ -444,6 +444,8 @@ impl Forwarder {
         loop {
             let child = self.child.as_mut().context("no daemon")?;
             if let Some(status) = child.try_wait()? {
+                // Gone: a later `run_again` may start another.
+                self.child = None;
                 bail!("pop-forwarder run exited with {status}: {}", self.log());
             }
             let pid = child.id();

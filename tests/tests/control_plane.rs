@@ -586,6 +586,35 @@ fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     assert!(forwards(&lab, "after a migration that did not finish"));
 }
 
+/// A restart that asks for another XDP mode on an attached interface is
+/// refused, and the pinned data plane forwards on: with the state file and
+/// without it (the mode is the kernel's, read from the interface). Back in
+/// the mode it has, the next `run` adopts.
+#[test]
+fn an_xdp_mode_change_is_refused_with_or_without_the_state_file() {
+    let (lab, mut fwd) = routed_lab(&[]);
+    let native = std::fs::read_to_string(&fwd.config).unwrap();
+    let skb = native.replacen("name = \"r0\"", "name = \"r0\"\nmode = \"skb\"", 1);
+    assert_ne!(skb, native);
+    fwd.stop().unwrap();
+    std::fs::write(&fwd.config, &skb).unwrap();
+    for with_state_file in [true, false] {
+        if !with_state_file {
+            std::fs::remove_file(fwd.run_dir.join(format!("{}.json", fwd.instance))).unwrap();
+        }
+        let e = fwd.run_again(&lab.router, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("interfaces[0].mode: \"r0\" is attached in native mode; changing the mode needs `detach`"),
+            "state file {with_state_file}: {e}"
+        );
+        assert!(forwards(&lab, "while a mode change is refused"));
+    }
+    std::fs::write(&fwd.config, &native).unwrap();
+    fwd.run_again(&lab.router, &[]).unwrap();
+    swaps(&fwd, "swapped in on the pinned link", 2);
+    assert!(forwards(&lab, "after the refusals"));
+}
+
 /// The tables once the router's own addresses have settled: its IPv6
 /// link-local addresses finish duplicate address detection a second or two
 /// after the links come up, and the daemon's refresh then adds them as
