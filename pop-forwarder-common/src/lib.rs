@@ -41,7 +41,7 @@ mod test_rng {
 /// very number (`settings::LAYOUT_VERSION`). Bump it with any change that
 /// makes maps written by one build unreadable, or wrongly read, by another;
 /// `map_layout_is_pinned_down` in this crate's tests fails until you do.
-pub const MAP_LAYOUT_VERSION: u32 = 9;
+pub const MAP_LAYOUT_VERSION: u32 = 10;
 
 /// Names of the program's maps. The host pins them under these names, and the
 /// CLI opens them from there.
@@ -79,7 +79,8 @@ pub mod map_names {
     pub const IPV6_RANGES: &str = "IPV6_RANGES";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const FLOWS_V4: &str = "FLOWS_V4";
-    pub const ALL: [&str; 33] = [
+    pub const DENY_CACHE: &str = "DENY_CACHE";
+    pub const ALL: [&str; 34] = [
         ROUTES_V4,
         ROUTES_V4_TRIE,
         ROUTES_V6,
@@ -113,6 +114,7 @@ pub mod map_names {
         IPV6_RANGES,
         VIP_FILTER,
         FLOWS_V4,
+        DENY_CACHE,
     ];
 }
 
@@ -321,6 +323,46 @@ pub mod deny {
         u32::from_be_bytes(addr) >> 8
     }
 
+    // Behind the filter, the answers the tries gave for whole /24s: an
+    // IPv4 entry of /24 or shorter with no other entry of its direction
+    // inside it answers for every address of the /24s it covers, so the
+    // program keeps that answer per CPU (`DENY_CACHE`, direct-mapped by
+    // /24), and a flood at such a prefix costs a trie lookup per /24, not
+    // per packet. The host marks such entries in the tries' values
+    // (`DECIDES`) and moves `settings::DENY_GENERATION` on after every
+    // change of the list, so that no answer outlives the list it came
+    // from.
+
+    /// In a trie's value: the entry answers for every address of each /24
+    /// it covers (IPv4, /24 or shorter, nothing of its direction inside).
+    pub const DECIDES: u32 = 1 << 31;
+    /// In a trie's value: the entry's slot (`DENY_STATS`).
+    pub const SLOT_MASK: u32 = !DECIDES;
+    /// Slots of `DENY_CACHE` per CPU: 2^13.
+    pub const CACHE_BITS: u32 = 13;
+    pub const CACHE_SLOTS: u32 = 1 << CACHE_BITS;
+
+    /// One slot of `DENY_CACHE`: which /24 (`cache_tag`) it answers for,
+    /// in which generation of the list, and the entry's slot.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+    pub struct CacheSlot {
+        pub tag: u32,
+        pub generation: u32,
+        pub entry: u32,
+        pub _pad: u32,
+    }
+
+    /// The tag of a direction's /24 bucket (never 0, an empty slot's).
+    pub const fn cache_tag(direction: u8, bucket: u32) -> u32 {
+        1 << 31 | (direction as u32) << 24 | (bucket & 0x00ff_ffff)
+    }
+
+    /// The slot of `DENY_CACHE` a tag goes in.
+    pub const fn cache_index(tag: u32) -> u32 {
+        tag.wrapping_mul(0x9e37_79b1) >> (32 - CACHE_BITS)
+    }
+
     /// An IPv6 address's bucket: a hash of its first 32 bits (entries are
     /// /32 to /48 mostly; longer ones share their /32's bucket).
     pub const fn bucket_v6(top32: u32) -> u32 {
@@ -448,7 +490,10 @@ pub mod settings {
     /// How the program looks IPv6 destinations up: `IPV6_DXR` (the default,
     /// zero: the range table of `dxr6`) or `IPV6_TRIE`.
     pub const IPV6_LOOKUP: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Moves on with every change of the deny list: the program's cache of
+    /// decided /24s (`DENY_CACHE`) holds answers of one generation.
+    pub const DENY_GENERATION: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     pub const ROUTE_LOOKUP_TABLES: u32 = 0;
     pub const ROUTE_LOOKUP_FIB: u32 = 1;
@@ -635,16 +680,19 @@ mod tests {
             steering::FLOW_WAYS as u32,
             steering::KEY_BITS_V4.count_ones(),
             steering::FLOW_SETS_V4,
+            deny::DECIDES,
+            deny::CACHE_SLOTS,
+            size_of::<deny::CacheSlot>() as u32,
         ];
         assert_eq!(
             (MAP_LAYOUT_VERSION, layout),
             (
-                9,
+                10,
                 [
-                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 11,
-                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 33, 24, 8, 776, 65536, 1024,
+                    52, 8, 8, 16, 20, 8, 44, 40, 1048576, 262144, 4096, 4096, 256, 4096, 27, 12,
+                    16777216, 2097152, 2, 64, 1024, 65537, 262144, 34, 24, 8, 776, 65536, 1024,
                     8192, 4097, 8, 4096, 16, 131072, 8, 20, 40, 1048576, 16, 20, 4194304, 52,
-                    16383, 4, 4096, 16777215, 16, 128, 4, 40, 131072,
+                    16383, 4, 4096, 16777215, 16, 128, 4, 40, 131072, 2147483648, 8192, 16,
                 ]
             ),
             "the map layout changed: bump MAP_LAYOUT_VERSION and record the new layout here"

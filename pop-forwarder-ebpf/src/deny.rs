@@ -4,7 +4,9 @@
 //! One LPM trie per family; a key is the direction byte followed by the
 //! address, so a source and a destination entry for one prefix are two
 //! keys. The host sets `DENY_ON` only while the list has an entry: an empty
-//! list costs one settings read.
+//! list costs one settings read. An IPv4 /24 the tries answered for whole
+//! (`deny::DECIDES`) is answered from a per-CPU cache until the list
+//! changes (see `deny::CacheSlot`).
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -12,6 +14,12 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use pop_forwarder_common::{MAX_DENY, TrafficCounter, deny, settings};
+
+/// The answers the IPv4 trie gave for whole /24s, per CPU, of the list's
+/// generation they name (`settings::DENY_GENERATION`).
+#[map]
+static DENY_CACHE: PerCpuArray<deny::CacheSlot> =
+    PerCpuArray::with_max_entries(deny::CACHE_SLOTS, 0);
 
 use crate::maps::{SETTINGS, add_traffic};
 
@@ -52,11 +60,42 @@ pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
         return false;
     }
     for (direction, addr) in [(deny::SOURCE, src), (deny::DESTINATION, dst)] {
-        if !may_match(deny::bitmap(4, direction), deny::bucket_v4(addr)) {
+        let bucket = deny::bucket_v4(addr);
+        if !may_match(deny::bitmap(4, direction), bucket) {
             continue;
         }
+        // Read before the cache and the trie: an answer is kept under the
+        // generation the list had at most when the trie gave it.
+        let generation = SETTINGS
+            .get(settings::DENY_GENERATION)
+            .copied()
+            .unwrap_or(0);
+        let tag = deny::cache_tag(direction, bucket);
+        let cached = DENY_CACHE.get_ptr_mut(deny::cache_index(tag));
+        if let Some(slot) = cached {
+            // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+            let slot = unsafe { &*slot };
+            if slot.tag == tag && slot.generation == generation {
+                add_traffic(&DENY_STATS, slot.entry, bytes);
+                return true;
+            }
+        }
         let key = Key::new(40, deny::key_v4(direction, addr));
-        if let Some(&entry) = DENY_V4.get(&key) {
+        if let Some(&value) = DENY_V4.get(&key) {
+            let entry = value & deny::SLOT_MASK;
+            if value & deny::DECIDES != 0
+                && let Some(slot) = cached
+            {
+                // SAFETY: as above.
+                unsafe {
+                    *slot = deny::CacheSlot {
+                        tag,
+                        generation,
+                        entry,
+                        _pad: 0,
+                    }
+                };
+            }
             add_traffic(&DENY_STATS, entry, bytes);
             return true;
         }
@@ -81,8 +120,8 @@ pub fn denied_v6(src: &[u8; 16], dst: &[u8; 16], bytes: u64) -> bool {
             continue;
         }
         let key = Key::new(136, deny::key_v6(direction, *addr));
-        if let Some(&entry) = DENY_V6.get(&key) {
-            add_traffic(&DENY_STATS, entry, bytes);
+        if let Some(&value) = DENY_V6.get(&key) {
+            add_traffic(&DENY_STATS, value & deny::SLOT_MASK, bytes);
             return true;
         }
     }

@@ -960,8 +960,9 @@ pub fn routed_lab(run_args: &[&str]) -> (Lab, Forwarder) {
 /// Maps the data plane writes itself (counters, the connection table): left
 /// out of `dump_tables`, since traffic (a neighbour solicitation, say) may
 /// move them while a test compares.
-pub const DATA_PLANE_WRITTEN: [&str; 9] = [
+pub const DATA_PLANE_WRITTEN: [&str; 10] = [
     pop_forwarder_common::map_names::TX_ERRORS,
+    pop_forwarder_common::map_names::DENY_CACHE,
     pop_forwarder_common::map_names::COUNTERS,
     pop_forwarder_common::map_names::NEXT_HOP_STATS,
     pop_forwarder_common::map_names::VIP_STATS,
@@ -1000,6 +1001,17 @@ fn dump_map(map: &aya::maps::MapData) -> Vec<u8> {
     let info = map.info().expect("map info");
     let (key_size, value_size) = (info.key_size() as usize, info.value_size() as usize);
     let fd = map.fd().as_fd().as_raw_fd();
+    // A per-CPU map's lookup writes a value for every CPU: the buffers
+    // below hold one. The data plane writes those maps anyway.
+    assert!(
+        !matches!(
+            info.map_type(),
+            Ok(aya::maps::MapType::PerCpuArray
+                | aya::maps::MapType::PerCpuHash
+                | aya::maps::MapType::LruPerCpuHash)
+        ),
+        "a per-CPU map: list it in DATA_PLANE_WRITTEN"
+    );
     let array = matches!(info.map_type(), Ok(aya::maps::MapType::Array));
     let mut records: Vec<Vec<u8>> = Vec::new();
     if array {

@@ -2259,6 +2259,57 @@ fn kernel_fib_lookup_forwards_by_the_kernels_routes_and_neighbours() {
     }
 }
 
+/// A /24 a short entry answers for whole is answered from the program's
+/// per-CPU cache; every change of the list retires what it cached: an
+/// entry added inside the /24 counts its own packets, and once the short
+/// entry is gone the /24's packets are forwarded, not dropped from the
+/// cache.
+#[test]
+fn the_deny_cache_follows_every_change_of_the_list() {
+    let lab = Lab::new().unwrap();
+    neighbour_c_v4(&lab);
+    let config = format!(
+        "{}\n[[deny]]\nprefix = \"10.0.0.0/14\"\ndirection = \"destination\"\n",
+        lab.config("pass", ROUTE_TO_C)
+    );
+    let fwd = Forwarder::start(&lab.router, &config).unwrap();
+    let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
+    let through = |tag: &str| {
+        send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, tag, 5).unwrap();
+        receive(&sink, 5, Duration::from_millis(700)).len()
+    };
+    let packets = |prefix: &str| -> u64 {
+        let list: serde_json::Value =
+            serde_json::from_str(&fwd.cli_ok(&["deny", "list", "--json"]).unwrap()).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["direction"] == "destination" && e["prefix"] == prefix)
+            .map_or(0, |e| e["packets"].as_u64().unwrap())
+    };
+    // Twice: the second round is answered from the cache.
+    assert_eq!(through("short"), 0);
+    assert_eq!(through("short, cached"), 0);
+    assert_eq!(packets("10.0.0.0/14"), 10);
+    // A longer entry inside the /24: its packets are its own.
+    fwd.cli_ok(&["deny", "add", "destination", "10.0.2.2/32"])
+        .unwrap();
+    assert_eq!(through("host"), 0);
+    assert_eq!(through("host again"), 0);
+    assert_eq!((packets("10.0.0.0/14"), packets("10.0.2.2/32")), (10, 10));
+    // Gone again: the short entry answers, and is cached, again.
+    fwd.cli_ok(&["deny", "del", "destination", "10.0.2.2/32"])
+        .unwrap();
+    assert_eq!(through("short again"), 0);
+    assert_eq!(through("short again, cached"), 0);
+    assert_eq!(packets("10.0.0.0/14"), 20);
+    // No entry: forwarded, whatever the cache held.
+    fwd.cli_ok(&["deny", "del", "destination", "10.0.0.0/14"])
+        .unwrap();
+    assert_eq!(through("allowed"), 5);
+    assert_eq!(fwd.counter("drop_denied").unwrap(), 30);
+}
+
 #[test]
 fn the_deny_list_comes_from_the_file_the_cli_and_reload() {
     let lab = Lab::new().unwrap();

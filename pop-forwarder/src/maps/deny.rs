@@ -37,9 +37,50 @@ fn direction_of(byte: u8) -> Option<DenyDirection> {
     }
 }
 
+/// The IPv4 entries of `list` that answer for every address of each /24
+/// they cover (`deny::DECIDES`): /24 or shorter, with no other entry of
+/// their direction inside them.
+fn deciding<'a>(list: impl Iterator<Item = &'a Deny>) -> HashSet<Deny> {
+    // By direction, network and length: whatever lies inside an entry
+    // comes right after it.
+    let mut v4: Vec<(bool, u32, u8, &Deny)> = list
+        .filter_map(|e| match e.prefix.addr {
+            IpAddr::V4(a) => Some((
+                e.direction == DenyDirection::Destination,
+                u32::from(a),
+                e.prefix.len,
+                e,
+            )),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    v4.sort_unstable_by_key(|&(d, net, len, _)| (d, net, len));
+    let mut out = HashSet::new();
+    for (i, &(direction, net, len, entry)) in v4.iter().enumerate() {
+        let last = net | u32::MAX.checked_shr(len.into()).unwrap_or(0);
+        let inside = v4
+            .get(i + 1)
+            .is_some_and(|&(d, next, ..)| d == direction && next <= last);
+        if len <= 24 && !inside {
+            out.insert(*entry);
+        }
+    }
+    out
+}
+
 impl Tables {
     /// The deny list as the maps hold it, each entry with its slot.
     pub fn deny_entries(&self) -> Result<BTreeMap<Deny, u32>> {
+        let mut out = self.deny_values()?;
+        for value in out.values_mut() {
+            *value &= deny::SLOT_MASK;
+        }
+        Ok(out)
+    }
+
+    /// The deny list as the maps hold it, each entry with its tries' value
+    /// (its slot, and `deny::DECIDES`).
+    fn deny_values(&self) -> Result<BTreeMap<Deny, u32>> {
         let mut out = BTreeMap::new();
         for item in self.deny_v4.iter() {
             let (key, slot) = item.context("reading DENY_V4")?;
@@ -66,17 +107,18 @@ impl Tables {
         Ok(out)
     }
 
-    fn deny_insert(&mut self, entry: Deny, slot: u32) -> Result<()> {
+    /// Puts `entry` in its trie with `value` (its slot, marks).
+    fn deny_insert(&mut self, entry: Deny, value: u32) -> Result<()> {
         let d = direction_byte(entry.direction);
         let bits = 8 + u32::from(entry.prefix.len);
         match entry.prefix.addr {
             IpAddr::V4(a) => {
                 self.deny_v4
-                    .insert(&Key::new(bits, deny::key_v4(d, a.octets())), slot, 0)
+                    .insert(&Key::new(bits, deny::key_v4(d, a.octets())), value, 0)
             }
             IpAddr::V6(a) => {
                 self.deny_v6
-                    .insert(&Key::new(bits, deny::key_v6(d, a.octets())), slot, 0)
+                    .insert(&Key::new(bits, deny::key_v6(d, a.octets())), value, 0)
             }
         }
         .with_context(|| format!("adding {entry} to the deny list"))
@@ -148,13 +190,22 @@ impl Tables {
             .copied()
             .filter(|e| !have.contains_key(e))
             .collect();
+        // New entries go in marked as they will be once the list is
+        // whole (`rebuild_deny_filter` then rewrites only the old ones
+        // whose mark changed).
+        let decides = deciding(want.iter());
         for entry in new {
             let slot = free.next().context("no free deny-list slot")?;
             self.deny_stats
                 .set(slot, zero()?, 0)
                 .context("zeroing a deny-list counter")?;
             self.journal("deny", |_| Undo::Deny(entry, None))?;
-            self.deny_insert(entry, slot)?;
+            let mark = if decides.contains(&entry) {
+                deny::DECIDES
+            } else {
+                0
+            };
+            self.deny_insert(entry, slot | mark)?;
             added += 1;
         }
         self.rebuild_deny_filter()?;
@@ -164,9 +215,11 @@ impl Tables {
     /// Rewrites `DENY_FILTER` and the `DENY_ON` flags from the tries: every
     /// bucket an entry covers marked. After the tries change, so that a
     /// bucket is marked by the time a lookup can find its new entry, and
-    /// cleared only once its entries are gone.
+    /// cleared only once its entries are gone. Then marks the entries that
+    /// answer for whole /24s (`deny::DECIDES`) and moves the list's
+    /// generation on, which retires every answer the program cached.
     pub(super) fn rebuild_deny_filter(&mut self) -> Result<()> {
-        let entries = self.deny_entries()?;
+        let entries = self.mark_deciding_entries()?;
         self.deny_len.set(Some(entries.len()));
         let mut words = vec![0u32; 2 * deny::FILTER_WORDS as usize];
         let mut flags = if entries.is_empty() { 0 } else { deny::ON };
@@ -201,7 +254,49 @@ impl Tables {
             );
         }
         filter.copy_from_slice(&words);
-        self.set_setting(settings::DENY_ON, flags, "the deny-list flags")
+        self.set_setting(settings::DENY_ON, flags, "the deny-list flags")?;
+        // Not journaled: a generation taken back would revive answers
+        // cached from the change being taken back.
+        let generation = self
+            .settings
+            .get(&settings::DENY_GENERATION, 0)
+            .unwrap_or(0);
+        self.settings
+            .set(settings::DENY_GENERATION, generation.wrapping_add(1), 0)
+            .context("writing the deny list's generation")
+    }
+
+    /// Gives `deny::DECIDES` to the IPv4 entries of /24 or shorter with no
+    /// other entry of their direction inside them, and takes it from the
+    /// others: such an entry is the longest match of every address of the
+    /// /24s it covers. Derived from the list, so not journaled (a change
+    /// taken back rebuilds it). Returns the list with each entry's slot.
+    fn mark_deciding_entries(&mut self) -> Result<BTreeMap<Deny, u32>> {
+        let values = self.deny_values()?;
+        let decides = deciding(values.keys());
+        for (entry, &value) in &values {
+            let IpAddr::V4(a) = entry.prefix.addr else {
+                continue;
+            };
+            let want = if decides.contains(entry) {
+                value | deny::DECIDES
+            } else {
+                value & deny::SLOT_MASK
+            };
+            if want != value {
+                let key = Key::new(
+                    8 + u32::from(entry.prefix.len),
+                    deny::key_v4(direction_byte(entry.direction), a.octets()),
+                );
+                self.deny_v4
+                    .insert(&key, want, 0)
+                    .with_context(|| format!("marking {entry} in the deny list"))?;
+            }
+        }
+        Ok(values
+            .into_iter()
+            .map(|(e, v)| (e, v & deny::SLOT_MASK))
+            .collect())
     }
 
     /// How many entries the deny list has (counted once per handle, then
@@ -231,5 +326,50 @@ impl Tables {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(direction: DenyDirection, prefix: &str) -> Deny {
+        Deny {
+            direction,
+            prefix: prefix.parse().unwrap(),
+        }
+    }
+
+    /// An entry decides its /24s unless another of its direction lies
+    /// inside it, or it is longer than /24; IPv6 entries never do.
+    #[test]
+    fn entries_decide_the_24s_nothing_else_cuts() {
+        use DenyDirection::{Destination as D, Source as S};
+        let list = [
+            d(S, "10.0.0.0/16"),
+            d(S, "10.0.7.0/24"),
+            d(S, "10.1.0.0/16"),
+            d(D, "10.1.2.3/32"),
+            d(D, "10.2.0.0/15"),
+            d(D, "10.3.255.255/32"),
+            d(D, "10.4.0.0/24"),
+            d(S, "10.4.0.0/25"),
+            d(S, "2001:db8::/32"),
+        ];
+        let mut got: Vec<String> = deciding(list.iter())
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        got.sort();
+        let mut want: Vec<String> = [
+            d(S, "10.0.7.0/24"),
+            d(S, "10.1.0.0/16"),
+            d(D, "10.4.0.0/24"),
+        ]
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+        want.sort();
+        assert_eq!(got, want);
     }
 }
