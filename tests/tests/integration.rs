@@ -2259,6 +2259,24 @@ fn kernel_fib_lookup_forwards_by_the_kernels_routes_and_neighbours() {
     }
 }
 
+/// Sends five datagrams from a to c's 10.0.2.2:7000; how many `sink`
+/// received.
+fn five_through_to_c(lab: &Lab, sink: &std::net::UdpSocket, tag: &str) -> usize {
+    send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, tag, 5).unwrap();
+    receive(sink, 5, Duration::from_millis(700)).len()
+}
+
+/// One entry of `deny list --json`, with its counters.
+fn deny_entry(fwd: &Forwarder, direction: &str, prefix: &str) -> Option<serde_json::Value> {
+    let list: serde_json::Value =
+        serde_json::from_str(&fwd.cli_ok(&["deny", "list", "--json"]).unwrap()).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["direction"] == direction && e["prefix"] == prefix)
+        .cloned()
+}
+
 /// A /24 a short entry answers for whole is answered from the program's
 /// per-CPU cache; every change of the list retires what it cached: an
 /// entry added inside the /24 counts its own packets, and once the short
@@ -2274,18 +2292,9 @@ fn the_deny_cache_follows_every_change_of_the_list() {
     );
     let fwd = Forwarder::start(&lab.router, &config).unwrap();
     let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
-    let through = |tag: &str| {
-        send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, tag, 5).unwrap();
-        receive(&sink, 5, Duration::from_millis(700)).len()
-    };
+    let through = |tag: &str| five_through_to_c(&lab, &sink, tag);
     let packets = |prefix: &str| -> u64 {
-        let list: serde_json::Value =
-            serde_json::from_str(&fwd.cli_ok(&["deny", "list", "--json"]).unwrap()).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["direction"] == "destination" && e["prefix"] == prefix)
-            .map_or(0, |e| e["packets"].as_u64().unwrap())
+        deny_entry(&fwd, "destination", prefix).map_or(0, |e| e["packets"].as_u64().unwrap())
     };
     // Twice: the second round is answered from the cache.
     assert_eq!(through("short"), 0);
@@ -2330,19 +2339,8 @@ fn the_deny_list_comes_from_the_file_the_cli_and_reload() {
     );
     let fwd = Forwarder::start(&lab.router, &config).unwrap();
     let sink = udp_socket(&lab.c, "10.0.2.2:7000").unwrap();
-    let through = |tag: &str| {
-        send_udp(&lab.a, "10.0.2.2:7000".parse().unwrap(), 64, tag, 5).unwrap();
-        receive(&sink, 5, Duration::from_millis(700)).len()
-    };
-    let entry = |fwd: &Forwarder, direction: &str, prefix: &str| -> Option<serde_json::Value> {
-        let list: serde_json::Value =
-            serde_json::from_str(&fwd.cli_ok(&["deny", "list", "--json"]).unwrap()).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["direction"] == direction && e["prefix"] == prefix)
-            .cloned()
-    };
+    let through = |tag: &str| five_through_to_c(&lab, &sink, tag);
+    let entry = deny_entry;
     assert_eq!(through("denied"), 0);
     assert_eq!(
         entry(&fwd, "destination", "10.0.2.2/32").unwrap()["packets"],
