@@ -260,7 +260,7 @@ impl Tables {
         let generation = self
             .settings
             .get(&settings::DENY_GENERATION, 0)
-            .unwrap_or(0);
+            .context("reading the deny list's generation")?;
         self.settings
             .set(settings::DENY_GENERATION, generation.wrapping_add(1), 0)
             .context("writing the deny list's generation")
