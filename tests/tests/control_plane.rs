@@ -514,10 +514,8 @@ fn a_build_with_another_map_layout_migrates_without_losing_a_packet() {
     // build could not open as its own.
     std::fs::remove_file(dir.join(map_names::FLOWS_V4)).unwrap();
     data.pin(dir.join(map_names::FLOWS_V4)).unwrap();
-    let mut map: aya::maps::Array<_, u32> =
-        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
-    map.set(LAYOUT_VERSION, 999, 0).unwrap();
-    drop(map);
+    drop(data);
+    tests::set_pinned_layout_version(&fwd.instance, 999).unwrap();
 
     fwd.run_again(&lab.router, &[]).unwrap();
     let log = fwd.log();

@@ -218,13 +218,17 @@ fn a_restart_without_an_interface_detaches_from_it() {
     let lab = Lab::new().unwrap();
     let mut fwd = Forwarder::start(&lab.router, &lab.config("pass", "")).unwrap();
     assert!(lab.router.has_xdp("r0").unwrap() && lab.router.has_xdp("r1").unwrap());
+    // A restart on a config with r0 alone.
+    let restart_on_r0 = |fwd: &mut Forwarder| {
+        std::fs::write(
+            &fwd.config,
+            "route_miss = \"pass\"\n\n[[interfaces]]\nname = \"r0\"\n",
+        )
+        .unwrap();
+        fwd.run_again(&lab.router, &[]).unwrap();
+    };
     fwd.stop().unwrap();
-    std::fs::write(
-        &fwd.config,
-        "route_miss = \"pass\"\n\n[[interfaces]]\nname = \"r0\"\n",
-    )
-    .unwrap();
-    fwd.run_again(&lab.router, &[]).unwrap();
+    restart_on_r0(&mut fwd);
     assert!(
         fwd.log()
             .contains("detached from r1 (no longer in the config)"),
@@ -242,12 +246,7 @@ fn a_restart_without_an_interface_detaches_from_it() {
     assert!(lab.router.has_xdp("r1").unwrap());
     fwd.stop().unwrap();
     std::fs::remove_file(fwd.run_dir.join(format!("{}.json", fwd.instance))).unwrap();
-    std::fs::write(
-        &fwd.config,
-        "route_miss = \"pass\"\n\n[[interfaces]]\nname = \"r0\"\n",
-    )
-    .unwrap();
-    fwd.run_again(&lab.router, &[]).unwrap();
+    restart_on_r0(&mut fwd);
     assert_eq!(
         fwd.log()
             .matches("detached from r1 (no longer in the config)")
