@@ -6,7 +6,9 @@
 # bpftool has no libbfd to dump it) and places the samples on its x86
 # instructions. Writes OUT/top.txt (the hottest kernel symbols: helpers
 # show there by name), OUT/annot.txt (the main function's disassembly, each
-# instruction with its samples) and prints the hottest 128-byte stretches.
+# instruction with its samples), OUT/by-line.txt (the samples summed by
+# source line, from the program's BTF line info) and prints the hottest
+# 128-byte stretches and source lines.
 #
 #   scripts/profile-xdp.sh ROW [SECONDS] [OUT]
 #   scripts/profile-xdp.sh "1 flow" 12 target/profile
@@ -32,7 +34,7 @@ cat >"$out/profile.py" <<'EOF'
 import collections, ctypes, os, re, struct, subprocess, sys
 
 libc = ctypes.CDLL(None, use_errno=True)
-SYS_BPF, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD = 321, 13, 15
+SYS_BPF, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, BTF_GET_FD_BY_ID = 321, 13, 15, 19
 
 
 def bpf(cmd, attr):
@@ -70,7 +72,50 @@ def dump(prog_id, out):
     main = max(range(nfl), key=lambda i: fl[i])
     with open(f"{out}/main.bin", "wb") as f:
         f.write(img.raw[starts[main]:starts[main] + fl[main]])
+    lines(fd, info, ks[main], fl[main], out)
     os.close(fd)
+
+
+def lines(fd, info, start, size, out):
+    """Writes OUT/lines.txt: for each source line the JIT placed in the main
+    function, its first x86 offset, file:line and text (the program's BTF
+    line info: jited_line_info holds each line_info record's address)."""
+    b = info()
+    btf_id, = struct.unpack_from("I", b, 128)
+    nli, = struct.unpack_from("I", b, 148)
+    njli, = struct.unpack_from("I", b, 168)
+    if not btf_id or not nli or nli != njli:
+        return
+    li = ctypes.create_string_buffer(16 * nli)
+    jli = (ctypes.c_uint64 * njli)()
+    info([(148, "I", nli), (152, "Q", ctypes.addressof(li)), (160, "Q", ctypes.addressof(jli)),
+          (168, "I", njli), (172, "I", 16), (176, "I", 8)])
+    bfd = bpf(BTF_GET_FD_BY_ID, struct.pack("I", btf_id))
+    binfo = ctypes.create_string_buffer(32)
+    bpf(OBJ_GET_INFO_BY_FD, struct.pack("IIQ", bfd, 32, ctypes.addressof(binfo)))
+    bsize, = struct.unpack_from("I", binfo, 8)
+    raw = ctypes.create_string_buffer(bsize)
+    struct.pack_into("QI", binfo, 0, ctypes.addressof(raw), bsize)
+    bpf(OBJ_GET_INFO_BY_FD, struct.pack("IIQ", bfd, 32, ctypes.addressof(binfo)))
+    os.close(bfd)
+    hdr_len, = struct.unpack_from("I", raw, 4)
+    str_off, = struct.unpack_from("I", raw, 16)
+    strings = raw.raw[hdr_len + str_off:]
+
+    def name(off):
+        return strings[off:strings.index(b"\0", off)].decode(errors="replace")
+
+    rows = []
+    for i in range(nli):
+        _, file_off, line_off, line_col = struct.unpack_from("IIII", li, 16 * i)
+        at = jli[i] - start
+        if 0 <= at < size:
+            where = f"{os.path.basename(name(file_off))}:{line_col >> 10}"
+            rows.append((at, where, name(line_off).strip()))
+    rows.sort()
+    with open(f"{out}/lines.txt", "w") as f:
+        for at, where, text in rows:
+            f.write(f"{at:x}\t{where}\t{text}\n")
 
 
 def annotate(out):
@@ -105,7 +150,30 @@ def annotate(out):
     print(f"{total} samples in the main function ({size} bytes of x86); hottest stretches:")
     for off, c in spans.most_common(15):
         print(f"  +0x{off:05x}  {c:6d}  {100 * c / total:4.1f} %")
+    if os.path.exists(f"{out}/lines.txt"):
+        by_line(out, hist, total)
     print(f"annotated: {out}/annot.txt; kernel symbols: {out}/top.txt")
+
+
+def by_line(out, hist, total):
+    """Sums the samples by source line (OUT/lines.txt) into OUT/by-line.txt
+    and prints the hottest. An x86 instruction belongs to the last line
+    that starts at or before it; a sample lands on the instruction after
+    the one that stalled, so a line's count can include its neighbour's."""
+    import bisect
+    rows = [l.rstrip("\n").split("\t", 2) for l in open(f"{out}/lines.txt")]
+    starts = [int(r[0], 16) for r in rows]
+    per = collections.Counter()
+    for off, c in hist.items():
+        i = bisect.bisect_right(starts, off) - 1
+        if i >= 0:
+            per[(rows[i][1], rows[i][2])] += c
+    with open(f"{out}/by-line.txt", "w") as f:
+        for (where, text), c in per.most_common():
+            f.write(f"{c:6d} {100 * c / total:5.1f} %  {where:24} {text}\n")
+    print("hottest source lines:")
+    for (where, text), c in per.most_common(25):
+        print(f"  {100 * c / total:4.1f} %  {where:24} {text[:70]}")
 
 
 if sys.argv[1] == "dump":

@@ -45,6 +45,34 @@ pub fn sum(data: &[u8]) -> u32 {
     acc
 }
 
+/// The one's-complement sum of `words` as read from memory in the host's
+/// byte order, not yet folded: below 0x20000 * `words.len()` / 2, so any
+/// header fits a u32. RFC 1071 (2.B): the sum of byte-swapped words is the
+/// byte-swapped sum, so summing words as they lie in memory, with no swap,
+/// gives the checksum's bytes in memory order. The XDP program's checks and
+/// rewrites use this form: two-byte loads and adds, against two byte loads,
+/// shifts, a swap and a fold per word for `sum`.
+#[inline(always)]
+pub fn sum_ne(words: &[u16]) -> u32 {
+    let mut acc: u32 = 0;
+    for &w in words {
+        acc += u32::from(w);
+    }
+    acc
+}
+
+/// `after_ttl_decrement` on words as they lie in memory (see `sum_ne`):
+/// `check` is the header's checksum field and `ttl_protocol` the word of
+/// its TTL and protocol, both read in the host's byte order; the result is
+/// written back the same way. The TTL is the word's first byte, so one less
+/// TTL is the word less `from_ne_bytes([1, 0])` (the caller has checked the
+/// TTL is above 1: no borrow).
+#[inline(always)]
+pub const fn after_ttl_decrement_ne(check: u16, ttl_protocol: u16) -> u16 {
+    let new = ttl_protocol.wrapping_sub(u16::from_ne_bytes([1, 0]));
+    update_word(check, ttl_protocol, new)
+}
+
 /// The checksum an IPv4 header should carry, computed from scratch with its
 /// checksum field taken as zero. `header` is the whole header, options too.
 pub fn ipv4_header(header: &[u8]) -> u16 {
@@ -63,6 +91,7 @@ pub fn ipv4_header_valid(header: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
 
     /// A 20-byte header with options-free layout; checksum filled in.
@@ -121,6 +150,66 @@ mod tests {
                         || (got == 0xffff && expect == 0)
                         || (got == 0 && expect == 0xffff),
                     "check {check:#x} old {old:#x} new {new:#x}: {got:#x} != {expect:#x}"
+                );
+            }
+        }
+    }
+
+    /// The words of `h` as the XDP program reads them from memory.
+    fn words_ne(h: &[u8]) -> std::vec::Vec<u16> {
+        h.chunks_exact(2)
+            .map(|w| u16::from_ne_bytes([w[0], w[1]]))
+            .collect()
+    }
+
+    #[test]
+    fn memory_order_sums_judge_headers_as_network_order_ones_do() {
+        // Valid headers of every TTL, then each with one bit flipped (a
+        // header damaged on the way), and the checksum's two zeros.
+        let mut headers = std::vec::Vec::new();
+        for ttl in 0..=255u8 {
+            let h = header(ttl, 17);
+            headers.push(h);
+            let mut damaged = h;
+            damaged[usize::from(ttl) % 20] ^= 1 << (ttl % 8);
+            headers.push(damaged);
+        }
+        let mut zero = [0u8; 20];
+        headers.push(zero);
+        zero[10] = 0xff;
+        zero[11] = 0xff;
+        headers.push(zero);
+        for h in headers {
+            assert_eq!(
+                fold(sum_ne(&words_ne(&h))) == 0xffff,
+                ipv4_header_valid(&h),
+                "{h:02x?}"
+            );
+        }
+        // And a sum in memory order is the swapped sum in network order.
+        let h = header(64, 6);
+        let mut check = h;
+        check[10] = 0;
+        check[11] = 0;
+        let c = (!fold(sum_ne(&words_ne(&check)))).to_ne_bytes();
+        assert_eq!(c, [h[10], h[11]]);
+    }
+
+    #[test]
+    fn memory_order_ttl_decrement_matches_recomputation() {
+        for ttl in 2..=255u8 {
+            for proto in [1u8, 6, 17, 41, 47, 255] {
+                let h = header(ttl, proto);
+                let updated = after_ttl_decrement_ne(
+                    u16::from_ne_bytes([h[10], h[11]]),
+                    u16::from_ne_bytes([h[8], h[9]]),
+                );
+                let mut expect = h;
+                expect[8] = ttl - 1;
+                assert_eq!(
+                    updated.to_ne_bytes(),
+                    ipv4_header(&expect).to_be_bytes(),
+                    "ttl {ttl} proto {proto}"
                 );
             }
         }

@@ -231,6 +231,14 @@ pub struct NextHop {
     pub tx_ifindex: u32,
 }
 
+// The XDP program copies MACs as 16-bit words (`copy_mac`): they must sit
+// at even offsets (values start on 8 bytes).
+const _: () = assert!(
+    core::mem::offset_of!(NextHop, dst_mac) % 2 == 0
+        && core::mem::offset_of!(NextHop, src_mac) % 2 == 0
+        && core::mem::offset_of!(NeighbourMac, mac) % 2 == 0
+);
+
 impl NextHop {
     pub const fn is_in_use(&self) -> bool {
         self.flags & NH_F_IN_USE != 0

@@ -104,6 +104,12 @@ pub struct CacheNode {
     pub mtu: u32,
 }
 
+// MACs copied as 16-bit words by the XDP program: at even offsets.
+const _: () = assert!(
+    core::mem::offset_of!(CacheNode, dst_mac) % 2 == 0
+        && core::mem::offset_of!(CacheNode, src_mac) % 2 == 0
+);
+
 /// Buckets of VIP_FILTER, by VIP address (`vip_bucket`). A bucket holds 0
 /// while no VIP address has fallen in it, and from then on its epoch
 /// (never 0), which the host bumps whenever a VIP with an address in it is

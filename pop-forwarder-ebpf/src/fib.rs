@@ -19,7 +19,7 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use pop_forwarder_common::{Counter, checksum, settings};
+use pop_forwarder_common::{Counter, settings};
 
 use crate::{
     Verdict,
@@ -69,9 +69,7 @@ pub fn forward_v4(
         Ok(v) => v,
         Err(v) => return v,
     };
-    ip.check =
-        checksum::after_ttl_decrement(u16::from_be_bytes(ip.check), ip.ttl, ip.proto).to_be_bytes();
-    ip.ttl -= 1;
+    crate::decrement_ttl(ip);
     rewrite(eth, p);
     verdict
 }

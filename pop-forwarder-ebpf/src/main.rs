@@ -33,7 +33,7 @@ use crate::{
         Hop, RouteFlow, count, count_interface, egress, for_this_interface, lookup_route_v4,
         lookup_route_v6, next_hop_for, route_miss, traffic,
     },
-    packet::{copy_bytes, pair_at, ptr_at, widen},
+    packet::{copy_mac, pair_at, ptr_at, widen, words_at},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -70,20 +70,21 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let received = (ctx.data_end() - ctx.data()) as u64;
+    // Read once: each read is three dependent loads (the context's queue,
+    // its device, the device's ifindex).
+    let ifindex = ctx.ingress_ifindex() as u32;
     // Tags come off first and go back on if the kernel gets the frame.
     let tags = match vlan::pop(&ctx) {
         Ok(tags) => tags,
         Err(()) => {
             count(Counter::DropTruncated);
-            count_interface(ctx.ingress_ifindex() as u32, received, xdp_action::XDP_DROP);
+            count_interface(ifindex, received, xdp_action::XDP_DROP);
             return xdp_action::XDP_DROP;
         }
     };
     let mut verdict = match tags {
-        Some(tags) if !vlan::known(ctx.ingress_ifindex() as u32, &tags) => {
-            pass(Counter::PassUnknownVlan)
-        }
-        _ => classify_and_forward(&ctx),
+        Some(tags) if !vlan::known(ifindex, &tags) => pass(Counter::PassUnknownVlan),
+        _ => classify_and_forward(&ctx, ifindex),
     };
     // The tags go back on for the kernel, and on an ICMP answer sent back
     // out of the ingress: its client is on that VLAN.
@@ -94,7 +95,7 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
         verdict = drop(Counter::DropTruncated);
     }
     count(verdict.counter);
-    count_interface(ctx.ingress_ifindex() as u32, received, verdict.action);
+    count_interface(ifindex, received, verdict.action);
     // Log records cost a ring-buffer write each; the loader sets the level
     // (`run --bpf-log-level`, warn by default), below which these are one
     // load and a branch.
@@ -120,7 +121,7 @@ pub fn pop_forwarder(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn classify_and_forward(ctx: &XdpContext) -> Verdict {
+fn classify_and_forward(ctx: &XdpContext, ifindex: u32) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return drop(Counter::DropTruncated);
     };
@@ -128,7 +129,7 @@ fn classify_and_forward(ctx: &XdpContext) -> Verdict {
     let dst_mac = unsafe { (*eth).dst_addr };
     // A unicast frame for another host's MAC is not for this box to route
     // or steer (RFC 1812 5.3.4 and what Linux does): the kernel drops it.
-    if dst_mac[0] & 1 == 0 && !for_this_interface(ctx.ingress_ifindex() as u32, &dst_mac) {
+    if dst_mac[0] & 1 == 0 && !for_this_interface(ifindex, &dst_mac) {
         return pass(Counter::PassNotForUs);
     }
     // SAFETY: as above.
@@ -255,12 +256,25 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         Err(verdict) => return verdict,
     };
 
-    ip.check =
-        checksum::after_ttl_decrement(u16::from_be_bytes(ip.check), ip.ttl, ip.proto).to_be_bytes();
-    ip.ttl -= 1;
+    decrement_ttl(ip);
     rewrite_l2(ctx, eth, &hop, frame_len)
         .map(|()| verdict)
         .unwrap_or(pass(Counter::PassNoEgress))
+}
+
+/// One less TTL, and the header checksum updated for it (RFC 1624); the
+/// caller has checked the TTL is above 1. On the words as they lie in
+/// memory (`checksum::after_ttl_decrement_ne`).
+#[inline(always)]
+pub(crate) fn decrement_ttl(ip: &mut Ipv4Hdr) {
+    // SAFETY: the header's 20 bytes, inside the packet, at an even address
+    // (`words_at`).
+    unsafe {
+        let words = words_at::<10>(ip as *mut Ipv4Hdr as *const u8);
+        let ttl_protocol = (*words)[4];
+        (*words)[5] = checksum::after_ttl_decrement_ne((*words)[5], ttl_protocol);
+        (*words)[4] = ttl_protocol.wrapping_sub(u16::from_ne_bytes([1, 0]));
+    }
 }
 
 /// Room for an IPv4 header's options (at most 40 bytes), per CPU: they
@@ -272,8 +286,11 @@ static OPTIONS_SCRATCH: PerCpuArray<[u8; 40]> = PerCpuArray::with_max_entries(1,
 /// frame: checked by the caller), sums to 0xffff (RFC 1071).
 #[inline(always)]
 fn header_checksum_ok(ctx: &XdpContext, ip: &Ipv4Hdr) -> bool {
-    // SAFETY: Ipv4Hdr is 20 bytes of plain byte fields, inside the packet.
-    let mut sum = checksum::sum(unsafe { &*(ip as *const Ipv4Hdr as *const [u8; Ipv4Hdr::LEN]) });
+    // Summed as the words lie in memory: the sum is then byte-swapped
+    // (on this little-endian target), and 0xffff swapped is 0xffff.
+    // SAFETY: the header's 20 bytes, inside the packet, at an even address
+    // (`words_at`).
+    let mut sum = checksum::sum_ne(unsafe { &*words_at::<10>(ip as *const Ipv4Hdr as *const u8) });
     // Options, rare, are copied out (bpf_xdp_load_bytes) into zeros and
     // summed whole. Read in place they would take a bounds check each at
     // an offset that depends on their length, and the verifier would walk
@@ -301,8 +318,9 @@ fn header_checksum_ok(ctx: &XdpContext, ip: &Ipv4Hdr) -> bool {
         if copied != 0 {
             return false;
         }
-        // SAFETY: as above.
-        sum += checksum::sum(unsafe { &*buf });
+        // SAFETY: as above; a map value starts on 8 bytes, and the
+        // options' length is a multiple of four.
+        sum += checksum::sum_ne(unsafe { &*words_at::<20>(buf as *const u8) });
     }
     checksum::fold(sum) == 0xffff
 }
@@ -503,10 +521,11 @@ fn rewrite_l2(ctx: &XdpContext, eth: *mut EthHdr, hop: &Hop, frame_len: usize) -
             return None;
         }
     } else {
-        // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
+        // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward;
+        // the MACs are at even addresses (`copy_mac`).
         unsafe {
-            copy_bytes(&mut (*eth).dst_addr, hop.dst_mac);
-            copy_bytes(&mut (*eth).src_addr, &nh.src_mac);
+            copy_mac(&mut (*eth).dst_addr, hop.dst_mac);
+            copy_mac(&mut (*eth).src_addr, &nh.src_mac);
         }
     }
     traffic(hop.id, frame_len as u64);

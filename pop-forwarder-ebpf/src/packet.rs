@@ -49,6 +49,41 @@ pub fn copy_bytes<const N: usize>(dst: &mut [u8; N], src: &[u8; N]) {
     }
 }
 
+/// The `N` 16-bit words at `at`, as they lie in memory (for
+/// `checksum::sum_ne`): `N` two-byte loads where `[u8; 2 * N]` read as
+/// big-endian words is two byte loads, two shifts and a swap a word.
+///
+/// # Safety
+/// `2 * N` readable bytes at an even address. Packet headers at even
+/// offsets are: a frame starts on an even address (the program reads
+/// `EthHdr::ether_type`, a u16, in place, and every headroom change it
+/// makes is even), and map values start on 8 bytes.
+#[inline(always)]
+pub unsafe fn words_at<const N: usize>(at: *const u8) -> *mut [u16; N] {
+    at as *mut [u16; N]
+}
+
+/// `dst = *src` for a MAC, as three 16-bit words (`copy_bytes` takes six
+/// byte loads and six byte stores).
+///
+/// # Safety
+/// Both at even addresses (see `words_at`): the Ethernet header's MACs,
+/// and map values' MAC fields, which sit at even offsets (checked where
+/// their types are defined).
+#[inline(always)]
+pub unsafe fn copy_mac(dst: *mut [u8; 6], src: *const [u8; 6]) {
+    // SAFETY: by the caller.
+    unsafe {
+        let (d, s) = (
+            words_at::<3>(dst as *const u8),
+            words_at::<3>(src as *const u8),
+        );
+        (*d)[0] = (*s)[0];
+        (*d)[1] = (*s)[1];
+        (*d)[2] = (*s)[2];
+    }
+}
+
 /// An IPv4 address in the 16-byte form flows and VIPs use. Built from two
 /// words: zeroing a byte array compiles to a call of the byte-loop
 /// `memset`.

@@ -36,7 +36,7 @@ use crate::{
         RouteFlow, SETTINGS, add_traffic, egress, lookup_route_v4, lookup_route_v6, next_hop_for,
         seed, traffic,
     },
-    packet::{copy_bytes, pair_at, ptr_at, widen},
+    packet::{copy_bytes, copy_mac, pair_at, ptr_at, widen, words_at},
     pass,
 };
 
@@ -371,10 +371,11 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         },
         Err(v) => return Some(v),
     };
-    // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward.
+    // SAFETY: `eth` was bounds-checked by ptr_at in classify_and_forward;
+    // the MACs are at even addresses (`copy_mac`).
     unsafe {
-        copy_bytes(&mut (*eth).dst_addr, &node.dst_mac);
-        copy_bytes(&mut (*eth).src_addr, &node.src_mac);
+        copy_mac(&mut (*eth).dst_addr, &node.dst_mac);
+        copy_mac(&mut (*eth).src_addr, &node.src_mac);
     }
     add_traffic(&VIP_STATS, vip_index, flow.frame_len as u64);
     add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
@@ -639,10 +640,11 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return pass(Counter::PassVipNoNode);
     };
-    // SAFETY: ptr_at checked the header lies inside the packet.
+    // SAFETY: ptr_at checked the header lies inside the packet; the MACs
+    // are at even addresses (`copy_mac`).
     unsafe {
-        copy_bytes(&mut (*eth).dst_addr, hop.dst_mac);
-        copy_bytes(&mut (*eth).src_addr, &next_hop.src_mac);
+        copy_mac(&mut (*eth).dst_addr, hop.dst_mac);
+        copy_mac(&mut (*eth).src_addr, &next_hop.src_mac);
         (*eth).ether_type = if outer_v4 { ETH_P_IP } else { ETH_P_IPV6 }.to_be();
     }
     let inner_protocol = if flow.family == 4 {
@@ -654,42 +656,35 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
         let Some(ip) = ptr_at::<[u8; 20]>(ctx, EthHdr::LEN) else {
             return pass(Counter::PassVipNoNode);
         };
-        let total = ((inner_len + outer_len) as u16).to_be_bytes();
-        // DSCP and ECN copied from the inner header (RFC 6040's normal
-        // mode for ECN; the uniform model for DSCP, RFC 2983).
+        // Built and summed as 16-bit words as they lie in memory
+        // (`checksum::sum_ne`), written word by word: a 20-byte array
+        // stored into the packet is twenty byte stores. DSCP and ECN
+        // copied from the inner header (RFC 6040's normal mode for ECN;
+        // the uniform model for DSCP, RFC 2983); don't-fragment set; TTL 64.
+        let word = |a: u8, b: u8| u16::from_ne_bytes([a, b]);
         let mut h = [
-            0x45,
-            flow.tos,
-            total[0],
-            total[1],
+            word(0x45, flow.tos),
+            ((inner_len + outer_len) as u16).to_be(),
             0,
+            word(0x40, 0),
+            word(64, inner_protocol),
             0,
-            0x40,
-            0,
-            64,
-            inner_protocol,
-            0,
-            0,
-            source[0],
-            source[1],
-            source[2],
-            source[3],
-            node.addr[0],
-            node.addr[1],
-            node.addr[2],
-            node.addr[3],
+            word(source[0], source[1]),
+            word(source[2], source[3]),
+            word(node.addr[0], node.addr[1]),
+            word(node.addr[2], node.addr[3]),
         ];
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 20 {
-            sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
-            i += 2;
+        h[5] = !checksum::fold(checksum::sum_ne(&h));
+        // SAFETY: ptr_at checked the 20 bytes lie inside the packet, at an
+        // even address (`words_at`).
+        unsafe {
+            let out = words_at::<10>(ip as *const u8);
+            let mut i = 0;
+            while i < 10 {
+                (*out)[i] = h[i];
+                i += 1;
+            }
         }
-        let c = (!checksum::fold(sum)).to_be_bytes();
-        h[10] = c[0];
-        h[11] = c[1];
-        // SAFETY: ptr_at checked the 20 bytes lie inside the packet.
-        unsafe { *ip = h };
     } else {
         let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
             return pass(Counter::PassVipNoNode);
