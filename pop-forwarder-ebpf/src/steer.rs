@@ -265,14 +265,15 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         Some((entry, last_seen)) => {
             let idle = now.wrapping_sub(entry.last_seen_ns);
             let timeout = idle_timeout_ns(flow.protocol);
-            if (timeout == 0 || idle < timeout) && usable(entry.node).is_some() {
+            let node = usable(entry.node).filter(|_| timeout == 0 || idle < timeout);
+            if let Some(node) = node {
                 // At most one write a second per flow. SAFETY: the
                 // entry's field; a racing CPU's write of the same time,
                 // or of another flow's that took the slot, is harmless.
                 if idle >= 1_000_000_000 {
                     unsafe { *last_seen = now };
                 }
-                Some(entry)
+                Some((entry, node))
             } else {
                 // Idle too long, or its node is gone: the entry goes, so
                 // that a node later given the slot does not inherit the
@@ -284,21 +285,23 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         }
         None => None,
     };
-    let (vip_index, node_id) = match known {
+    // The node is read once, where the flow's is decided: each read is a
+    // map lookup the compiler cannot merge with another.
+    let (vip_index, node_id, node) = match known {
         // A known flow of an address whose VIPs are as they were: the
         // entry names its VIP, no VIP lookup needed.
-        Some(entry) if entry.epoch() == epoch => (entry.vip_index(), entry.node),
+        Some((entry, node)) if entry.epoch() == epoch => (entry.vip_index(), entry.node, node),
         // The address's VIPs changed since the entry was written: the flow
         // stays on its node if a VIP still takes it, and the entry learns
         // which one.
-        Some(entry) => {
+        Some((entry, node)) => {
             let vip = lookup_vip(flow, dst_port)?;
             let learnt = FlowEntry {
                 vip: FlowEntry::vip_of(vip.index, epoch),
                 ..entry
             };
             remember_flow(&flow_key, &learnt);
-            (vip.index, entry.node)
+            (vip.index, entry.node, node)
         }
         None => {
             let vip = lookup_vip(flow, dst_port)?;
@@ -315,9 +318,10 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
                 return Some(pass(Counter::PassVipNoNode));
             };
             let id = dir24::entry_in(*pair, slot);
-            if id == NO_NODE || usable(id).is_none() {
+            let node = if id == NO_NODE { None } else { usable(id) };
+            let Some(node) = node else {
                 return Some(pass(Counter::PassVipNoNode));
-            }
+            };
             // A TCP flow is remembered from the packet that can start it
             // (SYN): a flood of other TCP packets for flows never seen
             // creates no entries, so it cannot push established flows out
@@ -339,11 +343,8 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
                 };
                 remember_flow(&flow_key, &entry);
             }
-            (vip.index, id)
+            (vip.index, id, node)
         }
-    };
-    let Some(node) = usable(node_id) else {
-        return Some(pass(Counter::PassVipNoNode));
     };
     if node.flags & NODE_F_IPIP != 0 {
         // The outer IPv6 flow label: the inner flow's entropy.
