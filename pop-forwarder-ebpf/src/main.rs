@@ -125,11 +125,11 @@ fn classify_and_forward(ctx: &XdpContext, ifindex: u32) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return drop(Counter::DropTruncated);
     };
-    // SAFETY: ptr_at checked that the header lies inside the packet.
-    let dst_mac = unsafe { (*eth).dst_addr };
     // A unicast frame for another host's MAC is not for this box to route
     // or steer (RFC 1812 5.3.4 and what Linux does): the kernel drops it.
-    if dst_mac[0] & 1 == 0 && !for_this_interface(ifindex, &dst_mac) {
+    // SAFETY: ptr_at checked that the header lies inside the packet; the
+    // frame starts on an even address (`words_at`).
+    if unsafe { (*eth).dst_addr[0] & 1 == 0 && !for_this_interface(ifindex, &(*eth).dst_addr) } {
         return pass(Counter::PassNotForUs);
     }
     // SAFETY: as above.
@@ -183,7 +183,13 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         }
     }
 
-    let dst = ip.dst_addr;
+    // The addresses as two 16-bit loads each, not four byte loads.
+    // SAFETY: the header's 20 bytes, inside the packet, at an even address
+    // (`words_at`).
+    let (src, dst) = unsafe {
+        let w = &*words_at::<10>(ip as *const Ipv4Hdr as *const u8);
+        (address_v4(w[6], w[7]), address_v4(w[8], w[9]))
+    };
     // Multicast (224/4) and limited broadcast are link-scope: routing
     // protocols, DHCP and the like belong to the kernel.
     if dst[0] & 0xf0 == 0xe0 || dst == [255; 4] {
@@ -192,7 +198,6 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
     // Martian sources, which Linux forwards none of: unspecified,
     // loopback, multicast, limited broadcast. (The rest of 0/8, and 240/4,
     // are unicast, as in Linux since 5.3.)
-    let src = ip.src_addr;
     if src == [0; 4] || src[0] == 127 || src[0] & 0xf0 == 0xe0 || src == [255; 4] {
         return drop(Counter::DropMartianSource);
     }
@@ -205,7 +210,7 @@ fn forward_v4(ctx: &XdpContext, eth: *mut EthHdr) -> Verdict {
         let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
         let mut flow = steer::Flow {
             family: 4,
-            src: widen(ip.src_addr),
+            src: widen(src),
             dst: widen(dst),
             protocol: ip.proto,
             l4_offset: (!fragment).then_some(EthHdr::LEN + header_len),
@@ -275,6 +280,14 @@ pub(crate) fn decrement_ttl(ip: &mut Ipv4Hdr) {
         (*words)[5] = checksum::after_ttl_decrement_ne((*words)[5], ttl_protocol);
         (*words)[4] = ttl_protocol.wrapping_sub(u16::from_ne_bytes([1, 0]));
     }
+}
+
+/// An IPv4 address from its two 16-bit words as they lie in memory.
+#[inline(always)]
+fn address_v4(hi: u16, lo: u16) -> [u8; 4] {
+    let [a, b] = hi.to_ne_bytes();
+    let [c, d] = lo.to_ne_bytes();
+    [a, b, c, d]
 }
 
 /// Room for an IPv4 header's options (at most 40 bytes), per CPU: they

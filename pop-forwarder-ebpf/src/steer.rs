@@ -347,13 +347,7 @@ pub fn steer(ctx: &XdpContext, eth: *mut EthHdr, flow: &mut Flow) -> Option<Verd
         }
     };
     if node.flags & NODE_F_IPIP != 0 {
-        // The outer IPv6 flow label: the inner flow's entropy.
-        let label = ecmp::entropy_label(
-            maglev::address_words(&flow.src),
-            u32::from(src_port) << 16 | u32::from(dst_port),
-            flow.protocol,
-        );
-        let verdict = encapsulate(ctx, node, flow, label);
+        let verdict = encapsulate(ctx, node, flow, (src_port, dst_port));
         if verdict.counter == Counter::Steered {
             add_traffic(&VIP_STATS, vip_index, flow.frame_len as u64);
             add_traffic(&NODE_STATS, node_id, flow.frame_len as u64);
@@ -561,9 +555,9 @@ const IPPROTO_IPV6: u8 = 41;
 /// outer header from the configured source to the node's address, routed
 /// like any packet. IPv4 in IPv4, IPv6 in IPv6 and IPv4 in IPv6; a packet
 /// the egress MTU cannot take once wrapped is answered with ICMP (see
-/// `too_big`).
+/// `too_big`). `ports` are the inner flow's.
 #[inline(always)]
-fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> Verdict {
+fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, ports: (u16, u16)) -> Verdict {
     // Exactly the IP datagram goes inside, not the Ethernet padding after it.
     let inner_len = flow.ip_len;
     let padding = flow.frame_len - EthHdr::LEN - inner_len;
@@ -616,7 +610,7 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
     // the address, so routers and NICs hashing the outer header spread a
     // node's flows as they would the inner ones.
     if outer_v4 && source[4] > 0 && source[4] < 32 {
-        let host = (label & (u32::MAX >> source[4])).to_be_bytes();
+        let host = (entropy_label(flow, ports) & (u32::MAX >> source[4])).to_be_bytes();
         source[0] |= host[0];
         source[1] |= host[1];
         source[2] |= host[2];
@@ -691,7 +685,8 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
             return pass(Counter::PassVipNoNode);
         };
         // Traffic class from the inner header (as for IPv4); the flow label
-        // from the inner flow (`label`), for ECMP and RSS on the way.
+        // from the inner flow, for ECMP and RSS on the way.
+        let label = entropy_label(flow, ports);
         // SAFETY: as above.
         unsafe {
             (*ip).vcf = [
@@ -709,6 +704,19 @@ fn encapsulate(ctx: &XdpContext, node: &CacheNode, flow: &Flow, label: u32) -> V
     }
     traffic(hop.id, (EthHdr::LEN + inner_len + outer_len) as u64);
     verdict
+}
+
+/// The inner flow's entropy (`ecmp::entropy_label`): the outer IPv6 flow
+/// label, and the host part of an IPv4 source pool's address. Computed
+/// where one of those is written, not for every wrapped packet: an IPv4
+/// outer header from one source address has no use for it.
+#[inline(always)]
+fn entropy_label(flow: &Flow, (src_port, dst_port): (u16, u16)) -> u32 {
+    ecmp::entropy_label(
+        maglev::address_words(&flow.src),
+        u32::from(src_port) << 16 | u32::from(dst_port),
+        flow.protocol,
+    )
 }
 
 /// Source and destination ports of TCP and UDP; 0 for other protocols,
