@@ -203,7 +203,7 @@ impl Dir24<'_> {
             for i in start..start + (1 << (24 - len)) {
                 let e = self.tbl24[i as usize];
                 if e & EXT != 0 {
-                    self.clear_group(i, e & VALUE_MASK, 0, TBL8_GROUP_SIZE, len, fallback, false);
+                    self.clear_group(i, e & VALUE_MASK, 0..TBL8_GROUP_SIZE, len, fallback, false);
                 } else if is_valid(e) && depth(e) == len {
                     self.tbl24[i as usize] = fallback;
                 }
@@ -213,11 +213,11 @@ impl Dir24<'_> {
         let i = tbl24_index(addr);
         let e = self.tbl24[i as usize];
         if e & EXT != 0 {
+            let first = addr & 0xff;
             return Ok(self.clear_group(
                 i,
                 e & VALUE_MASK,
-                addr & 0xff,
-                1 << (32 - len),
+                first..first + (1 << (32 - len)),
                 len,
                 fallback,
                 true,
@@ -265,21 +265,20 @@ impl Dir24<'_> {
         }
     }
 
-    /// Clears `len`'s entries in a group, then folds the group back into
-    /// tbl24 if no prefix longer than /24 is left in it, retiring it
-    /// (returned; its entries left as they are).
+    /// Clears `len`'s entries among `cells` of a group, then folds the
+    /// group back into tbl24 if no prefix longer than /24 is left in it,
+    /// retiring it (returned; its entries left as they are).
     fn clear_group(
         &mut self,
         tbl24_at: u32,
         group: u32,
-        first: u32,
-        count: u32,
+        cells: core::ops::Range<u32>,
         len: u32,
         fallback: u32,
         may_fold: bool,
     ) -> Option<u32> {
         let base = (group * TBL8_GROUP_SIZE) as usize;
-        let range = base + first as usize..base + (first + count) as usize;
+        let range = base + cells.start as usize..base + cells.end as usize;
         for t in &mut self.tbl8[range] {
             if is_valid(*t) && depth(*t) == len {
                 *t = fallback | EXT;

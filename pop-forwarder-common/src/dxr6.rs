@@ -1161,7 +1161,7 @@ mod tests {
     fn copied_routes_answer_the_longest_match() {
         let mut tables = Owned::new(1 << 12);
         let mut dxr = Dxr6::adopt(&tables.t(), []).unwrap();
-        let mut rng = Rng(0x5eed_0f_c0b1e5);
+        let mut rng = Rng(0x5eed_0fc0_b1e5);
         let chunk_base: u128 = 0x2001_0db8 << 96 & mask(20);
         let lens = [21u8, 24, 31, 32, 33, 40, 44, 47, 48, 51, 52, 53, 64];
         let c = (chunk_of(chunk_base) * CHUNK_WORDS) as usize;

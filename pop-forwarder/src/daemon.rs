@@ -248,7 +248,7 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
             changed.push(prefix);
         }
     }
-    let result = (|| -> Result<(usize, usize, usize, usize, Vec<(Prefix, String)>)> {
+    let result = (|| -> Result<Applied> {
         let links = kernel::links()?;
         let neighbours = kernel::neighbours(&links)?;
         let connected: HashMap<Prefix, NextHop> =
@@ -287,10 +287,22 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
         for (prefix, want) in &patch {
             running.mirrored.set(*prefix, want.as_ref());
         }
-        Ok((added, changed, removed, writes, to_kernel))
+        Ok(Applied {
+            added,
+            changed,
+            removed,
+            writes,
+            to_kernel,
+        })
     })();
     running.kernel_routes = Some(table);
-    let (added, changed, removed, writes, to_kernel) = result?;
+    let Applied {
+        added,
+        changed,
+        removed,
+        writes,
+        to_kernel,
+    } = result?;
     log_to_kernel(running, &to_kernel, false);
     if added + changed + removed > 0 {
         info!(
@@ -301,6 +313,17 @@ fn apply_route_events(running: &mut Running, events: Vec<kernel::RouteEvent>) ->
         );
     }
     Ok(())
+}
+
+/// What a batch of kernel route events did to the tables: routes added,
+/// changed and removed, table writes, and the routes left to the kernel
+/// (with why).
+struct Applied {
+    added: usize,
+    changed: usize,
+    removed: usize,
+    writes: usize,
+    to_kernel: Vec<(Prefix, String)>,
 }
 
 /// The first few of `items`, and how many more, for a log line.

@@ -890,7 +890,7 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -898,7 +898,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 
     pub fn chance(&mut self, percent: u64) -> bool {
@@ -918,7 +918,7 @@ fn in_prefix(rng: &mut Rng, p: &Prefix) -> IpAddr {
         0 => 0,
         1 if host_bits > 0 => u128::MAX >> (128 - host_bits),
         _ if host_bits > 0 => {
-            (u128::from(rng.next()) << 64 | u128::from(rng.next()))
+            (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()))
                 & (u128::MAX >> (128 - host_bits))
         }
         _ => 0,
@@ -996,9 +996,11 @@ fn address(rng: &mut Rng, world: &World, v4: bool) -> IpAddr {
         }
         _ => {
             if v4 {
-                IpAddr::from((rng.next() as u32).to_be_bytes())
+                IpAddr::from((rng.next_u64() as u32).to_be_bytes())
             } else {
-                IpAddr::from((u128::from(rng.next()) << 64 | u128::from(rng.next())).to_be_bytes())
+                IpAddr::from(
+                    (u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64())).to_be_bytes(),
+                )
             }
         }
     }
@@ -1016,7 +1018,7 @@ fn random_options(rng: &mut Rng) -> Vec<u8> {
             5 => o.extend_from_slice(&[0x94, 4, 0, 0]),
             6 => o.extend_from_slice(&[7, 7, 4, 0, 0, 0, 0]),
             7 => o.extend_from_slice(&[68, rng.below(3) as u8, 5]),
-            _ => o.push(rng.next() as u8),
+            _ => o.push(rng.next_u64() as u8),
         }
     }
     o.truncate(40);
@@ -1027,7 +1029,7 @@ fn random_options(rng: &mut Rng) -> Vec<u8> {
 }
 
 fn random_bytes(rng: &mut Rng, n: u64) -> Vec<u8> {
-    (0..n).map(|_| rng.next() as u8).collect()
+    (0..n).map(|_| rng.next_u64() as u8).collect()
 }
 
 /// An IP header (with `protocol`, from `src` to `dst`) and `payload`.
@@ -1050,7 +1052,7 @@ fn ip_packet(
             let total = (ihl + payload.len()) as u16;
             // Don't-fragment mostly; sometimes none, or a fragment.
             let frags: u16 = *rng.pick(&[0x4000, 0x4000, 0x4000, 0, 0x2000, 0x0010, 0x2010]);
-            let mut h = vec![0x40 | (ihl / 4) as u8, rng.next() as u8];
+            let mut h = vec![0x40 | (ihl / 4) as u8, rng.next_u64() as u8];
             h.extend_from_slice(&total.to_be_bytes());
             h.extend_from_slice(&[0, 0]);
             h.extend_from_slice(&frags.to_be_bytes());
@@ -1079,12 +1081,12 @@ fn ip_packet(
                 chain.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]);
             }
             let payload_len = (chain.len() + payload.len()) as u16;
-            let tc = rng.next() as u8;
+            let tc = rng.next_u64() as u8;
             let mut h = vec![
                 0x60 | tc >> 4,
-                tc << 4 | (rng.next() as u8 & 0x0f),
-                rng.next() as u8,
-                rng.next() as u8,
+                tc << 4 | (rng.next_u64() as u8 & 0x0f),
+                rng.next_u64() as u8,
+                rng.next_u64() as u8,
             ];
             h.extend_from_slice(&payload_len.to_be_bytes());
             h.extend_from_slice(&[first, ttl]);
@@ -1100,7 +1102,7 @@ fn ip_packet(
 
 /// A port: a VIP's, a well-known one, or any.
 fn port(rng: &mut Rng) -> u16 {
-    let any = rng.next() as u16;
+    let any = rng.next_u64() as u16;
     *rng.pick(&[443, 53, 80, 0, any])
 }
 
@@ -1110,7 +1112,7 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
     let dst_mac = match rng.below(10) {
         0 => [0xff; 6],
         1 => [0x01, 0x00, 0x5e, 0, 0, 5],
-        2 => [0x02, 0, 0, 0, 0, rng.next() as u8],
+        2 => [0x02, 0, 0, 0, 0, rng.next_u64() as u8],
         _ => world.ingress_mac,
     };
     f.extend_from_slice(&dst_mac);
@@ -1153,7 +1155,7 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
             t.extend_from_slice(&port(rng).to_be_bytes());
             t.extend(random_bytes(rng, 8));
             // Flags: SYN, ACK, SYN+ACK, anything.
-            let any = rng.next() as u8;
+            let any = rng.next_u64() as u8;
             t.extend_from_slice(&[0x50, *rng.pick(&[0x02, 0x10, 0x12, any])]);
             t.extend(random_bytes(rng, 6 + payload_len));
             (TCP, t)
@@ -1188,7 +1190,7 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
             (SCTP, s)
         }
         _ => {
-            let any = rng.next() as u8;
+            let any = rng.next_u64() as u8;
             let p = *rng.pick(&[ICMP, ICMPV6, 47, 4, 41, any]);
             (p, random_bytes(rng, 8 + payload_len))
         }
@@ -1199,11 +1201,11 @@ pub fn frame(rng: &mut Rng, world: &World) -> Vec<u8> {
     // Bend it: a wrong version or IHL, a wrong length, a damaged IPv4
     // header, padding, a cut, a big packet (past small MTUs).
     match rng.below(20) {
-        0 => f[14] = (rng.next() as u8) & 0xf0 | f[14] & 0x0f,
+        0 => f[14] = (rng.next_u64() as u8) & 0xf0 | f[14] & 0x0f,
         1 if v4 => f[14] = 0x40 | rng.below(5) as u8,
         2 => {
             let at = if v4 { 16 } else { 18 };
-            let v = rng.next() as u16;
+            let v = rng.next_u64() as u16;
             f[at..at + 2].copy_from_slice(&v.to_be_bytes());
             // The checksum made right again mostly, so that the length is
             // what is wrong.
@@ -1344,15 +1346,15 @@ pub fn world(rng: &mut Rng, ingress: u32, egress: u32, routes: usize, steering: 
             let len = *rng.pick(&[8u8, 12, 16, 20, 23, 24, 25, 28, 30, 32]);
             // Nested around a few bases, so that longer prefixes sit inside
             // shorter ones.
-            let any = rng.next() as u32;
+            let any = rng.next_u64() as u32;
             let base = *rng.pick(&[0x0a00_0000u32, 0xc633_6400, 0x6440_0000, any]);
-            let a = (base | (rng.next() as u32 & 0x00ff_ffff)) & (u32::MAX << (32 - len));
+            let a = (base | (rng.next_u64() as u32 & 0x00ff_ffff)) & (u32::MAX << (32 - len));
             Prefix::containing(IpAddr::from(a.to_be_bytes()), len).unwrap()
         } else {
             let len = *rng.pick(&[16u8, 20, 21, 32, 48, 56, 64, 96, 127, 128]);
-            let any = u128::from(rng.next()) << 64;
+            let any = u128::from(rng.next_u64()) << 64;
             let base = *rng.pick(&[0x2001_0db8u128 << 96, 0xfd00u128 << 112, any]);
-            let a = (base | u128::from(rng.next() as u32) << 64 | u128::from(rng.next()))
+            let a = (base | u128::from(rng.next_u64() as u32) << 64 | u128::from(rng.next_u64()))
                 & (u128::MAX << (128 - u32::from(len)));
             Prefix::containing(IpAddr::from(a.to_be_bytes()), len).unwrap()
         };
@@ -1527,6 +1529,6 @@ pub fn world(rng: &mut Rng, ingress: u32, egress: u32, routes: usize, steering: 
         nodes,
         encap_v4,
         encap_v6,
-        seed: rng.next() as u32,
+        seed: rng.next_u64() as u32,
     }
 }

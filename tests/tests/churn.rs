@@ -111,7 +111,7 @@ fn lookups_racing_route_churn_never_leave_by_another_routes_next_hop() {
         let end = Instant::now() + Duration::from_secs(3);
         while Instant::now() < end {
             let net = rng.below(u64::from(NETS)) as u8;
-            let host = rng.next() as u8;
+            let host = rng.next_u64() as u8;
             let frame = udp_v4(
                 eth,
                 "192.0.2.1".parse().unwrap(),
