@@ -867,18 +867,6 @@ fn answer_ethernet(frame: &mut [u8], old: usize, ether_type: u16) {
     frame[12..14].copy_from_slice(&ether_type.to_be_bytes());
 }
 
-/// Sums `frame[from..to]` as 16-bit words (RFC 1071), not yet folded.
-#[inline(always)]
-fn sum_words(frame: &[u8], from: usize, to: usize) -> u32 {
-    let mut sum = 0u32;
-    let mut i = from;
-    while i + 1 < to {
-        sum += u32::from(u16::from_be_bytes([frame[i], frame[i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
 /// Writes the IPv4 answer. The packet is now 28 grown bytes, its own
 /// Ethernet header (at 28) and the quote (at 42); the answer is Ethernet
 /// (0..14), IPv4 (14..34), ICMP (34..42) and the quote, so the new headers
@@ -904,12 +892,12 @@ fn answer_v4(ctx: &XdpContext, mtu: u32) -> Option<()> {
         client[0], client[1], client[2], client[3],
     ];
     f[IP..IP + 20].copy_from_slice(&header);
-    let check = (!checksum::fold(sum_words(f, IP, IP + 20))).to_be_bytes();
+    let check = (!checksum::fold(checksum::sum(&f[IP..IP + 20]))).to_be_bytes();
     f[IP + 10..IP + 12].copy_from_slice(&check);
     // Type 3 code 4: fragmentation needed and DF set; next-hop MTU.
     let mtu = (mtu.min(0xffff) as u16).to_be_bytes();
     f[ICMP_AT..QUOTE].copy_from_slice(&[3, 4, 0, 0, 0, 0, mtu[0], mtu[1]]);
-    let check = (!checksum::fold(sum_words(f, ICMP_AT, ANSWER_V4))).to_be_bytes();
+    let check = (!checksum::fold(checksum::sum(&f[ICMP_AT..ANSWER_V4]))).to_be_bytes();
     f[ICMP_AT + 2..ICMP_AT + 4].copy_from_slice(&check);
     Some(())
 }
@@ -939,10 +927,10 @@ fn answer_v6(ctx: &XdpContext, mtu: u32) -> Option<()> {
     f[ICMP_AT..QUOTE].copy_from_slice(&[2, 0, 0, 0, mtu[0], mtu[1], mtu[2], mtu[3]]);
     // Checksum over the pseudo-header (addresses, length, next header) and
     // the message.
-    let sum = sum_words(f, IP + 8, IP + 40)
+    let sum = checksum::sum(&f[IP + 8..IP + 40])
         + ICMP_LEN as u32
         + u32::from(ICMPV6)
-        + sum_words(f, ICMP_AT, ANSWER_V6);
+        + checksum::sum(&f[ICMP_AT..ANSWER_V6]);
     let check = (!checksum::fold(sum)).to_be_bytes();
     f[ICMP_AT + 2..ICMP_AT + 4].copy_from_slice(&check);
     Some(())
