@@ -530,7 +530,8 @@ fn is_link_local_v6(addr: &[u8; 16]) -> bool {
 fn rewrite_l2(ctx: &XdpContext, eth: *mut EthHdr, hop: &Hop, frame_len: usize) -> Option<()> {
     let nh = hop.next_hop;
     if nh.vlan_proto != 0 {
-        if !vlan::push(ctx, hop.dst_mac, &nh.src_mac, nh.vlan_proto, nh.vlan_tci) {
+        // SAFETY: the MACs are map values' fields, at even addresses.
+        if !unsafe { vlan::push(ctx, hop.dst_mac, &nh.src_mac, nh.vlan_proto, nh.vlan_tci) } {
             return None;
         }
     } else {

@@ -7,7 +7,7 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, macros::map, maps::HashMap, programs::XdpContext};
 use pop_forwarder_common::{MAX_VLANS, VlanKey};
 
-use crate::packet::ptr_at;
+use crate::packet::{copy_mac, ptr_at};
 
 /// The VLANs this box has on the interfaces the program is attached to.
 #[map]
@@ -129,8 +129,12 @@ pub fn restore(ctx: &XdpContext, tags: Tags) -> bool {
 /// Makes room for one tag in front of the EtherType and writes it with
 /// the MACs: the frame leaves on VLAN `tci` (TPID `proto`). Every pointer
 /// into the packet is stale afterwards. Returns false if there was no room.
+///
+/// # Safety
+/// `dst` and `src` are at even addresses (`copy_mac`), as the MAC fields
+/// of map values are.
 #[inline(always)]
-pub fn push(ctx: &XdpContext, dst: &[u8; 6], src: &[u8; 6], proto: u16, tci: u16) -> bool {
+pub unsafe fn push(ctx: &XdpContext, dst: &[u8; 6], src: &[u8; 6], proto: u16, tci: u16) -> bool {
     // SAFETY: as in `pop`.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -4) } != 0 {
         return false;
@@ -138,14 +142,13 @@ pub fn push(ctx: &XdpContext, dst: &[u8; 6], src: &[u8; 6], proto: u16, tci: u16
     let Some(head) = ptr_at::<[u8; 18]>(ctx, 0) else {
         return false;
     };
-    // SAFETY: ptr_at checked the 18 bytes lie inside the packet.
-    let h = unsafe { &mut *head };
-    let mut i = 0;
-    while i < 6 {
-        h[i] = dst[i];
-        h[i + 6] = src[i];
-        i += 1;
-    }
+    // SAFETY: ptr_at checked the 18 bytes lie inside the packet; the MACs
+    // are at even addresses (`copy_mac`: the frame's start moved by 4).
+    let h = unsafe {
+        copy_mac(head as *mut [u8; 6], dst);
+        copy_mac((head as *mut u8).add(6) as *mut [u8; 6], src);
+        &mut *head
+    };
     let [p0, p1] = proto.to_be_bytes();
     let [t0, t1] = tci.to_be_bytes();
     h[12] = p0;
