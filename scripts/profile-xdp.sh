@@ -31,7 +31,7 @@ section=${SECTION:-vip}
 [ "$secs" -ge 6 ] || { echo "SECONDS: 6 or more" >&2; exit 1; }
 mkdir -p "$out"
 cat >"$out/profile.py" <<'EOF'
-import collections, ctypes, os, re, struct, subprocess, sys
+import bisect, collections, ctypes, os, re, struct, subprocess, sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 SYS_BPF, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, BTF_GET_FD_BY_ID = 321, 13, 15, 19
@@ -160,7 +160,6 @@ def by_line(out, hist, total):
     and prints the hottest. An x86 instruction belongs to the last line
     that starts at or before it; a sample lands on the instruction after
     the one that stalled, so a line's count can include its neighbour's."""
-    import bisect
     rows = [l.rstrip("\n").split("\t", 2) for l in open(f"{out}/lines.txt")]
     starts = [int(r[0], 16) for r in rows]
     per = collections.Counter()

@@ -46,8 +46,8 @@ pub fn sum(data: &[u8]) -> u32 {
 }
 
 /// The one's-complement sum of `words` as read from memory in the host's
-/// byte order, not yet folded: below 0x20000 * `words.len()` / 2, so any
-/// header fits a u32. RFC 1071 (2.B): the sum of byte-swapped words is the
+/// byte order, not yet folded: below 0x10000 * `words.len()`, so any header
+/// (at most 30 words) fits a u32 many times over. RFC 1071 (2.B): the sum of byte-swapped words is the
 /// byte-swapped sum, so summing words as they lie in memory, with no swap,
 /// gives the checksum's bytes in memory order. The XDP program's checks and
 /// rewrites use this form: two-byte loads and adds, against two byte loads,
