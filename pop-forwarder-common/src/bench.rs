@@ -30,6 +30,11 @@ pub const GEN_DSTS: &str = "GEN_DSTS";
 pub const SINK_COUNT: &str = "SINK_COUNT";
 /// Bare-redirect map name: a devmap whose slot 0 is the egress.
 pub const REDIRECT_PORT: &str = "REDIRECT_PORT";
+/// The floor router's tables (`bench_route`): DIR-24-8's tbl24 and tbl8,
+/// and its next hops.
+pub const FLOOR_TBL24: &str = "FLOOR_TBL24";
+pub const FLOOR_TBL8: &str = "FLOOR_TBL8";
+pub const FLOOR_HOPS: &str = "FLOOR_HOPS";
 
 #[cfg(feature = "user")]
 // SAFETY: repr(C) without padding (bytemuck's Pod derive checks).

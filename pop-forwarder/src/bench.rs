@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, DevMap, PerCpuArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
@@ -295,26 +295,86 @@ impl Sink {
 /// to another; or the bare XDP_TX program, sending it back.
 pub struct BareRedirect {
     pub ebpf: Ebpf,
-    /// `bench_redirect` or `bench_tx`.
+    /// `bench_redirect`, `bench_tx` or `bench_route` (the floor router).
     pub program: &'static str,
 }
 
 impl BareRedirect {
+    /// The object loaded for a bare program: the floor router's tables
+    /// one element each (72 MiB it does not use).
+    fn load_bare() -> Result<Ebpf> {
+        Ok(EbpfLoader::new()
+            .map_max_entries(names::FLOOR_TBL24, 1)
+            .map_max_entries(names::FLOOR_TBL8, 1)
+            .load(REDIRECT_OBJECT)?)
+    }
+
     /// Bare XDP_TX on `ingress`: every frame back out of it.
     pub fn attach_tx(ingress: &str) -> Result<BareRedirect> {
-        let ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare XDP_TX")?;
+        let ebpf = BareRedirect::load_bare().context("loading the bare XDP_TX")?;
         BareRedirect::attach_program(ebpf, "bench_tx", ingress)
     }
 
     /// Bare redirect on `ingress`: every frame to `egress_ifindex`.
     pub fn attach(ingress: &str, egress_ifindex: u32) -> Result<BareRedirect> {
-        let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the bare redirect")?;
-        let mut port = DevMap::try_from(
-            ebpf.map_mut(names::REDIRECT_PORT)
-                .context("REDIRECT_PORT")?,
-        )?;
-        port.set(0, egress_ifindex, None, 0)?;
+        let mut ebpf = BareRedirect::load_bare().context("loading the bare redirect")?;
+        set_port(&mut ebpf, egress_ifindex)?;
         BareRedirect::attach_program(ebpf, "bench_redirect", ingress)
+    }
+
+    /// The floor router (`bench_route`) on `ingress`: the IPv4 `routes`
+    /// in its DIR-24-8 table, all to one next hop out of `egress_ifindex`
+    /// (`dst_mac`, from `src_mac`).
+    pub fn attach_floor(
+        ingress: &str,
+        egress_ifindex: u32,
+        routes: &[Prefix],
+        dst_mac: Mac,
+        src_mac: Mac,
+    ) -> Result<BareRedirect> {
+        use pop_forwarder_common::dir24::{Dir24, TBL8_ENTRIES, TBL24_ENTRIES};
+        let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the floor router")?;
+        set_port(&mut ebpf, egress_ifindex)?;
+        // Built in user space, then the elements that hold a route written.
+        let mut tbl24 = vec![0u32; TBL24_ENTRIES as usize];
+        let mut tbl8 = vec![0u32; TBL8_ENTRIES as usize];
+        let mut dir24 = Dir24 {
+            tbl24: &mut tbl24,
+            tbl8: &mut tbl8,
+        };
+        // Shortest first, as the daemon's batches go.
+        let mut sorted: Vec<&Prefix> = routes.iter().collect();
+        sorted.sort_by_key(|p| p.len);
+        for p in sorted {
+            let IpAddr::V4(a) = p.addr else {
+                bail!("the floor router takes IPv4 routes only");
+            };
+            dir24
+                .add(u32::from(a), u32::from(p.len), 0)
+                .map_err(|e| anyhow::anyhow!("floor router table: {e:?}"))?;
+        }
+        for (name, table) in [(names::FLOOR_TBL24, &tbl24), (names::FLOOR_TBL8, &tbl8)] {
+            let mut map: Array<_, u64> = Array::try_from(ebpf.map_mut(name).context(name)?)?;
+            for (i, pair) in table.chunks_exact(2).enumerate() {
+                let element = u64::from(pair[0]) | (u64::from(pair[1]) << 32);
+                if element != 0 {
+                    map.set(i as u32, element, 0)?;
+                }
+            }
+        }
+        let mut hop = [0u16; 8];
+        for (k, w) in dst_mac
+            .0
+            .chunks_exact(2)
+            .chain(src_mac.0.chunks_exact(2))
+            .enumerate()
+        {
+            hop[k] = u16::from_ne_bytes([w[0], w[1]]);
+        }
+        let mut hops: Array<_, [u16; 8]> =
+            Array::try_from(ebpf.map_mut(names::FLOOR_HOPS).context("FLOOR_HOPS")?)?;
+        hops.set(0, hop, 0)?;
+        BareRedirect::attach_program(ebpf, "bench_route", ingress)
     }
 
     fn attach_program(
@@ -328,6 +388,16 @@ impl BareRedirect {
             .with_context(|| format!("attaching {program} to {ingress}"))?;
         Ok(BareRedirect { ebpf, program })
     }
+}
+
+/// `REDIRECT_PORT`'s one slot: `egress_ifindex`.
+fn set_port(ebpf: &mut Ebpf, egress_ifindex: u32) -> Result<()> {
+    let mut port = DevMap::try_from(
+        ebpf.map_mut(names::REDIRECT_PORT)
+            .context("REDIRECT_PORT")?,
+    )?;
+    port.set(0, egress_ifindex, None, 0)?;
+    Ok(())
 }
 
 /// A deterministic xorshift generator, so that every run (and every

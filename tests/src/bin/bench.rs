@@ -53,6 +53,8 @@ const SEED: u64 = 0x005e_ed0f_b00c;
 /// Entries of the deny-list path's list.
 const DENY_ENTRIES: usize = 100_000;
 /// The IP-in-IP VIP rows by the connection table's state.
+/// The floor router's row (`BareRedirect::attach_floor`).
+const FLOOR_ROUTER: &str = "floor router (DIR-24-8, RFC 1812 minimum)";
 const IPIP_1_FLOW: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), 1 flow";
 const IPIP_100K_FLOWS: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), 102400 flows";
 const IPIP_NEW_FLOWS: &str = "pop-forwarder vip (IP-in-IP, XDP_TX), every frame a new flow";
@@ -921,10 +923,10 @@ fn main() -> Result<()> {
         } else {
             "IPv6"
         };
-        let prefixes = if matches!(router, Router::Redirect(_) | Router::None) {
-            0
-        } else {
-            routes.len()
+        let prefixes = match &router {
+            Router::Redirect(r) if r.program != "bench_route" => 0,
+            Router::None => 0,
+            _ => routes.len(),
         };
         scenarios.push(Scenario {
             name,
@@ -993,6 +995,40 @@ fn main() -> Result<()> {
             Router::Redirect(redirect),
             true,
             None,
+            None,
+        )?;
+        // The floor router (`bench_route`): the least an IPv4 router with
+        // a DIR-24-8 table does, on the small table and its traffic. The
+        // rate no router with this table reaches past on this lab.
+        let bench = Bench::new(settings.frame_len)?;
+        let (c0, r1) = (mac(&bench.lab.c, "c0")?, mac(&bench.lab.router, "r1")?);
+        let floor = in_ns(&bench.lab.router, || {
+            BareRedirect::attach_floor("r0", ifindex("r1")?, &v4_small, c0, r1)
+        })?;
+        add(
+            FLOOR_ROUTER.into(),
+            &v4_small,
+            bench,
+            Router::Redirect(floor),
+            true,
+            None,
+            None,
+        )?;
+        // And its cost with the destinations drawn from four routes, whose
+        // few table lines and pages stay cached: its own work without the
+        // table's misses, beside pop-forwarder's `hot routes` row.
+        let bench = Bench::new(settings.frame_len)?;
+        let (c0, r1) = (mac(&bench.lab.c, "c0")?, mac(&bench.lab.router, "r1")?);
+        let floor = in_ns(&bench.lab.router, || {
+            BareRedirect::attach_floor("r0", ifindex("r1")?, &v4_small, c0, r1)
+        })?;
+        add(
+            format!("{FLOOR_ROUTER}, {HOT_ROUTES} hot routes"),
+            &v4_small,
+            bench,
+            Router::Redirect(floor),
+            false,
+            Some(HOT_ROUTES),
             None,
         )?;
     }
@@ -1827,6 +1863,21 @@ fn summarise(report: &mut Report, full_v4: usize, full_v6: usize) {
             cost(&name, 1_000),
         );
     }
+    // The floor router against the ceiling, and pop-forwarder's small-table
+    // path against the floor: how much of the gap to the ceiling any
+    // DIR-24-8 router has on this lab, and how much is pop-forwarder's.
+    let floor = pps(FLOOR_ROUTER, SMALL_TABLE);
+    insert("floor_router_1k_vs_ceiling".into(), floor, ceiling);
+    insert(
+        "ipv4_dir-24-8_1k_vs_floor_router".into(),
+        pps("pop-forwarder ipv4 dir-24-8", SMALL_TABLE),
+        floor,
+    );
+    insert(
+        "ipv4_dir-24-8_cost_1k_vs_floor_router".into(),
+        cost("pop-forwarder ipv4 dir-24-8", SMALL_TABLE),
+        cost(FLOOR_ROUTER, SMALL_TABLE),
+    );
     // Diagnostic, not a target: the full table against the small one with
     // the very same traffic, so only the table's size differs.
     insert(
