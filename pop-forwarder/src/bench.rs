@@ -332,6 +332,19 @@ impl BareRedirect {
         dst_mac: Mac,
         src_mac: Mac,
     ) -> Result<BareRedirect> {
+        let ebpf = BareRedirect::floor(egress_ifindex, routes, dst_mac, src_mac)?;
+        BareRedirect::attach_program(ebpf, "bench_route", ingress)
+    }
+
+    /// The floor router's object with its tables filled (as for
+    /// `attach_floor`), its program `bench_route` loaded but not attached:
+    /// for a test run.
+    pub fn floor(
+        egress_ifindex: u32,
+        routes: &[Prefix],
+        dst_mac: Mac,
+        src_mac: Mac,
+    ) -> Result<Ebpf> {
         use pop_forwarder_common::dir24::{Dir24, TBL8_ENTRIES, TBL24_ENTRIES};
         let mut ebpf = Ebpf::load(REDIRECT_OBJECT).context("loading the floor router")?;
         set_port(&mut ebpf, egress_ifindex)?;
@@ -374,7 +387,12 @@ impl BareRedirect {
         let mut hops: Array<_, [u16; 8]> =
             Array::try_from(ebpf.map_mut(names::FLOOR_HOPS).context("FLOOR_HOPS")?)?;
         hops.set(0, hop, 0)?;
-        BareRedirect::attach_program(ebpf, "bench_route", ingress)
+        let prog: &mut Xdp = ebpf
+            .program_mut("bench_route")
+            .context("bench_route")?
+            .try_into()?;
+        prog.load()?;
+        Ok(ebpf)
     }
 
     fn attach_program(
@@ -383,7 +401,9 @@ impl BareRedirect {
         ingress: &str,
     ) -> Result<BareRedirect> {
         let prog: &mut Xdp = ebpf.program_mut(program).context(program)?.try_into()?;
-        prog.load()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
         prog.attach(ingress, XdpMode::Driver)
             .with_context(|| format!("attaching {program} to {ingress}"))?;
         Ok(BareRedirect { ebpf, program })

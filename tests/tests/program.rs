@@ -2940,3 +2940,58 @@ mod steering {
         });
     }
 }
+
+/// The bench's floor router (`bench_route`) forwards as a router must, so
+/// that its row measures a router: exact bytes of what it forwards, and
+/// everything it does not route left to the kernel or dropped.
+#[test]
+fn the_benchs_floor_router_forwards_exact_bytes_and_nothing_it_should_not() {
+    tests::with_egress_veth("fl", |veth| {
+        let routes: Vec<Prefix> = ["10.1.0.0/16", "10.0.3.0/24", "10.2.0.0/25"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let ebpf =
+            pop_forwarder::bench::BareRedirect::floor(veth, &routes, Mac(OUT.dst), Mac(OUT.src))
+                .expect("loading the floor router");
+        let xdp: &Xdp = ebpf.program("bench_route").unwrap().try_into().unwrap();
+        let mut bad_checksum = v4("10.0.3.7", 64);
+        bad_checksum[14 + 10] ^= 0x01;
+        let mut too_long = v4("10.0.3.7", 64);
+        let len = u16::from_be_bytes([too_long[16], too_long[17]]) + 1;
+        too_long[16..18].copy_from_slice(&len.to_be_bytes());
+        fix_ipv4_checksum(&mut too_long);
+        let forward = |f: Vec<u8>| {
+            let out = forwarded(&f, OUT);
+            (f, XDP_REDIRECT, out)
+        };
+        let keep = |f: Vec<u8>, action| (f.clone(), action, f);
+        let cases = [
+            ("a /24 (tbl24)", forward(v4("10.0.3.7", 64))),
+            ("a /16 over 256 /24s", forward(v4("10.1.200.9", 2))),
+            ("inside a /25 (tbl8)", forward(v4("10.2.0.100", 64))),
+            (
+                "the /24 of a /25, outside it",
+                keep(v4("10.2.0.200", 64), XDP_DROP),
+            ),
+            ("no route", keep(v4("10.9.0.1", 64), XDP_DROP)),
+            ("TTL 1", keep(v4("10.0.3.7", 1), XDP_PASS)),
+            ("a damaged header", keep(bad_checksum, XDP_DROP)),
+            ("total length past the frame", keep(too_long, XDP_PASS)),
+            (
+                "IPv4 options",
+                keep(
+                    with_ipv4_options(&v4("10.0.3.7", 64), &[0x94, 0x04, 0x00, 0x00]),
+                    XDP_PASS,
+                ),
+            ),
+            ("IPv6", keep(v6("fd00:3::1", 64), XDP_PASS)),
+        ];
+        for (name, (frame, action, output)) in cases {
+            let (got, out) = tests::test_run(xdp, &frame);
+            assert_eq!(got, action, "{name}: action");
+            assert_eq!(out, output, "{name}: output bytes");
+        }
+    })
+    .unwrap();
+}
