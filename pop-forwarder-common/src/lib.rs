@@ -331,44 +331,64 @@ pub mod deny {
         u32::from_be_bytes(addr) >> 8
     }
 
-    // Behind the filter, the answers the tries gave for whole /24s: an
-    // IPv4 entry of /24 or shorter with no other entry of its direction
-    // inside it answers for every address of the /24s it covers, so the
-    // program keeps that answer per CPU (`DENY_CACHE`, direct-mapped by
-    // /24), and a flood at such a prefix costs a trie lookup per /24, not
-    // per packet. The host marks such entries in the tries' values
-    // (`DECIDES`) and moves `settings::DENY_GENERATION` on after every
-    // change of the list, so that no answer outlives the list it came
-    // from.
+    // Behind the filter, the answers the tries gave for whole /24s (IPv4)
+    // and /48s (IPv6): an entry of that length or shorter with no other
+    // entry of its direction inside it answers for every address of the
+    // /24s (/48s) it covers, so the program keeps that answer per CPU
+    // (`DENY_CACHE`, direct-mapped by /24 or /48), and a flood at such a
+    // prefix costs a trie lookup per /24 (/48) and CPU, not per packet.
+    // The host marks such entries in the tries' values (`DECIDES`) and
+    // moves `settings::DENY_GENERATION` on after every change of the
+    // list, so that no answer outlives the list it came from.
 
     /// In a trie's value: the entry answers for every address of each /24
-    /// it covers (IPv4, /24 or shorter, nothing of its direction inside).
+    /// (IPv4) or /48 (IPv6) it covers: it is no longer than that, and no
+    /// other entry of its direction lies inside it.
     pub const DECIDES: u32 = 1 << 31;
+    /// The length of the prefixes an answer is cached for, by family.
+    pub const CACHED_LEN_V4: u8 = 24;
+    pub const CACHED_LEN_V6: u8 = 48;
     /// In a trie's value: the entry's slot (`DENY_STATS`).
     pub const SLOT_MASK: u32 = !DECIDES;
     /// Slots of `DENY_CACHE` per CPU: 2^13.
     pub const CACHE_BITS: u32 = 13;
     pub const CACHE_SLOTS: u32 = 1 << CACHE_BITS;
 
-    /// One slot of `DENY_CACHE`: which /24 (`cache_tag`) it answers for,
-    /// in which generation of the list, and the entry's slot.
+    /// One slot of `DENY_CACHE`: which /24 or /48 (`cache_tag`,
+    /// `cache_tag_v6`) it answers for, in which generation of the list,
+    /// and the entry's slot.
     #[repr(C)]
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
     pub struct CacheSlot {
         pub tag: u32,
         pub generation: u32,
         pub entry: u32,
-        pub _pad: u32,
+        /// An IPv6 /48's first 32 bits (0 in IPv4 slots: builds before
+        /// IPv6 answers were cached left it so, and never read it).
+        pub high: u32,
     }
 
-    /// The tag of a direction's /24 bucket (never 0, an empty slot's).
+    /// The tag of a direction's IPv4 /24 bucket (never 0, an empty
+    /// slot's; bit 30 clear).
     pub const fn cache_tag(direction: u8, bucket: u32) -> u32 {
         1 << 31 | (direction as u32) << 24 | (bucket & 0x00ff_ffff)
     }
 
-    /// The slot of `DENY_CACHE` a tag goes in.
-    pub const fn cache_index(tag: u32) -> u32 {
-        tag.wrapping_mul(0x9e37_79b1) >> (32 - CACHE_BITS)
+    /// The tag and `high` word of a direction's IPv6 /48, from the
+    /// address's first six bytes as two big-endian words (`top32`, and
+    /// `next16` holding bits 32 to 47). Bit 30 set: no IPv4 tag is ever
+    /// equal.
+    pub const fn cache_tag_v6(direction: u8, top32: u32, next16: u32) -> (u32, u32) {
+        (
+            1 << 31 | 1 << 30 | (direction as u32) << 24 | (next16 & 0xffff),
+            top32,
+        )
+    }
+
+    /// The slot of `DENY_CACHE` a tag (and `high` word, 0 for IPv4) goes
+    /// in.
+    pub const fn cache_index(tag: u32, high: u32) -> u32 {
+        (tag ^ high.wrapping_mul(0x85eb_ca6b)).wrapping_mul(0x9e37_79b1) >> (32 - CACHE_BITS)
     }
 
     /// An IPv6 address's bucket: a hash of its first 32 bits (entries are

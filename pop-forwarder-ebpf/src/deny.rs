@@ -4,9 +4,9 @@
 //! One LPM trie per family; a key is the direction byte followed by the
 //! address, so a source and a destination entry for one prefix are two
 //! keys. The host sets `DENY_ON` only while the list has an entry: an empty
-//! list costs one settings read. An IPv4 /24 the tries answered for whole
-//! (`deny::DECIDES`) is answered from a per-CPU cache until the list
-//! changes (see `deny::CacheSlot`).
+//! list costs one settings read. An IPv4 /24 or IPv6 /48 the tries
+//! answered for whole (`deny::DECIDES`) is answered from a per-CPU cache
+//! until the list changes (see `deny::CacheSlot`).
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use pop_forwarder_common::{MAX_DENY, TrafficCounter, deny, settings};
 
-/// The answers the IPv4 trie gave for whole /24s, per CPU, of the list's
-/// generation they name (`settings::DENY_GENERATION`).
+/// The answers the tries gave for whole IPv4 /24s and IPv6 /48s, per CPU,
+/// of the list's generation they name (`settings::DENY_GENERATION`).
 #[map]
 static DENY_CACHE: PerCpuArray<deny::CacheSlot> =
     PerCpuArray::with_max_entries(deny::CACHE_SLOTS, 0);
@@ -71,7 +71,7 @@ pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
             .copied()
             .unwrap_or(0);
         let tag = deny::cache_tag(direction, bucket);
-        let cached = DENY_CACHE.get_ptr_mut(deny::cache_index(tag));
+        let cached = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, 0));
         if let Some(slot) = cached {
             // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
             let slot = unsafe { &*slot };
@@ -92,7 +92,7 @@ pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
                         tag,
                         generation,
                         entry,
-                        _pad: 0,
+                        high: 0,
                     }
                 };
             }
@@ -119,9 +119,40 @@ pub fn denied_v6(src: &[u8; 16], dst: &[u8; 16], bytes: u64) -> bool {
         {
             continue;
         }
+        // As for IPv4, by /48: the generation first, then the cache, then
+        // the trie.
+        let generation = SETTINGS
+            .get(settings::DENY_GENERATION)
+            .copied()
+            .unwrap_or(0);
+        let next16 = u32::from(u16::from_be_bytes([addr[4], addr[5]]));
+        let (tag, high) = deny::cache_tag_v6(direction, top32, next16);
+        let cached = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, high));
+        if let Some(slot) = cached {
+            // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+            let slot = unsafe { &*slot };
+            if slot.tag == tag && slot.high == high && slot.generation == generation {
+                add_traffic(&DENY_STATS, slot.entry, bytes);
+                return true;
+            }
+        }
         let key = Key::new(136, deny::key_v6(direction, *addr));
         if let Some(&value) = DENY_V6.get(&key) {
-            add_traffic(&DENY_STATS, value & deny::SLOT_MASK, bytes);
+            let entry = value & deny::SLOT_MASK;
+            if value & deny::DECIDES != 0
+                && let Some(slot) = cached
+            {
+                // SAFETY: as above.
+                unsafe {
+                    *slot = deny::CacheSlot {
+                        tag,
+                        generation,
+                        entry,
+                        high,
+                    }
+                };
+            }
+            add_traffic(&DENY_STATS, entry, bytes);
             return true;
         }
     }

@@ -678,6 +678,71 @@ fn the_deny_list_drops_before_any_lookup_and_counts_each_entry() {
     });
 }
 
+/// The answer the deny list's tries give for a whole IPv4 /24 or IPv6 /48
+/// is kept per CPU and used for the rest of that /24 (/48), not past it,
+/// until the list changes. Shown by taking the entries out of the tries
+/// behind the host's back, where the list's generation does not move.
+#[test]
+fn deny_answers_for_whole_24s_and_48s_are_cached_until_the_list_changes() {
+    use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+    use pop_forwarder::config::Deny;
+    use pop_forwarder_common::deny;
+    with_program_using(Ipv4Lookup::Dir24, |p| {
+        let entry = |s: &str| Deny::parse_line(s).unwrap();
+        p.tables
+            .apply_deny(&[
+                entry("destination 10.0.0.0/16"),
+                entry("destination fd00:3::/40"),
+            ])
+            .unwrap();
+        // Without the list: 10.0.3.0/24 and fd00:3::/64 are forwarded,
+        // 10.0.4.0/24 goes back out of the ingress, fd00:3:1:: has no route.
+        assert_eq!(p.run(&v4("10.0.3.9", 64)).0, XDP_DROP);
+        assert_eq!(p.run(&v6("fd00:3::9", 64)).0, XDP_DROP);
+        let ids = p
+            .ebpf
+            .program(PROGRAM_NAME)
+            .unwrap()
+            .info()
+            .unwrap()
+            .map_ids()
+            .unwrap()
+            .unwrap();
+        let trie = |name: &str| {
+            let data = ids
+                .iter()
+                .map(|&id| MapData::from_id(id).unwrap())
+                .find(|m| m.info().unwrap().name_as_str() == Some(name))
+                .unwrap();
+            Map::from_map_data(data).unwrap()
+        };
+        let mut v4_trie: LpmTrie<_, deny::KeyV4, u32> = LpmTrie::try_from(trie("DENY_V4")).unwrap();
+        v4_trie
+            .remove(&Key::new(
+                24,
+                deny::key_v4(deny::DESTINATION, [10, 0, 0, 0]),
+            ))
+            .unwrap();
+        let mut v6_trie: LpmTrie<_, deny::KeyV6, u32> = LpmTrie::try_from(trie("DENY_V6")).unwrap();
+        let net: std::net::Ipv6Addr = "fd00:3::".parse().unwrap();
+        v6_trie
+            .remove(&Key::new(48, deny::key_v6(deny::DESTINATION, net.octets())))
+            .unwrap();
+        // The /24 and the /48 the tries answered for are still dropped,
+        // from the cache; the rest of the entries' space is not cached.
+        assert_eq!(p.run(&v4("10.0.3.200", 64)).0, XDP_DROP);
+        assert_eq!(p.run(&v6("fd00:3::10", 64)).0, XDP_DROP);
+        assert_eq!(p.run(&v4("10.0.4.1", 64)).0, XDP_TX);
+        assert_eq!(p.run(&v6("fd00:3:1::1", 64)).0, XDP_PASS);
+        // Any change of the list retires every cached answer.
+        p.tables
+            .apply_deny(&[entry("source 192.0.2.0/24")])
+            .unwrap();
+        assert_eq!(p.run(&v4("10.0.3.200", 64)).0, XDP_REDIRECT);
+        assert_eq!(p.run(&v6("fd00:3::10", 64)).0, XDP_REDIRECT);
+    });
+}
+
 #[test]
 fn a_freed_next_hop_slot_rests_for_the_grace_period_before_reuse() {
     with_program_using(Ipv4Lookup::Dir24, |p| {

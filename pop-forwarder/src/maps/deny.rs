@@ -37,31 +37,41 @@ fn direction_of(byte: u8) -> Option<DenyDirection> {
     }
 }
 
-/// The IPv4 entries of `list` that answer for every address of each /24
-/// they cover (`deny::DECIDES`): /24 or shorter, with no other entry of
-/// their direction inside them.
+/// The entries of `list` that answer for every address of each IPv4 /24
+/// or IPv6 /48 they cover (`deny::DECIDES`): that long or shorter, with no
+/// other entry of their family and direction inside them.
 fn deciding<'a>(list: impl Iterator<Item = &'a Deny>) -> HashSet<Deny> {
-    // By direction, network and length: whatever lies inside an entry
-    // comes right after it.
-    let mut v4: Vec<(bool, u32, u8, &Deny)> = list
-        .filter_map(|e| match e.prefix.addr {
-            IpAddr::V4(a) => Some((
+    // By family, direction, network and length (an IPv4 network in the
+    // top 32 bits, so that lengths count alike): whatever lies inside an
+    // entry comes right after it.
+    let mut all: Vec<(bool, bool, u128, u8, &Deny)> = list
+        .map(|e| {
+            let (v6, net) = match e.prefix.addr {
+                IpAddr::V4(a) => (false, u128::from(u32::from(a)) << 96),
+                IpAddr::V6(a) => (true, u128::from(a)),
+            };
+            (
+                v6,
                 e.direction == DenyDirection::Destination,
-                u32::from(a),
+                net,
                 e.prefix.len,
                 e,
-            )),
-            IpAddr::V6(_) => None,
+            )
         })
         .collect();
-    v4.sort_unstable_by_key(|&(d, net, len, _)| (d, net, len));
+    all.sort_unstable_by_key(|&(v6, d, net, len, _)| (v6, d, net, len));
     let mut out = HashSet::new();
-    for (i, &(direction, net, len, entry)) in v4.iter().enumerate() {
-        let last = net | u32::MAX.checked_shr(len.into()).unwrap_or(0);
-        let inside = v4
+    for (i, &(v6, direction, net, len, entry)) in all.iter().enumerate() {
+        let last = net | u128::MAX.checked_shr(len.into()).unwrap_or(0);
+        let inside = all
             .get(i + 1)
-            .is_some_and(|&(d, next, ..)| d == direction && next <= last);
-        if len <= 24 && !inside {
+            .is_some_and(|&(f, d, next, ..)| f == v6 && d == direction && next <= last);
+        let cached = if v6 {
+            deny::CACHED_LEN_V6
+        } else {
+            deny::CACHED_LEN_V4
+        };
+        if len <= cached && !inside {
             out.insert(*entry);
         }
     }
@@ -266,30 +276,23 @@ impl Tables {
             .context("writing the deny list's generation")
     }
 
-    /// Gives `deny::DECIDES` to the IPv4 entries of /24 or shorter with no
-    /// other entry of their direction inside them, and takes it from the
-    /// others: such an entry is the longest match of every address of the
-    /// /24s it covers. Derived from the list, so not journaled (a change
-    /// taken back rebuilds it). Returns the list with each entry's slot.
+    /// Gives `deny::DECIDES` to the IPv4 entries of /24 or shorter and the
+    /// IPv6 ones of /48 or shorter with no other entry of their direction
+    /// inside them, and takes it from the others: such an entry is the
+    /// longest match of every address of the /24s (/48s) it covers.
+    /// Derived from the list, so not journaled (a change taken back
+    /// rebuilds it). Returns the list with each entry's slot.
     fn mark_deciding_entries(&mut self) -> Result<BTreeMap<Deny, u32>> {
         let values = self.deny_values()?;
         let decides = deciding(values.keys());
         for (entry, &value) in &values {
-            let IpAddr::V4(a) = entry.prefix.addr else {
-                continue;
-            };
             let want = if decides.contains(entry) {
                 value | deny::DECIDES
             } else {
                 value & deny::SLOT_MASK
             };
             if want != value {
-                let key = Key::new(
-                    8 + u32::from(entry.prefix.len),
-                    deny::key_v4(direction_byte(entry.direction), a.octets()),
-                );
-                self.deny_v4
-                    .insert(&key, want, 0)
+                self.deny_insert(*entry, want)
                     .with_context(|| format!("marking {entry} in the deny list"))?;
             }
         }
@@ -340,8 +343,9 @@ mod tests {
         }
     }
 
-    /// An entry decides its /24s unless another of its direction lies
-    /// inside it, or it is longer than /24; IPv6 entries never do.
+    /// An entry decides its /24s (IPv6: /48s) unless another of its
+    /// family and direction lies inside it, or it is longer than /24
+    /// (/48).
     #[test]
     fn entries_decide_the_24s_nothing_else_cuts() {
         use DenyDirection::{Destination as D, Source as S};
@@ -355,16 +359,28 @@ mod tests {
             d(D, "10.4.0.0/24"),
             d(S, "10.4.0.0/25"),
             d(S, "2001:db8::/32"),
+            d(S, "2001:db9::/32"),
+            d(S, "2001:db9:0:1::/64"),
+            d(D, "2001:db9::/32"),
+            d(D, "2001:dba:7::/48"),
+            d(D, "2001:dba:8::/49"),
+            d(S, "0.0.0.0/0"),
         ];
         let mut got: Vec<String> = deciding(list.iter())
             .iter()
             .map(|e| e.to_string())
             .collect();
         got.sort();
+        // 0.0.0.0/0 by source holds the other IPv4 source entries, so it
+        // decides nothing (they still decide theirs); the IPv6 ones lie
+        // inside it too, but are of another family.
         let mut want: Vec<String> = [
             d(S, "10.0.7.0/24"),
             d(S, "10.1.0.0/16"),
             d(D, "10.4.0.0/24"),
+            d(S, "2001:db8::/32"),
+            d(D, "2001:db9::/32"),
+            d(D, "2001:dba:7::/48"),
         ]
         .iter()
         .map(|e| e.to_string())

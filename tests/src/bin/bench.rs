@@ -555,8 +555,9 @@ usage: bench [--quick] [--only=SECTIONS] [--row=TEXT] [--run-ms=N] [--candidate=
                       daemon,mirror,linux,redirect,pop,vip,deny,fib (the harness rows always run)
   --row=TEXT          keep only the paths whose name holds TEXT
   --run-ms=N          how long each run sends, in milliseconds
-  --candidate=OBJECT  run every pop and vip path also with OBJECT (a build of the XDP
-                      program), interleaved, and print its cost and rate against the shipped one
+  --candidate=OBJECT  run every pop and vip path, and the deny section's floods, also with
+                      OBJECT (a build of the XDP program), interleaved, and print its
+                      cost and rate against the shipped one
   --out=DIR           where bench.md and bench.json go (default target/bench)
 
 Needs root; sets up network namespaces of its own.";
@@ -1276,8 +1277,6 @@ fn main() -> Result<()> {
         // 1,000 destination entries swapped for the routes' own prefixes,
         // so that every packet matches one (after its source missed).
         // Nothing reaches the sink: its cost alone is measured.
-        let bench = Bench::new(settings.frame_len)?;
-        let mut fwd = Forwarder::load(&bench.lab, EBPF_OBJECT, &v4_small, DEFAULT_LOOKUPS, None)?;
         let mut flood = deny;
         let mut swapped = 0;
         for entry in flood.iter_mut().rev() {
@@ -1289,16 +1288,61 @@ fn main() -> Result<()> {
                 swapped += 1;
             }
         }
-        fwd.tables.apply_deny(&flood)?;
-        add(
-            format!("pop-forwarder ipv4 dir-24-8, deny list {DENY_ENTRIES}, every packet denied"),
-            &v4_small,
-            bench,
-            Router::Pop(Box::new(fwd)),
-            false,
-            None,
-            None,
-        )?;
+        // And an IPv6 flood the list denies: 100,000 IPv6 entries (/48 to
+        // /32, none over the routes), the last 1,000 destination ones
+        // swapped for the 1k IPv6 table's prefixes, its traffic sent.
+        let overlaps6 = |p: &Prefix| {
+            v6_small
+                .iter()
+                .any(|q| p.contains(q.addr) || q.contains(p.addr))
+        };
+        let mut flood6: Vec<pop_forwarder::config::Deny> = routes_v6(120_000, SEED + 8)
+            .into_iter()
+            .filter(|p| !overlaps6(p))
+            .take(DENY_ENTRIES)
+            .enumerate()
+            .map(|(i, prefix)| pop_forwarder::config::Deny {
+                direction: if i % 2 == 0 {
+                    pop_forwarder::config::DenyDirection::Source
+                } else {
+                    pop_forwarder::config::DenyDirection::Destination
+                },
+                prefix,
+            })
+            .collect();
+        anyhow::ensure!(flood6.len() == DENY_ENTRIES, "too few IPv6 deny prefixes");
+        let mut swapped = 0;
+        for entry in flood6.iter_mut().rev() {
+            if swapped == v6_small.len() {
+                break;
+            }
+            if entry.direction == pop_forwarder::config::DenyDirection::Destination {
+                entry.prefix = v6_small[swapped];
+                swapped += 1;
+            }
+        }
+        // With --candidate, both floods run with each program.
+        for &(suffix, object) in &objects {
+            for (family, routes, list) in [
+                ("ipv4 dir-24-8", &v4_small, &flood),
+                ("ipv6 dxr", &v6_small, &flood6),
+            ] {
+                let bench = Bench::new(settings.frame_len)?;
+                let mut fwd = Forwarder::load(&bench.lab, object, routes, DEFAULT_LOOKUPS, None)?;
+                fwd.tables.apply_deny(list)?;
+                add(
+                    format!(
+                        "pop-forwarder {family}, deny list {DENY_ENTRIES}, every packet denied{suffix}"
+                    ),
+                    routes,
+                    bench,
+                    Router::Pop(Box::new(fwd)),
+                    false,
+                    None,
+                    None,
+                )?;
+            }
+        }
     }
     // route_lookup = "kernel-fib": the program asks the kernel's FIB per
     // packet (bpf_fib_lookup), the kernel's table holding the routes, as
