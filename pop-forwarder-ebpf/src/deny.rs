@@ -64,43 +64,79 @@ pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
         if !may_match(deny::bitmap(4, direction), bucket) {
             continue;
         }
+        let cached = Cached::look(deny::cache_tag(direction, bucket), 0, bytes);
+        if cached.hit {
+            return true;
+        }
+        let key = Key::new(40, deny::key_v4(direction, addr));
+        if let Some(&value) = DENY_V4.get(&key) {
+            cached.count_and_keep(value, bytes);
+            return true;
+        }
+    }
+    false
+}
+
+/// A /24's or /48's slot of `DENY_CACHE`, looked at.
+struct Cached {
+    slot: Option<*mut deny::CacheSlot>,
+    tag: u32,
+    high: u32,
+    generation: u32,
+    /// The slot held this generation's answer for the tag (counted).
+    hit: bool,
+}
+
+impl Cached {
+    /// The slot of (`tag`, `high`); if it holds this generation's answer,
+    /// a hit, and the packet of `bytes` counted on its entry.
+    #[inline(always)]
+    fn look(tag: u32, high: u32, bytes: u64) -> Cached {
         // Read before the cache and the trie: an answer is kept under the
         // generation the list had at most when the trie gave it.
         let generation = SETTINGS
             .get(settings::DENY_GENERATION)
             .copied()
             .unwrap_or(0);
-        let tag = deny::cache_tag(direction, bucket);
-        let cached = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, 0));
-        if let Some(slot) = cached {
+        let slot = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, high));
+        let mut hit = false;
+        if let Some(slot) = slot {
             // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
             let slot = unsafe { &*slot };
-            if slot.tag == tag && slot.generation == generation {
+            if slot.tag == tag && slot.high == high && slot.generation == generation {
                 add_traffic(&DENY_STATS, slot.entry, bytes);
-                return true;
+                hit = true;
             }
         }
-        let key = Key::new(40, deny::key_v4(direction, addr));
-        if let Some(&value) = DENY_V4.get(&key) {
-            let entry = value & deny::SLOT_MASK;
-            if value & deny::DECIDES != 0
-                && let Some(slot) = cached
-            {
-                // SAFETY: as above.
-                unsafe {
-                    *slot = deny::CacheSlot {
-                        tag,
-                        generation,
-                        entry,
-                        high: 0,
-                    }
-                };
-            }
-            add_traffic(&DENY_STATS, entry, bytes);
-            return true;
+        Cached {
+            slot,
+            tag,
+            high,
+            generation,
+            hit,
         }
     }
-    false
+
+    /// Counts the packet on the entry a trie answered with (`value`), and
+    /// keeps the answer in the slot if the entry decides its /24 (/48).
+    #[inline(always)]
+    fn count_and_keep(&self, value: u32, bytes: u64) {
+        let entry = value & deny::SLOT_MASK;
+        if value & deny::DECIDES != 0
+            && let Some(slot) = self.slot
+        {
+            // SAFETY: as in `look`.
+            unsafe {
+                *slot = deny::CacheSlot {
+                    tag: self.tag,
+                    generation: self.generation,
+                    entry,
+                    high: self.high,
+                }
+            };
+        }
+        add_traffic(&DENY_STATS, entry, bytes);
+    }
 }
 
 /// Whether an IPv6 packet from `src` to `dst` is denied (and counted).
@@ -119,40 +155,16 @@ pub fn denied_v6(src: &[u8; 16], dst: &[u8; 16], bytes: u64) -> bool {
         {
             continue;
         }
-        // As for IPv4, by /48: the generation first, then the cache, then
-        // the trie.
-        let generation = SETTINGS
-            .get(settings::DENY_GENERATION)
-            .copied()
-            .unwrap_or(0);
+        // As for IPv4, by /48.
         let next16 = u32::from(u16::from_be_bytes([addr[4], addr[5]]));
         let (tag, high) = deny::cache_tag_v6(direction, top32, next16);
-        let cached = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, high));
-        if let Some(slot) = cached {
-            // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
-            let slot = unsafe { &*slot };
-            if slot.tag == tag && slot.high == high && slot.generation == generation {
-                add_traffic(&DENY_STATS, slot.entry, bytes);
-                return true;
-            }
+        let cached = Cached::look(tag, high, bytes);
+        if cached.hit {
+            return true;
         }
         let key = Key::new(136, deny::key_v6(direction, *addr));
         if let Some(&value) = DENY_V6.get(&key) {
-            let entry = value & deny::SLOT_MASK;
-            if value & deny::DECIDES != 0
-                && let Some(slot) = cached
-            {
-                // SAFETY: as above.
-                unsafe {
-                    *slot = deny::CacheSlot {
-                        tag,
-                        generation,
-                        entry,
-                        high,
-                    }
-                };
-            }
-            add_traffic(&DENY_STATS, entry, bytes);
+            cached.count_and_keep(value, bytes);
             return true;
         }
     }
