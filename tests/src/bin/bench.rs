@@ -1237,26 +1237,7 @@ fn main() -> Result<()> {
     if wanted("deny") {
         let bench = Bench::new(settings.frame_len)?;
         let mut fwd = Forwarder::load(&bench.lab, EBPF_OBJECT, &v4_small, DEFAULT_LOOKUPS, None)?;
-        let overlaps = |p: &Prefix| {
-            v4_small
-                .iter()
-                .any(|q| p.contains(q.addr) || q.contains(p.addr))
-        };
-        let deny: Vec<pop_forwarder::config::Deny> = routes_v4(120_000, SEED + 7)
-            .into_iter()
-            .filter(|p| !overlaps(p))
-            .take(DENY_ENTRIES)
-            .enumerate()
-            .map(|(i, prefix)| pop_forwarder::config::Deny {
-                direction: if i % 2 == 0 {
-                    pop_forwarder::config::DenyDirection::Source
-                } else {
-                    pop_forwarder::config::DenyDirection::Destination
-                },
-                prefix,
-            })
-            .collect();
-        anyhow::ensure!(deny.len() == DENY_ENTRIES, "too few deny prefixes");
+        let deny = deny_list(routes_v4(120_000, SEED + 7), &v4_small)?;
         let start = Instant::now();
         fwd.tables.apply_deny(&deny)?;
         let secs = start.elapsed().as_secs_f64();
@@ -1276,51 +1257,14 @@ fn main() -> Result<()> {
         // A flood the list denies: the same traffic, the list's last
         // 1,000 destination entries swapped for the routes' own prefixes,
         // so that every packet matches one (after its source missed).
-        // Nothing reaches the sink: its cost alone is measured.
-        let mut flood = deny;
-        let mut swapped = 0;
-        for entry in flood.iter_mut().rev() {
-            if swapped == v4_small.len() {
-                break;
-            }
-            if entry.direction == pop_forwarder::config::DenyDirection::Destination {
-                entry.prefix = v4_small[swapped];
-                swapped += 1;
-            }
-        }
-        // And an IPv6 flood the list denies: 100,000 IPv6 entries (/48 to
-        // /32, none over the routes), the last 1,000 destination ones
-        // swapped for the 1k IPv6 table's prefixes, its traffic sent.
-        let overlaps6 = |p: &Prefix| {
-            v6_small
-                .iter()
-                .any(|q| p.contains(q.addr) || q.contains(p.addr))
-        };
-        let mut flood6: Vec<pop_forwarder::config::Deny> = routes_v6(120_000, SEED + 8)
-            .into_iter()
-            .filter(|p| !overlaps6(p))
-            .take(DENY_ENTRIES)
-            .enumerate()
-            .map(|(i, prefix)| pop_forwarder::config::Deny {
-                direction: if i % 2 == 0 {
-                    pop_forwarder::config::DenyDirection::Source
-                } else {
-                    pop_forwarder::config::DenyDirection::Destination
-                },
-                prefix,
-            })
-            .collect();
-        anyhow::ensure!(flood6.len() == DENY_ENTRIES, "too few IPv6 deny prefixes");
-        let mut swapped = 0;
-        for entry in flood6.iter_mut().rev() {
-            if swapped == v6_small.len() {
-                break;
-            }
-            if entry.direction == pop_forwarder::config::DenyDirection::Destination {
-                entry.prefix = v6_small[swapped];
-                swapped += 1;
-            }
-        }
+        // Nothing reaches the sink: its cost alone is measured. And the
+        // same for IPv6: 100,000 IPv6 entries (/48 to /32), the last 1,000
+        // destination ones the 1k IPv6 table's prefixes, its traffic sent.
+        let flood = flood_of(deny, &v4_small);
+        let flood6 = flood_of(
+            deny_list(routes_v6(120_000, SEED + 8), &v6_small)?,
+            &v6_small,
+        );
         // With --candidate, both floods run with each program.
         for &(suffix, object) in &objects {
             for (family, routes, list) in [
@@ -1815,6 +1759,52 @@ fn find<'a>(r: &'a Report, name: &str, prefixes: usize) -> Option<&'a Throughput
     r.throughput
         .iter()
         .find(|t| t.name == name && t.prefixes == prefixes)
+}
+
+/// `DENY_ENTRIES` deny-list entries from `candidates`, none over or inside
+/// one of `routes`, alternately by source and by destination.
+fn deny_list(
+    candidates: Vec<Prefix>,
+    routes: &[Prefix],
+) -> Result<Vec<pop_forwarder::config::Deny>> {
+    use pop_forwarder::config::{Deny, DenyDirection};
+    let overlaps = |p: &Prefix| {
+        routes
+            .iter()
+            .any(|q| p.contains(q.addr) || q.contains(p.addr))
+    };
+    let list: Vec<Deny> = candidates
+        .into_iter()
+        .filter(|p| !overlaps(p))
+        .take(DENY_ENTRIES)
+        .enumerate()
+        .map(|(i, prefix)| Deny {
+            direction: if i % 2 == 0 {
+                DenyDirection::Source
+            } else {
+                DenyDirection::Destination
+            },
+            prefix,
+        })
+        .collect();
+    anyhow::ensure!(list.len() == DENY_ENTRIES, "too few deny prefixes");
+    Ok(list)
+}
+
+/// `list` with its last destination entries swapped for `routes`, one
+/// each: a list that denies every packet of the routes' traffic.
+fn flood_of(
+    mut list: Vec<pop_forwarder::config::Deny>,
+    routes: &[Prefix],
+) -> Vec<pop_forwarder::config::Deny> {
+    let destinations = list
+        .iter_mut()
+        .rev()
+        .filter(|e| e.direction == pop_forwarder::config::DenyDirection::Destination);
+    for (entry, route) in destinations.zip(routes) {
+        entry.prefix = *route;
+    }
+    list
 }
 
 fn summarise(report: &mut Report, full_v4: usize, full_v6: usize) {
