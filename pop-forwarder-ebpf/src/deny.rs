@@ -77,19 +77,22 @@ pub fn denied_v4(src: [u8; 4], dst: [u8; 4], bytes: u64) -> bool {
     false
 }
 
-/// A /24's or /48's slot of `DENY_CACHE`, looked at.
+/// A /24's or /48's two slots of `DENY_CACHE`, looked at.
 struct Cached {
+    /// Where a new answer goes: a slot of the two that holds none of this
+    /// generation, else the second.
     slot: Option<*mut deny::CacheSlot>,
     tag: u32,
     high: u32,
     generation: u32,
-    /// The slot held this generation's answer for the tag (counted).
+    /// A slot held this generation's answer for the tag (counted).
     hit: bool,
 }
 
 impl Cached {
-    /// The slot of (`tag`, `high`); if it holds this generation's answer,
-    /// a hit, and the packet of `bytes` counted on its entry.
+    /// The slots of (`tag`, `high`) (`deny::cache_index`,
+    /// `deny::cache_index_2`); if one holds this generation's answer, a
+    /// hit, and the packet of `bytes` counted on its entry.
     #[inline(always)]
     fn look(tag: u32, high: u32, bytes: u64) -> Cached {
         // Read before the cache and the trie: an answer is kept under the
@@ -98,27 +101,47 @@ impl Cached {
             .get(settings::DENY_GENERATION)
             .copied()
             .unwrap_or(0);
-        let slot = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, high));
-        let mut hit = false;
-        if let Some(slot) = slot {
-            // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
-            let slot = unsafe { &*slot };
-            if slot.tag == tag && slot.high == high && slot.generation == generation {
-                add_traffic(&DENY_STATS, slot.entry, bytes);
-                hit = true;
-            }
-        }
-        Cached {
-            slot,
+        let mut cached = Cached {
+            slot: None,
             tag,
             high,
             generation,
-            hit,
+            hit: false,
+        };
+        // One slot after the other, each null-checked where it is read.
+        if let Some(ptr) = DENY_CACHE.get_ptr_mut(deny::cache_index(tag, high)) {
+            // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+            let slot = unsafe { &*ptr };
+            if slot.generation == generation && slot.tag != 0 {
+                if slot.tag == tag && slot.high == high {
+                    add_traffic(&DENY_STATS, slot.entry, bytes);
+                    cached.hit = true;
+                    return cached;
+                }
+            } else {
+                // Holds nothing of this generation: a new answer goes here.
+                cached.slot = Some(ptr);
+            }
         }
+        if let Some(ptr) = DENY_CACHE.get_ptr_mut(deny::cache_index_2(tag, high)) {
+            // SAFETY: as above.
+            let slot = unsafe { &*ptr };
+            if slot.generation == generation && slot.tag == tag && slot.high == high {
+                add_traffic(&DENY_STATS, slot.entry, bytes);
+                cached.hit = true;
+                return cached;
+            }
+            // Free, or both taken: the second gives way, so that answers
+            // that collide fight over one slot and the first ones stay.
+            if cached.slot.is_none() {
+                cached.slot = Some(ptr);
+            }
+        }
+        cached
     }
 
     /// Counts the packet on the entry a trie answered with (`value`), and
-    /// keeps the answer in the slot if the entry decides its /24 (/48).
+    /// keeps the answer if the entry decides its /24 (/48).
     #[inline(always)]
     fn count_and_keep(&self, value: u32, bytes: u64) {
         let entry = value & deny::SLOT_MASK;
