@@ -573,17 +573,11 @@ mod tests {
     fn deny_cache_answers_that_share_one_slot_seldom_share_the_other() {
         extern crate std;
         use std::{collections::BTreeMap, vec::Vec};
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::test_rng::Rng(0x9e37_79b9_7f4a_7c15);
         let mut tags: Vec<(u32, u32)> = Vec::new();
         for direction in [deny::SOURCE, deny::DESTINATION] {
             for _ in 0..2048 {
-                let r = next();
+                let r = rng.next();
                 let v6 = deny::cache_tag_v6(
                     direction,
                     0x2000_0000 | (r as u32 >> 3),
