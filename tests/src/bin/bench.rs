@@ -1000,38 +1000,33 @@ fn main() -> Result<()> {
         )?;
         // The floor router (`bench_route`): the least an IPv4 router with
         // a DIR-24-8 table does, on the small table and its traffic. The
-        // rate no router with this table reaches past on this lab.
-        let bench = Bench::new(settings.frame_len)?;
-        let (c0, r1) = (mac(&bench.lab.c, "c0")?, mac(&bench.lab.router, "r1")?);
-        let floor = in_ns(&bench.lab.router, || {
-            BareRedirect::attach_floor("r0", ifindex("r1")?, &v4_small, c0, r1)
-        })?;
-        add(
-            FLOOR_ROUTER.into(),
-            &v4_small,
-            bench,
-            Router::Redirect(floor),
-            true,
-            None,
-            None,
-        )?;
-        // And its cost with the destinations drawn from four routes, whose
-        // few table lines and pages stay cached: its own work without the
+        // rate no router with this table reaches past on this lab. And
+        // its cost with the destinations drawn from four routes, whose few
+        // table lines and pages stay cached: its own work without the
         // table's misses, beside pop-forwarder's `hot routes` row.
-        let bench = Bench::new(settings.frame_len)?;
-        let (c0, r1) = (mac(&bench.lab.c, "c0")?, mac(&bench.lab.router, "r1")?);
-        let floor = in_ns(&bench.lab.router, || {
-            BareRedirect::attach_floor("r0", ifindex("r1")?, &v4_small, c0, r1)
-        })?;
-        add(
-            format!("{FLOOR_ROUTER}, {HOT_ROUTES} hot routes"),
-            &v4_small,
-            bench,
-            Router::Redirect(floor),
-            false,
-            Some(HOT_ROUTES),
-            None,
-        )?;
+        for (name, throughput, from) in [
+            (FLOOR_ROUTER.to_owned(), true, None),
+            (
+                format!("{FLOOR_ROUTER}, {HOT_ROUTES} hot routes"),
+                false,
+                Some(HOT_ROUTES),
+            ),
+        ] {
+            let bench = Bench::new(settings.frame_len)?;
+            let (c0, r1) = (mac(&bench.lab.c, "c0")?, mac(&bench.lab.router, "r1")?);
+            let floor = in_ns(&bench.lab.router, || {
+                BareRedirect::attach_floor("r0", ifindex("r1")?, &v4_small, c0, r1)
+            })?;
+            add(
+                name,
+                &v4_small,
+                bench,
+                Router::Redirect(floor),
+                throughput,
+                from,
+                None,
+            )?;
+        }
     }
     if wanted("pop") {
         let dir24_mib = f64::from(TBL24_ENTRIES + TBL8_ENTRIES) * 4.0 / f64::from(1 << 20);
