@@ -21,7 +21,7 @@ use pop_forwarder::{
     plan::Want,
 };
 use pop_forwarder_common::{
-    Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NextHop, PROGRAM_NAME, VlanKey,
+    Counter, KERNEL_NEXT_HOP, NH_F_CONNECTED, NH_F_IN_USE, NextHop, PROGRAM_NAME, VlanKey, checksum,
 };
 use tests::packets::{Eth, fix_ipv4_checksum, forwarded, udp_v4, udp_v6, with_ipv4_options};
 
@@ -3058,5 +3058,62 @@ fn the_benchs_floor_router_forwards_exact_bytes_and_nothing_it_should_not() {
             assert_eq!(out, output, "{name}: output bytes");
         }
     })
+    .unwrap();
+}
+
+/// The bench's generator (`bench_gen`) varies its flows as its `FlowSpec`
+/// says, frame after frame: the destinations in turn, the source address
+/// one step on each time they wrap (back to the first after `src_count`),
+/// the source port in turn, and a valid IPv4 header checksum on each.
+#[test]
+fn the_benchs_generator_cycles_destinations_sources_and_ports() {
+    use pop_forwarder::bench::{FlowSpec, Generator};
+    let dsts = ["10.0.2.1", "10.0.2.2", "10.0.2.3"];
+    let (src_count, ports) = (2u32, 4u32);
+    let spec = FlowSpec {
+        src_mac: Mac(IN.src),
+        dst_mac: Mac(IN.dst),
+        src: "10.0.1.2".parse().unwrap(),
+        dsts: dsts.iter().map(|d| d.parse().unwrap()).collect(),
+        src_count,
+        src_port_count: ports,
+        frame_len: 64,
+    };
+    // The generator's place in the sequence is per CPU: the thread that
+    // runs it stays on one.
+    std::thread::spawn(move || {
+        // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                0
+            );
+        }
+        let generator = Generator::new(&spec).expect("loading the generator");
+        let xdp = generator.program().unwrap();
+        // Each frame is rewritten from the template whatever it held.
+        let frame = vec![0xa5u8; spec.frame_len];
+        for i in 0..2 * 3 * 2 * 4 {
+            let (action, out) = tests::test_run(xdp, &frame);
+            assert_eq!(action, XDP_TX, "frame {i}");
+            let ip = &out[14..34];
+            let dst: Ipv4Addr = dsts[i % 3].parse().unwrap();
+            assert_eq!(ip[16..20], dst.octets(), "frame {i}: destination");
+            let step = (i / 3) as u8 % src_count as u8;
+            assert_eq!(ip[12..16], [10, 0, 1, 2 + step], "frame {i}: source");
+            let port = 1024 + (i as u16) % ports as u16;
+            assert_eq!(out[34..36], port.to_be_bytes(), "frame {i}: source port");
+            let words: [u16; 10] =
+                std::array::from_fn(|k| u16::from_ne_bytes([ip[2 * k], ip[2 * k + 1]]));
+            assert_eq!(
+                checksum::fold(checksum::sum_ne(&words)),
+                0xffff,
+                "frame {i}: checksum"
+            );
+        }
+    })
+    .join()
     .unwrap();
 }

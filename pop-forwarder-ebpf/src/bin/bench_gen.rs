@@ -1,7 +1,7 @@
 //! Traffic generator for BPF_PROG_TEST_RUN with live frames (the in-kernel
 //! pktgen of this project): each run rewrites the frame's headers from a
-//! template, varies destination, source address and source port by a
-//! per-CPU sequence number, and sends the frame with XDP_TX out of the
+//! template, varies destination, source address and source port by
+//! per-CPU counters, and sends the frame with XDP_TX out of the
 //! device the test run names as ingress.
 #![no_std]
 #![no_main]
@@ -24,8 +24,21 @@ static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
 static GEN_TEMPLATE: Array<[u64; GEN_HEADER_LEN / 8]> = Array::with_max_entries(1, 0);
 #[map]
 static GEN_DSTS: Array<[u8; 16]> = Array::with_max_entries(GEN_MAX_DSTS, 0);
+/// Where this CPU is in the sequence of flows: the destination's index,
+/// the source's step (one more each time the destinations wrap) and the
+/// source port's step. Counters stepped and wrapped by compares, not a
+/// frame number divided by the counts: a 64-bit division is tens of cycles,
+/// and the generator's every nanosecond is taken from the router's share
+/// of the CPU.
 #[map]
-static GEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static GEN_STATE: PerCpuArray<GenState> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct GenState {
+    dst: u32,
+    src: u32,
+    port: u32,
+}
 /// The sending device, for `bench_gen_min`'s redirect.
 #[map]
 static GEN_PORT: DevMap = DevMap::with_max_entries(1, 0);
@@ -65,18 +78,21 @@ fn generate(ctx: &XdpContext) -> Option<u32> {
     let frame = start as *mut [u64; GEN_HEADER_LEN / 8];
     let conf = GEN_CONFIG.get(0)?;
     let template = GEN_TEMPLATE.get(0)?;
-    let seq = GEN_SEQ.get_ptr_mut(0)?;
+    let state = GEN_STATE.get_ptr_mut(0)?;
     // SAFETY: the frame holds GEN_HEADER_LEN bytes (checked above); the
-    // sequence slot is this CPU's own.
-    let n = unsafe {
+    // state is this CPU's own (XDP runs with preemption off).
+    let (dst_index, src_step, port_step) = unsafe {
         copy_template(frame as *mut u64, template);
-        *seq += 1;
-        *seq
+        let s = &mut *state;
+        let now = (s.dst, s.src as u16, s.port as u16);
+        s.dst = wrapped_step(s.dst, conf.dst_count);
+        if s.dst == 0 {
+            s.src = wrapped_step(s.src, conf.src_count);
+        }
+        s.port = wrapped_step(s.port, conf.src_port_count);
+        now
     };
-    let dst = GEN_DSTS.get((n % u64::from(conf.dst_count.max(1))) as u32)?;
-    let src_step =
-        ((n / u64::from(conf.dst_count.max(1))) % u64::from(conf.src_count.max(1))) as u16;
-    let port_step = (n % u64::from(conf.src_port_count.max(1))) as u16;
+    let dst = GEN_DSTS.get(dst_index)?;
     let bytes = start as *mut u8;
     // SAFETY: every offset below is inside the first GEN_HEADER_LEN bytes.
     unsafe {
@@ -118,6 +134,13 @@ unsafe fn copy_template(dst: *mut u64, template: &[u64; GEN_HEADER_LEN / 8]) {
         unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
         i += 1;
     }
+}
+
+/// `i + 1`, or 0 at `count` (or past it: a count lowered under a running
+/// generator, or 0, which means 1).
+#[inline(always)]
+fn wrapped_step(i: u32, count: u32) -> u32 {
+    if i + 1 >= count { 0 } else { i + 1 }
 }
 
 /// Adds `v` to the big-endian 16-bit field at `p`.
