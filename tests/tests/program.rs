@@ -3080,12 +3080,13 @@ fn the_benchs_generator_cycles_destinations_sources_and_ports() {
         frame_len: 64,
     };
     // The generator's place in the sequence is per CPU: the thread that
-    // runs it stays on one.
+    // runs it stays on the one it started on.
     std::thread::spawn(move || {
         // SAFETY: a zeroed cpu_set_t with one CPU set, for this thread.
         unsafe {
+            let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
+            libc::CPU_SET(cpu, &mut set);
             assert_eq!(
                 libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
                 0

@@ -26,10 +26,10 @@ static GEN_TEMPLATE: Array<[u64; GEN_HEADER_LEN / 8]> = Array::with_max_entries(
 static GEN_DSTS: Array<[u8; 16]> = Array::with_max_entries(GEN_MAX_DSTS, 0);
 /// Where this CPU is in the sequence of flows: the destination's index,
 /// the source's step (one more each time the destinations wrap) and the
-/// source port's step. Counters stepped and wrapped by compares, not a
-/// frame number divided by the counts: a 64-bit division is tens of cycles,
-/// and the generator's every nanosecond is taken from the router's share
-/// of the CPU.
+/// source port's step, each stepped and wrapped by a compare (not a frame
+/// number divided by the counts: three 64-bit divisions a frame, for a
+/// generator whose every nanosecond is taken from the router's share of
+/// the CPU).
 #[map]
 static GEN_STATE: PerCpuArray<GenState> = PerCpuArray::with_max_entries(1, 0);
 
@@ -136,8 +136,7 @@ unsafe fn copy_template(dst: *mut u64, template: &[u64; GEN_HEADER_LEN / 8]) {
     }
 }
 
-/// `i + 1`, or 0 at `count` (or past it: a count lowered under a running
-/// generator, or 0, which means 1).
+/// `i + 1`, or 0 once that reaches `count` (a count of 0 counts as 1).
 #[inline(always)]
 fn wrapped_step(i: u32, count: u32) -> u32 {
     if i + 1 >= count { 0 } else { i + 1 }
